@@ -1,0 +1,126 @@
+"""The tape: topological order, gradient accumulation, no_grad, and whole-network gradients by
+finite differences through every op (float64, NumPy reference)."""
+
+import numpy as np
+import pytest
+
+import unet_cuda as u
+from unet_cuda import functional as F
+from unet_cuda.autograd import Tensor, no_grad
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def test_tensor_used_twice_accumulates_gradient():
+    # y = crop_concat(pool(h), h-cropped): h feeds two ops; its gradient is the sum of both paths.
+    rng = np.random.default_rng(0)
+    x = Tensor(rand(rng, 1, 2, 8, 8), requires_grad=True)
+    up = Tensor(rand(rng, 1, 1, 4, 4), requires_grad=True)
+    pooled = F.max_pool2x2(x)                      # [1,2,4,4]
+    cat = F.crop_concat(up, x)                     # [1,3,4,4], x cropped by 2 px per side
+    r1, r2 = rand(rng, 1, 2, 4, 4), rand(rng, 1, 3, 4, 4)
+    # loss = <pooled, r1> + <cat, r2>, through a 1x1 conv-free path: use the ops' backward directly
+    pooled.backward(r1)
+    g_pool = x.grad.copy()
+    x.grad = None
+    cat.backward(r2)
+    g_cat = x.grad.copy()
+    assert np.abs(g_pool).sum() > 0 and np.abs(g_cat).sum() > 0
+
+    # Same thing as one graph: conv1x1 with identity weights turns both into one scalar-free graph.
+    x.grad = None
+    up.grad = None
+    pooled = F.max_pool2x2(x)
+    cat = F.crop_concat(pooled, x)                 # pooled (2 ch) and cropped x (2 ch) -> 4 ch
+    r = rand(rng, 1, 4, 4, 4)
+    cat.backward(r)
+    expected = u.ops.maxpool2x2_backward(r[:, :2], u.ops.maxpool2x2_forward(x.data)[1])
+    expected[:, :, 2:6, 2:6] += r[:, 2:]
+    np.testing.assert_allclose(x.grad, expected, rtol=0, atol=1e-12)
+
+
+def test_no_grad_records_nothing():
+    rng = np.random.default_rng(1)
+    w = Tensor(rand(rng, 2, 1, 3, 3), requires_grad=True)
+    b = Tensor(np.zeros(2), requires_grad=True)
+    with no_grad():
+        y = F.conv3x3(Tensor(rand(rng, 1, 1, 5, 5)), w, b)
+    assert not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require a gradient"):
+        y.backward(np.ones(y.shape))
+
+
+def test_non_scalar_backward_needs_gradient():
+    rng = np.random.default_rng(2)
+    x = Tensor(rand(rng, 1, 1, 4, 4), requires_grad=True)
+    with pytest.raises(RuntimeError, match="explicit gradient"):
+        F.max_pool2x2(x).backward()
+
+
+def test_graph_is_freed_after_backward():
+    rng = np.random.default_rng(3)
+    x = Tensor(rand(rng, 1, 1, 6, 6), requires_grad=True)
+    y = F.max_pool2x2(F.max_pool2x2(Tensor(rand(rng, 1, 1, 12, 12), requires_grad=True)))
+    y.backward(np.ones(y.shape))
+    assert y._parents == () and y.grad is None
+    assert x.grad is None
+
+
+def test_deep_chain_does_not_recurse():
+    x = Tensor(np.ones((1, 1, 4, 4)), requires_grad=True)
+    h = x
+    for _ in range(3000):  # deeper than Python's default recursion limit
+        h = F.dropout(h, 0.0, seed=0)
+    h.backward(np.ones(h.shape))
+    np.testing.assert_array_equal(x.grad, np.ones((1, 1, 4, 4)))
+
+
+def _float64_net(depth, base, dropout, seed):
+    net = u.UNet(in_channels=1, num_classes=3, base_channels=base, depth=depth, dropout=dropout, seed=seed)
+    for p in net.parameters():
+        p.data = p.data.astype(np.float64)
+        p.data += 0.05 * np.random.default_rng(seed).standard_normal(p.data.shape)  # non-zero biases
+    return net
+
+
+@pytest.mark.parametrize("depth,size,dropout", [(2, 20, 0.0), (3, 44, 0.0), (3, 52, 0.0), (2, 20, 0.5)])
+def test_unet_gradients_by_finite_differences(depth, size, dropout):
+    """d loss / d parameter and d loss / d input through the whole U-Net, against central differences."""
+    rng = np.random.default_rng(depth * 100 + size)
+    net = _float64_net(depth, base=2, dropout=dropout, seed=7)
+    out = net.output_size(size)
+    x = Tensor(rng.standard_normal((1, 1, size, size)), requires_grad=True)
+    labels = rng.integers(0, 3, (1, out, out)).astype(np.int32)
+    weights = rng.uniform(0.5, 3.0, (1, out, out))
+    state = net.dropout_rng.bit_generator.state
+
+    def loss_value():
+        net.dropout_rng.bit_generator.state = state  # the same dropout masks every evaluation
+        return float(F.softmax_cross_entropy(net(x), labels, weights).data)
+
+    net.dropout_rng.bit_generator.state = state
+    loss = F.softmax_cross_entropy(net(x), labels, weights)
+    loss.backward()
+    checked = [("input", x)] + [(p.name, p) for p in net.parameters()]
+    # small enough that a shift rarely crosses a ReLU kink or a max-pool tie (both make FD lie)
+    eps = 1e-7
+    worst = 0.0
+    for name, t in checked:
+        flat = t.data.reshape(-1)
+        grad = t.grad.reshape(-1)
+        for i in rng.choice(flat.size, size=min(4, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            up = loss_value()
+            flat[i] = old - eps
+            down = loss_value()
+            flat[i] = old
+            numeric = (up - down) / (2 * eps)
+            # central differences in float64: truncation ~eps^2, rounding ~1e-16/eps = 1e-9 absolute
+            err = abs(numeric - grad[i]) / (abs(numeric) + 1e-4)
+            worst = max(worst, err)
+            assert abs(numeric - grad[i]) <= 2e-8 + 1e-5 * abs(numeric), (
+                f"{name}[{i}]: analytic {grad[i]:.9g} vs numeric {numeric:.9g} (rel {err:.2e})")
+    print(f"depth {depth}: worst relative gradient error {worst:.2e} over {len(checked)} tensors")

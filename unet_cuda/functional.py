@@ -1,0 +1,95 @@
+"""The network's operations as autograd ops: each computes its output with ``unet_cuda.ops`` and
+records how to send the gradient back, again with ``unet_cuda.ops``.
+
+Nothing here computes: every line of math lives in the op functions (docs/OPS.md), so the same
+wiring runs on the NumPy reference and on the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .autograd import Tensor
+
+__all__ = ["conv3x3", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat", "dropout",
+           "softmax_cross_entropy"]
+
+
+def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
+    """Valid 3x3 convolution with bias, ReLU fused when ``relu``."""
+    y = ops.conv3x3_forward(x.data, w.data, b.data, relu)
+
+    def backward(dy):
+        if relu:
+            dy = ops.relu_backward(y, dy)
+        dx = ops.conv3x3_backward_data(dy, w.data) if x.requires_grad else None
+        dw, db = ops.conv3x3_backward_weight(x.data, dy)
+        return dx, dw, db
+
+    return Tensor.from_op(y, (x, w, b), backward, "conv3x3_relu" if relu else "conv3x3")
+
+
+def conv1x1(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    y = ops.conv1x1_forward(x.data, w.data, b.data)
+
+    def backward(dy):
+        dx = ops.conv1x1_backward_data(dy, w.data) if x.requires_grad else None
+        dw, db = ops.conv1x1_backward_weight(x.data, dy)
+        return dx, dw, db
+
+    return Tensor.from_op(y, (x, w, b), backward, "conv1x1")
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    y, argmax = ops.maxpool2x2_forward(x.data)
+
+    def backward(dy):
+        return (ops.maxpool2x2_backward(dy, argmax),)
+
+    return Tensor.from_op(y, (x,), backward, "max_pool2x2")
+
+
+def up_conv2x2(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """2x2 stride-2 up-convolution (transposed convolution) with bias."""
+    y = ops.upconv2x2_forward(x.data, w.data, b.data)
+
+    def backward(dy):
+        dx = ops.upconv2x2_backward_data(dy, w.data) if x.requires_grad else None
+        dw, db = ops.upconv2x2_backward_weight(x.data, dy)
+        return dx, dw, db
+
+    return Tensor.from_op(y, (x, w, b), backward, "up_conv2x2")
+
+
+def crop_concat(up: Tensor, skip: Tensor) -> Tensor:
+    """Channels ``[up, centre crop of skip]``."""
+    y = ops.crop_concat_forward(up.data, skip.data)
+    skip_shape = skip.shape
+
+    def backward(dy):
+        return ops.crop_concat_backward(dy, skip_shape)
+
+    return Tensor.from_op(y, (up, skip), backward, "crop_concat")
+
+
+def dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    """Inverted dropout with the counter-based mask of ``seed`` (identical on CPU and GPU)."""
+    mask = ops.dropout_mask(x.shape, p, seed, like=x.data)
+    y = ops.dropout_forward(x.data, mask, p)
+
+    def backward(dy):
+        return (ops.dropout_backward(dy, mask, p),)
+
+    return Tensor.from_op(y, (x,), backward, "dropout")
+
+
+def softmax_cross_entropy(logits: Tensor, labels, weights) -> Tensor:
+    """Pixel-wise softmax and weighted cross-entropy, normalised by the pixel count (a 0-d Tensor).
+
+    ``labels`` (int32 [N,H,W]) and ``weights`` (float32 [N,H,W]) are plain arrays on the logits' device.
+    """
+    loss, probs = ops.softmax_xent_forward(logits.data, labels, weights)
+
+    def backward(dloss):
+        return (ops.softmax_xent_backward(probs, labels, weights, dloss),)
+
+    return Tensor.from_op(loss, (logits,), backward, "softmax_cross_entropy")

@@ -1,0 +1,129 @@
+"""The op functions, dispatched to a backend by the type of their arrays.
+
+``unet_cuda.ops.conv3x3_forward(x, w, b)`` runs the NumPy reference when ``x`` is a NumPy array,
+and our CUDA kernels (``unet_cuda.ops.cuda``) when ``x`` is a CuPy array. docs/OPS.md is the
+contract both backends follow. Besides the ops this module has the few device helpers that the
+rest of the package needs (moving arrays, allocating zeros), so that nothing else imports CuPy.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import numpy as np
+
+from . import reference
+from .reference import __all__ as OP_NAMES
+
+__all__ = list(OP_NAMES) + [
+    "OP_NAMES", "backend_for", "cuda_status", "cuda_available", "array_module",
+    "to_device", "to_numpy", "device_of", "CudaUnavailableError",
+]
+
+
+class CudaUnavailableError(RuntimeError):
+    """The CUDA backend was asked for but cannot run here (no CuPy, no GPU, or no built extension)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy() -> ModuleType | None:
+    try:
+        import cupy  # noqa: PLC0415
+    except Exception:  # ImportError, or a CuPy that finds no CUDA libraries
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> str | None:
+    """None when the CUDA backend can run here, else a sentence saying why not."""
+    cupy = _cupy()
+    if cupy is None:
+        return "CuPy is not installed (pip install cupy-cuda13x, or the wheel for your CUDA version)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        return f"no CUDA device is visible ({exc.__class__.__name__}: {exc})"
+    if count < 1:
+        return "no CUDA device is visible"
+    try:
+        from unet_cuda import _C  # noqa: F401, PLC0415
+    except ImportError as exc:
+        return (f"the CUDA extension unet_cuda._C is not built ({exc}); reinstall with a CUDA "
+                "toolkit present: pip install -e .")
+    return None
+
+
+def cuda_available() -> bool:
+    return cuda_status() is None
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_backend() -> ModuleType:
+    why = cuda_status()
+    if why is not None:
+        raise CudaUnavailableError(f"the CUDA backend is unavailable: {why}")
+    from . import cuda  # noqa: PLC0415
+    return cuda
+
+
+def _is_cupy_array(a) -> bool:
+    cupy = _cupy()
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def backend_for(array) -> ModuleType:
+    """The backend module that computes ops on ``array``: the reference or the CUDA kernels."""
+    if _is_cupy_array(array):
+        return _cuda_backend()
+    if isinstance(array, np.ndarray):
+        return reference
+    raise TypeError(f"expected a NumPy or CuPy array, got {type(array).__name__}")
+
+
+def array_module(array) -> ModuleType:
+    """``numpy`` or ``cupy``, whichever holds ``array``."""
+    return _cupy() if _is_cupy_array(array) else np
+
+
+def device_of(array) -> str:
+    return "cuda" if _is_cupy_array(array) else "cpu"
+
+
+def to_device(array, device: str):
+    """Copy ``array`` to ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy); no copy when it is already there."""
+    if device == "cpu":
+        return to_numpy(array)
+    if device == "cuda":
+        if _is_cupy_array(array):
+            return array
+        _cuda_backend()  # raises a clear error when CUDA cannot run
+        return _cupy().asarray(np.ascontiguousarray(array))
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def to_numpy(array) -> np.ndarray:
+    if _is_cupy_array(array):
+        return array.get()
+    return np.asarray(array)
+
+
+def _make_dispatcher(name: str):
+    def op(*args, **kwargs):
+        return getattr(backend_for(args[0]), name)(*args, **kwargs)
+
+    op.__name__ = name
+    op.__qualname__ = name
+    op.__doc__ = getattr(reference, name).__doc__
+    return op
+
+
+for _name in OP_NAMES:
+    if _name != "dropout_mask":
+        globals()[_name] = _make_dispatcher(_name)
+
+
+def dropout_mask(shape, p, seed, *, like):
+    """The dropout keep-mask (uint8) on the backend of the array ``like``; see docs/OPS.md."""
+    return backend_for(like).dropout_mask(shape, p, seed)

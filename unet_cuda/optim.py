@@ -1,0 +1,60 @@
+"""SGD with momentum, Caffe's rule (the paper trained with Caffe, momentum 0.99):
+
+    v <- momentum * v + lr * (grad + weight_decay * param)
+    param <- param - v
+
+The update itself is an op (``sgd_momentum_update_``), so it runs in our kernel on the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .autograd import Tensor
+
+__all__ = ["SGD"]
+
+
+class SGD:
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.99, weight_decay: float = 0.0):
+        self.params: list[Tensor] = list(params)
+        if not self.params:
+            raise ValueError("SGD: no parameters to optimise")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"SGD: {name} must be a finite number >= 0, got {value!r}")
+        if momentum >= 1:
+            raise ValueError(f"SGD: momentum must be < 1, got {momentum!r}")
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.velocity = [ops.array_module(p.data).zeros_like(p.data) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        for p, v in zip(self.params, self.velocity):
+            if p.grad is None:
+                continue
+            if v.shape != p.data.shape or ops.device_of(v) != ops.device_of(p.data):
+                raise RuntimeError(f"SGD: state of {p.name} does not match the parameter "
+                                   f"({v.shape} on {ops.device_of(v)} vs {p.data.shape} on {ops.device_of(p.data)})")
+            ops.sgd_momentum_update_(p.data, p.grad, v, self.lr, self.momentum, self.weight_decay)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "velocity": [ops.to_numpy(v).copy() for v in self.velocity]}
+
+    def load_state_dict(self, state: dict) -> None:
+        velocity = state["velocity"]
+        if len(velocity) != len(self.params):
+            raise ValueError(f"SGD.load_state_dict: {len(velocity)} velocity buffers for {len(self.params)} parameters")
+        new = []
+        for p, v in zip(self.params, velocity):
+            v = np.asarray(v, dtype=np.float32)
+            if v.shape != p.data.shape:
+                raise ValueError(f"SGD.load_state_dict: velocity of shape {v.shape} for {p.name} of shape {p.data.shape}")
+            new.append(ops.to_device(np.ascontiguousarray(v), ops.device_of(p.data)))
+        self.velocity = new
+        self.lr, self.momentum, self.weight_decay = float(state["lr"]), float(state["momentum"]), float(state["weight_decay"])
