@@ -1,0 +1,644 @@
+"""NumPy reference of every U-Net operation: the executable specification and the CPU backend.
+
+The contract (names, arguments, results, layouts) is ``docs/OPS.md``; the CUDA backend
+(``unet_cuda/ops/cuda.py``) implements the same functions with the same arguments. In short:
+
+* activations are NCHW, ``x[n, c, h, w]``; weights are OIHW, ``w[o, c, ky, kx]`` for every
+  convolution (the 2x2 up-convolution included); biases are ``b[o]``;
+* labels are integer ``[N, H, W]`` (int32 in the network), weight maps are float ``[N, H, W]``;
+* max-pool argmax and dropout masks are uint8 with the shape of their output / input;
+* the loss is a 0-d array, read with ``float(loss)``.
+
+Every function works in any float dtype and keeps it (float64 in, float64 out), so the same code
+serves finite-difference tests (float64) and CPU training (float32). Outputs are fresh C-contiguous
+arrays, except for the two in-place updates whose names end in ``_``. Inputs are checked first: a
+wrong rank, an inconsistent shape or a non-float array raises ``ValueError`` naming the op, the
+argument and the shapes.
+
+The code favours the obvious over the clever, but never loops over pixels: a 3x3 convolution is an
+im2col (a strided window view, copied once) followed by one matrix product, and the other ops are
+reshapes, slices and loops over the 4 or 9 kernel taps at most.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = (
+    "conv3x3_forward",
+    "conv3x3_backward_data",
+    "conv3x3_backward_weight",
+    "relu_backward",
+    "maxpool2x2_forward",
+    "maxpool2x2_backward",
+    "upconv2x2_forward",
+    "upconv2x2_backward_data",
+    "upconv2x2_backward_weight",
+    "crop_concat_forward",
+    "crop_concat_backward",
+    "conv1x1_forward",
+    "conv1x1_backward_data",
+    "conv1x1_backward_weight",
+    "softmax_xent_forward",
+    "softmax_xent_backward",
+    "dropout_mask",
+    "dropout_forward",
+    "dropout_backward",
+    "accumulate_",
+    "sgd_momentum_update_",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks shared by all ops
+# --------------------------------------------------------------------------------------------------
+
+def _float_array(op: str, name: str, a, layout: str) -> np.ndarray:
+    """``a`` as an ndarray of a float dtype whose rank matches ``layout`` (e.g. ``"[N,C,H,W]"``)."""
+    a = np.asarray(a)
+    ndim = layout.count(",") + 1
+    if a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-d {layout}, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{op}: {name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    return a
+
+
+def _integer_array(op: str, name: str, a, layout: str) -> np.ndarray:
+    """``a`` as an ndarray of an integer dtype whose rank matches ``layout``."""
+    a = np.asarray(a)
+    ndim = layout.count(",") + 1
+    if a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-d {layout}, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{op}: {name} must have an integer dtype, got {a.dtype} (shape {a.shape})")
+    return a
+
+
+def _same_shape(op: str, name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {name_a} has shape {a.shape} but {name_b} has shape {b.shape}")
+
+
+def _check_weight(op: str, w: np.ndarray, x_name: str, x: np.ndarray, x_channel_axis_of_w: int,
+                  kernel: int) -> None:
+    """``w`` is OIHW with a ``kernel`` x ``kernel`` window whose axis ``x_channel_axis_of_w`` (0 = O,
+    1 = C) matches the channel count of ``x``."""
+    if w.shape[2:] != (kernel, kernel):
+        raise ValueError(f"{op}: w must have shape [O,C,{kernel},{kernel}], got {w.shape}")
+    if w.shape[x_channel_axis_of_w] != x.shape[1]:
+        role = "input" if x_channel_axis_of_w == 1 else "output"
+        raise ValueError(
+            f"{op}: w has shape {w.shape} ({w.shape[x_channel_axis_of_w]} {role} channels) "
+            f"but {x_name} has {x.shape[1]} channels ({x_name} shape {x.shape})"
+        )
+
+
+def _check_bias(op: str, b: np.ndarray, w: np.ndarray) -> None:
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"{op}: b has shape {b.shape} but w has {w.shape[0]} output channels "
+                         f"(w shape {w.shape})")
+
+
+def _check_same_batch(op: str, name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{op}: {name_a} has batch size {a.shape[0]} (shape {a.shape}) but "
+                         f"{name_b} has batch size {b.shape[0]} (shape {b.shape})")
+
+
+def _check_dropout_p(op: str, p) -> float:
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: p must be in [0, 1), got {p}")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# 3x3 valid convolution
+# --------------------------------------------------------------------------------------------------
+
+def _im2col3x3(x: np.ndarray) -> np.ndarray:
+    """``cols[n, (c,ky,kx), (i,j)] = x[n, c, i+ky, j+kx]`` with shape ``[N, C*9, (H-2)*(W-2)]``."""
+    n, c, h, w = x.shape
+    windows = sliding_window_view(x, (3, 3), axis=(2, 3))          # [N, C, P, Q, 3, 3], a view
+    return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * 9, (h - 2) * (w - 2))  # one copy
+
+
+def _correlate3x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Valid cross-correlation without bias:
+    ``y[n,o,i,j] = sum_{c,ky,kx} x[n,c,i+ky,j+kx] w[o,c,ky,kx]``."""
+    n, _, h, width = x.shape
+    o = w.shape[0]
+    y = w.reshape(o, -1) @ _im2col3x3(x)                           # [N, O, P*Q]
+    return y.reshape(n, o, h - 2, width - 2)
+
+
+def _check_spatial_at_least(op: str, name: str, a: np.ndarray, size: int) -> None:
+    if a.shape[2] < size or a.shape[3] < size:
+        raise ValueError(f"{op}: {name} must be at least {size}x{size} pixels, got shape {a.shape}")
+
+
+def conv3x3_forward(x, w, b, relu=False):
+    """Valid 3x3 cross-correlation, optionally followed by ReLU.
+
+    ``y[n,o,i,j] = b[o] + sum_{c,ky,kx} x[n,c,i+ky,j+kx] w[o,c,ky,kx]``, then ``max(y, 0)`` if
+    ``relu``. Shapes: ``x[N,C,H,W], w[O,C,3,3], b[O] -> y[N,O,H-2,W-2]``.
+    """
+    op = "conv3x3_forward"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    w = _float_array(op, "w", w, "[O,C,3,3]")
+    b = _float_array(op, "b", b, "[O]")
+    _check_weight(op, w, "x", x, 1, 3)
+    _check_bias(op, b, w)
+    _check_spatial_at_least(op, "x", x, 3)
+    y = _correlate3x3(x, w)
+    y += b.reshape(1, -1, 1, 1)
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y
+
+
+def conv3x3_backward_data(dy, w):
+    """Gradient of a valid 3x3 convolution with respect to its input.
+
+    ``dx[n,c,i+ky,j+kx] += dy[n,o,i,j] w[o,c,ky,kx]``, i.e. the full correlation of ``dy`` (zero-padded
+    by 2 on each side) with the kernel flipped in space and transposed in channels:
+    ``dx[n,c,a,b] = sum_{o,ky,kx} dy_pad[n,o,a+ky,b+kx] w[o,c,2-ky,2-kx]``.
+    Shapes: ``dy[N,O,P,Q], w[O,C,3,3] -> dx[N,C,P+2,Q+2]``.
+    """
+    op = "conv3x3_backward_data"
+    dy = _float_array(op, "dy", dy, "[N,O,P,Q]")
+    w = _float_array(op, "w", w, "[O,C,3,3]")
+    _check_weight(op, w, "dy", dy, 0, 3)
+    dy_padded = np.pad(dy, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)           # [C, O, 3, 3]
+    return _correlate3x3(dy_padded, w_flipped)
+
+
+def conv3x3_backward_weight(x, dy):
+    """Gradients of a valid 3x3 convolution with respect to its weights and bias.
+
+    ``dw[o,c,ky,kx] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i+ky,j+kx]``, ``db[o] = sum_{n,i,j} dy[n,o,i,j]``.
+    Shapes: ``x[N,C,H,W], dy[N,O,H-2,W-2] -> (dw[O,C,3,3], db[O])``.
+    """
+    op = "conv3x3_backward_weight"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    dy = _float_array(op, "dy", dy, "[N,O,H-2,W-2]")
+    _check_spatial_at_least(op, "x", x, 3)
+    n, c, h, width = x.shape
+    expected = (n, dy.shape[1], h - 2, width - 2)
+    if dy.shape != expected:
+        raise ValueError(f"{op}: dy has shape {dy.shape} but x has shape {x.shape}, so dy must have "
+                         f"shape {expected}")
+    o = dy.shape[1]
+    dy_flat = dy.reshape(n, o, -1)
+    dw = np.tensordot(dy_flat, _im2col3x3(x), axes=([0, 2], [0, 2]))  # [O, C*9]
+    db = dy_flat.sum(axis=(0, 2))
+    return dw.reshape(o, c, 3, 3), db
+
+
+def relu_backward(y, dy):
+    """Gradient of ReLU given its output ``y``: ``dx = dy`` where ``y > 0``, else 0 (same shape)."""
+    op = "relu_backward"
+    y = np.asarray(y)
+    dy = np.asarray(dy)
+    for name, a in (("y", y), ("dy", dy)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{op}: {name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    _same_shape(op, "y", y, "dy", dy)
+    return np.where(y > 0, dy, np.zeros((), dtype=dy.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2x2 max-pool, stride 2
+# --------------------------------------------------------------------------------------------------
+
+# Window element k = 2*dy + dx, in raster order (0,0), (0,1), (1,0), (1,1).
+_POOL_TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def maxpool2x2_forward(x):
+    """2x2 max-pool with stride 2.
+
+    ``y[n,c,i,j] = max_{dy,dx} x[n,c,2i+dy,2j+dx]`` and ``argmax = 2*dy + dx`` of the element taken.
+    Tie rule: the window is scanned in raster order and a later element replaces the current best
+    only if it is strictly greater, so the first maximum wins (as does a NaN in the first position;
+    a later NaN is never taken, because no comparison with NaN is true).
+    Shapes: ``x[N,C,H,W] -> (y[N,C,H/2,W/2], argmax uint8 [N,C,H/2,W/2])``; H and W must be even.
+    """
+    op = "maxpool2x2_forward"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"{op}: x must have even H and W, got shape {x.shape}")
+    windows = x.reshape(n, c, h // 2, 2, w // 2, 2)
+    best = windows[:, :, :, 0, :, 0].copy()
+    argmax = np.zeros(best.shape, dtype=np.uint8)
+    for k, (dy, dx) in enumerate(_POOL_TAPS[1:], start=1):
+        candidate = windows[:, :, :, dy, :, dx]
+        greater = candidate > best                                 # strictly: ties keep the first
+        np.copyto(best, candidate, where=greater)
+        argmax[greater] = k
+    return best, argmax
+
+
+def maxpool2x2_backward(dy, argmax):
+    """Gradient of the 2x2 max-pool: ``dy`` goes to the window element named by ``argmax``.
+
+    ``dx[n,c,2i+a,2j+b] = dy[n,c,i,j]`` if ``argmax[n,c,i,j] == 2a+b``, else 0.
+    Shapes: ``dy[N,C,h,w], argmax[N,C,h,w] -> dx[N,C,2h,2w]``.
+    """
+    op = "maxpool2x2_backward"
+    dy = _float_array(op, "dy", dy, "[N,C,h,w]")
+    argmax = _integer_array(op, "argmax", argmax, "[N,C,h,w]")
+    _same_shape(op, "dy", dy, "argmax", argmax)
+    if argmax.size and (argmax.min() < 0 or argmax.max() > 3):
+        raise ValueError(f"{op}: argmax values must be in [0, 3], got range "
+                         f"[{argmax.min()}, {argmax.max()}]")
+    n, c, h, w = dy.shape
+    dx = np.zeros((n, c, h, 2, w, 2), dtype=dy.dtype)
+    for k, (a, b) in enumerate(_POOL_TAPS):
+        dx[:, :, :, a, :, b] = np.where(argmax == k, dy, 0)
+    return dx.reshape(n, c, 2 * h, 2 * w)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2x2 up-convolution (transposed convolution, stride 2)
+# --------------------------------------------------------------------------------------------------
+# Each output pixel receives exactly one tap: y[n,o,2i+ky,2j+kx] = b[o] + sum_c x[n,c,i,j] w[o,c,ky,kx].
+# With the weights as a matrix W[(o,ky,kx), c] this is one matrix product per image followed by an
+# interleaving of the four taps into the 2x larger grid.
+
+def _upconv_weight_matrix(w: np.ndarray) -> np.ndarray:
+    """``W[(o,ky,kx), c] = w[o,c,ky,kx]``, shape ``[O*4, C]``."""
+    o, c = w.shape[:2]
+    return w.transpose(0, 2, 3, 1).reshape(o * 4, c)
+
+
+def _upconv_taps(dy: np.ndarray) -> np.ndarray:
+    """``taps[n, (o,ky,kx), (i,j)] = dy[n,o,2i+ky,2j+kx]``, shape ``[N, O*4, H*W]``."""
+    n, o, h2, w2 = dy.shape
+    h, w = h2 // 2, w2 // 2
+    return dy.reshape(n, o, h, 2, w, 2).transpose(0, 1, 3, 5, 2, 4).reshape(n, o * 4, h * w)
+
+
+def _check_upconv_dy(op: str, dy: np.ndarray, expected: tuple) -> None:
+    if dy.shape != expected:
+        raise ValueError(f"{op}: dy has shape {dy.shape} but must have shape {expected} "
+                         f"([N,O,2H,2W] for the given x and w)")
+
+
+def upconv2x2_forward(x, w, b):
+    """2x2 transposed convolution with stride 2 (the U-Net "up-convolution").
+
+    ``y[n,o,2i+ky,2j+kx] = b[o] + sum_c x[n,c,i,j] w[o,c,ky,kx]``.
+    Shapes: ``x[N,C,H,W], w[O,C,2,2], b[O] -> y[N,O,2H,2W]``.
+    """
+    op = "upconv2x2_forward"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    w = _float_array(op, "w", w, "[O,C,2,2]")
+    b = _float_array(op, "b", b, "[O]")
+    _check_weight(op, w, "x", x, 1, 2)
+    _check_bias(op, b, w)
+    n, c, h, width = x.shape
+    o = w.shape[0]
+    taps = _upconv_weight_matrix(w) @ x.reshape(n, c, h * width)    # [N, O*4, H*W]
+    y = taps.reshape(n, o, 2, 2, h, width).transpose(0, 1, 4, 2, 5, 3).reshape(n, o, 2 * h, 2 * width)
+    y += b.reshape(1, -1, 1, 1)
+    return y
+
+
+def upconv2x2_backward_data(dy, w):
+    """Gradient of the up-convolution with respect to its input.
+
+    ``dx[n,c,i,j] = sum_{o,ky,kx} dy[n,o,2i+ky,2j+kx] w[o,c,ky,kx]``.
+    Shapes: ``dy[N,O,2H,2W], w[O,C,2,2] -> dx[N,C,H,W]``.
+    """
+    op = "upconv2x2_backward_data"
+    dy = _float_array(op, "dy", dy, "[N,O,2H,2W]")
+    w = _float_array(op, "w", w, "[O,C,2,2]")
+    _check_weight(op, w, "dy", dy, 0, 2)
+    n, o, h2, w2 = dy.shape
+    if h2 % 2 or w2 % 2:
+        raise ValueError(f"{op}: dy must have even H and W ([N,O,2H,2W]), got shape {dy.shape}")
+    dx = _upconv_weight_matrix(w).T @ _upconv_taps(dy)              # [N, C, H*W]
+    return dx.reshape(n, w.shape[1], h2 // 2, w2 // 2)
+
+
+def upconv2x2_backward_weight(x, dy):
+    """Gradients of the up-convolution with respect to its weights and bias.
+
+    ``dw[o,c,ky,kx] = sum_{n,i,j} dy[n,o,2i+ky,2j+kx] x[n,c,i,j]``, ``db[o] = sum_{n,i,j} dy[n,o,i,j]``.
+    Shapes: ``x[N,C,H,W], dy[N,O,2H,2W] -> (dw[O,C,2,2], db[O])``.
+    """
+    op = "upconv2x2_backward_weight"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    dy = _float_array(op, "dy", dy, "[N,O,2H,2W]")
+    n, c, h, width = x.shape
+    o = dy.shape[1]
+    _check_upconv_dy(op, dy, (n, o, 2 * h, 2 * width))
+    dw = np.tensordot(_upconv_taps(dy), x.reshape(n, c, h * width), axes=([0, 2], [0, 2]))
+    dw = dw.reshape(o, 2, 2, c).transpose(0, 3, 1, 2)               # [O, C, 2, 2]
+    return np.ascontiguousarray(dw), dy.sum(axis=(0, 2, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Skip connection: centre crop + channel concatenation
+# --------------------------------------------------------------------------------------------------
+
+def _crop_offset(op: str, up_name: str, up_hw: tuple, skip_shape: tuple) -> tuple:
+    """``((Hs-H)//2, (Ws-W)//2)``; the differences must be even and non-negative."""
+    h, w = up_hw
+    hs, ws = skip_shape[2], skip_shape[3]
+    if hs < h or ws < w:
+        raise ValueError(f"{op}: skip ({hs}x{ws}, shape {tuple(skip_shape)}) is smaller than "
+                         f"{up_name} ({h}x{w})")
+    if (hs - h) % 2 or (ws - w) % 2:
+        raise ValueError(f"{op}: skip ({hs}x{ws}, shape {tuple(skip_shape)}) cannot be centre-cropped "
+                         f"to {up_name} ({h}x{w}): the size differences must be even")
+    return (hs - h) // 2, (ws - w) // 2
+
+
+def crop_concat_forward(up, skip):
+    """Concatenate ``up`` with the centre crop of ``skip`` along channels: ``[up, crop(skip)]``.
+
+    The crop window starts at ``((Hs-H)//2, (Ws-W)//2)``; ``Hs-H`` and ``Ws-W`` must be even, >= 0.
+    Shapes: ``up[N,Cu,H,W], skip[N,Cs,Hs,Ws] -> y[N,Cu+Cs,H,W]``.
+    """
+    op = "crop_concat_forward"
+    up = _float_array(op, "up", up, "[N,Cu,H,W]")
+    skip = _float_array(op, "skip", skip, "[N,Cs,Hs,Ws]")
+    _check_same_batch(op, "up", up, "skip", skip)
+    h, w = up.shape[2:]
+    top, left = _crop_offset(op, "up", (h, w), skip.shape)
+    return np.concatenate([up, skip[:, :, top:top + h, left:left + w]], axis=1)
+
+
+def crop_concat_backward(dy, skip_shape):
+    """Split the gradient of ``crop_concat_forward`` back into its two inputs.
+
+    ``dup = dy[:, :Cu]``; ``dskip`` is ``dy[:, Cu:]`` inside the crop window and 0 elsewhere.
+    Shapes: ``dy[N,Cu+Cs,H,W], skip_shape (N,Cs,Hs,Ws) -> (dup[N,Cu,H,W], dskip[N,Cs,Hs,Ws])``.
+    """
+    op = "crop_concat_backward"
+    dy = _float_array(op, "dy", dy, "[N,Cu+Cs,H,W]")
+    try:
+        skip_shape = tuple(operator.index(s) for s in skip_shape)
+    except TypeError:
+        raise ValueError(f"{op}: skip_shape must be a tuple of 4 ints (N,Cs,Hs,Ws), "
+                         f"got {skip_shape!r}") from None
+    if len(skip_shape) != 4 or min(skip_shape) < 0:
+        raise ValueError(f"{op}: skip_shape must be 4 non-negative ints (N,Cs,Hs,Ws), got {skip_shape}")
+    n, c_total, h, w = dy.shape
+    c_skip = skip_shape[1]
+    if skip_shape[0] != n:
+        raise ValueError(f"{op}: skip_shape {skip_shape} has batch size {skip_shape[0]} but dy has "
+                         f"batch size {n} (dy shape {dy.shape})")
+    if c_skip > c_total:
+        raise ValueError(f"{op}: skip_shape {skip_shape} has {c_skip} channels but dy has only "
+                         f"{c_total} (dy shape {dy.shape})")
+    top, left = _crop_offset(op, "dy", (h, w), skip_shape)
+    c_up = c_total - c_skip
+    dup = dy[:, :c_up].copy()
+    dskip = np.zeros(skip_shape, dtype=dy.dtype)
+    dskip[:, :, top:top + h, left:left + w] = dy[:, c_up:]
+    return dup, dskip
+
+
+# --------------------------------------------------------------------------------------------------
+# 1x1 convolution (the final classifier)
+# --------------------------------------------------------------------------------------------------
+
+def conv1x1_forward(x, w, b):
+    """1x1 convolution: ``y[n,o,i,j] = b[o] + sum_c x[n,c,i,j] w[o,c,0,0]``.
+
+    Shapes: ``x[N,C,H,W], w[O,C,1,1], b[O] -> y[N,O,H,W]``.
+    """
+    op = "conv1x1_forward"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    w = _float_array(op, "w", w, "[O,C,1,1]")
+    b = _float_array(op, "b", b, "[O]")
+    _check_weight(op, w, "x", x, 1, 1)
+    _check_bias(op, b, w)
+    n, c, h, width = x.shape
+    o = w.shape[0]
+    y = (w.reshape(o, c) @ x.reshape(n, c, h * width)).reshape(n, o, h, width)
+    y += b.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv1x1_backward_data(dy, w):
+    """Gradient of the 1x1 convolution with respect to its input.
+
+    ``dx[n,c,i,j] = sum_o dy[n,o,i,j] w[o,c,0,0]``.
+
+    Shapes: ``dy[N,O,H,W], w[O,C,1,1] -> dx[N,C,H,W]``.
+    """
+    op = "conv1x1_backward_data"
+    dy = _float_array(op, "dy", dy, "[N,O,H,W]")
+    w = _float_array(op, "w", w, "[O,C,1,1]")
+    _check_weight(op, w, "dy", dy, 0, 1)
+    n, o, h, width = dy.shape
+    c = w.shape[1]
+    return (w.reshape(o, c).T @ dy.reshape(n, o, h * width)).reshape(n, c, h, width)
+
+
+def conv1x1_backward_weight(x, dy):
+    """Gradients of the 1x1 convolution with respect to its weights and bias.
+
+    ``dw[o,c,0,0] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i,j]``, ``db[o] = sum_{n,i,j} dy[n,o,i,j]``.
+
+    Shapes: ``x[N,C,H,W], dy[N,O,H,W] -> (dw[O,C,1,1], db[O])``.
+    """
+    op = "conv1x1_backward_weight"
+    x = _float_array(op, "x", x, "[N,C,H,W]")
+    dy = _float_array(op, "dy", dy, "[N,O,H,W]")
+    n, c, h, width = x.shape
+    o = dy.shape[1]
+    if dy.shape != (n, o, h, width):
+        raise ValueError(f"{op}: dy has shape {dy.shape} but x has shape {x.shape}, so dy must have "
+                         f"shape {(n, o, h, width)}")
+    dy_flat = dy.reshape(n, o, h * width)
+    dw = np.tensordot(dy_flat, x.reshape(n, c, h * width), axes=([0, 2], [0, 2]))
+    return dw.reshape(o, c, 1, 1), dy_flat.sum(axis=(0, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixel-wise softmax + weighted cross entropy
+# --------------------------------------------------------------------------------------------------
+
+def _check_loss_inputs(op: str, scores_name: str, scores, labels, weights):
+    scores = _float_array(op, scores_name, scores, "[N,K,H,W]")
+    labels = _integer_array(op, "labels", labels, "[N,H,W]")
+    weights = _float_array(op, "weights", weights, "[N,H,W]")
+    n, k, h, w = scores.shape
+    if k < 1:
+        raise ValueError(f"{op}: {scores_name} must have at least one class, got shape {scores.shape}")
+    for name, a in (("labels", labels), ("weights", weights)):
+        if a.shape != (n, h, w):
+            raise ValueError(f"{op}: {name} has shape {a.shape} but {scores_name} has shape "
+                             f"{scores.shape}, so {name} must have shape {(n, h, w)}")
+    return scores, labels, weights
+
+
+def _legal_labels(labels: np.ndarray, num_classes: int) -> tuple:
+    """``(legal, safe)``: where a label lies in ``[0, K)``, and the labels with illegal ones set to 0
+    (so they can be used as indices; the caller turns those pixels into NaN)."""
+    legal = (labels >= 0) & (labels < num_classes)
+    safe = np.where(legal, labels, 0).astype(np.intp)
+    return legal, safe
+
+
+def softmax_xent_forward(logits, labels, weights):
+    """Pixel-wise softmax and weighted cross-entropy loss, normalised by the number of pixels.
+
+    ``p[n,k,i,j] = exp(a_k - m) / sum_k' exp(a_k' - m)`` with ``m = max_k a_k`` (no overflow);
+    ``loss = sum_{n,i,j} w[n,i,j] * -log p[n,label,i,j] / (N*H*W)``, where
+    ``-log p[label] = log(sum_k exp(a_k - m)) - (a_label - m)`` (log-sum-exp: finite even where
+    ``p`` underflows to 0).
+    A label outside ``[0, K)`` makes the loss NaN.
+    Shapes: ``logits[N,K,H,W], labels int[N,H,W], weights[N,H,W] -> (loss 0-d, probs[N,K,H,W])``.
+    """
+    op = "softmax_xent_forward"
+    logits, labels, weights = _check_loss_inputs(op, "logits", logits, labels, weights)
+    n, k, h, w = logits.shape
+    dtype = np.result_type(logits, weights)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    sum_exp = exp.sum(axis=1, keepdims=True)
+    probs = exp / sum_exp
+    legal, safe = _legal_labels(labels, k)
+    shifted_of_label = np.take_along_axis(shifted, safe[:, None], axis=1)[:, 0]
+    neg_log_p = np.log(sum_exp[:, 0]) - shifted_of_label
+    neg_log_p = np.where(legal, neg_log_p, np.nan)
+    loss = np.sum(weights * neg_log_p) / (n * h * w)
+    return np.asarray(loss, dtype=dtype), probs
+
+
+def softmax_xent_backward(probs, labels, weights, dloss=1.0):
+    """Gradient of ``softmax_xent_forward``'s loss with respect to the logits.
+
+    ``dlogits[n,k,i,j] = dloss * w[n,i,j] * (p[n,k,i,j] - [k == label[n,i,j]]) / (N*H*W)``;
+    NaN at every pixel whose label lies outside ``[0, K)``.
+    Shapes: ``probs[N,K,H,W], labels int[N,H,W], weights[N,H,W], dloss scalar -> dlogits[N,K,H,W]``.
+    """
+    op = "softmax_xent_backward"
+    probs, labels, weights = _check_loss_inputs(op, "probs", probs, labels, weights)
+    if np.ndim(dloss) != 0:
+        raise ValueError(f"{op}: dloss must be a scalar or 0-d array, got shape {np.shape(dloss)}")
+    n, k, h, w = probs.shape
+    dtype = np.result_type(probs, weights)
+    legal, safe = _legal_labels(labels, k)
+    one_hot = safe[:, None] == np.arange(k).reshape(1, k, 1, 1)
+    pixel_scale = weights * (np.asarray(dloss, dtype=dtype) / dtype.type(n * h * w))
+    pixel_scale = np.where(legal, pixel_scale, np.nan).astype(dtype, copy=False)
+    return ((probs - one_hot) * pixel_scale[:, None]).astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dropout with a counter-based mask (identical bits on CPU and GPU)
+# --------------------------------------------------------------------------------------------------
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+
+
+def dropout_mask(shape, p, seed):
+    """Dropout keep-mask (1 = keep) from the splitmix64 finaliser of each element's flat index.
+
+    For the C-order flat index ``i`` and a 64-bit ``seed``, all arithmetic modulo 2**64:
+    ``z = seed + (i+1) * 0x9E3779B97F4A7C15``; ``z = (z ^ z>>30) * 0xBF58476D1CE4E5B9``;
+    ``z = (z ^ z>>27) * 0x94D049BB133111EB``; ``z = z ^ z>>31``; ``u = (z >> 40) / 2**24`` (24
+    uniform bits in [0, 1)); ``mask[i] = 1 if u >= p else 0``. Returns uint8 of the given shape.
+    ``p`` must lie in [0, 1); ``seed`` must be an integer in [0, 2**64).
+    """
+    op = "dropout_mask"
+    p = _check_dropout_p(op, p)
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"{op}: seed must be an integer, got {seed!r}") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{op}: seed must be in [0, 2**64), got {seed}")
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        shape = tuple(operator.index(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{op}: shape must be non-negative, got {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX_1
+        z = (z ^ (z >> np.uint64(27))) * _MIX_2
+        z = z ^ (z >> np.uint64(31))
+    uniform = (z >> np.uint64(40)).astype(np.float64) / 2.0**24   # exact: 24-bit integers
+    return (uniform >= p).astype(np.uint8).reshape(shape)
+
+
+def _check_dropout_inputs(op: str, a_name: str, a, mask, p):
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{op}: {a_name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    mask = np.asarray(mask)
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise ValueError(f"{op}: mask must be uint8 (0 or 1), got dtype {mask.dtype}")
+    _same_shape(op, a_name, a, "mask", mask)
+    return a, mask, _check_dropout_p(op, p)
+
+
+def dropout_forward(x, mask, p):
+    """Inverted dropout: ``y = x * mask / (1 - p)`` (kept elements are scaled up, so the expectation
+    is unchanged and inference needs no rescaling)."""
+    x, mask, p = _check_dropout_inputs("dropout_forward", "x", x, mask, p)
+    return x * mask.astype(x.dtype) / x.dtype.type(1.0 - p)
+
+
+def dropout_backward(dy, mask, p):
+    """Gradient of inverted dropout: ``dx = dy * mask / (1 - p)``."""
+    dy, mask, p = _check_dropout_inputs("dropout_backward", "dy", dy, mask, p)
+    return dy * mask.astype(dy.dtype) / dy.dtype.type(1.0 - p)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-place updates
+# --------------------------------------------------------------------------------------------------
+
+def _writable_float_array(op: str, name: str, a) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{op}: {name} is updated in place and must be a numpy array, got {type(a)}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{op}: {name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    if not a.flags.writeable:
+        raise ValueError(f"{op}: {name} is updated in place but is read-only (shape {a.shape})")
+    return a
+
+
+def accumulate_(dst, src):
+    """Gradient accumulation in place: ``dst += src``; returns ``dst``."""
+    op = "accumulate_"
+    dst = _writable_float_array(op, "dst", dst)
+    src = np.asarray(src)
+    _same_shape(op, "dst", dst, "src", src)
+    dst += src
+    return dst
+
+
+def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
+    """One SGD step with momentum and weight decay, in place (Caffe's rule); returns None.
+
+    ``v = momentum * v + lr * (grad + weight_decay * param)``; ``param -= v``.
+    """
+    op = "sgd_momentum_update_"
+    param = _writable_float_array(op, "param", param)
+    velocity = _writable_float_array(op, "velocity", velocity)
+    grad = np.asarray(grad)
+    _same_shape(op, "param", param, "grad", grad)
+    _same_shape(op, "param", param, "velocity", velocity)
+    velocity[...] = momentum * velocity + lr * (grad + weight_decay * param)
+    param -= velocity
+    return None
