@@ -1,0 +1,520 @@
+"""Assembles the one results JSON of a GPU check from the files bench/gpu_check.sh leaves in the
+output folder given as argument, and prints a short table.
+
+    python3 bench/collect_results.py OUTDIR            # writes OUTDIR/results-<commit>-<gpu>.json
+    python3 bench/collect_results.py OUTDIR --no-table
+
+What it reads (each is optional; whatever is missing becomes null with the reason):
+
+    meta.txt                  commit=, commit_source=, dirty=, date=, git_error= (key=value lines)
+    gpu-info.csv              "# field,field,..." then nvidia-smi's values; gpu-info-after.csv likewise
+    env.json                  versions and settings (python3 bench/benchlib.py)
+    stages.tsv                stage, exit status, seconds, time limit, note (one line per stage)
+    gpu-tests.xml             JUnit XML of the GPU tests; bench-tests.xml of the benchmark run
+    sanitizer-<tool>.log      compute-sanitizer output for memcheck, racecheck, initcheck, synccheck
+    benchmarks.json           pytest-benchmark JSON; its extra_info holds our figures
+    bench-records.jsonl       the same records, one per line, written as each benchmark ends
+    isbi.json                 the result of an ISBI training run, copied in as it is
+
+Nothing here runs on or needs a GPU, and no figure is ever made up: a number is in the JSON only if
+a file in the folder says it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import asdict
+from pathlib import Path
+
+from benchlib import ceilings_for
+
+SCHEMA = 1
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+TORCH_SETTINGS = ("tf32", "fp32", "bf16")
+PYTEST_STAGES = ("gpu-tests", "bench")
+
+_ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?", re.IGNORECASE)
+_RACECHECK_SUMMARY = re.compile(
+    r"RACECHECK SUMMARY:\s*(\d+)\s+hazards?\s+displayed\s*\((\d+)\s+errors?,\s*(\d+)\s+warnings?\)",
+    re.IGNORECASE)
+_DRIVER_SUMMARY = re.compile(r"SANITIZER DRIVER:\s*(\d+)\s+calls,\s*(\d+)\s+failed")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small readers
+# ------------------------------------------------------------------------------------------------
+
+
+def read_meta(path: Path) -> dict:
+    """``key=value`` lines; missing file -> {}."""
+    meta: dict = {}
+    if not path.is_file():
+        return meta
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            meta[key.strip()] = value.strip()
+    return meta
+
+
+def read_gpu_info(path: Path) -> dict | None:
+    """nvidia-smi ``--format=csv,noheader,nounits`` values under a ``# field,...`` line (first GPU)."""
+    if not path.is_file():
+        return None
+    fields: list[str] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            fields = [f.strip() for f in line[1:].split(",") if f.strip()]
+            continue
+        values = [v.strip() for v in line.split(",")]
+        if fields and len(values) == len(fields):
+            return {f: _number_or_text(v) for f, v in zip(fields, values)}
+    return None
+
+
+def _number_or_text(value: str):
+    if value in ("", "[N/A]", "N/A", "[Not Supported]"):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value else number
+
+
+def read_json(path: Path):
+    """(value, None) or (None, reason)."""
+    if not path.is_file():
+        return None, f"{path.name} not found"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})"
+
+
+def read_stages(path: Path) -> dict:
+    """``stage<TAB>rc<TAB>seconds<TAB>limit<TAB>note`` lines -> {stage: {...}}."""
+    stages: dict = {}
+    if not path.is_file():
+        return stages
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[0]:
+            continue
+        name, rc = parts[0], parts[1]
+        entry: dict = {"rc": int(rc) if rc.lstrip("-").isdigit() else None}
+        if len(parts) > 2 and parts[2].isdigit():
+            entry["seconds"] = int(parts[2])
+        if len(parts) > 3 and parts[3].isdigit():
+            entry["limit_s"] = int(parts[3])
+        note = parts[4] if len(parts) > 4 else ""
+        if entry["rc"] is None:
+            entry["status"] = "skipped"
+        elif entry["rc"] == 0:
+            entry["status"] = "ok"
+        elif entry["rc"] in (124, 137):
+            entry["status"] = "timeout"
+        elif entry["rc"] == 5 and name in PYTEST_STAGES:
+            entry["status"] = "no tests"   # pytest's exit status when nothing was collected
+        else:
+            entry["status"] = "failed"
+        if note:
+            entry["note"] = note
+        stages[name] = entry
+    return stages
+
+
+# ------------------------------------------------------------------------------------------------
+# JUnit XML -> test counts
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_junit(path: Path) -> dict:
+    """``{"passed", "failed", "skipped", "errors", "total"}`` from a JUnit XML file.
+
+    Each ``<testcase>`` counts once: failed if it has a ``<failure>``, else an error if it has an
+    ``<error>`` (pytest writes collection and fixture errors so), else skipped if ``<skipped>``,
+    else passed. A missing or unreadable file gives null counts and a ``reason``.
+    """
+    empty = {"passed": None, "failed": None, "skipped": None, "errors": None, "total": None}
+    if not path.is_file():
+        return {**empty, "reason": f"{path.name} not found (the stage did not run or did not finish)"}
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        return {**empty, "reason": f"{path.name} is unreadable ({exc})"}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    failed_names: list[str] = []
+    for case in root.iter("testcase"):
+        tags = {child.tag for child in case}
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
+        if "failure" in tags:
+            counts["failed"] += 1
+            failed_names.append(name)
+        elif "error" in tags:
+            counts["errors"] += 1
+            failed_names.append(name)
+        elif "skipped" in tags:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    result: dict = {**counts, "total": sum(counts.values())}
+    if failed_names:
+        result["not_passed"] = failed_names[:50]
+    if result["total"] == 0:
+        result["reason"] = "no test ran (none collected or none selected)"
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# compute-sanitizer logs -> error counts
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_sanitizer_log(path: Path, stage: dict | None = None, driver_required: bool = True) -> dict:
+    """``{"errors": N or None, "reason": ..., "driver": {...}}`` from one compute-sanitizer log.
+
+    N is the sum of every ``ERROR SUMMARY: N errors`` line (one per process); a racecheck log that
+    has only its ``RACECHECK SUMMARY`` line gives that line's error count. No summary line: None,
+    with the reason (timed out, tool not found, or stopped before its summary). With
+    ``driver_required``, a log without the driver's own summary line (bench/sanitizer_driver.py
+    stopped early) gives None instead of 0: the ops were not all checked.
+    """
+    stage = stage or {}
+    if not path.is_file():
+        why = stage.get("note") or "the stage did not run"
+        return {"errors": None, "reason": f"{path.name} not found ({why})"}
+    text = path.read_text(encoding="utf-8", errors="replace")
+    out: dict = {}
+    driver = _DRIVER_SUMMARY.findall(text)
+    if driver:
+        calls, failed = (int(v) for v in driver[-1])
+        out["driver"] = {"calls": calls, "failed": failed}
+    summaries = _ERROR_SUMMARY.findall(text)
+    if summaries:
+        out["errors"] = sum(int(n) for n in summaries)
+    else:
+        race = _RACECHECK_SUMMARY.findall(text)
+        if race:
+            out["errors"] = sum(int(errors) for _, errors, _ in race)
+            out["warnings"] = sum(int(warnings) for _, _, warnings in race)
+        else:
+            out["errors"] = None
+            out["reason"] = _why_no_summary(text, stage)
+    if out.get("driver", {}).get("failed"):
+        out["note"] = (f"{out['driver']['failed']} of {out['driver']['calls']} driver calls raised "
+                       "(see the log); the count covers the calls that ran")
+    elif driver_required and "driver" not in out and out.get("errors") is not None:
+        if out["errors"] == 0:
+            # no summary from the driver: it stopped before calling every op, so 0 proves nothing
+            out["errors"] = None
+            out["reason"] = ("the driver stopped before its summary line (see the log), "
+                             "so the tool's 0 errors do not cover the ops")
+        else:
+            out["note"] = "the driver stopped before its summary line (see the log)"
+    return out
+
+
+def _why_no_summary(text: str, stage: dict) -> str:
+    if stage.get("status") == "timeout":
+        return f"timed out after {stage.get('seconds', '?')} s before the summary"
+    if stage.get("status") == "skipped":
+        return stage.get("note") or "the stage was skipped"
+    lowered = text.lower()
+    if "compute-sanitizer" in lowered and ("command not found" in lowered or "no such file" in lowered):
+        return "compute-sanitizer was not found"
+    if "cannot run on the gpu" in lowered:
+        return "the driver could not run on the GPU (see the log)"
+    return "no ERROR SUMMARY line in the log (the tool or the program stopped before its summary)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmarks
+# ------------------------------------------------------------------------------------------------
+
+
+def load_benchmarks(bench_json: Path, records_jsonl: Path) -> tuple[list[dict], str]:
+    """Every benchmark and check record, merged by ``id``; and where they came from.
+
+    The records file is written as each benchmark ends; pytest-benchmark's JSON at the end of the
+    run, with the same ``extra_info`` plus its wall-clock statistics (``wall_ms``). Either alone is
+    enough.
+    """
+    merged: dict[str, dict] = {}
+    sources = []
+    if records_jsonl.is_file():
+        count = 0
+        for line in records_jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("id"):
+                merged.setdefault(rec["id"], {}).update(rec)
+                count += 1
+        if count:
+            sources.append(records_jsonl.name)
+    data, _ = read_json(bench_json)
+    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        sources.append(bench_json.name)
+        for bench in data["benchmarks"]:
+            rec = dict(bench.get("extra_info") or {})
+            rec_id = rec.get("id") or bench.get("fullname") or bench.get("name")
+            rec.setdefault("id", rec_id)
+            rec["test"] = bench.get("name")
+            stats = bench.get("stats") or {}
+            if isinstance(stats.get("median"), (int, float)):
+                rec["wall_ms"] = stats["median"] * 1e3
+                rec["wall_rounds"] = stats.get("rounds")
+            merged.setdefault(rec_id, {}).update(rec)
+    for rec in merged.values():
+        if "name" not in rec and rec.get("kind") == "op":
+            rec["name"] = f"{rec.get('op')} {rec.get('layer')}"
+        rec.setdefault("name", rec.get("id"))
+    return list(merged.values()), " + ".join(sources) if sources else "none"
+
+
+def _find(records: list[dict], rec_id: str) -> dict | None:
+    return next((r for r in records if r.get("id") == rec_id), None)
+
+
+def _ms(rec: dict | None):
+    value = rec.get("ms") if rec else None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """The headline figures, and the peer of each end-to-end figure filled into its record."""
+    summary: dict = {}
+    ours_steps = {r["precision"]: _ms(r) for r in records
+                  if r.get("kind") == "train_step" and r.get("impl") == "ours" and _ms(r) is not None}
+    torch_steps = {r["precision"]: _ms(r) for r in records
+                   if r.get("kind") == "train_step" and r.get("impl") == "torch" and _ms(r) is not None}
+    summary["train_step_ms"] = ours_steps or None
+    summary["torch_train_step_ms"] = torch_steps or None
+    if ours_steps and torch_steps:
+        # > 1: ours is faster than the peer of the same precision.
+        summary["train_step_ratio"] = {p: torch_steps[p] / ms for p, ms in ours_steps.items()
+                                       if p in torch_steps and ms}
+    summary["infer_512_ms"] = _ms(_find(records, "infer_512/ours/fp32"))
+    torch_infer = {r["precision"]: _ms(r) for r in records
+                   if r.get("kind") == "infer" and r.get("impl") == "torch" and _ms(r) is not None}
+    summary["torch_infer_512_ms"] = torch_infer or None
+
+    for kind, peers in (("train_step", torch_steps), ("infer", torch_infer)):
+        for rec in records:
+            if rec.get("kind") == kind and rec.get("impl") == "ours" and _ms(rec) and peers:
+                precision = rec.get("precision", "fp32")
+                if precision in peers:
+                    rec["peer"] = f"PyTorch {precision}"
+                    rec["peer_ms"] = peers[precision]
+                    rec["ratio"] = peers[precision] / rec["ms"]
+                for other in TORCH_SETTINGS:
+                    if other != precision and other in peers:
+                        rec[f"ratio_{other}"] = peers[other] / rec["ms"]
+
+    op_records = [r for r in records if r.get("kind") == "op" and _ms(r) is not None]
+    if op_records:
+        summary["ops_count"] = len(op_records)
+        summary["ops_total_ms"] = sum(r["ms"] for r in op_records)
+        with_peer = [r for r in op_records if isinstance(r.get("peer_ms"), (int, float))]
+        if with_peer:
+            summary["ops_peer_fp32_total_ms"] = sum(r["peer_ms"] for r in with_peer)
+            summary["ops_peer_default_total_ms"] = sum(r.get("peer_tf32_ms", r["peer_ms"]) for r in with_peer)
+            ranked = sorted(with_peer, key=lambda r: r.get("ratio", math.inf))
+            summary["slowest_vs_peer"] = [
+                {"id": r["id"], "ms": r["ms"], "peer_ms": r["peer_ms"], "ratio": r.get("ratio")}
+                for r in ranked[:5]
+            ]
+    check = _find(records, "check/loss_vs_torch_fp32")
+    if check:
+        summary["loss_check"] = {k: check[k] for k in (
+            "passed", "rel_err_before", "rel_err_after", "worst_param", "worst_update_rel_l2") if k in check}
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The results JSON
+# ------------------------------------------------------------------------------------------------
+
+
+def gpu_slug(name: str | None) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100-80gb-hbm3"``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "unknown-gpu").lower()).strip("-")
+    return re.sub(r"^nvidia-", "", slug) or "unknown-gpu"
+
+
+def collect(outdir: Path) -> dict:
+    outdir = Path(outdir)
+    meta = read_meta(outdir / "meta.txt")
+    stages = read_stages(outdir / "stages.tsv")
+    gpu_info = read_gpu_info(outdir / "gpu-info.csv")
+    gpu_after = read_gpu_info(outdir / "gpu-info-after.csv")
+    env, env_reason = read_json(outdir / "env.json")
+    env = env if isinstance(env, dict) else None
+
+    commit = meta.get("commit") or None
+    if commit and not re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = None
+    gpu = (gpu_info or {}).get("name") or (env or {}).get("gpu")
+    results: dict = {
+        "commit": commit,
+        "dirty": meta.get("dirty") == "true" if "dirty" in meta else None,
+        "gpu": gpu,
+        "date": meta.get("date") or None,
+        "schema": SCHEMA,
+    }
+    if not commit:
+        results["commit_reason"] = meta.get("git_error") or "meta.txt has no commit (not a git checkout?)"
+    elif meta.get("commit_source") not in (None, "git"):
+        results["commit_source"] = meta["commit_source"]
+        if meta.get("git_error"):
+            results["commit_reason"] = meta["git_error"]
+    results["gpu_info"] = gpu_info
+    if gpu_after:
+        results["gpu_info_after_benchmarks"] = gpu_after
+    results["environment"] = env if env is not None else {"reason": env_reason}
+    results["stages"] = stages
+
+    results["tests"] = parse_junit(outdir / "gpu-tests.xml")
+    results["bench_tests"] = parse_junit(outdir / "bench-tests.xml")
+
+    sanitizer: dict = {}
+    details: dict = {}
+    for tool in SANITIZER_TOOLS:
+        parsed = parse_sanitizer_log(outdir / f"sanitizer-{tool}.log", stages.get(f"sanitizer-{tool}"))
+        sanitizer[f"{tool}_errors"] = parsed.get("errors")
+        details[tool] = {k: v for k, v in parsed.items() if k != "errors"}
+    sanitizer["details"] = details
+    results["sanitizer"] = sanitizer
+
+    records, source = load_benchmarks(outdir / "benchmarks.json", outdir / "bench-records.jsonl")
+    summary = summarize(records)
+    results["benchmarks_source"] = source
+    results["benchmarks"] = [r for r in records if r.get("kind") != "check"]
+    results["checks"] = [r for r in records if r.get("kind") == "check"]
+    results["summary"] = summary
+    if gpu:
+        results["ceilings"] = asdict(ceilings_for(gpu))
+
+    isbi, isbi_reason = read_json(outdir / "isbi.json")
+    if isbi is not None:
+        results["isbi"] = isbi
+    elif (outdir / "isbi.json").is_file():
+        results["isbi"] = {"reason": isbi_reason}
+    return results
+
+
+def results_filename(results: dict) -> str:
+    commit = results.get("commit")
+    short = commit[:7] if commit else "nocommit"
+    dirty = "-dirty" if results.get("dirty") else ""
+    return f"results-{short}{dirty}-{gpu_slug(results.get('gpu'))}.json"
+
+
+def write_results(outdir: Path, results: dict, path: Path | None = None) -> Path:
+    path = Path(path) if path else Path(outdir) / results_filename(results)
+    path.write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _finite(value):
+    """A copy of ``value`` that strict JSON accepts: NaN and infinities become null."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The short table
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_sci(value) -> str:
+    return f"{value:.1e}" if isinstance(value, (int, float)) else "-"
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    commit = (results.get("commit") or "no commit")[:10] + (" (dirty)" if results.get("dirty") else "")
+    lines.append(f"unet-cuda GPU check  {commit}  {results.get('gpu') or 'unknown GPU'}  {results.get('date') or ''}")
+    stages = results.get("stages") or {}
+    if stages:
+        lines.append("stages      " + "  ".join(
+            f"{name}:{entry.get('status')}({entry.get('seconds', '-')}s)" for name, entry in stages.items()))
+    for key, label in (("tests", "gpu tests"), ("bench_tests", "bench tests")):
+        t = results.get(key) or {}
+        text = "  ".join(f"{k} {_fmt(t.get(k))}" for k in ("passed", "failed", "skipped", "errors"))
+        if t.get("reason"):
+            text += f"  ({t['reason']})"
+        lines.append(f"{label:<11} {text}")
+    s = results.get("sanitizer") or {}
+    lines.append("sanitizer   " + "  ".join(f"{tool} {_fmt(s.get(f'{tool}_errors'))}" for tool in SANITIZER_TOOLS))
+    summary = results.get("summary") or {}
+    ours = summary.get("train_step_ms") or {}
+    peers = summary.get("torch_train_step_ms") or {}
+    if ours or peers:
+        text = "  ".join(f"ours {p} {_fmt(ms)}" for p, ms in ours.items())
+        text += "  |  " + "  ".join(f"torch {p} {_fmt(ms)}" for p, ms in peers.items())
+        lines.append(f"train step  ms: {text}")
+    if summary.get("infer_512_ms") is not None or summary.get("torch_infer_512_ms"):
+        text = f"ours {_fmt(summary.get('infer_512_ms'))}  |  " + "  ".join(
+            f"torch {p} {_fmt(ms)}" for p, ms in (summary.get("torch_infer_512_ms") or {}).items())
+        lines.append(f"infer 512   ms: {text}")
+    if summary.get("ops_total_ms") is not None:
+        lines.append(f"ops (sum)   ms: ours {_fmt(summary['ops_total_ms'])} over {summary['ops_count']} ops"
+                     f"  |  cuDNN fp32 {_fmt(summary.get('ops_peer_fp32_total_ms'))}"
+                     f"  default {_fmt(summary.get('ops_peer_default_total_ms'))}")
+        worst = summary.get("slowest_vs_peer") or []
+        if worst:
+            lines.append("behind peer " + "  ".join(f"{w['id'].removeprefix('op/')} {_fmt(w.get('ratio'))}x"
+                                                    for w in worst[:3]))
+    check = summary.get("loss_check")
+    if check:
+        lines.append(f"loss check  passed {check.get('passed')}  rel err before "
+                     f"{_fmt_sci(check.get('rel_err_before'))}  after {_fmt_sci(check.get('rel_err_after'))}")
+    if results.get("isbi") is not None:
+        lines.append("isbi        " + json.dumps(results["isbi"])[:100])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Assemble the GPU check's results JSON.")
+    parser.add_argument("outdir", type=Path, help="the output folder of bench/gpu_check.sh")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here instead")
+    parser.add_argument("--no-table", action="store_true", help="do not print the short table")
+    args = parser.parse_args(argv)
+    if not args.outdir.is_dir():
+        parser.error(f"{args.outdir} is not a folder")
+    results = collect(args.outdir)
+    path = write_results(args.outdir, results, args.out)
+    if not args.no_table:
+        print(format_table(results))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

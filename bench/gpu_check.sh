@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# The GPU check of unet-cuda: one run of a few minutes on the GPU machine (shared/docs/GPU.md).
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# Stages, each under its own time limit and logged to OUTDIR/<stage>.log; a stage that fails or
+# times out is recorded in OUTDIR/stages.tsv and the script goes on:
+#   info        commit (full hash, dirty or not), date, GPU name, clocks and driver (nvidia-smi)
+#   build       pip install -e . for this GPU's architecture only, with every core
+#   env         versions and settings (CuPy, CUDA, PyTorch, cuDNN, TF32 defaults)
+#   gpu-tests   pytest -m gpu (JUnit XML in OUTDIR/gpu-tests.xml)
+#   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
+#               bench/sanitizer_driver.py (every op once on small awkward shapes)
+#   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
+#   collect     bench/collect_results.py writes OUTDIR/results-<commit>-<gpu>.json and prints the
+#               short table, last
+#
+# Environment (all optional):
+#   GPU_CHECK_BUDGET   seconds the whole run may take (default 540); each stage's limit is cut to
+#                      what is left, and stages that no longer fit are skipped and recorded so
+#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,sanitizer,bench (default: all)
+#   UNET_CUDA_ARCH     CUDA architectures to build (default: this GPU's, from nvidia-smi)
+#   UNET_BENCH_SCALE   multiplies the benchmarks' time budgets (default 1)
+#   GPU_CHECK_COMMIT   the full hash to record when the checkout has no usable .git (else unused)
+#
+# The results JSON is written into OUTDIR only; copying it to bench/results/ is done by hand.
+
+set -uo pipefail
+
+if [[ $# -ne 1 || "$1" == -* ]]; then
+  echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+OUT="$(realpath -m "$1")"
+case "$OUT/" in
+  "$ROOT/bench/results/"*)
+    echo "gpu_check: the output folder must not be bench/results (the JSON is copied there by hand)" >&2
+    exit 2 ;;
+esac
+mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
+cd "$ROOT" || exit 2
+
+PY="${PYTHON:-python3}"
+BUDGET="${GPU_CHECK_BUDGET:-540}"
+STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,sanitizer,bench}"
+RESERVE=25                       # seconds kept back for collect and the table
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+: > "$OUT/stages.tsv"
+
+log() { printf '[gpu_check %3ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+
+wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+# record NAME RC SECONDS LIMIT NOTE
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$OUT/stages.tsv"; }
+
+# run_stage NAME LIMIT_SECONDS COMMAND...   (output to OUT/NAME.log)
+run_stage() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) - RESERVE ))
+  if (( left < 10 )); then
+    record "$name" skipped 0 0 "no time left in the ${BUDGET} s budget"
+    log "$name: skipped, no time left"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  log "$name: start (limit ${limit} s)"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local secs=$(( $(date +%s) - t0 ))
+  local note=""
+  (( rc == 124 || rc == 137 )) && note="timed out after ${limit} s"
+  record "$name" "$rc" "$secs" "$limit" "$note"
+  log "$name: rc=$rc in ${secs} s${note:+ ($note)}"
+  return 0
+}
+
+skip_stage() { record "$1" skipped 0 0 "$2"; log "$1: skipped ($2)"; }
+
+# ---------------------------------------------------------------------------------------------
+# info: commit, date, GPU
+# ---------------------------------------------------------------------------------------------
+GPU_FIELDS="name,driver_version,pci.bus_id,memory.total,compute_cap,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu,pstate,persistence_mode"
+
+gpu_info() {  # gpu_info FILE: the fields above, or the two that every driver knows
+  local file=$1
+  if nvidia-smi --query-gpu="$GPU_FIELDS" --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUT/info.log"; then
+    { echo "# $GPU_FIELDS"; cat "$file.tmp"; } > "$file"
+  elif nvidia-smi --query-gpu=name,driver_version --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUT/info.log"; then
+    { echo "# name,driver_version"; cat "$file.tmp"; } > "$file"
+  fi
+  rm -f "$file.tmp"
+}
+
+# a copied checkout may belong to another user: name it safe for these read-only calls
+git_() { git -c safe.directory="$ROOT" "$@"; }
+
+{
+  t0=$(date +%s)
+  commit=$(git_ rev-parse HEAD 2>>"$OUT/info.log") || commit=""
+  commit_source=git
+  git_error=""
+  dirty=""
+  if [[ -n "$commit" ]]; then
+    if [[ -n "$(git_ status --porcelain 2>/dev/null)" ]]; then dirty=true; else dirty=false; fi
+  else
+    git_error="git rev-parse HEAD failed (see info.log)"
+    # where the checkout came without .git, the commit it was copied from may be given
+    if [[ "${GPU_CHECK_COMMIT:-}" =~ ^[0-9a-f]{40}$ ]]; then
+      commit=$GPU_CHECK_COMMIT
+      commit_source=GPU_CHECK_COMMIT
+    fi
+  fi
+  {
+    echo "commit=$commit"
+    echo "commit_source=$commit_source"
+    [[ -n "$dirty" ]] && echo "dirty=$dirty"
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    [[ -n "$git_error" ]] && echo "git_error=$git_error"
+  } > "$OUT/meta.txt"
+  { git_ status --short 2>&1 | head -50; echo; nvidia-smi 2>&1; nvidia-smi -q -d CLOCK,PERFORMANCE 2>&1; } >> "$OUT/info.log"
+  gpu_info "$OUT/gpu-info.csv"
+  record info 0 $(( $(date +%s) - t0 )) 0 ""
+}
+log "info: commit ${commit:-unknown}${dirty:+ (dirty=$dirty)}; $(head -n 2 "$OUT/gpu-info.csv" 2>/dev/null | tail -n 1 | cut -d, -f1)"
+
+# ---------------------------------------------------------------------------------------------
+# build: this GPU's architecture only, all cores
+# ---------------------------------------------------------------------------------------------
+if [[ -z "${UNET_CUDA_ARCH:-}" ]]; then
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+  if [[ "$cap" =~ ^[0-9]+$ ]]; then UNET_CUDA_ARCH=$cap; else UNET_CUDA_ARCH=native; fi
+fi
+export UNET_CUDA_ARCH
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+
+if wanted build; then
+  log "build: UNET_CUDA_ARCH=$UNET_CUDA_ARCH CMAKE_BUILD_PARALLEL_LEVEL=$CMAKE_BUILD_PARALLEL_LEVEL"
+  run_stage build 300 "$PY" -m pip install --no-build-isolation --no-deps -e . -q
+else
+  skip_stage build "not in GPU_CHECK_STAGES"
+fi
+
+# versions, settings and whether our CUDA backend imports (env.json: unet_cuda_status)
+run_stage env 60 "$PY" bench/benchlib.py "$OUT/env.json"
+log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.load(open(sys.argv[1])).get("unet_cuda_status"))' "$OUT/env.json" 2>/dev/null || echo "env.json missing")"
+
+# ---------------------------------------------------------------------------------------------
+# GPU tests
+# ---------------------------------------------------------------------------------------------
+if wanted gpu-tests; then
+  run_stage gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
+else
+  skip_stage gpu-tests "not in GPU_CHECK_STAGES"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# compute-sanitizer over the driver
+# ---------------------------------------------------------------------------------------------
+if wanted sanitizer; then
+  if command -v compute-sanitizer > /dev/null 2>&1; then
+    SANITIZER=compute-sanitizer
+  elif [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+    SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+  elif [[ -x /usr/local/cuda/compute-sanitizer/compute-sanitizer ]]; then
+    SANITIZER=/usr/local/cuda/compute-sanitizer/compute-sanitizer
+  else
+    SANITIZER=""
+  fi
+  # 90 s per tool, 240 s for the four together, so that one slow tool cannot starve the benchmarks
+  san_end=$(( $(date +%s) + 240 ))
+  for tool in memcheck racecheck initcheck synccheck; do
+    if [[ -z "$SANITIZER" ]]; then
+      skip_stage "sanitizer-$tool" "compute-sanitizer not found"
+      continue
+    fi
+    san_left=$(( san_end - $(date +%s) ))
+    if (( san_left < 10 )); then
+      skip_stage "sanitizer-$tool" "the sanitizers' 240 s are spent"
+      continue
+    fi
+    run_stage "sanitizer-$tool" $(( san_left < 90 ? san_left : 90 )) \
+      "$SANITIZER" --tool "$tool" "$PY" bench/sanitizer_driver.py
+  done
+else
+  for tool in memcheck racecheck initcheck synccheck; do skip_stage "sanitizer-$tool" "not in GPU_CHECK_STAGES"; done
+fi
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks: the end-to-end step first (the headline figure), then the per-op table
+# ---------------------------------------------------------------------------------------------
+if wanted bench; then
+  left=$(( DEADLINE - $(date +%s) - RESERVE ))
+  bench_limit=$(( left < 300 ? left : 300 ))
+  # the benchmarks skip themselves 20 s before the limit so that pytest still writes its JSON
+  export UNET_BENCH_DEADLINE=$(( $(date +%s) + bench_limit - 20 ))
+  export UNET_BENCH_RECORD="$OUT/bench-records.jsonl"
+  : > "$UNET_BENCH_RECORD"
+  run_stage bench "$bench_limit" "$PY" -m pytest bench/test_bench_train_step.py bench/test_bench_kernels.py \
+    -q -p no:cacheprovider --benchmark-json="$OUT/benchmarks.json" --junitxml="$OUT/bench-tests.xml"
+  gpu_info "$OUT/gpu-info-after.csv"
+else
+  skip_stage bench "not in GPU_CHECK_STAGES"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# the results JSON and the table, last
+# ---------------------------------------------------------------------------------------------
+log "collect: done in $(( $(date +%s) - START )) s; results:"
+timeout 60 "$PY" bench/collect_results.py "$OUT" 2> "$OUT/collect.log"
+rc=$?
+if (( rc != 0 )); then
+  echo "gpu_check: collect_results.py failed (rc=$rc), see $OUT/collect.log" >&2
+  exit "$rc"
+fi
+exit 0

@@ -1,0 +1,417 @@
+"""The per-op benchmark cases: every op of a training step at every layer of the 572 tile, with
+its inputs, the call into our backend, and the same work through PyTorch (the peer).
+
+A case knows its shapes and its work (FLOPs for the convolutions, bytes moved for the rest);
+:func:`make_inputs` draws fresh random inputs with the array module it is given (CuPy on the GPU,
+NumPy in the CPU tests), :func:`ours` returns a zero-argument call of ``unet_cuda.ops`` on them and
+:func:`peer` the same work in PyTorch on the same memory (shared through DLPack, no copy).
+
+Peers, chosen as what a PyTorch user would run for the same result:
+
+* convolutions: ``torch.nn.functional.conv2d`` / ``conv_transpose2d`` (+ in-place ReLU where our
+  forward fuses it) and ``torch.ops.aten.convolution_backward`` with the output mask of the gradient
+  asked for — cuDNN underneath. Our up-convolution weight is OIHW ``[Cout, Cin, 2, 2]``; PyTorch's
+  transposed convolution wants ``[Cin, Cout, 2, 2]``: the peer gets ours transposed once, up front;
+* max-pool: ``max_pool2d_with_indices`` and its backward (int64 indices where ours are uint8);
+* crop + concat: ``torch.cat`` of the up map and a slice of the skip; backward: a contiguous copy of
+  the up part, a zero skip gradient with the crop window written (our op's outputs);
+* loss: ``cross_entropy(reduction="none")`` times the weights, summed and divided by the pixel
+  count, plus ``softmax`` for the probabilities ours also returns; backward: the closed form
+  ``w (p - onehot) / (N H W)`` in three eager ops (labels as int64, converted up front);
+* element-wise: ``threshold_backward`` (ReLU), ``native_dropout_backward`` (mask times scale, the
+  kernel of PyTorch's own dropout), ``bernoulli_`` (mask), ``add_`` (accumulation) and the Caffe
+  momentum rule over all parameters with ``torch._foreach_*`` (multi-tensor launches).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from benchlib import Network, shape_str
+
+LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.99, 0.0
+DROPOUT_P = 0.5
+F32, I32, U8 = 4, 4, 1   # bytes per element
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str                      # the name in unet_cuda.ops
+    layer: str                   # the layer of PERFORMANCE.md's table it runs at (or "all")
+    dims: dict                   # named sizes the builders use
+    shape: str                   # human-readable shapes, in -> out
+    flops: float | None = None   # compute-bound ops
+    nbytes: float | None = None  # memory-bound ops: minimum bytes read + written
+    compute_bound: bool = False  # the peer runs twice: true FP32 and TF32 (cuDNN's default)
+    param_shapes: tuple = field(default=())   # sgd over all parameters
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.layer}"
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.id.encode())
+
+
+def _conv_cases(layer, net: Network) -> list[OpCase]:
+    n, c, o = layer.batch, layer.cin, layer.cout
+    h = layer.in_hw
+    p = layer.out_hw
+    k = {"conv3x3": 3, "upconv2x2": 2, "conv1x1": 1}[layer.kind]
+    dims = dict(n=n, c=c, o=o, h=h, p=p, k=k)
+    x, w, y = (n, c, h, h), (o, c, k, k), (n, o, p, p)
+    fwd_shape = f"{shape_str('x', x)} {shape_str('w', w)} -> {shape_str('y', y)}"
+    cases = [OpCase(f"{layer.kind}_forward", layer.name, dims, fwd_shape, flops=layer.flops,
+                    compute_bound=True)]
+    if layer.kind == "conv3x3":
+        cases.append(OpCase("relu_backward", layer.name, dims,
+                            f"{shape_str('y', y)} {shape_str('dy', y)} -> {shape_str('dx', y)}",
+                            nbytes=3.0 * F32 * n * o * p * p))
+    if not layer.first:
+        cases.append(OpCase(f"{layer.kind}_backward_data", layer.name, dims,
+                            f"{shape_str('dy', y)} {shape_str('w', w)} -> {shape_str('dx', x)}",
+                            flops=layer.flops, compute_bound=True))
+    cases.append(OpCase(f"{layer.kind}_backward_weight", layer.name, dims,
+                        f"{shape_str('x', x)} {shape_str('dy', y)} -> {shape_str('dw', w)} db[{o}]",
+                        flops=layer.flops, compute_bound=True))
+    return cases
+
+
+def op_cases(net: Network) -> list[OpCase]:
+    """Every op a training step of ``net`` runs, once per layer it runs at."""
+    cases: list[OpCase] = []
+    for layer in net.layers:
+        cases += _conv_cases(layer, net)
+    for pool in net.pools:
+        n, c, h = pool.batch, pool.channels, pool.in_hw
+        elems = n * c * h * h
+        x, y = (n, c, h, h), (n, c, h // 2, h // 2)
+        dims = dict(n=n, c=c, h=h)
+        cases.append(OpCase("maxpool2x2_forward", pool.name, dims,
+                            f"{shape_str('x', x)} -> {shape_str('y', y)} argmax",
+                            nbytes=elems * F32 + elems / 4 * (F32 + U8)))
+        cases.append(OpCase("maxpool2x2_backward", pool.name, dims,
+                            f"{shape_str('dy', y)} argmax -> {shape_str('dx', x)}",
+                            nbytes=elems / 4 * (F32 + U8) + elems * F32))
+        # the skip map gets its gradient from the pool and from the concat: one accumulation
+        cases.append(OpCase("accumulate_", pool.name.replace("pool", "skip"), dims,
+                            f"{shape_str('dst', x)} += {shape_str('src', x)}",
+                            nbytes=3.0 * F32 * elems))
+    for cat in net.concats:
+        n, cu, hw, cs, hs = cat.batch, cat.up_channels, cat.hw, cat.skip_channels, cat.skip_hw
+        dims = dict(n=n, cu=cu, h=hw, cs=cs, hs=hs)
+        up, skip, y = (n, cu, hw, hw), (n, cs, hs, hs), (n, cu + cs, hw, hw)
+        out_elems = n * (cu + cs) * hw * hw
+        cases.append(OpCase("crop_concat_forward", cat.name, dims,
+                            f"{shape_str('up', up)} {shape_str('skip', skip)} -> {shape_str('y', y)}",
+                            nbytes=2.0 * F32 * out_elems))
+        cases.append(OpCase("crop_concat_backward", cat.name, dims,
+                            f"{shape_str('dy', y)} -> {shape_str('dup', up)} {shape_str('dskip', skip)}",
+                            nbytes=F32 * (out_elems + n * cu * hw * hw + n * cs * hs * hs)))
+    for name in net.dropout_layers:
+        layer = net.layer(name)
+        shape = (layer.batch, layer.cout, layer.out_hw, layer.out_hw)
+        elems = int(np.prod(shape))
+        dims = dict(shape=shape)
+        cases.append(OpCase("dropout_mask", name, dims, f"-> {shape_str('mask', shape)} uint8",
+                            nbytes=U8 * elems))
+        for op, a, b in (("dropout_forward", "x", "y"), ("dropout_backward", "dy", "dx")):
+            cases.append(OpCase(op, name, dims, f"{shape_str(a, shape)} mask -> {shape_str(b, shape)}",
+                                nbytes=(2 * F32 + U8) * elems))
+    out = net.layers[-1]
+    shape = (out.batch, out.cout, out.out_hw, out.out_hw)
+    pixels = out.batch * out.out_hw ** 2
+    elems = int(np.prod(shape))
+    dims = dict(shape=shape)
+    loss_bytes = 2 * F32 * elems + (I32 + F32) * pixels
+    cases.append(OpCase("softmax_xent_forward", "out", dims,
+                        f"{shape_str('logits', shape)} labels weights -> loss {shape_str('probs', shape)}",
+                        nbytes=loss_bytes))
+    cases.append(OpCase("softmax_xent_backward", "out", dims,
+                        f"{shape_str('probs', shape)} labels weights -> {shape_str('dlogits', shape)}",
+                        nbytes=loss_bytes))
+    param_shapes = []
+    for layer in net.layers:
+        k = {"conv3x3": 3, "upconv2x2": 2, "conv1x1": 1}[layer.kind]
+        param_shapes += [(layer.cout, layer.cin, k, k), (layer.cout,)]
+    count = sum(int(np.prod(s)) for s in param_shapes)
+    cases.append(OpCase("sgd_momentum_update_", "all", {}, f"{len(param_shapes)} tensors, {count:,} parameters",
+                        nbytes=5.0 * F32 * count, param_shapes=tuple(param_shapes)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: fresh random data, never zeros
+# ------------------------------------------------------------------------------------------------
+
+
+class Random:
+    """Seeded float32 random arrays on NumPy or CuPy."""
+
+    def __init__(self, xp, seed: int):
+        self.xp = xp
+        if xp is np:
+            self._gen = np.random.default_rng(seed)
+        else:
+            self._gen = xp.random.RandomState(seed)
+
+    def normal(self, shape, std: float = 1.0):
+        if self.xp is np:
+            a = self._gen.standard_normal(shape, dtype=np.float32)
+        else:
+            a = self._gen.standard_normal(shape, dtype=self.xp.float32)
+        if std != 1.0:
+            a *= np.float32(std)
+        return a
+
+    def uniform(self, shape, low: float = 0.0, high: float = 1.0):
+        if self.xp is np:
+            a = self._gen.random(shape, dtype=np.float32)
+        else:
+            a = self._gen.random_sample(shape, dtype=self.xp.float32)
+        return (a * np.float32(high - low) + np.float32(low)).astype(np.float32, copy=False)
+
+    def labels(self, shape, k: int):
+        a = (self.uniform(shape) * k).astype(np.int32)
+        return self.xp.minimum(a, k - 1).astype(np.int32)
+
+
+def _he(rng: Random, shape, fan_in: int):
+    return rng.normal(shape, float(np.sqrt(2.0 / fan_in)))
+
+
+def make_inputs(case: OpCase, xp, ops) -> dict:
+    """The arrays ``case`` needs, on ``xp`` (NumPy or CuPy); ``ops`` makes derived inputs
+    (the pool's argmax) with the backend under test."""
+    rng = Random(xp, case.seed)
+    d = case.dims
+    op = case.op
+    if op.startswith(("conv3x3", "upconv2x2", "conv1x1")):
+        n, c, o, h, p, k = d["n"], d["c"], d["o"], d["h"], d["p"], d["k"]
+        fan_in = c if op.startswith("upconv") else c * k * k
+        return dict(x=rng.normal((n, c, h, h)), w=_he(rng, (o, c, k, k), fan_in),
+                    b=rng.normal((o,), 0.1), dy=rng.normal((n, o, p, p), 1e-3))
+    if op == "relu_backward":
+        n, o, p = d["n"], d["o"], d["p"]
+        return dict(y=xp.maximum(rng.normal((n, o, p, p)), 0), dy=rng.normal((n, o, p, p)))
+    if op.startswith("maxpool2x2"):
+        n, c, h = d["n"], d["c"], d["h"]
+        x = rng.normal((n, c, h, h))
+        inputs = dict(x=x, dy=rng.normal((n, c, h // 2, h // 2)))
+        if op == "maxpool2x2_backward":
+            inputs["argmax"] = ops.maxpool2x2_forward(x)[1]
+        return inputs
+    if op == "accumulate_":
+        n, c, h = d["n"], d["c"], d["h"]
+        return dict(dst=rng.normal((n, c, h, h)), src=rng.normal((n, c, h, h)))
+    if op.startswith("crop_concat"):
+        n, cu, h, cs, hs = d["n"], d["cu"], d["h"], d["cs"], d["hs"]
+        return dict(up=rng.normal((n, cu, h, h)), skip=rng.normal((n, cs, hs, hs)),
+                    dy=rng.normal((n, cu + cs, h, h)))
+    if op.startswith("dropout"):
+        shape = d["shape"]
+        mask = (rng.uniform(shape) >= DROPOUT_P).astype(np.uint8)
+        return dict(x=rng.normal(shape), mask=mask)
+    if op.startswith("softmax_xent"):
+        shape = d["shape"]
+        n, k, h, w = shape
+        logits = rng.normal(shape, 3.0)
+        e = xp.exp(logits - logits.max(axis=1, keepdims=True))
+        return dict(logits=logits, probs=(e / e.sum(axis=1, keepdims=True)).astype(np.float32),
+                    labels=rng.labels((n, h, w), k), weights=rng.uniform((n, h, w), 0.5, 10.0))
+    if op == "sgd_momentum_update_":
+        return dict(params=[rng.normal(s, 0.05) for s in case.param_shapes],
+                    grads=[rng.normal(s, 1e-3) for s in case.param_shapes],
+                    velocity=[rng.normal(s, 1e-5) for s in case.param_shapes])
+    raise KeyError(f"no inputs defined for op {op}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Our call
+# ------------------------------------------------------------------------------------------------
+
+
+def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
+    """A zero-argument call of ``unet_cuda.ops.<case.op>`` on ``inputs``."""
+    a = inputs
+    op = case.op
+    if op == "conv3x3_forward":
+        return lambda: ops.conv3x3_forward(a["x"], a["w"], a["b"], True)
+    if op in ("upconv2x2_forward", "conv1x1_forward"):
+        fn = getattr(ops, op)
+        return lambda: fn(a["x"], a["w"], a["b"])
+    if op.endswith("_backward_data"):
+        fn = getattr(ops, op)
+        return lambda: fn(a["dy"], a["w"])
+    if op.endswith("_backward_weight"):
+        fn = getattr(ops, op)
+        return lambda: fn(a["x"], a["dy"])
+    if op == "relu_backward":
+        return lambda: ops.relu_backward(a["y"], a["dy"])
+    if op == "maxpool2x2_forward":
+        return lambda: ops.maxpool2x2_forward(a["x"])
+    if op == "maxpool2x2_backward":
+        return lambda: ops.maxpool2x2_backward(a["dy"], a["argmax"])
+    if op == "accumulate_":
+        return lambda: ops.accumulate_(a["dst"], a["src"])
+    if op == "crop_concat_forward":
+        return lambda: ops.crop_concat_forward(a["up"], a["skip"])
+    if op == "crop_concat_backward":
+        skip_shape = tuple(a["skip"].shape)
+        return lambda: ops.crop_concat_backward(a["dy"], skip_shape)
+    if op == "dropout_mask":
+        shape = tuple(case.dims["shape"])
+        return lambda: ops.dropout_mask(shape, DROPOUT_P, 12345, like=a["x"])
+    if op == "dropout_forward":
+        return lambda: ops.dropout_forward(a["x"], a["mask"], DROPOUT_P)
+    if op == "dropout_backward":
+        return lambda: ops.dropout_backward(a["x"], a["mask"], DROPOUT_P)
+    if op == "softmax_xent_forward":
+        return lambda: ops.softmax_xent_forward(a["logits"], a["labels"], a["weights"])
+    if op == "softmax_xent_backward":
+        return lambda: ops.softmax_xent_backward(a["probs"], a["labels"], a["weights"], 1.0)
+    if op == "sgd_momentum_update_":
+        triples = list(zip(a["params"], a["grads"], a["velocity"]))
+
+        def update_all():
+            for p, g, v in triples:
+                ops.sgd_momentum_update_(p, g, v, LR, MOMENTUM, WEIGHT_DECAY)
+
+        return update_all
+    raise KeyError(f"no call defined for op {op}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The peer: the same work through PyTorch
+# ------------------------------------------------------------------------------------------------
+
+
+def peer_description(case: OpCase) -> str:
+    op = case.op
+    if op == "conv3x3_forward":
+        return "cuDNN conv2d + relu_"
+    if op in ("upconv2x2_forward",):
+        return "cuDNN conv_transpose2d"
+    if op == "conv1x1_forward":
+        return "cuDNN conv2d"
+    if "_backward_" in op and op.split("_")[0] in ("conv3x3", "upconv2x2", "conv1x1"):
+        return "cuDNN convolution_backward"
+    return {
+        "relu_backward": "threshold_backward",
+        "maxpool2x2_forward": "max_pool2d_with_indices",
+        "maxpool2x2_backward": "max_pool2d_with_indices_backward",
+        "accumulate_": "add_",
+        "crop_concat_forward": "cat + slice",
+        "crop_concat_backward": "contiguous + zeros + slice copy",
+        "dropout_mask": "bernoulli_ (uint8)",
+        "dropout_forward": "native_dropout_backward (mask * scale)",
+        "dropout_backward": "native_dropout_backward (mask * scale)",
+        "softmax_xent_forward": "cross_entropy(none) * w, sum + softmax",
+        "softmax_xent_backward": "clone + scatter_add_ + mul_",
+        "sgd_momentum_update_": "_foreach Caffe momentum rule",
+    }[op]
+
+
+def to_torch(torch, a):
+    """A PyTorch tensor over the memory of ``a`` (NumPy or CuPy), no copy."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.from_dlpack(a)
+
+
+def peer(case: OpCase, inputs: dict, torch) -> Callable[[], object]:
+    """A zero-argument PyTorch call doing ``case``'s work on the memory of ``inputs``."""
+    F = torch.nn.functional
+    aten = torch.ops.aten
+    t = {k: to_torch(torch, v) for k, v in inputs.items() if not isinstance(v, list)}
+    op = case.op
+    if op.startswith(("conv3x3", "upconv2x2", "conv1x1")):
+        transposed = op.startswith("upconv")
+        stride = [2, 2] if transposed else [1, 1]
+        # PyTorch's transposed convolution weight is [Cin, Cout, kH, kW]; ours is [Cout, Cin, kH, kW].
+        w = t["w"].transpose(0, 1).contiguous() if transposed else t["w"]
+        x, b, dy = t["x"], t["b"], t["dy"]
+
+        def backward(mask):
+            return aten.convolution_backward(dy, x, w, [w.shape[1] if transposed else w.shape[0]],
+                                             stride, [0, 0], [1, 1], transposed, [0, 0], 1, mask)
+
+        if op == "conv3x3_forward":
+            return lambda: F.relu(F.conv2d(x, w, b), inplace=True)
+        if op == "conv1x1_forward":
+            return lambda: F.conv2d(x, w, b)
+        if op == "upconv2x2_forward":
+            return lambda: F.conv_transpose2d(x, w, b, stride=2)
+        if op.endswith("_backward_data"):
+            return lambda: backward([True, False, False])
+        return lambda: backward([False, True, True])
+    if op == "relu_backward":
+        return lambda: aten.threshold_backward(t["dy"], t["y"], 0.0)
+    if op == "maxpool2x2_forward":
+        return lambda: aten.max_pool2d_with_indices(t["x"], [2, 2], [2, 2])
+    if op == "maxpool2x2_backward":
+        x, dy = t["x"], t["dy"]
+        _, indices = aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+        return lambda: aten.max_pool2d_with_indices_backward(dy, x, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                             False, indices)
+    if op == "accumulate_":
+        return lambda: t["dst"].add_(t["src"])
+    if op.startswith("crop_concat"):
+        up, skip, dy = t["up"], t["skip"], t["dy"]
+        cu, h = up.shape[1], up.shape[2]
+        o = (skip.shape[2] - h) // 2
+        if op == "crop_concat_forward":
+            return lambda: torch.cat([up, skip[:, :, o:o + h, o:o + h]], 1)
+
+        def split():
+            dup = dy[:, :cu].contiguous()
+            dskip = torch.zeros_like(skip)
+            dskip[:, :, o:o + h, o:o + h] = dy[:, cu:]
+            return dup, dskip
+
+        return split
+    if op == "dropout_mask":
+        shape = tuple(case.dims["shape"])
+        device = t["x"].device
+        return lambda: torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(1.0 - DROPOUT_P)
+    if op in ("dropout_forward", "dropout_backward"):
+        keep = t["mask"].bool()
+        scale = 1.0 / (1.0 - DROPOUT_P)
+        return lambda: aten.native_dropout_backward(t["x"], keep, scale)
+    if op.startswith("softmax_xent"):
+        logits, probs, weights = t["logits"], t["probs"], t["weights"]
+        labels = t["labels"].long()
+        pixels = labels.numel()
+        if op == "softmax_xent_forward":
+            def loss_and_probs():
+                loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / pixels
+                return loss, torch.softmax(logits, 1)
+
+            return loss_and_probs
+        index = labels.unsqueeze(1)
+        minus_one = torch.full(index.shape, -1.0, dtype=probs.dtype, device=probs.device)
+        scale = (weights / pixels).unsqueeze(1)
+
+        def dlogits():
+            g = probs.clone()
+            g.scatter_add_(1, index, minus_one)
+            return g.mul_(scale)
+
+        return dlogits
+    if op == "sgd_momentum_update_":
+        params = [to_torch(torch, p) for p in inputs["params"]]
+        grads = [to_torch(torch, g) for g in inputs["grads"]]
+        velocity = [to_torch(torch, v) for v in inputs["velocity"]]
+
+        def caffe_update():
+            torch._foreach_mul_(velocity, MOMENTUM)
+            torch._foreach_add_(velocity, grads, alpha=LR)
+            torch._foreach_sub_(params, velocity)
+
+        return caffe_update
+    raise KeyError(f"no peer defined for op {op}")

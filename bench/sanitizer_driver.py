@@ -1,0 +1,218 @@
+"""Calls every op of ``unet_cuda.ops`` once on small, awkward shapes: the program compute-sanitizer
+runs (memcheck, racecheck, initcheck, synccheck) in bench/gpu_check.sh.
+
+    compute-sanitizer --tool memcheck python3 bench/sanitizer_driver.py
+    python3 bench/sanitizer_driver.py --device cpu      # the same calls on the NumPy reference
+
+Shapes are odd and not multiples of any tile (13x17 maps, 3 -> 5 channels, one case with 67 -> 65
+channels for the tiled paths), so that every bounds guard is exercised; each output's byte size is
+no multiple of 512, so an overrun leaves its allocation. CuPy's memory pool is switched off (every
+array is its own cudaMalloc): inside a pooled block an overrun lands in a neighbour's memory and
+memcheck cannot see it. Inputs are drawn on the host with a fixed seed and copied over, so the run
+is deterministic and runs no random-number kernels of its own.
+
+After each call the device is synchronised, so an error is reported at the op that caused it. A
+call that raises is reported and the run goes on. The last line is
+``SANITIZER DRIVER: <calls> calls, <failed> failed`` and the exit status is 1 when any call failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SUMMARY_PREFIX = "SANITIZER DRIVER:"
+
+
+class Driver:
+    def __init__(self, device: str, pool: bool):
+        from unet_cuda import ops  # noqa: PLC0415
+
+        self.ops = ops
+        self.device = device
+        self.rng = np.random.default_rng(0)
+        self.calls = 0
+        self.failed: list[str] = []
+        if device == "cuda":
+            why = ops.cuda_status()
+            if why is not None:
+                raise SystemExit(f"{SUMMARY_PREFIX} cannot run on the GPU: {why}")
+            import cupy  # noqa: PLC0415
+
+            if not pool:
+                cupy.cuda.set_allocator(None)
+                cupy.cuda.set_pinned_memory_allocator(None)
+            self.xp = cupy
+        else:
+            self.xp = np
+
+    # -------------------------------------------------------------- inputs
+    def put(self, a: np.ndarray):
+        return self.xp.asarray(np.ascontiguousarray(a)) if self.xp is not np else np.ascontiguousarray(a)
+
+    def normal(self, *shape, std: float = 1.0):
+        return self.put(self.rng.standard_normal(shape).astype(np.float32) * np.float32(std))
+
+    def labels(self, *shape, k: int, illegal: bool = False):
+        a = self.rng.integers(0, k, size=shape).astype(np.int32)
+        if illegal:
+            a.flat[::5] = -1
+            a.flat[2::7] = k
+        return self.put(a)
+
+    def uniform(self, *shape, low: float = 0.0, high: float = 1.0):
+        return self.put(self.rng.uniform(low, high, shape).astype(np.float32))
+
+    def sync(self) -> None:
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+
+    # -------------------------------------------------------------- one call
+    def call(self, name: str, fn: Callable[[], object]):
+        self.calls += 1
+        try:
+            result = fn()
+            self.sync()
+        except Exception as exc:  # noqa: BLE001 - report every failure, keep going
+            self.failed.append(name)
+            print(f"FAILED {name}: {exc.__class__.__name__}: {exc}", flush=True)
+            traceback.print_exc(limit=3)
+            return None
+        print(f"ok     {name}", flush=True)
+        return result
+
+    # -------------------------------------------------------------- the ops
+    def convolutions(self) -> None:
+        ops = self.ops
+        for n, c, o, h, w in ((2, 3, 5, 13, 17), (1, 1, 8, 9, 11), (1, 67, 65, 20, 19)):
+            x = self.normal(n, c, h, w)
+            wt = self.normal(o, c, 3, 3, std=0.2)
+            b = self.normal(o)
+            dy = self.normal(n, o, h - 2, w - 2)
+            tag = f"{n}x{c}x{h}x{w}->{o}"
+            self.call(f"conv3x3_forward {tag}", lambda: ops.conv3x3_forward(x, wt, b, False))
+            y = self.call(f"conv3x3_forward relu {tag}", lambda: ops.conv3x3_forward(x, wt, b, True))
+            self.call(f"conv3x3_backward_data {tag}", lambda: ops.conv3x3_backward_data(dy, wt))
+            self.call(f"conv3x3_backward_weight {tag}", lambda: ops.conv3x3_backward_weight(x, dy))
+            if y is not None:
+                self.call(f"relu_backward {tag}", lambda: ops.relu_backward(y, dy))
+        for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13)):
+            x = self.normal(n, c, h, w)
+            wt = self.normal(o, c, 1, 1, std=0.3)
+            b = self.normal(o)
+            dy = self.normal(n, o, h, w)
+            tag = f"{n}x{c}x{h}x{w}->{o}"
+            self.call(f"conv1x1_forward {tag}", lambda: ops.conv1x1_forward(x, wt, b))
+            self.call(f"conv1x1_backward_data {tag}", lambda: ops.conv1x1_backward_data(dy, wt))
+            self.call(f"conv1x1_backward_weight {tag}", lambda: ops.conv1x1_backward_weight(x, dy))
+        for n, c, o, h, w in ((2, 6, 3, 5, 7), (1, 64, 33, 9, 9)):
+            x = self.normal(n, c, h, w)
+            wt = self.normal(o, c, 2, 2, std=0.3)
+            b = self.normal(o)
+            dy = self.normal(n, o, 2 * h, 2 * w)
+            tag = f"{n}x{c}x{h}x{w}->{o}"
+            self.call(f"upconv2x2_forward {tag}", lambda: ops.upconv2x2_forward(x, wt, b))
+            self.call(f"upconv2x2_backward_data {tag}", lambda: ops.upconv2x2_backward_data(dy, wt))
+            self.call(f"upconv2x2_backward_weight {tag}", lambda: ops.upconv2x2_backward_weight(x, dy))
+
+    def pooling_and_concat(self) -> None:
+        ops = self.ops
+        ties = self.put(np.ones((1, 2, 6, 6), np.float32))
+        for tag, x in (("2x3x10x14", self.normal(2, 3, 10, 14)), ("ties 1x2x6x6", ties)):
+            result = self.call(f"maxpool2x2_forward {tag}", lambda: ops.maxpool2x2_forward(x))
+            if result is not None:
+                y, argmax = result
+                dy = self.normal(*y.shape)
+                self.call(f"maxpool2x2_backward {tag}", lambda: ops.maxpool2x2_backward(dy, argmax))
+        for up_shape, skip_shape in (((2, 3, 6, 8), (2, 4, 10, 12)), ((1, 5, 7, 7), (1, 2, 7, 7))):
+            up, skip = self.normal(*up_shape), self.normal(*skip_shape)
+            n, cu, h, w = up_shape
+            dy = self.normal(n, cu + skip_shape[1], h, w)
+            tag = f"up{list(up_shape)} skip{list(skip_shape)}"
+            self.call(f"crop_concat_forward {tag}", lambda: ops.crop_concat_forward(up, skip))
+            self.call(f"crop_concat_backward {tag}", lambda: ops.crop_concat_backward(dy, skip_shape))
+
+    def loss_and_elementwise(self) -> None:
+        ops = self.ops
+        for k, illegal in ((2, False), (3, True)):
+            logits = self.normal(2, k, 7, 9, std=3.0)
+            labels = self.labels(2, 7, 9, k=k, illegal=illegal)
+            weights = self.uniform(2, 7, 9, low=0.5, high=10.0)
+            tag = f"K={k}" + (" with illegal labels" if illegal else "")
+            result = self.call(f"softmax_xent_forward {tag}",
+                               lambda: ops.softmax_xent_forward(logits, labels, weights))
+            if result is not None:
+                probs = result[1]
+                self.call(f"softmax_xent_backward {tag}",
+                          lambda: ops.softmax_xent_backward(probs, labels, weights, 1.0))
+        shape = (3, 5, 7, 11)
+        x, dy = self.normal(*shape), self.normal(*shape)
+        for p in (0.5, 0.0):
+            mask = self.call(f"dropout_mask p={p}", lambda: ops.dropout_mask(shape, p, 2015, like=x))
+            if mask is not None:
+                self.call(f"dropout_forward p={p}", lambda: ops.dropout_forward(x, mask, p))
+                self.call(f"dropout_backward p={p}", lambda: ops.dropout_backward(dy, mask, p))
+        dst, src = self.normal(1001), self.normal(1001)
+        self.call("accumulate_ n=1001", lambda: ops.accumulate_(dst, src))
+        param, grad, velocity = self.normal(1001), self.normal(1001), self.normal(1001, std=0.01)
+        self.call("sgd_momentum_update_ n=1001",
+                  lambda: ops.sgd_momentum_update_(param, grad, velocity, 0.01, 0.99, 5e-4))
+
+    def network(self) -> None:
+        """One training step and one prediction of a small U-Net: the ops wired as in training."""
+        import unet_cuda as u  # noqa: PLC0415
+        from unet_cuda import functional as F  # noqa: PLC0415
+
+        net = u.UNet(base_channels=4, depth=3, seed=0, device=self.device)
+        size = next(s for s in net.legal_input_sizes(200) if s >= 60)
+        out = net.output_size(size)
+        x = self.normal(1, 1, size, size)
+        labels = self.labels(1, out, out, k=2)
+        weights = self.uniform(1, out, out, low=0.5, high=10.0)
+        opt = u.SGD(net.parameters(), lr=0.01, momentum=0.99)
+
+        def train_step():
+            loss = F.softmax_cross_entropy(net.train()(u.Tensor(x)), labels, weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss
+
+        def predict():
+            with u.no_grad():
+                return net.eval()(u.Tensor(x)).data
+
+        self.call(f"UNet(depth=3, base=4) train step {size}->{out}", train_step)
+        self.call(f"UNet(depth=3, base=4) prediction {size}->{out}", predict)
+
+    def run(self) -> int:
+        self.convolutions()
+        self.pooling_and_concat()
+        self.loss_and_elementwise()
+        self.network()
+        print(f"{SUMMARY_PREFIX} {self.calls} calls, {len(self.failed)} failed"
+              + (f" ({', '.join(self.failed)})" if self.failed else ""), flush=True)
+        return 1 if self.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: our kernels (default); cpu: the NumPy reference, to check the driver itself")
+    parser.add_argument("--pool", action="store_true",
+                        help="keep CuPy's memory pool (faster, but hides overruns inside pooled blocks)")
+    args = parser.parse_args(argv)
+    return Driver(args.device, args.pool).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

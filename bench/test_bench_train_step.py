@@ -1,0 +1,379 @@
+"""End-to-end benchmarks: one training step of the paper's network on a 572 tile (batch 1) and the
+overlap-tile prediction of a 512x512 image, ours against a PyTorch U-Net of the same architecture
+(bench/torch_unet.py) with the same initial weights, data, loss and optimiser.
+
+* ``test_loss_matches_torch_fp32`` (first, not timed): from the same weights and data, dropout
+  off, our loss before and after one SGD step equals PyTorch's true-FP32 loss to 1e-4 relative,
+  and every tensor's update (lr times its gradient) agrees to 1e-2 (relative L2; float32 sums
+  over 1e5 pixels in different orders, cuDNN's algorithms included, differ by some 1e-4 here).
+* ``test_train_step_ours``: forward, loss, backward and SGD update (lr 1e-3, momentum 0.99, Caffe's
+  rule) of ``unet_cuda.UNet`` with dropout as in training; FP32 throughout.
+* ``test_train_step_torch[tf32|fp32|bf16]``: the same step in PyTorch, cuDNN autotuned
+  (``cudnn.benchmark = True``), in the three settings of PERFORMANCE.md: cuDNN's default (TF32
+  convolutions), true FP32 (``allow_tf32 = False`` for cuDNN and matmul), and bf16 autocast with
+  channels_last. Our FP32 step compares with ``fp32``.
+* ``test_infer_512_*``: softmax probabilities of a 512x512 image by overlap-tile (4 tiles of 572,
+  mirrored borders), including the host-side tiling and copies; wall time.
+
+Step times are CUDA-event medians (no synchronisation inside the step; our loss stays on the
+device); pytest-benchmark's own statistics are the synchronised wall time of a step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import pytest
+
+import benchlib
+
+pytestmark = pytest.mark.gpu
+
+_SKIP = benchlib.cuda_skip_reason() or benchlib.torch_skip_reason()
+if _SKIP:
+    pytest.skip(f"GPU benchmarks skipped: {_SKIP}", allow_module_level=True)
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+
+import cupy  # noqa: E402
+import torch  # noqa: E402
+
+import unet_cuda  # noqa: E402
+from unet_cuda import functional as F  # noqa: E402
+from unet_cuda import ops, tiling  # noqa: E402
+from unet_cuda.autograd import Tensor, no_grad  # noqa: E402
+
+from torch_unet import CaffeSGD, TorchUNet, weighted_softmax_loss  # noqa: E402
+
+TILE = 572
+IMAGE = 512
+LR, MOMENTUM = 1e-3, 0.99
+NET = benchlib.network(TILE)
+STEP_FLOPS = NET.train_step_flops()
+STEP_SHAPE = "x[1,1,572,572] -> logits[1,2,388,388]; forward + loss + backward + SGD"
+TORCH_SETTINGS = ("tf32", "fp32", "bf16")
+
+CHECK_LR = 1e-3           # the training default: one step lowers the loss of a random tile by some 20 %
+LOSS_RTOL = 1e-4
+UPDATE_RTOL = 1e-2        # per tensor, relative L2 of the SGD update (the gradient, in effect)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared state
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env():
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark = True
+    yield {
+        "ours": benchlib.CupyDevice(flush_bytes=0),
+        "peer": benchlib.TorchDevice(flush_bytes=0),
+        "ceilings": benchlib.ceilings_for(benchlib.gpu_name()),
+        "tf32_defaults": {"cudnn_allow_tf32": saved[1], "matmul_allow_tf32": saved[2]},
+    }
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+    torch.backends.cuda.matmul.allow_tf32 = saved[2]
+
+
+@pytest.fixture(scope="module")
+def data():
+    """One training tile: random input, random binary labels, a weight map in [0.5, 10)."""
+    rng = np.random.default_rng(2015)
+    out = NET.layers[-1].out_hw
+    x = rng.standard_normal((1, 1, TILE, TILE), dtype=np.float32)
+    labels = (rng.random((1, out, out)) < 0.5).astype(np.int32)
+    weights = rng.uniform(0.5, 10.0, (1, out, out)).astype(np.float32)
+    image = rng.random((IMAGE, IMAGE), dtype=np.float32)
+    return {"x": x, "labels": labels, "weights": weights, "image": image}
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    """The paper network's initial weights (seed 0), as NumPy arrays by our parameter names."""
+    return unet_cuda.UNet(seed=0).state_dict()
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    yield
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def _torch_mode(setting: str, defaults: dict) -> None:
+    """TF32 flags of a setting: "fp32" turns TF32 off; "tf32" and "bf16" keep PyTorch's defaults."""
+    if setting == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        torch.backends.cudnn.allow_tf32 = defaults["cudnn_allow_tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = defaults["matmul_allow_tf32"]
+
+
+def _restore(defaults: dict) -> None:
+    torch.backends.cudnn.allow_tf32 = defaults["cudnn_allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = defaults["matmul_allow_tf32"]
+
+
+def _torch_model(state: dict, setting: str, dropout: float = 0.5) -> TorchUNet:
+    model = TorchUNet(dropout=dropout).load_unet_state(state).cuda()
+    if setting == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _torch_inputs(data: dict, setting: str):
+    x = torch.from_numpy(data["x"]).cuda()
+    if setting == "bf16":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(data["labels"]).cuda().long(), torch.from_numpy(data["weights"]).cuda()
+
+
+def _autocast(setting: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=(setting == "bf16"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness against the peer (not timed)
+# ------------------------------------------------------------------------------------------------
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def test_loss_matches_torch_fp32(env, data):
+    """Our GPU loss equals PyTorch's true-FP32 loss before and after one SGD step (dropout off)."""
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net = unet_cuda.UNet(seed=1, dropout=0.0)
+    state = net.state_dict()
+    net.to("cuda").train()
+    defaults = env["tf32_defaults"]
+    _torch_mode("fp32", defaults)
+    try:
+        model = _torch_model(state, "fp32", dropout=0.0).train()
+        opt = CaffeSGD(model.parameters(), lr=CHECK_LR, momentum=MOMENTUM)
+        tx, tlabels, tweights = _torch_inputs(data, "fp32")
+
+        def torch_step():
+            opt.zero_grad()
+            loss = weighted_softmax_loss(model(tx), tlabels, tweights)
+            loss.backward()
+            opt.step()
+            return float(loss.item())
+
+        torch_before = torch_step()
+        with torch.no_grad():
+            torch_after = float(weighted_softmax_loss(model(tx), tlabels, tweights).item())
+        torch_state = model.unet_state()
+    finally:
+        _restore(defaults)
+
+    our_opt = unet_cuda.SGD(net.parameters(), lr=CHECK_LR, momentum=MOMENTUM)
+    x = Tensor(cupy.asarray(data["x"]))
+    labels, weights = cupy.asarray(data["labels"]), cupy.asarray(data["weights"])
+    loss = F.softmax_cross_entropy(net(x), labels, weights)
+    our_opt.zero_grad()
+    loss.backward()
+    our_opt.step()
+    ours_before = float(loss.data)
+    with no_grad():
+        ours_after = float(F.softmax_cross_entropy(net(x), labels, weights).data)
+    ours_state = net.state_dict()
+
+    update_errors = {
+        name: float(np.linalg.norm(ours_state[name] - torch_state[name])
+                    / max(float(np.linalg.norm(torch_state[name] - state[name])), 1e-30))
+        for name in ours_state
+    }
+    worst = max(update_errors, key=update_errors.get)
+    rel_before = _relative(ours_before, torch_before)
+    rel_after = _relative(ours_after, torch_after)
+    passed = rel_before <= LOSS_RTOL and rel_after <= LOSS_RTOL and update_errors[worst] <= UPDATE_RTOL
+    benchlib.record(None, {
+        "id": "check/loss_vs_torch_fp32", "kind": "check", "passed": passed,
+        "lr": CHECK_LR, "momentum": MOMENTUM, "loss_rtol": LOSS_RTOL, "update_rtol": UPDATE_RTOL,
+        "ours_loss_before": ours_before, "torch_loss_before": torch_before, "rel_err_before": rel_before,
+        "ours_loss_after": ours_after, "torch_loss_after": torch_after, "rel_err_after": rel_after,
+        "worst_param": worst, "worst_update_rel_l2": update_errors[worst],
+    })
+    print(f"loss before: ours {ours_before:.7g} torch {torch_before:.7g} (rel {rel_before:.2e}); "
+          f"after one step: ours {ours_after:.7g} torch {torch_after:.7g} (rel {rel_after:.2e}); "
+          f"worst update {worst}: rel L2 {update_errors[worst]:.2e}")
+    assert rel_before <= LOSS_RTOL, f"loss before the step: ours {ours_before} vs torch {torch_before}"
+    assert rel_after <= LOSS_RTOL, f"loss after one step: ours {ours_after} vs torch {torch_after}"
+    assert update_errors[worst] <= UPDATE_RTOL, f"the update of {worst} differs: rel L2 {update_errors[worst]:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_step_ours(benchmark, env, data, initial_state):
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net = unet_cuda.UNet(seed=0)
+    net.load_state_dict(initial_state)
+    net.to("cuda").train()
+    opt = unet_cuda.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    x = Tensor(cupy.asarray(data["x"]))
+    labels, weights = cupy.asarray(data["labels"]), cupy.asarray(data["weights"])
+
+    def step():
+        opt.zero_grad()
+        loss = F.softmax_cross_entropy(net(x), labels, weights)
+        loss.backward()
+        opt.step()
+        return loss
+
+    timing = benchlib.time_gpu(step, env["ours"], warmup=2, budget_ms=1500, min_repeats=5,
+                               max_repeats=20, flush=False)
+    loss_after = float(step().data)
+    benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    benchlib.record(benchmark, {
+        "id": "train_step/ours/fp32", "kind": "train_step", "impl": "ours", "precision": "fp32",
+        "name": "unet_cuda train step", "shape": STEP_SHAPE, "flops": STEP_FLOPS,
+        **timing.as_dict(),
+        **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision="fp32"),
+        "loss_finite": bool(np.isfinite(loss_after)),
+    })
+    assert np.isfinite(loss_after), f"our training step gave a non-finite loss {loss_after}"
+
+
+@pytest.mark.parametrize("setting", TORCH_SETTINGS)
+def test_train_step_torch(benchmark, env, data, initial_state, setting):
+    benchlib.skip_if_out_of_time(pytest, 20)
+    defaults = env["tf32_defaults"]
+    _torch_mode(setting, defaults)
+    try:
+        model = _torch_model(initial_state, setting).train()
+        opt = CaffeSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        x, labels, weights = _torch_inputs(data, setting)
+
+        def step():
+            opt.zero_grad()
+            with _autocast(setting):
+                logits = model(x)
+            loss = weighted_softmax_loss(logits, labels, weights)
+            loss.backward()
+            opt.step()
+            return loss
+
+        timing = benchlib.time_gpu(step, env["peer"], warmup=3, budget_ms=1000, min_repeats=10,
+                                   max_repeats=30, flush=False)
+        loss_after = float(step().item())
+        benchlib.wall_benchmark(benchmark, step, env["peer"], timing.median_ms, budget_ms=500, max_rounds=5)
+    finally:
+        _restore(defaults)
+    precision = setting  # the path the convolutions take
+    benchlib.record(benchmark, {
+        "id": f"train_step/torch/{setting}", "kind": "train_step", "impl": "torch", "precision": precision,
+        "name": f"PyTorch train step ({setting})", "shape": STEP_SHAPE, "flops": STEP_FLOPS,
+        **timing.as_dict(),
+        **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision=precision),
+        "channels_last": setting == "bf16", "autocast": "bf16" if setting == "bf16" else None,
+        "cudnn_allow_tf32": setting != "fp32" and defaults["cudnn_allow_tf32"],
+        "loss_finite": bool(np.isfinite(loss_after)),
+        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+    })
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference: a 512x512 image by overlap-tile
+# ------------------------------------------------------------------------------------------------
+
+
+def _our_predictor(net):
+    """The package's own image prediction when it exists, else the tiling with a softmax here."""
+    try:
+        from unet_cuda.inference import predict_image  # noqa: PLC0415
+    except ImportError:
+        predict_image = None
+    if predict_image is not None:
+        return lambda image: predict_image(net, image, tile=TILE, batch_size=1), "unet_cuda.inference.predict_image"
+
+    def predict_fn(batch):
+        with no_grad():
+            logits = net(Tensor(cupy.asarray(batch))).data
+        n, _, h, w = logits.shape
+        zeros = cupy.zeros((n, h, w), cupy.float32)
+        return ops.softmax_xent_forward(logits, cupy.zeros((n, h, w), cupy.int32), zeros)[1]
+
+    return lambda image: tiling.overlap_tile_predict(image, predict_fn, tile=TILE, depth=net.depth), \
+        "unet_cuda.tiling.overlap_tile_predict"
+
+
+def _time_wall(benchmark, fn, rounds: int = 5) -> list[float]:
+    """Wall times (ms) of ``fn()`` measured by pytest-benchmark's own rounds (one warm-up)."""
+    times: list[float] = []
+
+    def target():
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+
+    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=1)
+    return times[1:] if len(times) > rounds else times
+
+
+def _tiles(image_size: int) -> int:
+    out = NET.layers[-1].out_hw
+    return len(tiling.tile_grid(image_size, image_size, out))
+
+
+def test_infer_512_ours(benchmark, env, data, initial_state):
+    benchlib.skip_if_out_of_time(pytest, 15)
+    net = unet_cuda.UNet(seed=0)
+    net.load_state_dict(initial_state)
+    net.to("cuda").eval()
+    predict, how = _our_predictor(net)
+    probs = predict(data["image"])
+    assert probs.shape == (2, IMAGE, IMAGE) and np.isfinite(probs).all()
+    times = _time_wall(benchmark, lambda: predict(data["image"]))
+    tiles = _tiles(IMAGE)
+    benchlib.record(benchmark, {
+        "id": "infer_512/ours/fp32", "kind": "infer", "impl": "ours", "precision": "fp32",
+        "name": "unet_cuda 512x512 overlap-tile prediction", "how": how, "tiles": tiles,
+        "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
+        "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
+        "flops": NET.forward_flops() * tiles,
+    })
+
+
+@pytest.mark.parametrize("setting", TORCH_SETTINGS)
+def test_infer_512_torch(benchmark, env, data, initial_state, setting):
+    benchlib.skip_if_out_of_time(pytest, 15)
+    defaults = env["tf32_defaults"]
+    _torch_mode(setting, defaults)
+    try:
+        model = _torch_model(initial_state, setting).eval()
+
+        def predict_fn(batch):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
+            if setting == "bf16":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), _autocast(setting):
+                logits = model(x)
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+        def predict():
+            return tiling.overlap_tile_predict(data["image"], predict_fn, tile=TILE, depth=NET.depth)
+
+        probs = predict()
+        assert probs.shape == (2, IMAGE, IMAGE) and np.isfinite(probs).all()
+        times = _time_wall(benchmark, predict)
+    finally:
+        _restore(defaults)
+    tiles = _tiles(IMAGE)
+    benchlib.record(benchmark, {
+        "id": f"infer_512/torch/{setting}", "kind": "infer", "impl": "torch",
+        "precision": setting, "name": f"PyTorch 512x512 overlap-tile prediction ({setting})",
+        "tiles": tiles, "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
+        "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
+        "flops": NET.forward_flops() * tiles,
+    })

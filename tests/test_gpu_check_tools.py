@@ -1,0 +1,566 @@
+"""The GPU check's tools, on machines without a GPU: the results collector on synthetic inputs, the
+sanitizer and JUnit parsers, the chart, the shell script's syntax, the layer table and the
+benchmark cases against the NumPy reference (and against PyTorch where it is installed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import benchlib  # noqa: E402
+import collect_results as cr  # noqa: E402
+import op_cases  # noqa: E402
+import plot_results  # noqa: E402
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+GPU = "NVIDIA H100 80GB HBM3"
+
+
+# ------------------------------------------------------------------------------------------------
+# The shell script
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_script_parses():
+    result = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpu_check_script_refuses_bad_arguments(tmp_path):
+    usage = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    inside = BENCH / "results" / "not-here"
+    refused = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(inside)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "bench/results" in refused.stderr
+    assert not inside.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# compute-sanitizer logs
+# ------------------------------------------------------------------------------------------------
+
+
+def _log(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("========= COMPUTE-SANITIZER\nok conv\n========= ERROR SUMMARY: 0 errors\n", 0),
+    ("========= Invalid __global__ read of size 4 bytes\n" * 3 + "========= ERROR SUMMARY: 3 errors\n", 3),
+    ("========= ERROR SUMMARY: 1 error\n", 1),
+    ("========= ERROR SUMMARY: 2 errors\n========= ERROR SUMMARY: 5 errors\n", 7),   # two processes
+])
+def test_sanitizer_summary_counts(tmp_path, text, expected):
+    text = "SANITIZER DRIVER: 49 calls, 0 failed\n" + text
+    parsed = cr.parse_sanitizer_log(_log(tmp_path, "sanitizer-memcheck.log", text))
+    assert parsed["errors"] == expected
+    assert "reason" not in parsed
+
+
+def test_sanitizer_zero_errors_without_the_driver_summary_is_null(tmp_path):
+    text = "ModuleNotFoundError: No module named 'cupy'\n========= ERROR SUMMARY: 0 errors\n"
+    parsed = cr.parse_sanitizer_log(_log(tmp_path, "sanitizer-memcheck.log", text))
+    assert parsed["errors"] is None and "driver stopped" in parsed["reason"]
+    found = cr.parse_sanitizer_log(_log(tmp_path, "b.log", "========= ERROR SUMMARY: 2 errors\n"))
+    assert found["errors"] == 2 and "driver stopped" in found["note"]
+    plain = cr.parse_sanitizer_log(_log(tmp_path, "c.log", "========= ERROR SUMMARY: 0 errors\n"),
+                                   driver_required=False)
+    assert plain["errors"] == 0
+
+
+def test_sanitizer_racecheck_summary_without_error_summary(tmp_path):
+    text = ("SANITIZER DRIVER: 49 calls, 0 failed\n"
+            "========= RACECHECK SUMMARY: 4 hazards displayed (3 errors, 1 warning)\n")
+    parsed = cr.parse_sanitizer_log(_log(tmp_path, "sanitizer-racecheck.log", text))
+    assert parsed["errors"] == 3 and parsed["warnings"] == 1
+
+
+def test_sanitizer_missing_log_is_null_with_reason(tmp_path):
+    parsed = cr.parse_sanitizer_log(tmp_path / "sanitizer-initcheck.log",
+                                    {"status": "skipped", "note": "compute-sanitizer not found"})
+    assert parsed["errors"] is None
+    assert "not found" in parsed["reason"] and "compute-sanitizer not found" in parsed["reason"]
+
+
+def test_sanitizer_log_without_summary(tmp_path):
+    path = _log(tmp_path, "sanitizer-synccheck.log", "========= COMPUTE-SANITIZER\nok conv3x3_forward\n")
+    timed_out = cr.parse_sanitizer_log(path, {"status": "timeout", "seconds": 90})
+    assert timed_out["errors"] is None and "timed out" in timed_out["reason"]
+    stopped = cr.parse_sanitizer_log(path, {"status": "failed"})
+    assert stopped["errors"] is None and "ERROR SUMMARY" in stopped["reason"]
+
+
+def test_sanitizer_driver_summary_is_read(tmp_path):
+    text = ("FAILED upconv2x2_forward: RuntimeError: boom\n"
+            "SANITIZER DRIVER: 49 calls, 1 failed (upconv2x2_forward)\n========= ERROR SUMMARY: 0 errors\n")
+    parsed = cr.parse_sanitizer_log(_log(tmp_path, "sanitizer-memcheck.log", text))
+    assert parsed["errors"] == 0
+    assert parsed["driver"] == {"calls": 49, "failed": 1}
+    assert "1 of 49" in parsed["note"]
+
+
+def test_sanitizer_driver_runs_every_op_on_the_reference():
+    result = subprocess.run([sys.executable, str(BENCH / "sanitizer_driver.py"), "--device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    calls, failed = (int(v) for v in cr._DRIVER_SUMMARY.findall(result.stdout)[-1])
+    assert failed == 0 and calls >= 40
+    called = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
+    from unet_cuda.ops import OP_NAMES  # noqa: PLC0415
+
+    assert set(OP_NAMES) <= called, f"ops the driver never calls: {set(OP_NAMES) - called}"
+
+
+# ------------------------------------------------------------------------------------------------
+# JUnit XML
+# ------------------------------------------------------------------------------------------------
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites name="pytest tests"><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="6">
+<testcase classname="tests.test_a" name="test_ok" time="0.1"/>
+<testcase classname="tests.test_a" name="test_ok2" time="0.1"/>
+<testcase classname="tests.test_a" name="test_bad" time="0.1"><failure message="assert 1 == 2">x</failure></testcase>
+<testcase classname="tests.test_b" name="test_fixture" time="0.0"><error message="fixture failed">y</error></testcase>
+<testcase classname="tests.test_b" name="test_skip" time="0.0"><skipped message="no GPU">z</skipped></testcase>
+<testcase classname="tests.test_b" name="test_xfail" time="0.0"><skipped type="pytest.xfail" message="known">z</skipped></testcase>
+</testsuite></testsuites>
+"""
+
+
+def test_junit_counts(tmp_path):
+    counts = cr.parse_junit(_log(tmp_path, "gpu-tests.xml", JUNIT))
+    assert {k: counts[k] for k in ("passed", "failed", "skipped", "errors", "total")} == \
+        {"passed": 2, "failed": 1, "skipped": 2, "errors": 1, "total": 6}
+    assert counts["not_passed"] == ["tests.test_a::test_bad", "tests.test_b::test_fixture"]
+
+
+def test_junit_missing_or_broken(tmp_path):
+    missing = cr.parse_junit(tmp_path / "gpu-tests.xml")
+    assert missing["passed"] is None and "not found" in missing["reason"]
+    broken = cr.parse_junit(_log(tmp_path, "broken.xml", "<testsuites><testcase"))
+    assert broken["failed"] is None and "unreadable" in broken["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole synthetic output folder
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_record(op, layer, ms, peer_ms, *, flops=None, nbytes=None, tf32_ms=None):
+    ceilings = benchlib.ceilings_for(GPU)
+    rec = {"id": f"op/{op}/{layer}", "kind": "op", "op": op, "layer": layer,
+           "shape": "x[1,64,570,570] w[64,64,3,3] -> y[1,64,568,568]", "precision": "fp32",
+           "flops": flops, "bytes": nbytes, "ms": ms, "ms_min": ms * 0.98, "ms_max": ms * 1.05,
+           "repeats": 20, "peer": "cuDNN", "peer_ms": peer_ms, "ratio": peer_ms / ms,
+           "ceilings_card": ceilings.card,
+           **benchlib.figures(ms, flops=flops, nbytes=nbytes, ceilings=ceilings)}
+    if tf32_ms is not None:
+        rec.update(peer_tf32_ms=tf32_ms, ratio_tf32=tf32_ms / ms)
+    return rec
+
+
+def _bench_entry(name, extra, wall_s):
+    return {"group": extra.get("op"), "name": name, "fullname": f"bench/x.py::{name}", "params": None,
+            "stats": {"min": wall_s, "max": wall_s, "mean": wall_s, "median": wall_s, "rounds": 5},
+            "extra_info": extra}
+
+
+def _synthetic_outdir(tmp_path: Path, *, with_json: bool = True) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.txt").write_text(f"commit={COMMIT}\ndirty=true\ndate=2026-01-02T03:04:05Z\n")
+    (out / "gpu-info.csv").write_text(
+        "# name,driver_version,clocks.sm,clocks.max.sm,memory.total\n"
+        f"{GPU}, 580.65.06, 1980, 1980, 81559\n")
+    (out / "env.json").write_text(json.dumps({"torch": "2.11.0", "cupy": "14.2.0"}))
+    (out / "stages.tsv").write_text(
+        "info\t0\t1\t0\t\nbuild\t0\t61\t300\t\ngpu-tests\t1\t40\t150\t\n"
+        "sanitizer-memcheck\t0\t20\t90\t\nsanitizer-racecheck\t0\t30\t90\t\n"
+        "sanitizer-initcheck\tskipped\t0\t0\tno time left in the 540 s budget\n"
+        "sanitizer-synccheck\t124\t90\t90\ttimed out after 90 s\nbench\t0\t150\t300\t\n")
+    (out / "gpu-tests.xml").write_text(JUNIT)
+    (out / "sanitizer-memcheck.log").write_text(
+        "SANITIZER DRIVER: 49 calls, 0 failed\n========= ERROR SUMMARY: 0 errors\n")
+    (out / "sanitizer-racecheck.log").write_text(
+        "SANITIZER DRIVER: 49 calls, 0 failed\n========= ERROR SUMMARY: 3 errors\n")
+    (out / "sanitizer-synccheck.log").write_text("ok conv3x3_forward\n")
+    records = [
+        _op_record("conv3x3_forward", "d1b", 2.0, 1.0, flops=23.79e9, tf32_ms=0.25),
+        _op_record("conv3x3_backward_data", "d1b", 2.5, 1.1, flops=23.79e9, tf32_ms=0.3),
+        _op_record("conv3x3_backward_weight", "d1b", 3.0, 1.2, flops=23.79e9, tf32_ms=0.3),
+        _op_record("maxpool2x2_forward", "pool1", 0.1, 0.12, nbytes=1e8),
+        {"id": "train_step/ours/fp32", "kind": "train_step", "impl": "ours", "precision": "fp32",
+         "name": "unet_cuda train step", "shape": "x[1,1,572,572]", "ms": 60.0, "flops": 902e9},
+        *({"id": f"train_step/torch/{s}", "kind": "train_step", "impl": "torch", "precision": s,
+           "name": f"PyTorch train step ({s})", "shape": "x[1,1,572,572]", "ms": ms, "flops": 902e9}
+          for s, ms in (("tf32", 9.0), ("fp32", 30.0), ("bf16", 6.0))),
+        {"id": "infer_512/ours/fp32", "kind": "infer", "impl": "ours", "precision": "fp32", "ms": 80.0},
+        {"id": "infer_512/torch/fp32", "kind": "infer", "impl": "torch", "precision": "fp32", "ms": 40.0},
+    ]
+    check = {"id": "check/loss_vs_torch_fp32", "kind": "check", "passed": True, "rel_err_before": 1e-7,
+             "rel_err_after": 2e-6, "worst_param": "down0.conv1.bias", "worst_update_rel_l2": 1e-4}
+    (out / "bench-records.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records + [check]) + "not json\n")
+    if with_json:
+        entries = [_bench_entry(f"test_{i}", r, r["ms"] * 1.1e-3) for i, r in enumerate(records)]
+        (out / "benchmarks.json").write_text(json.dumps({"machine_info": {}, "benchmarks": entries}))
+    (out / "bench-tests.xml").write_text(JUNIT.replace('name="test_bad"', 'name="test_bench_bad"'))
+    (out / "isbi.json").write_text(json.dumps({"rand_error": 0.05, "pixel_error": 0.07, "steps": 2000}))
+    return out
+
+
+def test_collect_synthetic_folder(tmp_path, capsys):
+    out = _synthetic_outdir(tmp_path)
+    assert cr.main([str(out)]) == 0
+    table = capsys.readouterr().out
+    path = out / f"results-{COMMIT[:7]}-dirty-h100-80gb-hbm3.json"
+    assert path.is_file(), list(out.iterdir())
+    text = path.read_text()
+    results = json.loads(text)
+
+    # the newest-run check of the project's hooks reads the first "commit" line of the file
+    assert re.search(r'"commit": *"([0-9a-f]{7,40})"', text).group(1) == COMMIT
+    assert results["commit"] == COMMIT and results["dirty"] is True
+    assert results["gpu"] == GPU and results["date"] == "2026-01-02T03:04:05Z"
+    assert results["gpu_info"]["clocks.max.sm"] == 1980
+    assert results["ceilings"]["hbm_tbps"] == 3.35 and results["ceilings"]["assumed"] is False
+    assert results["environment"]["torch"] == "2.11.0"
+    assert {k: results["tests"][k] for k in ("passed", "failed", "skipped", "errors")} == \
+        {"passed": 2, "failed": 1, "skipped": 2, "errors": 1}
+    assert results["bench_tests"]["not_passed"][0].endswith("test_bench_bad")
+
+    san = results["sanitizer"]
+    assert san["memcheck_errors"] == 0 and san["racecheck_errors"] == 3
+    assert san["initcheck_errors"] is None and "no time left" in san["details"]["initcheck"]["reason"]
+    assert san["synccheck_errors"] is None and "timed out" in san["details"]["synccheck"]["reason"]
+    assert results["stages"]["sanitizer-synccheck"]["status"] == "timeout"
+    assert results["stages"]["gpu-tests"]["status"] == "failed"
+
+    benchmarks = {b["id"]: b for b in results["benchmarks"]}
+    conv = benchmarks["op/conv3x3_forward/d1b"]
+    for key in ("name", "shape", "ms", "tflops", "pct_of_ceiling", "peer_ms", "ratio", "wall_ms"):
+        assert key in conv, key
+    assert conv["tflops"] == pytest.approx(23.79e9 / 2e-3 / 1e12)
+    assert conv["pct_of_ceiling"] == pytest.approx(100 * conv["tflops"] / 66.9)
+    assert conv["wall_ms"] == pytest.approx(2.2)
+    assert benchmarks["op/maxpool2x2_forward/pool1"]["gbps"] == pytest.approx(1e8 / 1e-4 / 1e9)
+    ours_step = benchmarks["train_step/ours/fp32"]
+    assert ours_step["peer_ms"] == 30.0 and ours_step["ratio"] == pytest.approx(0.5)
+    assert ours_step["ratio_tf32"] == pytest.approx(9.0 / 60.0)
+
+    summary = results["summary"]
+    assert summary["train_step_ms"] == {"fp32": 60.0}
+    assert summary["torch_train_step_ms"] == {"tf32": 9.0, "fp32": 30.0, "bf16": 6.0}
+    assert summary["train_step_ratio"]["fp32"] == pytest.approx(0.5)
+    assert summary["infer_512_ms"] == 80.0 and summary["torch_infer_512_ms"] == {"fp32": 40.0}
+    assert summary["ops_count"] == 4 and summary["ops_total_ms"] == pytest.approx(7.6)
+    assert summary["ops_peer_fp32_total_ms"] == pytest.approx(3.42)
+    assert summary["ops_peer_default_total_ms"] == pytest.approx(0.25 + 0.3 + 0.3 + 0.12)
+    assert summary["slowest_vs_peer"][0]["id"] == "op/conv3x3_backward_weight/d1b"   # ratio 0.4
+    assert summary["loss_check"]["passed"] is True
+    assert results["checks"][0]["id"] == "check/loss_vs_torch_fp32"
+    assert results["isbi"]["rand_error"] == 0.05
+
+    assert "train step" in table and "torch fp32 30.00" in table and "racecheck 3" in table
+    assert table.strip().splitlines()[-1].startswith("results:")
+
+
+def test_collect_uses_the_records_file_when_the_json_is_missing(tmp_path):
+    out = _synthetic_outdir(tmp_path, with_json=False)
+    results = cr.collect(out)
+    assert results["benchmarks_source"] == "bench-records.jsonl"
+    assert results["summary"]["train_step_ms"] == {"fp32": 60.0}
+    assert all("wall_ms" not in b for b in results["benchmarks"])
+
+
+def test_collect_empty_folder_gives_nulls_with_reasons(tmp_path):
+    results = cr.collect(tmp_path)
+    assert results["commit"] is None and "commit_reason" in results
+    assert results["tests"]["passed"] is None and "not found" in results["tests"]["reason"]
+    assert all(results["sanitizer"][f"{t}_errors"] is None for t in cr.SANITIZER_TOOLS)
+    assert results["benchmarks"] == [] and results["summary"]["train_step_ms"] is None
+    assert "isbi" not in results
+    path = cr.write_results(tmp_path, results)
+    assert path.name == "results-nocommit-unknown-gpu.json"
+    print(cr.format_table(results))
+
+
+def test_commit_given_where_the_checkout_has_no_git(tmp_path):
+    (tmp_path / "meta.txt").write_text(f"commit={COMMIT}\ncommit_source=GPU_CHECK_COMMIT\n"
+                                       "git_error=git rev-parse HEAD failed (see info.log)\n")
+    results = cr.collect(tmp_path)
+    assert results["commit"] == COMMIT and results["dirty"] is None
+    assert results["commit_source"] == "GPU_CHECK_COMMIT" and "rev-parse" in results["commit_reason"]
+    (tmp_path / "meta.txt").write_text("commit=not-a-hash\n")
+    assert cr.collect(tmp_path)["commit"] is None
+
+
+def test_non_finite_numbers_become_null(tmp_path):
+    results = {"commit": COMMIT, "gpu": GPU, "benchmarks": [{"ms": float("nan"), "ratio": float("inf")}]}
+    path = cr.write_results(tmp_path, results)
+    data = json.loads(path.read_text())
+    assert data["benchmarks"] == [{"ms": None, "ratio": None}]
+
+
+def test_gpu_slug():
+    assert cr.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert cr.gpu_slug("NVIDIA H200") == "h200"
+    assert cr.gpu_slug(None) == "unknown-gpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# The chart and the markdown table
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plot_renders_png_and_markdown(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = _synthetic_outdir(tmp_path)
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    newest = cr.write_results(out, cr.collect(out), results_dir / "results-new.json")
+    older = json.loads(newest.read_text())
+    older["date"] = "2025-01-01T00:00:00Z"
+    (results_dir / "results-old.json").write_text(json.dumps(older))
+    assert plot_results.latest_results(results_dir) == newest
+
+    png, md = tmp_path / "chart.png", tmp_path / "table.md"
+    assert plot_results.main(["--results-dir", str(results_dir), "--png", str(png), "--markdown", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = md.read_text()
+    assert "| training step, 572 tile | 60.00 | 30.00 | 9.00 | 6.00 |" in table
+    assert "| conv3x3_forward | d1b |" in table
+
+
+def test_plot_without_results_fails_cleanly(tmp_path, capsys):
+    assert plot_results.main(["--results-dir", str(tmp_path)]) == 1
+    assert "no results JSON" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer table, ceilings and timing arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+def _performance_md_gflops() -> dict[str, float]:
+    doc = ROOT.parent / "shared" / "docs" / "PERFORMANCE.md"
+    if not doc.is_file():
+        pytest.skip(f"{doc} not found")
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| \d+ \| ([\d.]+) \|$", doc.read_text(), flags=re.M)
+    return {name: float(gflop) for name, gflop in rows}
+
+
+def test_layer_table_matches_performance_md():
+    net = benchlib.network()
+    expected = _performance_md_gflops()
+    assert [layer.name for layer in net.layers] == list(expected)
+    for layer in net.layers:
+        assert layer.flops / 1e9 == pytest.approx(expected[layer.name], abs=0.006), layer.name
+    assert net.forward_flops() / 1e9 == pytest.approx(300.9, abs=0.05)
+    assert net.train_step_flops() / 1e9 == pytest.approx(902, abs=1)
+    assert net.dropout_layers == ("d4b", "b2")
+    assert [(p.name, p.channels, p.in_hw) for p in net.pools][0] == ("pool1", 64, 568)
+    assert [(c.name, c.hw, c.skip_hw) for c in net.concats][-1] == ("cat4", 392, 568)
+
+
+def test_op_cases_cover_a_training_step():
+    cases = op_cases.op_cases(benchlib.network())
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids)) == 115                # bench/README.md counts them
+    from unet_cuda.ops import OP_NAMES  # noqa: PLC0415
+
+    assert {c.op for c in cases} == set(OP_NAMES)
+    assert "conv3x3_backward_data-d1a" not in ids          # the input needs no gradient
+    assert sum(c.op == "conv3x3_forward" for c in cases) == 18
+    sgd = next(c for c in cases if c.op == "sgd_momentum_update_")
+    assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
+    assert all((c.flops is None) != (c.nbytes is None) for c in cases)
+
+
+def test_ceilings():
+    assert benchlib.ceilings_for("NVIDIA H100 80GB HBM3").hbm_tbps == 3.35
+    assert benchlib.ceilings_for("NVIDIA H200").hbm_tbps == 4.8
+    unknown = benchlib.ceilings_for("NVIDIA A100-SXM4-40GB")
+    assert unknown.assumed and "A100" in unknown.note
+    assert benchlib.ceilings_for("NVIDIA H100 PCIe").assumed
+    fig = benchlib.figures(1.0, flops=66.9e9, ceilings=benchlib.H100_SXM)
+    assert fig["tflops"] == pytest.approx(66.9) and fig["pct_of_ceiling"] == pytest.approx(100.0)
+    fig = benchlib.figures(2.0, nbytes=3.35e9, ceilings=benchlib.H100_SXM, precision="fp32")
+    assert fig["gbps"] == pytest.approx(1675.0) and fig["pct_of_ceiling"] == pytest.approx(50.0)
+    assert benchlib.figures(None, flops=1.0, ceilings=benchlib.H200) == {}
+
+
+class _FakeDevice:
+    """A device whose clock advances by a fixed time per call of the timed function."""
+
+    def __init__(self, ms_per_call: float):
+        self.ms_per_call = ms_per_call
+        self.clock = 0.0
+        self.syncs = 0
+        self.flushes = 0
+
+    def tick(self):
+        self.clock += self.ms_per_call
+
+    def event(self):
+        return {}
+
+    def record(self, event):
+        event["t"] = self.clock
+
+    def elapsed_ms(self, start, end):
+        return end["t"] - start["t"]
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_time_gpu_sizes_repeats_to_the_budget(monkeypatch):
+    monkeypatch.delenv("UNET_BENCH_SCALE", raising=False)
+    fast = _FakeDevice(0.5)
+    timing = benchlib.time_gpu(fast.tick, fast, budget_ms=10, min_repeats=3, max_repeats=50)
+    assert timing.repeats == 20 and timing.median_ms == pytest.approx(0.5)
+    assert fast.flushes == 21   # the sizing call and every repeat
+    slow = _FakeDevice(40.0)
+    assert benchlib.time_gpu(slow.tick, slow, budget_ms=10, min_repeats=3).repeats == 3
+    monkeypatch.setenv("UNET_BENCH_SCALE", "0.5")
+    assert benchlib.time_gpu(fast.tick, fast, budget_ms=10, min_repeats=3).repeats == 10
+
+
+def test_records_go_to_the_records_file(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    monkeypatch.setenv(benchlib.RECORD_ENV, str(path))
+
+    class Bench:
+        extra_info: dict = {}
+
+    bench = Bench()
+    benchlib.record(bench, {"id": "op/x/y", "ms": 1.5, "skip_me": None})
+    assert bench.extra_info == {"id": "op/x/y", "ms": 1.5}
+    assert json.loads(path.read_text()) == {"id": "op/x/y", "ms": 1.5}
+
+
+def test_deadline_skips(monkeypatch):
+    import time  # noqa: PLC0415
+
+    monkeypatch.setenv(benchlib.DEADLINE_ENV, str(time.time() - 1))
+    with pytest.raises(pytest.skip.Exception, match="time budget"):
+        benchlib.skip_if_out_of_time(pytest)
+    monkeypatch.setenv(benchlib.DEADLINE_ENV, str(time.time() + 3600))
+    benchlib.skip_if_out_of_time(pytest)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark cases, run on the NumPy reference (and against PyTorch where it is installed)
+# ------------------------------------------------------------------------------------------------
+
+SMALL_NET = dict(tile=188, base_channels=2)   # the paper's depth, few channels: fast on a CPU
+
+
+def _arrays(result) -> list[np.ndarray]:
+    if result is None:
+        return []
+    if isinstance(result, (tuple, list)):
+        return [a for item in result for a in _arrays(item)]
+    if hasattr(result, "detach"):
+        return [result.detach().cpu().numpy()]
+    return [np.asarray(result)]
+
+
+def test_op_cases_call_the_reference():
+    from unet_cuda import ops  # noqa: PLC0415
+
+    for case in op_cases.op_cases(benchlib.network(**SMALL_NET)):
+        inputs = op_cases.make_inputs(case, np, ops)
+        result = op_cases.ours(case, inputs, ops)()
+        for a in _arrays(result):
+            assert np.isfinite(a).all(), case.id
+
+
+def test_peers_compute_what_our_ops_compute():
+    torch = pytest.importorskip("torch")
+    from unet_cuda import ops  # noqa: PLC0415
+
+    skip = {"dropout_mask", "accumulate_", "sgd_momentum_update_"}   # random or in place: run only
+    for case in op_cases.op_cases(benchlib.network(**SMALL_NET)):
+        inputs = op_cases.make_inputs(case, np, ops)
+        ours = _arrays(op_cases.ours(case, inputs, ops)())
+        theirs = _arrays(op_cases.peer(case, inputs, torch)())
+        if case.op in skip:
+            continue
+        if case.op == "maxpool2x2_forward":          # our argmax is uint8, PyTorch's a flat int64 index
+            ours, theirs = ours[:1], theirs[:1]
+        if case.op == "upconv2x2_backward_weight":   # PyTorch's weight layout is [Cin, Cout, 2, 2]
+            theirs[0] = theirs[0].transpose(1, 0, 2, 3)
+        assert len(ours) == len(theirs), case.id
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape, case.id
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case.id)
+
+
+def test_torch_unet_matches_our_network():
+    """The PyTorch peer is our network: same loss, same SGD step (small network, CPU, float32)."""
+    torch = pytest.importorskip("torch")
+    import unet_cuda as u  # noqa: PLC0415
+    from unet_cuda import functional as F  # noqa: PLC0415
+    from torch_unet import CaffeSGD, TorchUNet, weighted_softmax_loss  # noqa: PLC0415
+
+    net = u.UNet(base_channels=4, depth=3, dropout=0.0, seed=3)
+    tile = 60
+    out = net.output_size(tile)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, tile, tile), dtype=np.float32)
+    labels = (rng.random((1, out, out)) < 0.5).astype(np.int32)
+    weights = rng.uniform(0.5, 10, (1, out, out)).astype(np.float32)
+    model = TorchUNet(base_channels=4, depth=3, dropout=0.0).load_unet_state(net.state_dict())
+    assert set(model.unet_state()) == set(net.state_dict())
+    np.testing.assert_array_equal(model.unet_state()["up0.upconv.weight"], net.state_dict()["up0.upconv.weight"])
+
+    ours_opt = u.SGD(net.parameters(), lr=0.01, momentum=0.99)
+    torch_opt = CaffeSGD(model.parameters(), lr=0.01, momentum=0.99)
+    for _ in range(2):
+        loss = F.softmax_cross_entropy(net(u.Tensor(x)), labels, weights)
+        ours_opt.zero_grad()
+        loss.backward()
+        ours_opt.step()
+        torch_opt.zero_grad()
+        peer = weighted_softmax_loss(model(torch.from_numpy(x)), torch.from_numpy(labels), torch.from_numpy(weights))
+        peer.backward()
+        torch_opt.step()
+        assert float(loss.data) == pytest.approx(float(peer.item()), rel=1e-5)
+    theirs = model.unet_state()
+    for name, value in net.state_dict().items():
+        np.testing.assert_allclose(value, theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark modules skip cleanly without a GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def test_benchmarks_skip_cleanly_without_a_gpu():
+    reason = benchlib.cuda_skip_reason() or benchlib.torch_skip_reason()
+    if reason is None:
+        pytest.skip("this machine can run the GPU benchmarks")
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    text = result.stdout + result.stderr
+    assert result.returncode in (0, 5), text[-3000:]   # 5: every module skipped, nothing collected
+    assert not re.search(r"^(ERROR|FAILED)\b|\b\d+ (errors?|failed)\b", text, flags=re.M), text[-3000:]
+    assert text.count("GPU benchmarks skipped:") >= 2, text[-3000:]
