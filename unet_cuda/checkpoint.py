@@ -81,9 +81,14 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
         raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {exc})") from None
+    try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             files = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as exc:
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, NotImplementedError, RuntimeError) as exc:
+        # Damaged bytes surface as any of these: NotImplementedError for a garbled compression
+        # method, RuntimeError for a garbled "encrypted" flag, the others for the rest.
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
                               f"({exc.__class__.__name__}: {exc})") from None
     if "header" not in files:

@@ -314,7 +314,8 @@ class Trainer:
         else:
             where = "the loss itself (all gradients finite)"
         last = self.out_dir / LAST_CHECKPOINT
-        kept = f"The last good checkpoint ({last}) is intact" if last.exists() else "No checkpoint was written before it"
+        kept = (f"The last good checkpoint ({last}) is intact" if last.exists()
+                else "No checkpoint was written before it")
         return (f"training stopped at step {step}: the loss is {loss} and the update was not applied; "
                 f"{where}. {kept}. Try a smaller --lr (now {self.cfg['lr']}) or check the input data for NaN/Inf.")
 
