@@ -1,0 +1,62 @@
+// common.cuh: helpers shared by every kernel file and by the bindings.
+//
+// * CUDA_CHECK(call, op): runs a CUDA runtime call and throws std::runtime_error naming the op,
+//   the call, the file and the line when it fails.
+// * CHECK_LAUNCH(kernel): after every <<<...>>>, reports a bad launch configuration (and any
+//   error left by earlier asynchronous work) as a std::runtime_error naming the kernel.
+// * ceil_div, and the grid of the one-thread-per-element kernels (grid_1d + grid-stride loops).
+//
+// Sizes are int per dimension (every dimension of a U-Net tensor fits), but every flat index and
+// every product of dimensions is int64_t: a batch of 572x572 tiles with 64 channels passes 2^31
+// elements at 103 images.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace unet {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* op, const char* call,
+                                          const char* file, int line) {
+  throw std::runtime_error(std::string(op) + ": " + call + " failed at " + file + ":" +
+                           std::to_string(line) + ": " + cudaGetErrorName(err) + ": " +
+                           cudaGetErrorString(err));
+}
+
+#define CUDA_CHECK(call, op)                                                   \
+  do {                                                                         \
+    const cudaError_t unet_err_ = (call);                                      \
+    if (unet_err_ != cudaSuccess)                                              \
+      ::unet::throw_cuda_error(unet_err_, (op), #call, __FILE__, __LINE__);    \
+  } while (0)
+
+#define CHECK_LAUNCH(kernel_name) CUDA_CHECK(cudaGetLastError(), (kernel_name))
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Threads per block of the one-thread-per-element kernels.
+constexpr int kBlock1d = 256;
+// Cap on their grid: each thread then walks a grid-stride loop, so any element count works, and
+// 65536 blocks of 256 threads are far more than an H100 holds at once (132 SMs x 2048 threads).
+constexpr int64_t kMaxGrid1d = 65536;
+
+inline unsigned int grid_1d(int64_t n, int block = kBlock1d) {
+  const int64_t blocks = ceil_div<int64_t>(n, block);
+  return static_cast<unsigned int>(blocks < kMaxGrid1d ? blocks : kMaxGrid1d);
+}
+
+// Grid-stride loop: for (int64_t e = global_thread(); e < n; e += grid_stride()) ...
+__device__ inline int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ inline int64_t grid_stride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+}  // namespace unet

@@ -1,0 +1,65 @@
+// dropout.cu: inverted dropout with a counter-based mask, bit-identical to the NumPy reference.
+//
+// Layout: flat C-contiguous buffers of n elements (any shape; element i is the flat C-order index).
+//   mask  uint8   1 keeps the element, 0 drops it
+//   x, y  float32 y = x * mask / (1 - p)        (forward)
+//   dy,dx float32 dx = dy * mask / (1 - p)      (backward: the same scaling of the gradient)
+//
+// The mask is the splitmix64 finaliser of docs/OPS.md, all arithmetic modulo 2^64:
+//   z = seed + (i + 1) * 0x9E3779B97F4A7C15
+//   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+//   z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+//   z = z ^ (z >> 31)
+//   u = (z >> 40) / 2^24;  mask[i] = u >= p
+// u has 24 bits, so it and the comparison with p are exact in double on both backends.
+// The scaling divides by the float32 value of (1 - p), as NumPy does for a float32 array.
+//
+// Kernels:
+//   dropout_mask_v1: one element per thread per grid-stride step; hashes its 64-bit index.
+//   dropout_apply_v1: one element per thread per grid-stride step; y = x * mask / keep.
+#include "common.cuh"
+#include "launchers.h"
+
+namespace unet {
+
+__device__ inline uint8_t dropout_keeps(uint64_t seed, uint64_t i, double p) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z = z ^ (z >> 31);
+  const double u = static_cast<double>(z >> 40) / 16777216.0;  // 2^24
+  return u >= p ? 1 : 0;
+}
+
+__global__ void dropout_mask_v1(uint8_t* __restrict__ mask, int64_t n, double p, uint64_t seed) {
+  for (int64_t e = global_thread(); e < n; e += grid_stride())
+    mask[e] = dropout_keeps(seed, static_cast<uint64_t>(e), p);
+}
+
+__global__ void dropout_apply_v1(const float* __restrict__ x, const uint8_t* __restrict__ mask,
+                                 float* __restrict__ y, int64_t n, float keep) {
+  for (int64_t e = global_thread(); e < n; e += grid_stride())
+    y[e] = x[e] * static_cast<float>(mask[e]) / keep;
+}
+
+void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed, cudaStream_t stream) {
+  if (n == 0) return;
+  dropout_mask_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(mask, n, p, seed);
+  CHECK_LAUNCH("dropout_mask_v1");
+}
+
+void launch_dropout_forward(const float* x, const uint8_t* mask, float* y, int64_t n, double p,
+                            cudaStream_t stream) {
+  if (n == 0) return;
+  const float keep = static_cast<float>(1.0 - p);
+  dropout_apply_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(x, mask, y, n, keep);
+  CHECK_LAUNCH("dropout_apply_v1");
+}
+
+void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, int64_t n, double p,
+                             cudaStream_t stream) {
+  // The gradient is masked and scaled exactly like the activations.
+  launch_dropout_forward(dy, mask, dx, n, p, stream);
+}
+
+}  // namespace unet

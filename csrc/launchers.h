@@ -1,0 +1,92 @@
+// launchers.h: every kernel launcher of unet_cuda, one per op (docs/OPS.md names the ops).
+//
+// Conventions shared by all of them:
+// * Arrays are device pointers to C-contiguous float32 (labels int32, masks and argmax uint8).
+//   Activations are NCHW, weights OIHW, biases [O]; strides are implied by the dimensions.
+// * Dimensions are passed as int; the launchers index in int64_t.
+// * Outputs are written completely (no launcher relies on the output's previous contents, except
+//   the in-place ops accumulate and sgd_momentum_update).
+// * Each launcher picks grid, block and shared memory, launches on `stream`, and throws
+//   std::runtime_error if the launch fails. Arguments are validated by the caller (bindings.cpp).
+// * Results are deterministic: no float atomics; every reduction runs in a fixed order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace unet {
+
+// conv3x3.cu: valid 3x3 cross-correlation, stride 1. x[N,C,H,W], w[O,C,3,3], b[O],
+// y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
+void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
+                            int H, int W, int O, bool relu, cudaStream_t stream);
+void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
+                                  int W, int O, cudaStream_t stream);
+void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
+                                    int C, int H, int W, int O, cudaStream_t stream);
+
+// bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
+// the backward_weight launchers of every convolution.
+void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
+                          cudaStream_t stream);
+
+// conv1x1.cu: x[N,C,H,W], w[O,C,1,1], b[O], y and dy [N,O,H,W].
+void launch_conv1x1_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
+                            int H, int W, int O, cudaStream_t stream);
+void launch_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
+                                  int W, int O, cudaStream_t stream);
+void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
+                                    int C, int H, int W, int O, cudaStream_t stream);
+
+// upconv.cu: 2x2 stride-2 transposed convolution. x[N,C,H,W], w[O,C,2,2], b[O],
+// y and dy [N,O,2H,2W]. H and W are the input's size.
+void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
+                              int C, int H, int W, int O, cudaStream_t stream);
+void launch_upconv2x2_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
+                                    int W, int O, cudaStream_t stream);
+void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
+                                      int C, int H, int W, int O, cudaStream_t stream);
+
+// maxpool.cu: 2x2 stride-2 max-pool. x and dx [N,C,H,W] with H, W even; y, dy, argmax
+// [N,C,H/2,W/2]; argmax = 2*dy + dx of the window element taken (first maximum wins).
+void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N, int C, int H,
+                               int W, cudaStream_t stream);
+void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
+                                int H, int W, cudaStream_t stream);
+
+// crop_concat.cu: y[N,Cu+Cs,H,W] = [up[N,Cu,H,W], centre crop of skip[N,Cs,Hs,Ws]];
+// Hs-H and Ws-W even and >= 0. The backward splits dy into dup and dskip (zero outside the crop).
+void launch_crop_concat_forward(const float* up, const float* skip, float* y, int N, int Cu, int H,
+                                int W, int Cs, int Hs, int Ws, cudaStream_t stream);
+void launch_crop_concat_backward(const float* dy, float* dup, float* dskip, int N, int Cu, int H,
+                                 int W, int Cs, int Hs, int Ws, cudaStream_t stream);
+
+// elementwise.cu: n elements each.
+void launch_relu_backward(const float* y, const float* dy, float* dx, int64_t n,
+                          cudaStream_t stream);
+void launch_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream);
+
+// softmax_xent.cu: logits and probs [N,K,H,W], labels int32 [N,H,W], weights [N,H,W], loss a
+// single float (the weighted mean over the N*H*W pixels, reduced on the device in a fixed order).
+void launch_softmax_xent_forward(const float* logits, const int32_t* labels, const float* weights,
+                                 float* loss, float* probs, int N, int K, int H, int W,
+                                 cudaStream_t stream);
+void launch_softmax_xent_backward(const float* probs, const int32_t* labels, const float* weights,
+                                  float* dlogits, float dloss, int N, int K, int H, int W,
+                                  cudaStream_t stream);
+
+// dropout.cu: n elements each; mask from the splitmix64 hash of docs/OPS.md (1 keeps); the
+// forward and the backward both scale the kept elements by 1 / (1 - p).
+void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed, cudaStream_t stream);
+void launch_dropout_forward(const float* x, const uint8_t* mask, float* y, int64_t n, double p,
+                            cudaStream_t stream);
+void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, int64_t n, double p,
+                             cudaStream_t stream);
+
+// optimizer.cu: Caffe's SGD with momentum, in place on n elements:
+// v = momentum * v + lr * (grad + weight_decay * param); param -= v.
+void launch_sgd_momentum_update(float* param, const float* grad, float* velocity, int64_t n,
+                                float lr, float momentum, float weight_decay, cudaStream_t stream);
+
+}  // namespace unet

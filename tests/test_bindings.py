@@ -1,0 +1,434 @@
+"""Argument checks of the CUDA bindings (unet_cuda._C), which need no GPU.
+
+Every binding validates its arguments before it touches the device, so these tests run wherever
+the extension is built, GPU or not. The arrays are stand-ins: objects with a
+``__cuda_array_interface__`` whose pointer is the buffer of a small NumPy array, so that even a call
+that passed every check could only meet the final device-memory check (which rejects host memory on
+a GPU machine and fails cleanly without a driver), never launch a kernel on stray memory.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    from unet_cuda import _C
+except ImportError as exc:  # the extension is built only where nvcc exists
+    _C = None
+    _SKIP_REASON = f"the CUDA extension unet_cuda._C is not built ({exc})"
+else:
+    _SKIP_REASON = ""
+
+pytestmark = pytest.mark.skipif(_C is None, reason=_SKIP_REASON or "unet_cuda._C is built")
+
+
+class FakeCudaArray:
+    """Just enough of a CUDA array for the bindings: the version-3 interface over host memory."""
+
+    def __init__(self, shape, typestr="<f4", *, strides=None, ptr=None, read_only=False, **extra):
+        self.shape = tuple(shape)
+        self.typestr = typestr
+        itemsize = int(typestr[2:]) if typestr[2:].isdigit() else 4
+        # Backing store: keeps the pointer valid (and distinct from every other array's).
+        self._buffer = np.zeros(max(1, int(math.prod(self.shape))) * itemsize, dtype=np.uint8)
+        self.ptr = self._buffer.ctypes.data if ptr is None else ptr
+        self.strides = strides
+        self.read_only = read_only
+        self.extra = extra
+
+    @property
+    def __cuda_array_interface__(self):
+        iface = {
+            "version": 3,
+            "shape": self.shape,
+            "typestr": self.typestr,
+            "data": (self.ptr, self.read_only),
+            "strides": self.strides,
+        }
+        iface.update(self.extra)
+        return iface
+
+    def like(self, **changes):
+        """A new fake with the same fields except ``changes`` (its own buffer unless ``ptr`` given)."""
+        fields = dict(shape=self.shape, typestr=self.typestr, strides=self.strides,
+                      read_only=self.read_only, **self.extra)
+        fields.update(changes)
+        shape = fields.pop("shape")
+        return FakeCudaArray(shape, **fields)
+
+
+def f32(*shape):
+    return FakeCudaArray(shape, "<f4")
+
+
+def i32(*shape):
+    return FakeCudaArray(shape, "<i4")
+
+
+def u8(*shape):
+    return FakeCudaArray(shape, "|u1")
+
+
+# One valid call per op (keyword arguments of the binding, stream excluded), and its outputs.
+VALID = {
+    "conv3x3_forward": lambda: dict(x=f32(2, 3, 7, 6), w=f32(5, 3, 3, 3), b=f32(5),
+                                    y=f32(2, 5, 5, 4), relu=True),
+    "conv3x3_backward_data": lambda: dict(dy=f32(2, 5, 5, 4), w=f32(5, 3, 3, 3), dx=f32(2, 3, 7, 6)),
+    "conv3x3_backward_weight": lambda: dict(x=f32(2, 3, 7, 6), dy=f32(2, 5, 5, 4),
+                                            dw=f32(5, 3, 3, 3), db=f32(5)),
+    "conv1x1_forward": lambda: dict(x=f32(2, 3, 5, 4), w=f32(2, 3, 1, 1), b=f32(2),
+                                    y=f32(2, 2, 5, 4)),
+    "conv1x1_backward_data": lambda: dict(dy=f32(2, 2, 5, 4), w=f32(2, 3, 1, 1), dx=f32(2, 3, 5, 4)),
+    "conv1x1_backward_weight": lambda: dict(x=f32(2, 3, 5, 4), dy=f32(2, 2, 5, 4),
+                                            dw=f32(2, 3, 1, 1), db=f32(2)),
+    "upconv2x2_forward": lambda: dict(x=f32(2, 3, 3, 2), w=f32(4, 3, 2, 2), b=f32(4),
+                                      y=f32(2, 4, 6, 4)),
+    "upconv2x2_backward_data": lambda: dict(dy=f32(2, 4, 6, 4), w=f32(4, 3, 2, 2),
+                                            dx=f32(2, 3, 3, 2)),
+    "upconv2x2_backward_weight": lambda: dict(x=f32(2, 3, 3, 2), dy=f32(2, 4, 6, 4),
+                                              dw=f32(4, 3, 2, 2), db=f32(4)),
+    "maxpool2x2_forward": lambda: dict(x=f32(2, 3, 6, 4), y=f32(2, 3, 3, 2), argmax=u8(2, 3, 3, 2)),
+    "maxpool2x2_backward": lambda: dict(dy=f32(2, 3, 3, 2), argmax=u8(2, 3, 3, 2),
+                                        dx=f32(2, 3, 6, 4)),
+    "crop_concat_forward": lambda: dict(up=f32(2, 3, 4, 5), skip=f32(2, 2, 8, 7), y=f32(2, 5, 4, 5)),
+    "crop_concat_backward": lambda: dict(dy=f32(2, 5, 4, 5), dup=f32(2, 3, 4, 5),
+                                         dskip=f32(2, 2, 8, 7)),
+    "relu_backward": lambda: dict(y=f32(2, 3, 4), dy=f32(2, 3, 4), dx=f32(2, 3, 4)),
+    "accumulate_": lambda: dict(dst=f32(7, 3), src=f32(7, 3)),
+    "softmax_xent_forward": lambda: dict(logits=f32(2, 3, 4, 5), labels=i32(2, 4, 5),
+                                         weights=f32(2, 4, 5), loss=f32(), probs=f32(2, 3, 4, 5)),
+    "softmax_xent_backward": lambda: dict(probs=f32(2, 3, 4, 5), labels=i32(2, 4, 5),
+                                          weights=f32(2, 4, 5), dlogits=f32(2, 3, 4, 5), dloss=1.0),
+    "dropout_mask": lambda: dict(mask=u8(3, 4, 5), p=0.5, seed=123),
+    "dropout_forward": lambda: dict(x=f32(3, 4, 5), mask=u8(3, 4, 5), y=f32(3, 4, 5), p=0.5),
+    "dropout_backward": lambda: dict(dy=f32(3, 4, 5), mask=u8(3, 4, 5), dx=f32(3, 4, 5), p=0.5),
+    "sgd_momentum_update_": lambda: dict(param=f32(4, 3, 3, 3), grad=f32(4, 3, 3, 3),
+                                         velocity=f32(4, 3, 3, 3), lr=0.01, momentum=0.99,
+                                         weight_decay=0.0005),
+}
+
+OUTPUTS = {
+    "conv3x3_forward": ("y",), "conv3x3_backward_data": ("dx",),
+    "conv3x3_backward_weight": ("dw", "db"), "conv1x1_forward": ("y",),
+    "conv1x1_backward_data": ("dx",), "conv1x1_backward_weight": ("dw", "db"),
+    "upconv2x2_forward": ("y",), "upconv2x2_backward_data": ("dx",),
+    "upconv2x2_backward_weight": ("dw", "db"), "maxpool2x2_forward": ("y", "argmax"),
+    "maxpool2x2_backward": ("dx",), "crop_concat_forward": ("y",),
+    "crop_concat_backward": ("dup", "dskip"), "relu_backward": ("dx",), "accumulate_": ("dst",),
+    "softmax_xent_forward": ("loss", "probs"), "softmax_xent_backward": ("dlogits",),
+    "dropout_mask": ("mask",), "dropout_forward": ("y",), "dropout_backward": ("dx",),
+    "sgd_momentum_update_": ("param", "velocity"),
+}
+
+# Ops whose arrays may have any number of dimensions (only their agreement is checked).
+ANY_NDIM = {"relu_backward", "accumulate_", "dropout_mask", "dropout_forward", "dropout_backward",
+            "sgd_momentum_update_"}
+
+ARRAY_ARGS = [(op, name) for op, make in VALID.items() for name, value in make().items()
+              if isinstance(value, FakeCudaArray)]
+
+
+def call(op, **kwargs):
+    return getattr(_C, op)(**kwargs, stream=0)
+
+
+def raises_naming(exc_type, op, arg, *fragments, **kwargs):
+    """Calls ``op`` with the valid arguments updated by ``kwargs``; asserts the error names the
+    op, the argument and every fragment."""
+    args = VALID[op]()
+    args.update(kwargs)
+    with pytest.raises(exc_type) as info:
+        call(op, **args)
+    message = str(info.value)
+    assert f"{op}: argument {arg}" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# ------------------------------------------------------------------------------------------------
+# The module itself
+# ------------------------------------------------------------------------------------------------
+
+def ops_md_names():
+    text = (ROOT / "docs" / "OPS.md").read_text()
+    return re.findall(r"^\| `(\w+)` \|", text, flags=re.MULTILINE)
+
+
+def test_module_exposes_every_op_of_ops_md():
+    names = ops_md_names()
+    assert len(names) == 21, names
+    missing = [n for n in names if not callable(getattr(_C, n, None))]
+    assert not missing, f"unet_cuda._C lacks {missing}"
+    assert set(VALID) == set(names)
+
+
+def test_cuda_backend_exports_the_reference_op_set():
+    # unet_cuda.ops.cuda needs CuPy to import, so its __all__ is read from the source.
+    tree = ast.parse((ROOT / "unet_cuda" / "ops" / "cuda.py").read_text())
+    exported = next(
+        ast.literal_eval(node.value) for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+    )
+    from unet_cuda.ops import reference
+
+    assert set(exported) == set(reference.__all__) == set(ops_md_names())
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert set(exported) <= defined
+
+
+def test_helpers_work_without_a_device():
+    assert isinstance(_C.device_count(), int) and _C.device_count() >= 0
+    assert _C.cuda_version() >= 12000
+
+
+def test_stream_is_keyword_only():
+    with pytest.raises(TypeError):
+        _C.accumulate_(f32(3), f32(3), 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks every array argument of every op gets
+# ------------------------------------------------------------------------------------------------
+
+WRONG_TYPESTR = {"<f4": "<f8", "<i4": "<i8", "|u1": "<f4"}
+
+
+@pytest.mark.parametrize("op,arg", ARRAY_ARGS)
+def test_wrong_dtype(op, arg):
+    fake = VALID[op]()[arg]
+    wrong = WRONG_TYPESTR[fake.typestr]
+    raises_naming(ValueError, op, arg, "dtype", wrong, **{arg: fake.like(typestr=wrong)})
+
+
+@pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in ARRAY_ARGS if op not in ANY_NDIM])
+def test_wrong_ndim(op, arg):
+    fake = VALID[op]()[arg]
+    raises_naming(ValueError, op, arg, "dimensions", **{arg: fake.like(shape=fake.shape + (1,))})
+    if len(fake.shape) > 0:
+        raises_naming(ValueError, op, arg, "dimensions", **{arg: fake.like(shape=fake.shape[1:])})
+
+
+def non_contiguous_strides(shape, itemsize):
+    """Byte strides of a view that takes every other element of the innermost extent > 1."""
+    strides, step = [], itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    strides.reverse()
+    k = max(i for i, extent in enumerate(shape) if extent > 1)
+    strides[k] *= 2
+    return tuple(strides)
+
+
+@pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in ARRAY_ARGS
+                                    if any(e > 1 for e in VALID[op]()[arg].shape)])
+def test_non_contiguous(op, arg):
+    fake = VALID[op]()[arg]
+    itemsize = 1 if fake.typestr == "|u1" else 4
+    strides = non_contiguous_strides(fake.shape, itemsize)
+    raises_naming(ValueError, op, arg, "C-contiguous", **{arg: fake.like(strides=strides)})
+
+
+@pytest.mark.parametrize("op,arg", ARRAY_ARGS)
+def test_null_pointer(op, arg):
+    fake = VALID[op]()[arg]
+    raises_naming(ValueError, op, arg, "null", **{arg: fake.like(ptr=0)})
+
+
+@pytest.mark.parametrize("op,arg", ARRAY_ARGS)
+def test_not_a_cuda_array(op, arg):
+    fake = VALID[op]()[arg]
+    raises_naming(TypeError, op, arg, "__cuda_array_interface__", **{arg: [1.0, 2.0]})
+    raises_naming(TypeError, op, arg, "NoneType", **{arg: None})
+    host = np.zeros(fake.shape, dtype=np.dtype(fake.typestr))
+    raises_naming(ValueError, op, arg, "host memory", "numpy.ndarray", **{arg: host})
+
+
+@pytest.mark.parametrize("op,arg", [(op, arg) for op, outs in OUTPUTS.items() for arg in outs])
+def test_read_only_output(op, arg):
+    fake = VALID[op]()[arg]
+    raises_naming(ValueError, op, arg, "read-only", **{arg: fake.like(read_only=True)})
+
+
+@pytest.mark.parametrize("op,arg", [(op, arg) for op, outs in OUTPUTS.items() for arg in outs
+                                    if op != "dropout_mask"])  # its mask is its only array
+def test_output_overlapping_another_argument(op, arg):
+    args = VALID[op]()
+    other = next(name for name, value in args.items()
+                 if isinstance(value, FakeCudaArray) and name != arg)
+    shared = args[other]
+    # The output's first bytes are the other argument's memory.
+    args[arg] = args[arg].like(ptr=shared.ptr)
+    with pytest.raises(ValueError, match="overlaps"):
+        call(op, **args)
+
+
+def test_malformed_interfaces():
+    op = "accumulate_"
+    raises_naming(ValueError, op, "src", "masked", src=f32(7, 3).like(mask=object()))
+    raises_naming(ValueError, op, "src", "strides", src=f32(7, 3).like(strides=(4,)))
+
+    class NoShape:
+        __cuda_array_interface__ = {"typestr": "<f4", "data": (8, False), "version": 3}
+
+    raises_naming(ValueError, op, "src", "shape", src=NoShape())
+
+    class NotADict:
+        __cuda_array_interface__ = ("<f4", (7, 3))
+
+    raises_naming(ValueError, op, "src", "dict", src=NotADict())
+    raises_naming(ValueError, op, "src", "integer", src=f32(7, 3).like(shape=(7.0, 3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes and sizes each op requires
+# ------------------------------------------------------------------------------------------------
+
+SHAPE_CASES = [
+    # (op, argument blamed, replaced arguments)
+    ("conv3x3_forward", "w", dict(w=f32(5, 2, 3, 3))),              # C differs from x's
+    ("conv3x3_forward", "w", dict(w=f32(5, 3, 2, 2))),              # not 3x3
+    ("conv3x3_forward", "b", dict(b=f32(4))),
+    ("conv3x3_forward", "y", dict(y=f32(2, 5, 6, 4))),
+    ("conv3x3_forward", "y", dict(y=f32(1, 5, 5, 4))),
+    ("conv3x3_forward", "x", dict(x=f32(2, 3, 2, 6), y=f32(2, 5, 0, 4))),  # H < 3
+    ("conv3x3_forward", "x", dict(x=f32(2, 3, 6, 1), y=f32(2, 5, 4, 0))),  # W < 3
+    ("conv3x3_backward_data", "dy", dict(dy=f32(2, 5, 4, 4))),
+    ("conv3x3_backward_data", "w", dict(w=f32(5, 2, 3, 3))),
+    ("conv3x3_backward_data", "dy", dict(dy=f32(2, 4, 5, 4))),      # O differs from w's
+    ("conv3x3_backward_weight", "dy", dict(dy=f32(1, 5, 5, 4))),    # batch differs from x's
+    ("conv3x3_backward_weight", "dy", dict(dy=f32(2, 5, 5, 5))),
+    ("conv3x3_backward_weight", "dw", dict(dw=f32(5, 3, 3, 2))),
+    ("conv3x3_backward_weight", "db", dict(db=f32(4))),
+    ("conv1x1_forward", "w", dict(w=f32(2, 3, 3, 3))),
+    ("conv1x1_forward", "y", dict(y=f32(2, 2, 5, 5))),
+    ("conv1x1_forward", "b", dict(b=f32(3))),
+    ("conv1x1_backward_data", "w", dict(dx=f32(2, 4, 5, 4))),       # C of dx differs from w's
+    ("conv1x1_backward_data", "dy", dict(dy=f32(2, 2, 4, 4))),
+    ("conv1x1_backward_weight", "dy", dict(dy=f32(2, 2, 5, 3))),
+    ("conv1x1_backward_weight", "db", dict(db=f32(3))),
+    ("upconv2x2_forward", "w", dict(w=f32(4, 3, 3, 3))),
+    ("upconv2x2_forward", "y", dict(y=f32(2, 4, 6, 5))),
+    ("upconv2x2_backward_data", "dy", dict(dy=f32(2, 4, 5, 4))),    # odd: not 2H
+    ("upconv2x2_backward_data", "w", dict(w=f32(4, 2, 2, 2))),
+    ("upconv2x2_backward_weight", "dy", dict(dy=f32(2, 4, 6, 6))),
+    ("upconv2x2_backward_weight", "dw", dict(dw=f32(4, 3, 1, 1))),
+    ("maxpool2x2_forward", "x", dict(x=f32(2, 3, 5, 4))),           # odd H
+    ("maxpool2x2_forward", "x", dict(x=f32(2, 3, 6, 3))),           # odd W
+    ("maxpool2x2_forward", "x", dict(x=f32(2, 3, 0, 4), y=f32(2, 3, 0, 2), argmax=u8(2, 3, 0, 2))),
+    ("maxpool2x2_forward", "y", dict(y=f32(2, 3, 3, 3))),
+    ("maxpool2x2_forward", "argmax", dict(argmax=u8(2, 3, 2, 2))),
+    ("maxpool2x2_backward", "argmax", dict(argmax=u8(2, 3, 3, 3))),
+    ("maxpool2x2_backward", "dx", dict(dx=f32(2, 3, 5, 4))),
+    ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 7, 7))),    # odd Hs - H
+    ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 8, 8))),    # odd Ws - W
+    ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 2, 7))),    # Hs < H
+    ("crop_concat_forward", "skip", dict(skip=f32(1, 2, 8, 7))),    # batch
+    ("crop_concat_forward", "y", dict(y=f32(2, 4, 4, 5))),
+    ("crop_concat_backward", "dskip", dict(dskip=f32(2, 2, 7, 8))),
+    ("crop_concat_backward", "dskip", dict(dskip=f32(2, 2, 2, 3))),
+    ("crop_concat_backward", "dskip", dict(dskip=f32(2, 6, 8, 7))),  # more channels than dy
+    ("crop_concat_backward", "dskip", dict(dskip=f32(3, 2, 8, 7))),
+    ("crop_concat_backward", "dup", dict(dup=f32(2, 2, 4, 5))),
+    ("relu_backward", "dy", dict(dy=f32(2, 3, 5))),
+    ("relu_backward", "dx", dict(dx=f32(3, 2, 4))),
+    ("relu_backward", "dy", dict(dy=f32(2, 3, 4, 1))),
+    ("accumulate_", "src", dict(src=f32(3, 7))),
+    ("softmax_xent_forward", "labels", dict(labels=i32(2, 4, 4))),
+    ("softmax_xent_forward", "weights", dict(weights=f32(1, 4, 5))),
+    ("softmax_xent_forward", "probs", dict(probs=f32(2, 2, 4, 5))),
+    ("softmax_xent_forward", "loss", dict(loss=f32(1))),
+    ("softmax_xent_forward", "logits", dict(logits=f32(2, 0, 4, 5), probs=f32(2, 0, 4, 5))),
+    ("softmax_xent_forward", "logits", dict(logits=f32(0, 3, 4, 5), probs=f32(0, 3, 4, 5),
+                                            labels=i32(0, 4, 5), weights=f32(0, 4, 5))),
+    ("softmax_xent_backward", "labels", dict(labels=i32(2, 5, 4))),
+    ("softmax_xent_backward", "dlogits", dict(dlogits=f32(2, 3, 4, 4))),
+    ("dropout_forward", "mask", dict(mask=u8(3, 4, 4))),
+    ("dropout_forward", "y", dict(y=f32(3, 4, 4))),
+    ("dropout_backward", "mask", dict(mask=u8(60))),
+    ("dropout_backward", "dx", dict(dx=f32(3, 5, 4))),
+    ("sgd_momentum_update_", "grad", dict(grad=f32(4, 3, 3, 2))),
+    ("sgd_momentum_update_", "velocity", dict(velocity=f32(4, 3, 3))),
+]
+
+
+@pytest.mark.parametrize("op,arg,changes", SHAPE_CASES,
+                         ids=[f"{op}-{arg}-{i}" for i, (op, arg, _) in enumerate(SHAPE_CASES)])
+def test_inconsistent_shapes(op, arg, changes):
+    message = raises_naming(ValueError, op, arg, **changes)
+    # The message shows the shapes: at least the blamed argument's.
+    shape = changes.get(arg, VALID[op]()[arg]).shape
+    assert str(shape).replace(" ", "") in message.replace(" ", ""), message
+
+
+SCALAR_CASES = [
+    ("dropout_mask", "p", 1.0), ("dropout_mask", "p", -0.25), ("dropout_mask", "p", math.nan),
+    ("dropout_mask", "p", math.inf),
+    ("dropout_mask", "seed", -1), ("dropout_mask", "seed", 2**64), ("dropout_mask", "seed", 1.5),
+    ("dropout_mask", "seed", "7"), ("dropout_mask", "seed", True),
+    ("dropout_forward", "p", 1.0), ("dropout_forward", "p", math.nan),
+    ("dropout_backward", "p", -1e-9),
+    ("softmax_xent_backward", "dloss", math.nan), ("softmax_xent_backward", "dloss", -math.inf),
+    ("sgd_momentum_update_", "lr", math.nan), ("sgd_momentum_update_", "lr", -0.1),
+    ("sgd_momentum_update_", "lr", math.inf),
+    ("sgd_momentum_update_", "momentum", 1.5), ("sgd_momentum_update_", "momentum", -0.5),
+    ("sgd_momentum_update_", "momentum", math.nan),
+    ("sgd_momentum_update_", "weight_decay", -1e-4), ("sgd_momentum_update_", "weight_decay", math.inf),
+]
+
+
+@pytest.mark.parametrize("op,arg,value", SCALAR_CASES)
+def test_bad_scalars(op, arg, value):
+    raises_naming(ValueError, op, arg, "must be", **{arg: value})
+
+
+# ------------------------------------------------------------------------------------------------
+# Calls that pass every check meet the device-memory check: in a subprocess, to be safe
+# ------------------------------------------------------------------------------------------------
+
+def report_valid_calls():
+    """Runs each op once with valid host-backed fakes; prints {op: [exception type, message]}."""
+    cases = {op: make() for op, make in VALID.items()}
+    # Seeds at the ends of the range, and an integer-like seed, pass the scalar checks too.
+    cases["dropout_mask max seed"] = dict(VALID["dropout_mask"](), seed=2**64 - 1)
+    cases["dropout_mask numpy seed"] = dict(VALID["dropout_mask"](), seed=np.uint64(5))
+    cases["sgd_momentum_update_ 1-d"] = dict(param=f32(5), grad=f32(5), velocity=f32(5), lr=0.0,
+                                             momentum=1.0, weight_decay=0.0)
+    results = {}
+    for name, args in cases.items():
+        op = name.split()[0]
+        try:
+            call(op, **args)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent test
+            results[name] = [type(exc).__name__, str(exc)]
+        else:
+            results[name] = ["no exception", ""]
+    print(json.dumps(results))
+
+
+def test_valid_calls_reach_the_device_memory_check():
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_bindings; test_bindings.report_valid_calls()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(VALID) + 3
+    for name, (kind, message) in results.items():
+        op = name.split()[0]
+        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
+        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
+        assert host_memory or no_device, f"{name}: {kind}: {message}"
+        assert message.startswith(f"{op}: "), message

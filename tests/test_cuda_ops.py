@@ -1,0 +1,608 @@
+"""Every CUDA op (unet_cuda.ops.cuda over unet_cuda._C) against the NumPy reference, on the GPU.
+
+* Inputs are fresh seeded random float32 arrays; the reference runs on float64 copies of them and
+  the comparison allows float32 rounding (``assert_close`` prints the max abs and rel error first).
+* Every output is poisoned before the call (NaN for floats, 0xFF for uint8), so an element a kernel
+  forgets to write shows up.
+* Shapes: awkward ones (sizes 1..13, odd; channel counts 1, 3, 5, 7, 33; batch 1 and 2) and the
+  real layer shapes of the 572x572 tile (docs: shared/docs/PERFORMANCE.md), with channel counts
+  scaled down where the NumPy reference would be slow.
+* Exact equality where the arithmetic allows it: small-integer convolutions, max-pool (argmax too),
+  crop/concat, dropout masks (bit-identical to the reference hash), ReLU and accumulation.
+* Determinism: weight gradients and the loss are bitwise identical from call to call.
+* Past 2^31 elements: 64-bit indexing, when the GPU has the memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from unet_cuda import ops
+from unet_cuda.ops import reference as ref
+
+_WHY_NOT = ops.cuda_status()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(_WHY_NOT is not None, reason=f"the CUDA backend cannot run here: {_WHY_NOT}"),
+]
+
+if _WHY_NOT is None:
+    import cupy
+
+    from unet_cuda import _C
+    from unet_cuda.ops import cuda as cu
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output the CUDA backend allocates starts as NaN (floats) or 0xFF (integers)."""
+
+    def poisoned_empty(shape, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).max
+        return cupy.full(shape, fill, dtype=dtype)
+
+    monkeypatch.setattr(cu, "_empty", poisoned_empty)
+
+
+def rand(rng, *shape, scale=1.0):
+    """Uniform in [-scale, scale), float32."""
+    return (rng.uniform(-1.0, 1.0, size=shape) * scale).astype(np.float32)
+
+
+def small_ints(rng, *shape, low=-2, high=2):
+    """Small integers as float32: sums of them are exact in float32 (and so must match exactly)."""
+    return rng.integers(low, high + 1, size=shape).astype(np.float32)
+
+
+def dev(a):
+    return cupy.asarray(a)
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def host(a):
+    return cupy.asnumpy(a)
+
+
+def peak(a) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.abs(a[np.isfinite(a)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def assert_close(got, want, atol, rtol, name):
+    """|got - want| <= atol + rtol * |want| elementwise, NaN exactly where the reference has NaN.
+    Prints the max abs and rel error first (pytest shows it on failure, or with -s)."""
+    got = np.asarray(host(got) if isinstance(got, cupy.ndarray) else got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, reference {want.shape}"
+    nan_want, nan_got = np.isnan(want), np.isnan(got)
+    err = np.where(nan_want, 0.0, np.abs(got - want))
+    rel = err / np.maximum(np.abs(want), np.finfo(np.float64).tiny)
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = float(rel[~nan_want].max()) if (~nan_want).any() else 0.0
+    print(f"{name}: max abs err {max_abs:.3e}, max rel err {max_rel:.3e}, max |ref| {peak(want):.3e} "
+          f"(atol {atol:.2e}, rtol {rtol:.1e}), shape {want.shape}")
+    wrong_nan = nan_want != nan_got
+    assert not wrong_nan.any(), (f"{name}: {int(wrong_nan.sum())} elements NaN in one and not the "
+                                 f"other, first at {np.argwhere(wrong_nan)[0].tolist()}")
+    bad = err > atol + rtol * np.abs(want)
+    if bad.any():
+        first = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} elements out of tolerance; "
+                             f"first at {list(first)}: got {got[first]!r}, reference {want[first]!r}")
+
+
+def assert_close_f32(got, want, name, rel=2e-5):
+    """Float32 tolerance for results that are sums of many products: errors measured against the
+    largest reference value (cancellation makes small elements relatively less exact)."""
+    assert_close(got, want, atol=rel * peak(want), rtol=rel, name=name)
+
+
+def assert_equal(got, want, name):
+    got = host(got)
+    want = np.asarray(want)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, reference {want.shape}"
+    same = (got == want) | (np.isnan(got) & np.isnan(want)) if got.dtype.kind == "f" else got == want
+    if not same.all():
+        first = tuple(np.argwhere(~same)[0])
+        raise AssertionError(f"{name}: {int((~same).sum())} of {same.size} elements differ; first at "
+                             f"{list(first)}: got {got[first]!r}, reference {want[first]!r}")
+
+
+def bitwise_equal(a, b) -> bool:
+    return host(a).tobytes() == host(b).tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes
+# ------------------------------------------------------------------------------------------------
+
+# (N, C, H, W, O): 3x3 convolutions need H, W >= 3.
+CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9, 3),
+                  (1, 33, 8, 6, 2), (2, 3, 6, 5, 33), (1, 2, 13, 11, 4)]
+CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
+                  (1, 64, 9, 9, 2)]
+UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 33, 3, 5, 7), (2, 5, 4, 1, 33),
+                 (1, 8, 9, 9, 3)]
+# (N, C, H, W) with H, W even.
+MAXPOOL_SHAPES = [(1, 1, 2, 2), (2, 3, 4, 6), (1, 5, 8, 2), (2, 7, 10, 14), (1, 33, 6, 6)]
+# (N, Cu, Cs, H, W, Hs, Ws) with Hs-H, Ws-W even and >= 0.
+CROP_SHAPES = [(1, 1, 1, 1, 1, 1, 1), (2, 3, 5, 2, 3, 6, 9), (1, 7, 3, 5, 4, 9, 4),
+               (2, 1, 33, 3, 3, 5, 7)]
+# (N, K, H, W)
+SOFTMAX_SHAPES = [(1, 1, 1, 1), (2, 2, 3, 5), (1, 5, 7, 4), (2, 3, 9, 9), (1, 33, 2, 3)]
+ELEMENTWISE_SHAPES = [(1,), (7,), (3, 5), (2, 3, 5, 7), (1, 33, 9, 9)]
+
+# The 3x3 convolutions of the 572x572 tile: (layer, output size, Cin, Cout).
+REAL_CONV3X3 = [
+    ("d1a", 570, 1, 64), ("d1b", 568, 64, 64), ("d2a", 282, 64, 128), ("d2b", 280, 128, 128),
+    ("d3a", 138, 128, 256), ("d3b", 136, 256, 256), ("d4a", 66, 256, 512), ("d4b", 64, 512, 512),
+    ("b1", 30, 512, 1024), ("b2", 28, 1024, 1024), ("u1a", 54, 1024, 512), ("u1b", 52, 512, 512),
+    ("u2a", 102, 512, 256), ("u2b", 100, 256, 256), ("u3a", 198, 256, 128), ("u3b", 196, 128, 128),
+    ("u4a", 390, 128, 64), ("u4b", 388, 64, 64),
+]
+# The up-convolutions: (layer, output size, Cin, Cout).
+REAL_UPCONV = [("up1", 56, 1024, 512), ("up2", 104, 512, 256), ("up3", 200, 256, 128),
+               ("up4", 392, 128, 64)]
+# The skip connections: (level, up size, skip size, channels of each).
+REAL_CROPS = [(1, 56, 64, 512), (2, 104, 136, 256), (3, 200, 280, 128), (4, 392, 568, 64)]
+
+
+def scaled_channels(cin, cout, flops_per_channel_pair, budget):
+    """Channel counts scaled by one factor so that the layer costs at most `budget` FLOP (keeps the
+    NumPy reference fast); layers under budget keep their real channel counts."""
+    scale = min(1.0, math.sqrt(budget / (flops_per_channel_pair * cin * cout)))
+    return max(1, round(cin * scale)), max(1, round(cout * scale))
+
+
+def real_conv3x3_case(layer):
+    _, size, cin, cout = layer
+    c, o = scaled_channels(cin, cout, 2 * 9 * size * size, budget=1.5e9)
+    return 1, c, size + 2, size + 2, o
+
+
+# ------------------------------------------------------------------------------------------------
+# 3x3 convolution
+# ------------------------------------------------------------------------------------------------
+
+def check_conv3x3(rng, n, c, h, w, o, relu=True):
+    x = rand(rng, n, c, h, w)
+    wt = rand(rng, o, c, 3, 3, scale=1.0 / math.sqrt(9 * c))
+    b = rand(rng, o)
+    dy = rand(rng, n, o, h - 2, w - 2)
+    name = f"[{n},{c},{h},{w}]->{o}"
+
+    y = cu.conv3x3_forward(dev(x), dev(wt), dev(b), relu=relu)
+    assert y.dtype == cupy.float32 and y.flags.c_contiguous
+    assert_close_f32(y, ref.conv3x3_forward(f64(x), f64(wt), f64(b), relu=relu),
+                     f"conv3x3_forward{name} relu={relu}")
+
+    dx = cu.conv3x3_backward_data(dev(dy), dev(wt))
+    assert_close_f32(dx, ref.conv3x3_backward_data(f64(dy), f64(wt)),
+                     f"conv3x3_backward_data{name}")
+
+    dw, db = cu.conv3x3_backward_weight(dev(x), dev(dy))
+    dw_ref, db_ref = ref.conv3x3_backward_weight(f64(x), f64(dy))
+    assert_close_f32(dw, dw_ref, f"conv3x3_backward_weight{name} dw")
+    assert_close_f32(db, db_ref, f"conv3x3_backward_weight{name} db")
+
+
+@pytest.mark.parametrize("shape", CONV3X3_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv3x3_awkward_shapes(shape, relu):
+    check_conv3x3(np.random.default_rng(hash(shape) % 2**32), *shape, relu=relu)
+
+
+@pytest.mark.parametrize("layer", REAL_CONV3X3, ids=lambda layer: layer[0])
+def test_conv3x3_real_layer_shapes(layer):
+    check_conv3x3(np.random.default_rng(layer[1]), *real_conv3x3_case(layer), relu=True)
+
+
+def test_conv3x3_small_integers_exact():
+    rng = np.random.default_rng(3)
+    n, c, h, w, o = 2, 5, 9, 7, 3
+    x, wt, b = small_ints(rng, n, c, h, w), small_ints(rng, o, c, 3, 3), small_ints(rng, o)
+    dy = small_ints(rng, n, o, h - 2, w - 2)
+    assert_equal(cu.conv3x3_forward(dev(x), dev(wt), dev(b), relu=True),
+                 ref.conv3x3_forward(x, wt, b, relu=True), "conv3x3_forward")
+    assert_equal(cu.conv3x3_backward_data(dev(dy), dev(wt)), ref.conv3x3_backward_data(dy, wt),
+                 "conv3x3_backward_data")
+    dw, db = cu.conv3x3_backward_weight(dev(x), dev(dy))
+    dw_ref, db_ref = ref.conv3x3_backward_weight(x, dy)
+    assert_equal(dw, dw_ref, "conv3x3_backward_weight dw")
+    assert_equal(db, db_ref, "conv3x3_backward_weight db")
+
+
+def test_conv3x3_relu_passes_nan_and_clamps_negatives():
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    wt = np.zeros((3, 1, 3, 3), np.float32)
+    b = np.array([-1.0, 2.0, np.nan], np.float32)
+    y = host(cu.conv3x3_forward(dev(x), dev(wt), dev(b), relu=True)).ravel()
+    assert y[0] == 0.0 and y[1] == 2.0 and np.isnan(y[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# 1x1 convolution and 2x2 up-convolution
+# ------------------------------------------------------------------------------------------------
+
+def check_conv1x1(rng, n, c, h, w, o):
+    x, wt, b = rand(rng, n, c, h, w), rand(rng, o, c, 1, 1, scale=1 / math.sqrt(c)), rand(rng, o)
+    dy = rand(rng, n, o, h, w)
+    name = f"[{n},{c},{h},{w}]->{o}"
+    assert_close_f32(cu.conv1x1_forward(dev(x), dev(wt), dev(b)),
+                     ref.conv1x1_forward(f64(x), f64(wt), f64(b)), f"conv1x1_forward{name}")
+    assert_close_f32(cu.conv1x1_backward_data(dev(dy), dev(wt)),
+                     ref.conv1x1_backward_data(f64(dy), f64(wt)), f"conv1x1_backward_data{name}")
+    dw, db = cu.conv1x1_backward_weight(dev(x), dev(dy))
+    dw_ref, db_ref = ref.conv1x1_backward_weight(f64(x), f64(dy))
+    assert_close_f32(dw, dw_ref, f"conv1x1_backward_weight{name} dw")
+    assert_close_f32(db, db_ref, f"conv1x1_backward_weight{name} db")
+
+
+@pytest.mark.parametrize("shape", CONV1X1_SHAPES, ids=str)
+def test_conv1x1_awkward_shapes(shape):
+    check_conv1x1(np.random.default_rng(hash(shape) % 2**32), *shape)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_conv1x1_real_layer_shape(n):
+    check_conv1x1(np.random.default_rng(388 + n), n, 64, 388, 388, 2)  # "out": 388² x 2 from 64
+
+
+def check_upconv(rng, n, c, h, w, o):
+    x, wt, b = rand(rng, n, c, h, w), rand(rng, o, c, 2, 2, scale=1 / math.sqrt(c)), rand(rng, o)
+    dy = rand(rng, n, o, 2 * h, 2 * w)
+    name = f"[{n},{c},{h},{w}]->{o}"
+    assert_close_f32(cu.upconv2x2_forward(dev(x), dev(wt), dev(b)),
+                     ref.upconv2x2_forward(f64(x), f64(wt), f64(b)), f"upconv2x2_forward{name}")
+    assert_close_f32(cu.upconv2x2_backward_data(dev(dy), dev(wt)),
+                     ref.upconv2x2_backward_data(f64(dy), f64(wt)),
+                     f"upconv2x2_backward_data{name}")
+    dw, db = cu.upconv2x2_backward_weight(dev(x), dev(dy))
+    dw_ref, db_ref = ref.upconv2x2_backward_weight(f64(x), f64(dy))
+    assert_close_f32(dw, dw_ref, f"upconv2x2_backward_weight{name} dw")
+    assert_close_f32(db, db_ref, f"upconv2x2_backward_weight{name} db")
+
+
+@pytest.mark.parametrize("shape", UPCONV_SHAPES, ids=str)
+def test_upconv2x2_awkward_shapes(shape):
+    check_upconv(np.random.default_rng(hash(shape) % 2**32), *shape)
+
+
+@pytest.mark.parametrize("layer", REAL_UPCONV, ids=lambda layer: layer[0])
+def test_upconv2x2_real_layer_shapes(layer):
+    _, size, cin, cout = layer
+    c, o = scaled_channels(cin, cout, 2 * size * size, budget=0.5e9)
+    check_upconv(np.random.default_rng(size), 1, c, size // 2, size // 2, o)
+
+
+def test_conv1x1_and_upconv_small_integers_exact():
+    rng = np.random.default_rng(5)
+    x, w1, b = small_ints(rng, 2, 7, 5, 3), small_ints(rng, 3, 7, 1, 1), small_ints(rng, 3)
+    dy1 = small_ints(rng, 2, 3, 5, 3)
+    assert_equal(cu.conv1x1_forward(dev(x), dev(w1), dev(b)), ref.conv1x1_forward(x, w1, b),
+                 "conv1x1_forward")
+    assert_equal(cu.conv1x1_backward_data(dev(dy1), dev(w1)), ref.conv1x1_backward_data(dy1, w1),
+                 "conv1x1_backward_data")
+    for got, want, part in zip(cu.conv1x1_backward_weight(dev(x), dev(dy1)),
+                               ref.conv1x1_backward_weight(x, dy1), ("dw", "db")):
+        assert_equal(got, want, f"conv1x1_backward_weight {part}")
+    w2, dy2 = small_ints(rng, 4, 7, 2, 2), small_ints(rng, 2, 4, 10, 6)
+    b2 = small_ints(rng, 4)
+    assert_equal(cu.upconv2x2_forward(dev(x), dev(w2), dev(b2)), ref.upconv2x2_forward(x, w2, b2),
+                 "upconv2x2_forward")
+    assert_equal(cu.upconv2x2_backward_data(dev(dy2), dev(w2)),
+                 ref.upconv2x2_backward_data(dy2, w2), "upconv2x2_backward_data")
+    for got, want, part in zip(cu.upconv2x2_backward_weight(dev(x), dev(dy2)),
+                               ref.upconv2x2_backward_weight(x, dy2), ("dw", "db")):
+        assert_equal(got, want, f"upconv2x2_backward_weight {part}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Max-pool, crop/concat, element-wise
+# ------------------------------------------------------------------------------------------------
+
+def check_maxpool(x, name):
+    y, argmax = cu.maxpool2x2_forward(dev(x))
+    y_ref, argmax_ref = ref.maxpool2x2_forward(x)
+    assert argmax.dtype == cupy.uint8
+    assert_equal(y, y_ref, f"maxpool2x2_forward{name} y")
+    assert_equal(argmax, argmax_ref, f"maxpool2x2_forward{name} argmax")
+    dy = rand(np.random.default_rng(x.size), *y_ref.shape)
+    assert_equal(cu.maxpool2x2_backward(dev(dy), argmax), ref.maxpool2x2_backward(dy, argmax_ref),
+                 f"maxpool2x2_backward{name}")
+
+
+@pytest.mark.parametrize("shape", MAXPOOL_SHAPES, ids=str)
+def test_maxpool_awkward_shapes(shape):
+    check_maxpool(rand(np.random.default_rng(sum(shape)), *shape), str(shape))
+
+
+def test_maxpool_ties_take_the_first_maximum():
+    # Values in {0, 1, 2}: most windows hold ties, in every arrangement.
+    x = small_ints(np.random.default_rng(11), 2, 3, 16, 18, low=0, high=2)
+    check_maxpool(x, " ties")
+
+
+def test_maxpool_nan_follows_the_reference():
+    x = rand(np.random.default_rng(12), 1, 2, 8, 8)
+    x[0, 0, 0, 0] = np.nan   # first in its window: taken
+    x[0, 0, 2, 3] = np.nan   # second in its window: never taken
+    x[0, 1, 5, 5] = np.nan   # last in its window: never taken
+    check_maxpool(x, " NaN")
+
+
+@pytest.mark.parametrize("layer", [("d1", 568, 64), ("d2", 280, 128), ("d3", 136, 256),
+                                   ("d4", 64, 512)], ids=lambda layer: layer[0])
+def test_maxpool_real_layer_shapes(layer):
+    _, size, channels = layer
+    x = rand(np.random.default_rng(size), 1, min(channels, 16), size, size)
+    check_maxpool(x, f" {layer[0]}")
+
+
+def check_crop_concat(rng, n, cu_, cs, h, w, hs, ws):
+    up, skip = rand(rng, n, cu_, h, w), rand(rng, n, cs, hs, ws)
+    name = f"up[{n},{cu_},{h},{w}] skip[{n},{cs},{hs},{ws}]"
+    assert_equal(cu.crop_concat_forward(dev(up), dev(skip)), ref.crop_concat_forward(up, skip),
+                 f"crop_concat_forward {name}")
+    dy = rand(rng, n, cu_ + cs, h, w)
+    dup, dskip = cu.crop_concat_backward(dev(dy), skip.shape)
+    dup_ref, dskip_ref = ref.crop_concat_backward(dy, skip.shape)
+    assert_equal(dup, dup_ref, f"crop_concat_backward {name} dup")
+    assert_equal(dskip, dskip_ref, f"crop_concat_backward {name} dskip")
+
+
+@pytest.mark.parametrize("shape", CROP_SHAPES, ids=str)
+def test_crop_concat_awkward_shapes(shape):
+    check_crop_concat(np.random.default_rng(sum(shape)), *shape)
+
+
+@pytest.mark.parametrize("level", REAL_CROPS, ids=lambda level: f"level{level[0]}")
+def test_crop_concat_real_layer_shapes(level):
+    _, up_size, skip_size, channels = level
+    c = min(channels, 32)
+    check_crop_concat(np.random.default_rng(up_size), 1, c, c, up_size, up_size, skip_size,
+                      skip_size)
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES + [(1, 64, 568, 568)], ids=str)
+def test_relu_backward_and_accumulate(shape):
+    rng = np.random.default_rng(len(shape))
+    y = np.maximum(rand(rng, *shape), 0)   # a ReLU output: exact zeros included
+    dy = rand(rng, *shape)
+    assert_equal(cu.relu_backward(dev(y), dev(dy)), ref.relu_backward(y, dy), f"relu_backward{shape}")
+    dst, src = rand(rng, *shape), rand(rng, *shape)
+    dst_dev = dev(dst)
+    result = cu.accumulate_(dst_dev, dev(src))
+    assert result is dst_dev
+    assert_equal(dst_dev, ref.accumulate_(dst.copy(), src), f"accumulate_{shape}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+def check_softmax_xent(rng, n, k, h, w, illegal=()):
+    logits = rand(rng, n, k, h, w, scale=4.0)
+    labels = rng.integers(0, k, size=(n, h, w)).astype(np.int32)
+    for index, value in illegal:
+        labels[index] = value
+    weights = rng.uniform(0.5, 10.0, size=(n, h, w)).astype(np.float32)
+    name = f"[{n},{k},{h},{w}]"
+
+    loss, probs = cu.softmax_xent_forward(dev(logits), dev(labels), dev(weights))
+    loss_ref, probs_ref = ref.softmax_xent_forward(f64(logits), labels, f64(weights))
+    assert isinstance(loss, cupy.ndarray) and loss.shape == () and loss.dtype == cupy.float32
+    assert_close(probs, probs_ref, atol=1e-7, rtol=1e-5, name=f"softmax_xent_forward{name} probs")
+    assert_close(loss, loss_ref, atol=0.0, rtol=1e-5, name=f"softmax_xent_forward{name} loss")
+
+    dloss = 0.75
+    dlogits = cu.softmax_xent_backward(probs, dev(labels), dev(weights), dloss)
+    dlogits_ref = ref.softmax_xent_backward(f64(host(probs)), labels, f64(weights), dloss)
+    assert_close(dlogits, dlogits_ref, atol=1e-6 * peak(dlogits_ref), rtol=1e-5,
+                 name=f"softmax_xent_backward{name}")
+    return loss, probs
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=str)
+def test_softmax_xent_awkward_shapes(shape):
+    check_softmax_xent(np.random.default_rng(sum(shape)), *shape)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_softmax_xent_real_layer_shape(n):
+    check_softmax_xent(np.random.default_rng(n), n, 2, 388, 388)
+
+
+def test_softmax_xent_illegal_labels_give_nan():
+    rng = np.random.default_rng(21)
+    loss, _ = check_softmax_xent(rng, 2, 3, 5, 4, illegal=[((0, 1, 2), -1), ((1, 4, 3), 3)])
+    assert math.isnan(float(loss))
+
+
+def test_softmax_xent_backward_takes_dloss_on_the_device():
+    rng = np.random.default_rng(22)
+    logits, labels = rand(rng, 2, 2, 6, 5), rng.integers(0, 2, size=(2, 6, 5)).astype(np.int32)
+    weights = rng.uniform(0.5, 2.0, size=(2, 6, 5)).astype(np.float32)
+    _, probs = cu.softmax_xent_forward(dev(logits), dev(labels), dev(weights))
+    from_scalar = cu.softmax_xent_backward(probs, dev(labels), dev(weights), 0.5)
+    from_array = cu.softmax_xent_backward(probs, dev(labels), dev(weights),
+                                          cupy.asarray(0.5, dtype=cupy.float32))
+    assert_close(from_array, host(from_scalar), atol=0.0, rtol=1e-6, name="dloss as a 0-d array")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout and SGD
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1, 2**63 + 5, 2**64 - 1])
+def test_dropout_mask_is_bit_identical_to_the_reference(p, seed):
+    for shape in [(1,), (7, 3), (2, 5, 9, 9), (1, 1024, 28, 28)]:
+        mask = cu.dropout_mask(shape, p, seed)
+        assert mask.dtype == cupy.uint8 and mask.shape == shape
+        assert_equal(mask, ref.dropout_mask(shape, p, seed), f"dropout_mask{shape} p={p} seed={seed}")
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.3])
+def test_dropout_forward_backward_exact(shape, p):
+    rng = np.random.default_rng(len(shape))
+    x, dy = rand(rng, *shape), rand(rng, *shape)
+    mask = ref.dropout_mask(shape, p, 1234)
+    # Same float32 operations in the same order as the reference: bit-identical.
+    assert_equal(cu.dropout_forward(dev(x), dev(mask), p), ref.dropout_forward(x, mask, p),
+                 f"dropout_forward{shape}")
+    assert_equal(cu.dropout_backward(dev(dy), dev(mask), p), ref.dropout_backward(dy, mask, p),
+                 f"dropout_backward{shape}")
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (64, 1, 3, 3), (33, 7, 3, 3), (512, 1024, 2, 2)],
+                         ids=str)
+def test_sgd_momentum_update(shape):
+    rng = np.random.default_rng(len(shape))
+    param, grad, velocity = rand(rng, *shape), rand(rng, *shape), rand(rng, *shape, scale=0.1)
+    lr, momentum, weight_decay = 0.01, 0.99, 5e-4
+    param_dev, velocity_dev = dev(param), dev(velocity)
+    assert cu.sgd_momentum_update_(param_dev, dev(grad), velocity_dev, lr, momentum,
+                                   weight_decay) is None
+    param_ref, velocity_ref = f64(param), f64(velocity)
+    ref.sgd_momentum_update_(param_ref, f64(grad), velocity_ref, lr, momentum, weight_decay)
+    assert_close(velocity_dev, velocity_ref, atol=1e-7, rtol=1e-5, name=f"sgd velocity{shape}")
+    assert_close(param_dev, param_ref, atol=1e-7, rtol=1e-5, name=f"sgd param{shape}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism
+# ------------------------------------------------------------------------------------------------
+
+def test_weight_gradients_and_loss_are_bitwise_reproducible():
+    rng = np.random.default_rng(31)
+    x, dy3 = dev(rand(rng, 2, 16, 130, 130)), dev(rand(rng, 2, 24, 128, 128))
+    assert all(bitwise_equal(a, b) for a, b in zip(cu.conv3x3_backward_weight(x, dy3),
+                                                   cu.conv3x3_backward_weight(x, dy3)))
+    dy1 = dev(rand(rng, 2, 24, 130, 130))
+    assert all(bitwise_equal(a, b) for a, b in zip(cu.conv1x1_backward_weight(x, dy1),
+                                                   cu.conv1x1_backward_weight(x, dy1)))
+    dy_up = dev(rand(rng, 2, 8, 260, 260))
+    assert all(bitwise_equal(a, b) for a, b in zip(cu.upconv2x2_backward_weight(x, dy_up),
+                                                   cu.upconv2x2_backward_weight(x, dy_up)))
+    logits = dev(rand(rng, 2, 2, 388, 388, scale=3.0))
+    labels = dev(rng.integers(0, 2, size=(2, 388, 388)).astype(np.int32))
+    weights = dev(rng.uniform(0.5, 10.0, size=(2, 388, 388)).astype(np.float32))
+    losses = [cu.softmax_xent_forward(logits, labels, weights)[0] for _ in range(3)]
+    assert all(bitwise_equal(losses[0], other) for other in losses[1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams, dispatch, bad arguments on real arrays
+# ------------------------------------------------------------------------------------------------
+
+def test_runs_on_the_current_stream_and_through_the_dispatcher():
+    rng = np.random.default_rng(41)
+    x, wt, b = rand(rng, 2, 3, 9, 9), rand(rng, 4, 3, 3, 3), rand(rng, 4)
+    want = ref.conv3x3_forward(f64(x), f64(wt), f64(b), relu=True)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        y = ops.conv3x3_forward(dev(x), dev(wt), dev(b), relu=True)
+        assert isinstance(y, cupy.ndarray)
+    stream.synchronize()
+    assert_close_f32(y, want, "conv3x3_forward on a non-blocking stream")
+
+
+def test_rejects_host_arrays_strided_views_and_wrong_dtypes():
+    rng = np.random.default_rng(42)
+    x, wt, b = dev(rand(rng, 2, 3, 9, 9)), dev(rand(rng, 4, 3, 3, 3)), dev(rand(rng, 4))
+    with pytest.raises(ValueError, match="conv3x3_forward: argument w is host memory"):
+        cu.conv3x3_forward(x, host(wt), b)
+    with pytest.raises(ValueError, match="conv3x3_forward: argument x must be C-contiguous"):
+        cu.conv3x3_forward(dev(rand(rng, 2, 3, 9, 18))[:, :, :, ::2], wt, b)
+    with pytest.raises(ValueError, match="conv3x3_forward: argument x must have dtype float32"):
+        cu.conv3x3_forward(x.astype(cupy.float64), wt, b)
+    with pytest.raises(ValueError, match="maxpool2x2_forward: argument x needs even"):
+        cu.maxpool2x2_forward(dev(rand(rng, 1, 2, 5, 4)))
+    with pytest.raises(ValueError, match="crop_concat_forward: argument skip cannot be centre-cropped"):
+        cu.crop_concat_forward(dev(rand(rng, 1, 2, 4, 4)), dev(rand(rng, 1, 2, 7, 8)))
+    with pytest.raises(ValueError, match="dropout_mask: argument p"):
+        cu.dropout_mask((3, 4), 1.0, 0)
+    # A host pointer dressed up as a CUDA array is caught by the device-memory check.
+    host_array = np.zeros(4, np.float32)
+
+    class HostMemory:
+        __cuda_array_interface__ = {"shape": (4,), "typestr": "<f4", "version": 3,
+                                    "data": (host_array.ctypes.data, False), "strides": None}
+
+    with pytest.raises(ValueError, match="accumulate_: argument src is host memory"):
+        _C.accumulate_(cupy.zeros(4, cupy.float32), HostMemory(), stream=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Past 2^31 elements
+# ------------------------------------------------------------------------------------------------
+
+BIG = 2**31 + 1029  # elements: past the int32 range, and not a multiple of any block size
+
+
+def require_free_gib(gib):
+    free, _ = cupy.cuda.Device().mem_info
+    if free < gib * 2**30:
+        pytest.skip(f"needs {gib:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+
+
+def splitmix_mask(indices, p, seed):
+    """The hash of docs/OPS.md for chosen flat indices (checked against the reference below)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (indices.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(40)).astype(np.float64) / 2.0**24 >= p).astype(np.uint8)
+
+
+def test_64bit_indexing_elementwise_and_dropout():
+    require_free_gib(20)
+    p, seed = 0.5, 99
+    assert np.array_equal(splitmix_mask(np.arange(1000), p, seed), ref.dropout_mask(1000, p, seed))
+    mask = cu.dropout_mask(BIG, p, seed)
+    tail = np.arange(BIG - 4096, BIG)
+    assert_equal(mask[-4096:], splitmix_mask(tail, p, seed), "dropout_mask tail past 2^31")
+    assert_equal(mask[2**31 - 2048:2**31 + 2048],
+                 splitmix_mask(np.arange(2**31 - 2048, 2**31 + 2048), p, seed),
+                 "dropout_mask around 2^31")
+    del mask
+    dst = cupy.zeros(BIG, cupy.float32)
+    src = cupy.ones(BIG, cupy.float32)
+    cu.accumulate_(dst, src)
+    del src
+    assert int(cupy.count_nonzero(dst != 1.0)) == 0, "accumulate_ missed elements past 2^31"
+
+
+def test_64bit_indexing_conv3x3_on_a_big_batch():
+    # 103 tiles of 64 x 572 x 572 hold 2.16e9 > 2^31 elements: the last tile lies past int32.
+    n, c, size, o = 103, 64, 572, 2
+    require_free_gib(2 * n * c * size * size * 4 / 2**30 + 2)
+    cupy.random.seed(7)
+    x = cupy.random.random((n, c, size, size), dtype=cupy.float32)
+    x -= 0.5
+    rng = np.random.default_rng(8)
+    wt, b = rand(rng, o, c, 3, 3, scale=1 / 24), rand(rng, o)
+    y = cu.conv3x3_forward(x, dev(wt), dev(b))
+    patch = host(x[-1:, :, -12:, -12:])
+    assert_close_f32(y[-1:, :, -10:, -10:], ref.conv3x3_forward(f64(patch), f64(wt), f64(b)),
+                     "conv3x3_forward, last tile of a batch past 2^31 elements")
+    dx = cu.conv3x3_backward_data(y, dev(wt))   # dx has as many elements as x
+    del x
+    dy_patch = host(y[-1:, :, -10:, -10:])
+    want = ref.conv3x3_backward_data(f64(dy_patch), f64(wt))[:, :, 2:, 2:]  # interior of the patch
+    assert_close_f32(dx[-1:, :, -10:, -10:], want, "conv3x3_backward_data, last tile past 2^31")

@@ -1,0 +1,270 @@
+"""CUDA backend of the op contract (docs/OPS.md): CuPy arrays in, CuPy arrays out, float32.
+
+Every function has the name, the arguments and the results of its NumPy twin in
+``unet_cuda.ops.reference``. It allocates its outputs, then calls the launcher binding of the same
+name in ``unet_cuda._C`` on CuPy's current stream. The bindings check every argument (dtype, shape
+consistency, C-contiguity, device memory) and raise ``ValueError`` naming the op and the argument;
+this module only works out the output shapes. Nothing here synchronises with the device: the loss
+stays a 0-d CuPy array until the caller reads it with ``float(loss)``.
+
+Unlike the reference, inputs are not converted: pass float32 arrays (int32 labels, uint8 masks and
+argmax), C-contiguous, on the current device.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import cupy
+
+try:
+    from unet_cuda import _C
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"the CUDA backend needs the compiled extension unet_cuda._C, which does not import ({exc}). "
+        "Build it where the CUDA toolkit (nvcc) is installed: pip install --no-build-isolation -e ."
+    ) from exc
+
+__all__ = (
+    "conv3x3_forward",
+    "conv3x3_backward_data",
+    "conv3x3_backward_weight",
+    "relu_backward",
+    "maxpool2x2_forward",
+    "maxpool2x2_backward",
+    "upconv2x2_forward",
+    "upconv2x2_backward_data",
+    "upconv2x2_backward_weight",
+    "crop_concat_forward",
+    "crop_concat_backward",
+    "conv1x1_forward",
+    "conv1x1_backward_data",
+    "conv1x1_backward_weight",
+    "softmax_xent_forward",
+    "softmax_xent_backward",
+    "dropout_mask",
+    "dropout_forward",
+    "dropout_backward",
+    "accumulate_",
+    "sgd_momentum_update_",
+)
+
+
+def _empty(shape, dtype=cupy.float32):
+    """Every output of this module is allocated here (tests replace it to poison outputs)."""
+    return cupy.empty(shape, dtype=dtype)
+
+
+def _stream() -> int:
+    return cupy.cuda.get_current_stream().ptr
+
+
+def _shape(op: str, name: str, a, ndim: int | None = None) -> tuple:
+    """The shape of ``a``, which must be an array (of ``ndim`` dimensions when given)."""
+    shape = getattr(a, "shape", None)
+    if shape is None:
+        raise TypeError(f"{op}: argument {name} must be a CuPy array, got {type(a).__name__}")
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{op}: argument {name} must have {ndim} dimensions, got shape {tuple(shape)}")
+    return tuple(shape)
+
+
+def _size(n: int) -> int:
+    """An output extent; a negative one (from an input too small) becomes 0, so that the binding,
+    not the allocator, reports the bad input."""
+    return max(int(n), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions
+# ----------------------------------------------------------------------------------------------
+
+def conv3x3_forward(x, w, b, relu=False):
+    n, _, h, width = _shape("conv3x3_forward", "x", x, 4)
+    o = _shape("conv3x3_forward", "w", w, 4)[0]
+    y = _empty((n, o, _size(h - 2), _size(width - 2)))
+    _C.conv3x3_forward(x, w, b, y, bool(relu), stream=_stream())
+    return y
+
+
+def conv3x3_backward_data(dy, w):
+    n, _, p, q = _shape("conv3x3_backward_data", "dy", dy, 4)
+    c = _shape("conv3x3_backward_data", "w", w, 4)[1]
+    dx = _empty((n, c, p + 2, q + 2))
+    _C.conv3x3_backward_data(dy, w, dx, stream=_stream())
+    return dx
+
+
+def conv3x3_backward_weight(x, dy):
+    c = _shape("conv3x3_backward_weight", "x", x, 4)[1]
+    o = _shape("conv3x3_backward_weight", "dy", dy, 4)[1]
+    dw = _empty((o, c, 3, 3))
+    db = _empty((o,))
+    _C.conv3x3_backward_weight(x, dy, dw, db, stream=_stream())
+    return dw, db
+
+
+def conv1x1_forward(x, w, b):
+    n, _, h, width = _shape("conv1x1_forward", "x", x, 4)
+    o = _shape("conv1x1_forward", "w", w, 4)[0]
+    y = _empty((n, o, h, width))
+    _C.conv1x1_forward(x, w, b, y, stream=_stream())
+    return y
+
+
+def conv1x1_backward_data(dy, w):
+    n, _, h, width = _shape("conv1x1_backward_data", "dy", dy, 4)
+    c = _shape("conv1x1_backward_data", "w", w, 4)[1]
+    dx = _empty((n, c, h, width))
+    _C.conv1x1_backward_data(dy, w, dx, stream=_stream())
+    return dx
+
+
+def conv1x1_backward_weight(x, dy):
+    c = _shape("conv1x1_backward_weight", "x", x, 4)[1]
+    o = _shape("conv1x1_backward_weight", "dy", dy, 4)[1]
+    dw = _empty((o, c, 1, 1))
+    db = _empty((o,))
+    _C.conv1x1_backward_weight(x, dy, dw, db, stream=_stream())
+    return dw, db
+
+
+def upconv2x2_forward(x, w, b):
+    n, _, h, width = _shape("upconv2x2_forward", "x", x, 4)
+    o = _shape("upconv2x2_forward", "w", w, 4)[0]
+    y = _empty((n, o, 2 * h, 2 * width))
+    _C.upconv2x2_forward(x, w, b, y, stream=_stream())
+    return y
+
+
+def upconv2x2_backward_data(dy, w):
+    n, _, h2, w2 = _shape("upconv2x2_backward_data", "dy", dy, 4)
+    c = _shape("upconv2x2_backward_data", "w", w, 4)[1]
+    dx = _empty((n, c, h2 // 2, w2 // 2))
+    _C.upconv2x2_backward_data(dy, w, dx, stream=_stream())
+    return dx
+
+
+def upconv2x2_backward_weight(x, dy):
+    c = _shape("upconv2x2_backward_weight", "x", x, 4)[1]
+    o = _shape("upconv2x2_backward_weight", "dy", dy, 4)[1]
+    dw = _empty((o, c, 2, 2))
+    db = _empty((o,))
+    _C.upconv2x2_backward_weight(x, dy, dw, db, stream=_stream())
+    return dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling, skip connections, element-wise
+# ----------------------------------------------------------------------------------------------
+
+def relu_backward(y, dy):
+    dx = _empty(_shape("relu_backward", "y", y))
+    _C.relu_backward(y, dy, dx, stream=_stream())
+    return dx
+
+
+def maxpool2x2_forward(x):
+    n, c, h, width = _shape("maxpool2x2_forward", "x", x, 4)
+    y = _empty((n, c, h // 2, width // 2))
+    argmax = _empty((n, c, h // 2, width // 2), dtype=cupy.uint8)
+    _C.maxpool2x2_forward(x, y, argmax, stream=_stream())
+    return y, argmax
+
+
+def maxpool2x2_backward(dy, argmax):
+    n, c, h, width = _shape("maxpool2x2_backward", "dy", dy, 4)
+    dx = _empty((n, c, 2 * h, 2 * width))
+    _C.maxpool2x2_backward(dy, argmax, dx, stream=_stream())
+    return dx
+
+
+def crop_concat_forward(up, skip):
+    n, cu, h, width = _shape("crop_concat_forward", "up", up, 4)
+    cs = _shape("crop_concat_forward", "skip", skip, 4)[1]
+    y = _empty((n, cu + cs, h, width))
+    _C.crop_concat_forward(up, skip, y, stream=_stream())
+    return y
+
+
+def crop_concat_backward(dy, skip_shape):
+    op = "crop_concat_backward"
+    n, c_total, h, width = _shape(op, "dy", dy, 4)
+    try:
+        skip_shape = tuple(operator.index(s) for s in skip_shape)
+    except TypeError:
+        raise ValueError(f"{op}: skip_shape must be 4 ints (N, Cs, Hs, Ws), got {skip_shape!r}") from None
+    if len(skip_shape) != 4 or min(skip_shape) < 0:
+        raise ValueError(f"{op}: skip_shape must be 4 non-negative ints (N, Cs, Hs, Ws), got {skip_shape}")
+    dup = _empty((n, _size(c_total - skip_shape[1]), h, width))
+    dskip = _empty(skip_shape)
+    _C.crop_concat_backward(dy, dup, dskip, stream=_stream())
+    return dup, dskip
+
+
+def accumulate_(dst, src):
+    _C.accumulate_(dst, src, stream=_stream())
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+def softmax_xent_forward(logits, labels, weights):
+    probs = _empty(_shape("softmax_xent_forward", "logits", logits))
+    loss = _empty(())
+    _C.softmax_xent_forward(logits, labels, weights, loss, probs, stream=_stream())
+    return loss, probs
+
+
+def softmax_xent_backward(probs, labels, weights, dloss=1.0):
+    """``dloss`` may be a number or a 0-d CuPy array (then it is applied on the device, unread)."""
+    dlogits = _empty(_shape("softmax_xent_backward", "probs", probs))
+    if isinstance(dloss, cupy.ndarray):
+        if dloss.ndim != 0:
+            raise ValueError(f"softmax_xent_backward: dloss must be a scalar or 0-d array, "
+                             f"got shape {dloss.shape}")
+        _C.softmax_xent_backward(probs, labels, weights, dlogits, 1.0, stream=_stream())
+        dlogits *= dloss.astype(cupy.float32, copy=False)
+    else:
+        _C.softmax_xent_backward(probs, labels, weights, dlogits, float(dloss), stream=_stream())
+    return dlogits
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout and the optimizer
+# ----------------------------------------------------------------------------------------------
+
+def dropout_mask(shape, p, seed):
+    op = "dropout_mask"
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise ValueError(f"{op}: shape must be an int or a tuple of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{op}: shape must be non-negative, got {shape}")
+    mask = _empty(shape, dtype=cupy.uint8)
+    _C.dropout_mask(mask, p, seed, stream=_stream())
+    return mask
+
+
+def dropout_forward(x, mask, p):
+    y = _empty(_shape("dropout_forward", "x", x))
+    _C.dropout_forward(x, mask, y, p, stream=_stream())
+    return y
+
+
+def dropout_backward(dy, mask, p):
+    dx = _empty(_shape("dropout_backward", "dy", dy))
+    _C.dropout_backward(dy, mask, dx, p, stream=_stream())
+    return dx
+
+
+def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
+    _C.sgd_momentum_update_(param, grad, velocity, float(lr), float(momentum), float(weight_decay),
+                            stream=_stream())
+    return None
