@@ -45,7 +45,7 @@ ARCHITECTURE_KEYS = ("in_channels", "num_classes", "base_channels", "depth", "dr
 # What a resumable checkpoint's metadata must hold (written by Trainer.save), and its run configuration.
 TRAINING_STATE_KEYS = ("step", "config", "rng", "history")
 CONFIG_KEYS = ("data", "val_fraction", "augment", "in_channels", "num_classes", "dropout", "batch_size", "lr",
-               "momentum", "weight_decay", "seed", "tta", "base_channels", "depth", "tile", "steps", "val_every",
+               "warmup_steps", "momentum", "weight_decay", "seed", "tta", "base_channels", "depth", "tile", "steps", "val_every",
                "checkpoint_every")
 # Larger networks are refused before anything is allocated: 10^9 float32 parameters are 4 GB, and
 # 12 GB with their gradients and momentum (the paper's network has 3.1e7). Without a bound a typo
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, metavar="N", help="total training steps")
     train.add_argument("--batch-size", type=int, default=1, metavar="N", help="tiles per step (paper: 1)")
     train.add_argument("--lr", type=float, default=0.001, help="learning rate (default 0.001)")
+    train.add_argument("--warmup-steps", type=int, default=200, metavar="N",
+                       help="raise the learning rate linearly from 0 over the first N steps (default 200; 0: off)")
     train.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (paper: 0.99)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, tiles, augmentation, dropout")
@@ -166,7 +168,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
     notes = []
     cfg = dict(device=device, data=args.data, val_fraction=args.val_fraction, augment=not args.no_augment,
                in_channels=1, num_classes=2, dropout=args.dropout, batch_size=args.batch_size, lr=args.lr,
-               momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, tta=args.tta)
+               warmup_steps=args.warmup_steps, momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, tta=args.tta)
     reduced = []
     for key in ("base_channels", "depth", "tile", "steps", "val_every"):
         value = getattr(args, key)
@@ -192,6 +194,8 @@ def validate_config(cfg: dict) -> None:
         raise TrainingError(f"--val-fraction must lie in (0, 1), got {cfg['val_fraction']}")
     if not 0 <= cfg["dropout"] < 1:
         raise TrainingError(f"--dropout must lie in [0, 1), got {cfg['dropout']}")
+    if cfg["warmup_steps"] < 0:
+        raise TrainingError(f"--warmup-steps must be >= 0, got {cfg['warmup_steps']}")
     if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
         raise TrainingError(f"--lr must be a positive number, got {cfg['lr']}")
     if not 0 <= cfg["momentum"] < 1:
@@ -295,9 +299,21 @@ class Trainer:
         bad = self.nonfinite_gradients()
         if not math.isfinite(value) or bad:
             raise NonFiniteError(self.describe_nonfinite(value, bad))
+        self.optimizer.lr = self.learning_rate(self.step)
         self.optimizer.step()
         self.step += 1
         return value
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of update ``step + 1``: linear warm-up over ``warmup_steps``, then constant.
+
+        With momentum 0.99 the first, large gradients of a freshly initialised network pile up
+        in the velocity; at full rate they can push every ReLU of a layer below zero for good (a
+        "dead" network that predicts one class). The warm-up (ours; the paper gives no schedule)
+        keeps those first updates small.
+        """
+        warmup = self.cfg.get("warmup_steps", 0)
+        return self.cfg["lr"] * min(1.0, (step + 1) / warmup) if warmup > 0 else self.cfg["lr"]
 
     def nonfinite_gradients(self) -> list[str]:
         bad = []
