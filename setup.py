@@ -26,11 +26,13 @@ DEFAULT_ARCH = "80;90"
 
 
 def find_nvcc() -> str | None:
+    """The CUDA compiler: ``$CUDACXX``, else ``nvcc`` on ``PATH``, else ``$CUDA_HOME/bin/nvcc``, else
+    ``/usr/local/cuda/bin/nvcc`` (only when ``CUDA_HOME`` is unset: a set one names the toolkit)."""
+    cuda_home = os.environ.get("CUDA_HOME")
     candidates = [
         os.environ.get("CUDACXX"),
         shutil.which("nvcc"),
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
-        "/usr/local/cuda/bin/nvcc",
+        os.path.join(cuda_home, "bin", "nvcc") if cuda_home else "/usr/local/cuda/bin/nvcc",
     ]
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
