@@ -20,13 +20,18 @@ Peers, chosen as what a PyTorch user would run for the same result:
   ``w (p - onehot) / (N H W)`` in three eager ops (labels as int64, converted up front);
 * element-wise: ``threshold_backward`` (ReLU), ``native_dropout_backward`` (mask times scale, the
   kernel of PyTorch's own dropout), ``bernoulli_`` (mask), ``add_`` (accumulation) and the Caffe
-  momentum rule over all parameters with ``torch._foreach_*`` (multi-tensor launches).
+  momentum rule over all parameters with ``torch._foreach_*`` (multi-tensor launches);
+* augmentation (the window of one tile, its input plus a 32 px margin on each side): the field by
+  ``interpolate(mode="bicubic", align_corners=True)`` of the 3x3 nodes, three ``grid_sample`` calls
+  (bicubic image, nearest labels, bilinear weights; reflection padding), flips, ``rot90`` and the
+  gray values in eager ops. PyTorch's cubic has a = -0.75 where ours has Keys' a = -0.5: the same
+  work, not the same numbers.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -35,6 +40,9 @@ from benchlib import Network, shape_str
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.99, 0.0
 DROPOUT_P = 0.5
+AUGMENT_MARGIN = 32          # px on each side of the input tile (TrainingTileSampler's default)
+# quarter_turns, flip_rows, flip_columns, gamma, contrast, brightness of the timed augmentation
+AUGMENT_ARGS = (1, True, False, 1.1, 0.9, 0.05)
 F32, I32, U8 = 4, 4, 1   # bytes per element
 
 
@@ -48,10 +56,11 @@ class OpCase:
     nbytes: float | None = None  # memory-bound ops: minimum bytes read + written
     compute_bound: bool = False  # the peer runs twice: true FP32 and TF32 (cuDNN's default)
     param_shapes: tuple = field(default=())   # sgd over all parameters
+    version: str | None = None   # conv3x3 kernel version timed (None: the backend's setting)
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.layer}"
+        return f"{self.op}-{self.layer}" + (f"-{self.version}" if self.version else "")
 
     @property
     def seed(self) -> int:
@@ -79,6 +88,24 @@ def _conv_cases(layer, net: Network) -> list[OpCase]:
     cases.append(OpCase(f"{layer.kind}_backward_weight", layer.name, dims,
                         f"{shape_str('x', x)} {shape_str('dy', y)} -> {shape_str('dw', w)} db[{o}]",
                         flops=layer.flops, compute_bound=True))
+    return cases
+
+
+# The 3x3 convolution's kernel versions side by side (csrc/conv3x3.cu, docs/CONV3X3.md): every
+# version at these four layers, which span the shapes of the network (568² x 64 channels, 136² x
+# 256, 64² x 512, 28² x 1024); op_cases() times the backend's version at every layer.
+CONV3X3_VERSION_LAYERS = ("d1b", "d3b", "d4b", "b2")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+
+
+def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,
+                          layers=CONV3X3_VERSION_LAYERS) -> list[OpCase]:
+    """Forward, data gradient and weight gradient of each 3x3 layer in ``layers``, once per version."""
+    cases = []
+    for name in layers:
+        for case in _conv_cases(net.layer(name), net):
+            if case.op.startswith("conv3x3_"):
+                cases += [replace(case, version=v) for v in versions]
     return cases
 
 
@@ -142,6 +169,12 @@ def op_cases(net: Network) -> list[OpCase]:
     count = sum(int(np.prod(s)) for s in param_shapes)
     cases.append(OpCase("sgd_momentum_update_", "all", {}, f"{len(param_shapes)} tensors, {count:,} parameters",
                         nbytes=5.0 * F32 * count, param_shapes=tuple(param_shapes)))
+    size = net.tile + 2 * AUGMENT_MARGIN
+    window = (size, size)
+    cases.append(OpCase("augment_warp", "window", dict(h=size),
+                        f"image labels weights {shape_str('', window)} coarse[2,3,3] -> "
+                        f"3 x {shape_str('', window)}",
+                        nbytes=2.0 * (2 * F32 + I32) * size * size))
     return cases
 
 
@@ -224,6 +257,11 @@ def make_inputs(case: OpCase, xp, ops) -> dict:
         e = xp.exp(logits - logits.max(axis=1, keepdims=True))
         return dict(logits=logits, probs=(e / e.sum(axis=1, keepdims=True)).astype(np.float32),
                     labels=rng.labels((n, h, w), k), weights=rng.uniform((n, h, w), 0.5, 10.0))
+    if op == "augment_warp":
+        h = d["h"]
+        nodes = np.random.default_rng(case.seed).normal(0.0, 10.0, (2, 3, 3)).astype(np.float32)
+        return dict(image=rng.uniform((h, h)), labels=rng.labels((h, h), 2),
+                    weights=rng.uniform((h, h), 1.0, 11.0), coarse=xp.asarray(nodes))
     if op == "sgd_momentum_update_":
         return dict(params=[rng.normal(s, 0.05) for s in case.param_shapes],
                     grads=[rng.normal(s, 1e-3) for s in case.param_shapes],
@@ -275,6 +313,8 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
         return lambda: ops.softmax_xent_forward(a["logits"], a["labels"], a["weights"])
     if op == "softmax_xent_backward":
         return lambda: ops.softmax_xent_backward(a["probs"], a["labels"], a["weights"], 1.0)
+    if op == "augment_warp":
+        return lambda: ops.augment_warp(a["image"], a["labels"], a["weights"], a["coarse"], *AUGMENT_ARGS)
     if op == "sgd_momentum_update_":
         triples = list(zip(a["params"], a["grads"], a["velocity"]))
 
@@ -314,6 +354,7 @@ def peer_description(case: OpCase) -> str:
         "softmax_xent_forward": "cross_entropy(none) * w, sum + softmax",
         "softmax_xent_backward": "clone + scatter_add_ + mul_",
         "sgd_momentum_update_": "_foreach Caffe momentum rule",
+        "augment_warp": "interpolate(bicubic) + 3 grid_sample + flip/rot90 + gray",
     }[op]
 
 
@@ -414,4 +455,38 @@ def peer(case: OpCase, inputs: dict, torch) -> Callable[[], object]:
             torch._foreach_sub_(params, velocity)
 
         return caffe_update
+    if op == "augment_warp":
+        return _augment_peer(torch, t)
     raise KeyError(f"no peer defined for op {op}")
+
+
+def _augment_peer(torch, t: dict) -> Callable[[], object]:
+    F = torch.nn.functional
+    image, labels, weights, coarse = t["image"], t["labels"], t["weights"], t["coarse"]
+    h, w = image.shape
+    turns, flip_rows, flip_columns, gamma, contrast, brightness = AUGMENT_ARGS
+    rows, columns = torch.meshgrid(torch.arange(h, dtype=image.dtype, device=image.device),
+                                   torch.arange(w, dtype=image.dtype, device=image.device), indexing="ij")
+    # grid_sample takes (x, y) scaled to [-1, 1] over the pixel centres (align_corners=True)
+    to_unit = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=image.dtype, device=image.device)
+
+    def augment():
+        field = F.interpolate(coarse[None], size=(h, w), mode="bicubic", align_corners=True)[0]
+        grid = (torch.stack([columns + field[1], rows + field[0]], dim=-1) * to_unit - 1.0)[None]
+
+        def sample(a, mode):
+            return F.grid_sample(a[None, None], grid, mode=mode, padding_mode="reflection",
+                                 align_corners=True)[0, 0]
+
+        outputs = [sample(image, "bicubic").clamp_(0.0, 1.0), sample(labels.float(), "nearest").to(torch.int32),
+                   sample(weights, "bilinear")]
+        for k, a in enumerate(outputs):
+            if flip_rows:
+                a = a.flip(0)
+            if flip_columns:
+                a = a.flip(1)
+            outputs[k] = torch.rot90(a, turns).contiguous()
+        outputs[0] = ((outputs[0] ** gamma - 0.5) * contrast + 0.5 + brightness).clamp_(0.0, 1.0)
+        return tuple(outputs)
+
+    return augment

@@ -167,6 +167,25 @@ class Driver:
         self.call("sgd_momentum_update_ n=1001",
                   lambda: ops.sgd_momentum_update_(param, grad, velocity, 0.01, 0.99, 5e-4))
 
+    def augmentation(self) -> None:
+        """The augmentation warp on odd, non-square and one-pixel windows, and with shifts far
+        beyond the window (every tap mirrored); on the GPU also with non-finite nodes, which the
+        kernel must survive without reading outside its inputs (the reference refuses them)."""
+        ops = self.ops
+        cases = [((13, 13), 3, 10.0, 1), ((17, 9), 3, 10.0, 2), ((1, 1), 1, 5.0, 3), ((7, 5), 2, 1e6, 0)]
+        if self.device == "cuda":
+            cases.append(((11, 11), 3, np.nan, 3))
+        for (h, w), grid, sigma, turns in cases:
+            image, weights = self.uniform(h, w, low=-0.1, high=1.1), self.uniform(h, w, low=1.0, high=11.0)
+            labels = self.labels(h, w, k=3)
+            nodes = self.rng.normal(0.0, 1.0, (2, grid, grid)) * sigma
+            if np.isnan(sigma):
+                nodes.flat[::2] = np.inf
+            coarse = self.put(nodes.astype(np.float32))
+            tag = f"{h}x{w} grid {grid} sigma {sigma} turns {turns}"
+            self.call(f"augment_warp {tag}", lambda: ops.augment_warp(image, labels, weights, coarse, turns,
+                                                                      True, False, 1.1, 0.9, 0.05))
+
     def network(self) -> None:
         """One training step and one prediction of a small U-Net: the ops wired as in training."""
         import unet_cuda as u  # noqa: PLC0415
@@ -198,6 +217,7 @@ class Driver:
         self.convolutions()
         self.pooling_and_concat()
         self.loss_and_elementwise()
+        self.augmentation()
         self.network()
         print(f"{SUMMARY_PREFIX} {self.calls} calls, {len(self.failed)} failed"
               + (f" ({', '.join(self.failed)})" if self.failed else ""), flush=True)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import ops
 from .sizes import plan
 from .weightmap import WeightMapCache
 
@@ -120,7 +121,8 @@ class TrainingTileSampler:
     With an ``augmenter`` (e.g. :class:`unet_cuda.augment.Augmenter`), the input-sized windows of
     image, labels and weights, grown further by ``augment_margin`` px on each side, are augmented
     jointly first and then cut to the input tile and the output window; the margin lets an elastic
-    deformation pull in real neighbouring pixels rather than mirrored ones.
+    deformation pull in real neighbouring pixels rather than mirrored ones. An augmenter that returns
+    CuPy arrays (:class:`unet_cuda.augment_gpu.GpuAugmenter`) makes the tiles CuPy arrays too.
 
     ``rng``: a ``numpy.random.Generator`` or an integer seed (``None`` means seed 0). Weight maps
     come from ``weights`` (a precomputed ``[n, H, W]`` array) or else from ``weight_cache``
@@ -194,10 +196,11 @@ class TrainingTileSampler:
         input_tile = windows[0][m: m + self.tile, m: m + self.tile]
         label_tile = windows[1][c: c + self.out, c: c + self.out]
         weight_tile = windows[2][c: c + self.out, c: c + self.out]
+        xp = ops.array_module(input_tile)  # CuPy when the augmenter ran on the GPU
         return (
-            np.ascontiguousarray(input_tile, dtype=np.float32),
-            np.ascontiguousarray(label_tile, dtype=np.int32),
-            np.ascontiguousarray(weight_tile, dtype=np.float32),
+            xp.ascontiguousarray(input_tile, dtype=np.float32),
+            xp.ascontiguousarray(label_tile, dtype=np.int32),
+            xp.ascontiguousarray(weight_tile, dtype=np.float32),
         )
 
     __call__ = sample

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import ops, sizes
 from .augment import Augmenter
+from .augment_gpu import GpuAugmenter
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, load_dataset, split
 from .functional import softmax_cross_entropy
@@ -234,7 +235,9 @@ class Trainer:
         self.model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"],
                           cfg["dropout"], seed=seed, device=cfg["device"])
         self.optimizer = SGD(self.model.parameters(), cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-        self.augmenter = Augmenter(seed=seed + 1) if cfg["augment"] else None
+        # On the GPU the warp is our kernel (same random draws as the CPU's scipy warp).
+        augmenter_class = GpuAugmenter if cfg["device"] == "cuda" else Augmenter
+        self.augmenter = augmenter_class(seed=seed + 1) if cfg["augment"] else None
         self.sampler = TrainingTileSampler(self.train_set, cfg["tile"], cfg["depth"],
                                            np.random.default_rng([seed, 2]), augmenter=self.augmenter,
                                            weight_cache=WeightMapCache())
@@ -284,9 +287,10 @@ class Trainer:
     def next_batch(self):
         tiles = [self.sampler.sample() for _ in range(self.cfg["batch_size"])]
         device = self.cfg["device"]
-        x = ops.to_device(np.stack([t[0] for t in tiles])[:, None], device)
-        labels = ops.to_device(np.stack([t[1] for t in tiles]), device)
-        weights = ops.to_device(np.stack([t[2] for t in tiles]), device)
+        xp = ops.array_module(tiles[0][0])  # CuPy when the tiles were augmented on the GPU
+        x = ops.to_device(xp.stack([t[0] for t in tiles])[:, None], device)
+        labels = ops.to_device(xp.stack([t[1] for t in tiles]), device)
+        weights = ops.to_device(xp.stack([t[2] for t in tiles]), device)
         return x, labels, weights
 
     def train_step(self) -> float:

@@ -17,7 +17,7 @@ argument and the shapes.
 
 The code favours the obvious over the clever, but never loops over pixels: a 3x3 convolution is an
 im2col (a strided window view, copied once) followed by one matrix product, and the other ops are
-reshapes, slices and loops over the 4 or 9 kernel taps at most.
+reshapes, slices and loops over the kernel taps (4 or 9, and the 4x4 of the augmentation warp).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ __all__ = (
     "dropout_backward",
     "accumulate_",
     "sgd_momentum_update_",
+    "augment_warp",
 )
 
 
@@ -642,3 +643,166 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     velocity[...] = momentum * velocity + lr * (grad + weight_decay * param)
     param -= velocity
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The augmentation warp: elastic deformation, flips, quarter turns and gray values as one gather
+# --------------------------------------------------------------------------------------------------
+
+def _keys_weights(t: np.ndarray) -> tuple:
+    """Keys' cubic-convolution weights (a = -0.5) of the taps at offsets -1, 0, 1, 2 from ``floor(s)``,
+    for the fraction ``t = s - floor(s)`` in [0, 1). They sum to 1 and are exactly (0, 1, 0, 0) at
+    ``t = 0``; the same polynomials, in the same form, as csrc/warp.cu."""
+    return (t * (t * (-0.5 * t + 1.0) - 0.5),
+            t * t * (1.5 * t - 2.5) + 1.0,
+            t * (t * (-1.5 * t + 2.0) + 0.5),
+            t * t * (0.5 * t - 0.5))
+
+
+def _node_weights(n_pixels: int, n_nodes: int) -> np.ndarray:
+    """``[n_pixels, n_nodes]``: row ``p`` holds the weights with which pixel ``p`` reads the nodes of one axis.
+
+    Node ``a`` sits at pixel ``a (n_pixels - 1) / (n_nodes - 1)``, so pixel ``p`` has the node
+    coordinate ``u = p (n_nodes - 1) / (n_pixels - 1)`` (0 when either count is 1), whose integer
+    part and fraction come exactly from the integer ``p (n_nodes - 1)`` divided by ``n_pixels - 1``.
+    Keys taps ``floor(u) - 1 .. floor(u) + 2``, clamped to the nodes (edge nodes replicated).
+    """
+    pixels = np.arange(n_pixels, dtype=np.int64)
+    if n_nodes == 1 or n_pixels == 1:
+        base, t = np.zeros(n_pixels, dtype=np.int64), np.zeros(n_pixels)
+    else:
+        base, remainder = np.divmod(pixels * (n_nodes - 1), n_pixels - 1)
+        t = remainder / (n_pixels - 1)
+    matrix = np.zeros((n_pixels, n_nodes))
+    for offset, weight in zip((-1, 0, 1, 2), _keys_weights(t)):
+        np.add.at(matrix, (pixels, np.clip(base + offset, 0, n_nodes - 1)), weight)
+    return matrix
+
+
+def _augment_displacement(coarse, height: int, width: int) -> np.ndarray:
+    """The per-pixel displacement ``[2, height, width]`` (float64, px) of :func:`augment_warp`: the
+    node values ``coarse[2, gy, gx]`` interpolated by Keys' cubic convolution along each axis."""
+    coarse = np.asarray(coarse, dtype=np.float64)
+    rows = _node_weights(height, coarse.shape[1])
+    columns = _node_weights(width, coarse.shape[2])
+    return np.stack([rows @ nodes @ columns.T for nodes in coarse])
+
+
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """Integer positions mirrored into ``[0, n)`` without repeating the edge (numpy's ``'reflect'``):
+    period ``2 (n - 1)``; every position is 0 when ``n == 1``."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    folded = np.mod(index, period)
+    return np.where(folded < n, folded, period - folded)
+
+
+def _source_taps(position: np.ndarray, shift: np.ndarray, n: int) -> tuple:
+    """Tap base ``position + floor(shift)`` (int64) and fraction ``shift - floor(shift)`` (exact).
+
+    ``floor(shift)`` is first reduced modulo the mirror period ``2 (n - 1)``, which changes no
+    mirrored tap and keeps any finite shift, however far outside, within int64.
+    """
+    whole = np.floor(shift)
+    fraction = shift - whole
+    whole = np.mod(whole, 2 * (n - 1)) if n > 1 else np.zeros_like(whole)
+    return position + whole.astype(np.int64), fraction
+
+
+def _check_augment_scalars(op: str, quarter_turns, gamma, contrast, brightness) -> tuple:
+    if isinstance(quarter_turns, (bool, np.bool_)):
+        raise ValueError(f"{op}: quarter_turns must be an integer 0, 1, 2 or 3, got {quarter_turns!r}")
+    try:
+        turns = operator.index(quarter_turns)
+    except TypeError:
+        raise ValueError(f"{op}: quarter_turns must be an integer 0, 1, 2 or 3, got {quarter_turns!r}") from None
+    if not 0 <= turns <= 3:
+        raise ValueError(f"{op}: quarter_turns must be an integer 0, 1, 2 or 3, got {turns}")
+    values = []
+    for name, value, rule in (("gamma", gamma, "finite and > 0"), ("contrast", contrast, "finite"),
+                              ("brightness", brightness, "finite")):
+        value = float(value)
+        if not np.isfinite(value) or (name == "gamma" and value <= 0.0):
+            raise ValueError(f"{op}: {name} must be {rule}, got {value!r}")
+        values.append(value)
+    return (turns, *values)
+
+
+def augment_warp(image, labels, weights, coarse, quarter_turns=0, flip_rows=False, flip_columns=False,
+                 gamma=1.0, contrast=1.0, brightness=0.0):
+    """One draw of the training augmentation applied jointly to a window; docs/OPS.md defines it.
+
+    ``image[H,W]`` (float), ``labels[H,W]`` (integer), ``weights[H,W]`` (float) are the source
+    window; ``coarse[2,gy,gx]`` the displacements in px at the nodes of the elastic grid
+    (``[0]`` rows, ``[1]`` columns). Returns ``(image_out, labels_out, weights_out)`` of shape
+    ``[H,W]`` and the input dtypes: the composition of
+
+    1. the elastic warp ``out[y, x] = in[y + dy(y, x), x + dx(y, x)]`` with the displacement
+       Keys-bicubic in the nodes (node ``(a, b)`` at pixel ``(a (H-1)/(gy-1), b (W-1)/(gx-1))``),
+       image Keys bicubic, labels nearest (``floor(s + 1/2)``), weights bilinear, positions outside
+       mirrored without repeating the edge (numpy's ``'reflect'``);
+    2. ``flip_rows`` (up-down) and ``flip_columns`` (left-right);
+    3. ``quarter_turns`` counter-clockwise quarter turns, as ``np.rot90`` (``H == W`` when odd);
+    4. on the image: ``clip(v, 0, 1)``, ``v ** gamma`` (skipped for gamma 1), then
+       ``clip(contrast v + 0.5 - 0.5 contrast + brightness, 0, 1)``.
+
+    Every output pixel is gathered from the source directly: the turns and flips are undone to find
+    its position in the warped window, the displacement there gives the source position. Computed
+    in float64. ``coarse`` must be finite.
+    """
+    op = "augment_warp"
+    image = _float_array(op, "image", image, "[H,W]")
+    labels = _integer_array(op, "labels", labels, "[H,W]")
+    weights = _float_array(op, "weights", weights, "[H,W]")
+    coarse = _float_array(op, "coarse", coarse, "[2,gy,gx]")
+    _same_shape(op, "image", image, "labels", labels)
+    _same_shape(op, "image", image, "weights", weights)
+    height, width = image.shape
+    if height < 1 or width < 1:
+        raise ValueError(f"{op}: image must have H and W >= 1, got shape {image.shape}")
+    if coarse.shape[0] != 2 or coarse.shape[1] < 1 or coarse.shape[2] < 1:
+        raise ValueError(f"{op}: coarse must have shape (2, gy, gx) with gy, gx >= 1, got {coarse.shape}")
+    if not np.isfinite(coarse).all():
+        raise ValueError(f"{op}: coarse holds NaN or Inf (shape {coarse.shape})")
+    turns, gamma, contrast, brightness = _check_augment_scalars(op, quarter_turns, gamma, contrast, brightness)
+    if turns % 2 == 1 and height != width:
+        raise ValueError(f"{op}: quarter_turns {turns} needs a square window (the output keeps the "
+                         f"source shape), got image shape {image.shape}")
+
+    # Output pixel (i, j) -> (p, q) in the flipped window (undo the turns) -> (y, x) in the warped one.
+    i, j = np.indices((height, width))
+    last_row, last_column = height - 1, width - 1
+    p, q = {0: (i, j), 1: (j, last_column - i), 2: (last_row - i, last_column - j),
+            3: (last_row - j, i)}[turns]
+    y = last_row - p if flip_rows else p
+    x = last_column - q if flip_columns else q
+
+    field = _augment_displacement(coarse, height, width)
+    base_y, t_y = _source_taps(y, field[0][y, x], height)
+    base_x, t_x = _source_taps(x, field[1][y, x], width)
+    rows = [_mirror(base_y + k, height) for k in (-1, 0, 1, 2)]
+    columns = [_mirror(base_x + k, width) for k in (-1, 0, 1, 2)]
+
+    source = image.astype(np.float64)
+    weights_x = _keys_weights(t_x)
+    value = np.zeros((height, width))
+    for row, weight_y in zip(rows, _keys_weights(t_y)):
+        along_row = np.zeros((height, width))
+        for column, weight_x in zip(columns, weights_x):
+            along_row += weight_x * source[row, column]
+        value += weight_y * along_row
+    value = np.clip(value, 0.0, 1.0)
+    if gamma != 1.0:
+        value = value ** gamma
+    value = np.clip(value * contrast + (0.5 - 0.5 * contrast + brightness), 0.0, 1.0)
+
+    # Nearest neighbour: floor(s + 1/2) is tap base + 1 when the fraction is >= 1/2, else base.
+    nearest_y = np.where(t_y >= 0.5, rows[2], rows[1])
+    nearest_x = np.where(t_x >= 0.5, columns[2], columns[1])
+    labels_out = labels[nearest_y, nearest_x]
+
+    w = weights.astype(np.float64)
+    weights_out = ((1.0 - t_y) * ((1.0 - t_x) * w[rows[1], columns[1]] + t_x * w[rows[1], columns[2]])
+                   + t_y * ((1.0 - t_x) * w[rows[2], columns[1]] + t_x * w[rows[2], columns[2]]))
+    return value.astype(image.dtype), labels_out, weights_out.astype(weights.dtype)
