@@ -8,6 +8,11 @@ Our kernels compute in FP32 on CUDA cores, so the ratio ``peer_ms / ms`` is take
 true FP32 (``allow_tf32 = False``); cuDNN's default TF32 is timed too and reported beside it.
 pytest-benchmark's own statistics are the synchronised wall time of one call of ours.
 
+The 3x3 convolution runs the backend's kernel version (``UNET_CUDA_CONV3X3``, default v1_direct) at
+every layer; ``test_conv3x3_version`` also times every version at four representative layers
+(``op_cases.CONV3X3_VERSION_LAYERS``), without the peer, as records of kind ``op_version``. A TF32
+version (v4_tf32_mma) is measured against the TF32 ceiling.
+
     python3 -m pytest bench/test_bench_kernels.py --benchmark-json=benchmarks.json -q
 """
 
@@ -31,13 +36,20 @@ import cupy  # noqa: E402
 import torch  # noqa: E402
 
 from unet_cuda import ops  # noqa: E402
+from unet_cuda.ops import cuda as cu  # noqa: E402
 
 NET = benchlib.network()
 CASES = op_cases.op_cases(NET)
+VERSION_CASES = op_cases.conv3x3_version_cases(NET, cu.CONV3X3_VERSIONS)
 
 # Time budgets per measurement (ms of GPU time; UNET_BENCH_SCALE scales them).
 OURS_BUDGET_MS = 100.0
 PEER_BUDGET_MS = 50.0
+VERSION_BUDGET_MS = 50.0   # 48 version cases: about 20 s in all
+
+
+def _conv3x3_precision(version: str | None) -> str:
+    return "tf32" if version == "v4_tf32_mma" else "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +92,21 @@ def test_op(benchmark, bench_env, case):
     inputs = op_cases.make_inputs(case, cupy, ops)
     ours_fn = op_cases.ours(case, inputs, ops)
     timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=OURS_BUDGET_MS)
+    version = cu.get_conv3x3_version() if case.op.startswith("conv3x3_") else None
+    precision = _conv3x3_precision(version)
     rec = {
         "id": f"op/{case.op}/{case.layer}",
         "kind": "op",
         "op": case.op,
         "layer": case.layer,
         "shape": case.shape,
-        "precision": "fp32",
+        "precision": precision,
+        "version": version,
         "flops": case.flops,
         "bytes": case.nbytes,
         **timing.as_dict(),
         **benchlib.figures(timing.median_ms, flops=case.flops, nbytes=case.nbytes,
-                           ceilings=ceilings, precision="fp32"),
+                           ceilings=ceilings, precision=precision),
         "peer": op_cases.peer_description(case),
         "tf32_defaults": bench_env["tf32_defaults"],
         "ceilings_card": ceilings.card,
@@ -118,4 +133,34 @@ def test_op(benchmark, bench_env, case):
     benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
     benchlib.record(benchmark, rec)
     del inputs, ours_fn, peer_fn
+    gc.collect()
+
+
+@pytest.mark.parametrize("case", VERSION_CASES, ids=[c.id for c in VERSION_CASES])
+def test_conv3x3_version(benchmark, bench_env, case):
+    """One 3x3 convolution op at one layer with one kernel version (the peer: test_op's record of
+    the same op and layer)."""
+    benchlib.skip_if_out_of_time(pytest)
+    ceilings = bench_env["ceilings"]
+    benchmark.group = f"{case.op} versions"
+    inputs = op_cases.make_inputs(case, cupy, ops)
+    ours_fn = op_cases.ours(case, inputs, ops)
+    precision = _conv3x3_precision(case.version)
+    with cu.use_conv3x3_version(case.version):
+        timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=VERSION_BUDGET_MS)
+        benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
+    benchlib.record(benchmark, {
+        "id": f"op_version/{case.op}/{case.layer}/{case.version}",
+        "kind": "op_version",
+        "op": case.op,
+        "layer": case.layer,
+        "version": case.version,
+        "shape": case.shape,
+        "precision": precision,
+        "flops": case.flops,
+        **timing.as_dict(),
+        **benchlib.figures(timing.median_ms, flops=case.flops, ceilings=ceilings, precision=precision),
+        "ceilings_card": ceilings.card,
+    })
+    del inputs, ours_fn
     gc.collect()

@@ -12,12 +12,14 @@
 // scalars; no output overlapping another argument. Only then does it ask the CUDA runtime whether
 // every pointer is memory of the current device. A failed check raises ValueError (TypeError for an
 // object that is no array at all) naming the op, the argument and the shapes of the arguments.
+// conv3x3's keyword `version` (its kernel, by name) is checked first of all.
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -324,14 +326,22 @@ ConvDims check_conv(const OpArgs& args, const ConvFamily& f, const DeviceArray& 
   return d;
 }
 
-using ConvForwardLaunch = void (*)(const float*, const float*, const float*, float*, int, int, int,
-                                   int, int, bool relu, cudaStream_t);
-using ConvBackwardDataLaunch = void (*)(const float*, const float*, float*, int, int, int, int,
-                                        int, cudaStream_t);
-using ConvBackwardWeightLaunch = void (*)(const float*, const float*, float*, float*, int, int,
-                                          int, int, int, cudaStream_t);
+// conv3x3's kernel version, by name (launchers.h: kConv3x3Versions). An unknown name is a
+// ValueError that lists the valid ones; it is checked before the arrays.
+Conv3x3Version conv3x3_version_arg(const char* op, const std::string& name) {
+  std::string valid;
+  for (const Conv3x3VersionName& v : kConv3x3Versions) {
+    if (name == v.name) return v.version;
+    valid += std::string(valid.empty() ? "" : ", ") + "'" + v.name + "'";
+  }
+  throw py::value_error(std::string(op) + ": argument version must be one of " + valid +
+                        ", got " + repr_str(py::str(name)));
+}
 
-void conv_forward(const ConvFamily& f, ConvForwardLaunch launch, bool relu, py::handle x_obj,
+// Launch: anything callable with the launcher's arguments less the version (a launcher, or a
+// lambda that adds conv3x3's version), e.g. (x, w, b, y, N, C, H, W, O, relu, stream).
+template <typename Launch>
+void conv_forward(const ConvFamily& f, Launch launch, bool relu, py::handle x_obj,
                   py::handle w_obj, py::handle b_obj, py::handle y_obj, std::uintptr_t stream) {
   OpArgs args(std::string(f.name) + "_forward");
   const DeviceArray x = args.input(x_obj, "x", DType::kFloat32, 4);
@@ -356,7 +366,8 @@ void upconv2x2_forward_launch(const float* x, const float* w, const float* b, fl
   launch_upconv2x2_forward(x, w, b, y, N, C, H, W, O, stream);
 }
 
-void conv_backward_data(const ConvFamily& f, ConvBackwardDataLaunch launch, py::handle dy_obj,
+template <typename Launch>
+void conv_backward_data(const ConvFamily& f, Launch launch, py::handle dy_obj,
                         py::handle w_obj, py::handle dx_obj, std::uintptr_t stream) {
   OpArgs args(std::string(f.name) + "_backward_data");
   const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
@@ -369,7 +380,8 @@ void conv_backward_data(const ConvFamily& f, ConvBackwardDataLaunch launch, py::
          as_stream(stream));
 }
 
-void conv_backward_weight(const ConvFamily& f, ConvBackwardWeightLaunch launch, py::handle x_obj,
+template <typename Launch>
+void conv_backward_weight(const ConvFamily& f, Launch launch, py::handle x_obj,
                           py::handle dy_obj, py::handle dw_obj, py::handle db_obj,
                           std::uintptr_t stream) {
   OpArgs args(std::string(f.name) + "_backward_weight");
@@ -623,6 +635,69 @@ int cuda_runtime_version() {
   return version;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The augmentation warp (warp.cu).
+
+// quarter_turns: a Python integer (or integer-like, e.g. numpy.int64), not a bool, in 0..3.
+int check_quarter_turns(const OpArgs& args, py::handle turns) {
+  const std::string rule = "must be an integer 0, 1, 2 or 3, got ";
+  if (py::isinstance<py::bool_>(turns) || py::isinstance<py::float_>(turns))
+    args.fail("quarter_turns", rule + repr_str(turns));
+  PyObject* index = PyNumber_Index(turns.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    args.fail("quarter_turns", rule + repr_str(turns));
+  }
+  const long long value = PyLong_AsLongLong(index);
+  Py_DECREF(index);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    args.fail("quarter_turns", rule + repr_str(turns));
+  }
+  if (value < 0 || value > 3) args.fail("quarter_turns", rule + std::to_string(value));
+  return static_cast<int>(value);
+}
+
+void augment_warp(py::handle image_obj, py::handle labels_obj, py::handle weights_obj,
+                  py::handle coarse_obj, py::handle image_out_obj, py::handle labels_out_obj,
+                  py::handle weights_out_obj, py::handle quarter_turns_obj, bool flip_rows,
+                  bool flip_columns, double gamma, double contrast, double brightness,
+                  std::uintptr_t stream) {
+  OpArgs args("augment_warp");
+  const DeviceArray image = args.input(image_obj, "image", DType::kFloat32, 2);
+  const DeviceArray labels = args.input(labels_obj, "labels", DType::kInt32, 2);
+  const DeviceArray weights = args.input(weights_obj, "weights", DType::kFloat32, 2);
+  const DeviceArray coarse = args.input(coarse_obj, "coarse", DType::kFloat32, 3);
+  const DeviceArray image_out = args.output(image_out_obj, "image_out", DType::kFloat32, 2);
+  const DeviceArray labels_out = args.output(labels_out_obj, "labels_out", DType::kInt32, 2);
+  const DeviceArray weights_out = args.output(weights_out_obj, "weights_out", DType::kFloat32, 2);
+  const int H = image.dim(0), W = image.dim(1);
+  args.require(H >= 1 && W >= 1, "image", "needs H and W >= 1, got shape " + shape_str(image.shape));
+  args.require_same_shape(labels, image);
+  args.require_same_shape(weights, image);
+  args.require(coarse.shape[0] == 2 && coarse.shape[1] >= 1 && coarse.shape[2] >= 1, "coarse",
+               "must have shape (2, gy, gx) with gy, gx >= 1 (dy and dx at the grid nodes), got " +
+                   shape_str(coarse.shape));
+  args.require_same_shape(image_out, image);
+  args.require_same_shape(labels_out, image);
+  args.require_same_shape(weights_out, image);
+  const int quarter_turns = check_quarter_turns(args, quarter_turns_obj);
+  args.require(quarter_turns % 2 == 0 || H == W, "quarter_turns",
+               "is " + std::to_string(quarter_turns) + ", an odd number of quarter turns, which "
+               "needs a square window (the outputs keep the source's shape), got image shape " +
+                   shape_str(image.shape));
+  args.require_scalar(std::isfinite(gamma) && gamma > 0.0, "gamma", gamma, "finite and > 0");
+  args.require_scalar(std::isfinite(contrast), "contrast", contrast, "finite");
+  args.require_scalar(std::isfinite(brightness), "brightness", brightness, "finite");
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_augment_warp(image.data<const float>(), labels.data<const int32_t>(),
+                      weights.data<const float>(), coarse.data<const float>(),
+                      image_out.data<float>(), labels_out.data<int32_t>(),
+                      weights_out.data<float>(), H, W, coarse.dim(1), coarse.dim(2), quarter_turns,
+                      flip_rows, flip_columns, gamma, contrast, brightness, as_stream(stream));
+}
+
 }  // namespace
 }  // namespace unet
 
@@ -639,28 +714,73 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &device_count,
         "Number of CUDA devices; 0 when there is none or no driver.");
 
-  // Convolutions.
+  // Convolutions. conv3x3 takes the keyword `version`: one of CONV3X3_VERSIONS.
+  {
+    py::tuple names(std::size(kConv3x3Versions));
+    for (size_t i = 0; i < std::size(kConv3x3Versions); ++i) names[i] = kConv3x3Versions[i].name;
+    m.attr("CONV3X3_VERSIONS") = names;
+    m.attr("CONV3X3_DEFAULT_VERSION") = kConv3x3DefaultVersion;
+  }
   m.def(
       "conv3x3_forward",
-      [](py::handle x, py::handle w, py::handle b, py::handle y, bool relu, std::uintptr_t stream) {
-        conv_forward(kConv3x3, &launch_conv3x3_forward, relu, x, w, b, y, stream);
+      [](py::handle x, py::handle w, py::handle b, py::handle y, bool relu, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("conv3x3_forward", version);
+        conv_forward(
+            kConv3x3,
+            [v](const float* x, const float* w, const float* b, float* y, int N, int C, int H,
+                int W, int O, bool relu, cudaStream_t s) {
+              launch_conv3x3_forward(x, w, b, y, N, C, H, W, O, relu, v, s);
+            },
+            relu, x, w, b, y, stream);
       },
       arg("x"), arg("w"), arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"),
-      "y[N,O,H-2,W-2] = valid 3x3 conv of x[N,C,H,W] with w[O,C,3,3] plus b[O], ReLU if relu.");
+      arg("version") = kConv3x3DefaultVersion,
+      "y[N,O,H-2,W-2] = valid 3x3 conv of x[N,C,H,W] with w[O,C,3,3] plus b[O], ReLU if relu; "
+      "`version` names the kernel (CONV3X3_VERSIONS).");
   m.def(
       "conv3x3_backward_data",
-      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream) {
-        conv_backward_data(kConv3x3, &launch_conv3x3_backward_data, dy, w, dx, stream);
+      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("conv3x3_backward_data", version);
+        conv_backward_data(
+            kConv3x3,
+            [v](const float* dy, const float* w, float* dx, int N, int C, int H, int W, int O,
+                cudaStream_t s) { launch_conv3x3_backward_data(dy, w, dx, N, C, H, W, O, v, s); },
+            dy, w, dx, stream);
       },
       arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"),
-      "dx[N,C,P+2,Q+2] from dy[N,O,P,Q] and w[O,C,3,3].");
+      arg("version") = kConv3x3DefaultVersion,
+      "dx[N,C,P+2,Q+2] from dy[N,O,P,Q] and w[O,C,3,3]; `version` names the kernel.");
   m.def(
       "conv3x3_backward_weight",
-      [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream) {
-        conv_backward_weight(kConv3x3, &launch_conv3x3_backward_weight, x, dy, dw, db, stream);
+      [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("conv3x3_backward_weight", version);
+        conv_backward_weight(
+            kConv3x3,
+            [v](const float* x, const float* dy, float* dw, float* db, int N, int C, int H, int W,
+                int O, cudaStream_t s) {
+              launch_conv3x3_backward_weight(x, dy, dw, db, N, C, H, W, O, v, s);
+            },
+            x, dy, dw, db, stream);
       },
       arg("x"), arg("dy"), arg("dw"), arg("db"), py::kw_only(), arg("stream"),
-      "dw[O,C,3,3] and db[O] from x[N,C,H,W] and dy[N,O,H-2,W-2] (deterministic).");
+      arg("version") = kConv3x3DefaultVersion,
+      "dw[O,C,3,3] and db[O] from x[N,C,H,W] and dy[N,O,H-2,W-2] (deterministic); `version` "
+      "names the kernel.");
+  m.def(
+      "conv3x3_backward_weight_splits",
+      [](int N, int C, int H, int W, int O, const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("conv3x3_backward_weight_splits", version);
+        if (N < 0 || C < 0 || O < 0 || H < 3 || W < 3)
+          throw py::value_error("conv3x3_backward_weight_splits: needs N, C, O >= 0 and H, W >= 3");
+        return conv3x3_backward_weight_splits(v, N, C, H, W, O);
+      },
+      arg("N"), arg("C"), arg("H"), arg("W"), arg("O"), py::kw_only(),
+      arg("version") = kConv3x3DefaultVersion,
+      "Slices (split-K) the weight gradient of `version` sums separately for x[N,C,H,W] and "
+      "O output channels, then adds in a fixed order; a function of the shapes only.");
   m.def(
       "conv1x1_forward",
       [](py::handle x, py::handle w, py::handle b, py::handle y, std::uintptr_t stream) {
@@ -748,4 +868,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("sgd_momentum_update_", &sgd_momentum_update, arg("param"), arg("grad"), arg("velocity"),
         arg("lr"), arg("momentum"), arg("weight_decay"), py::kw_only(), arg("stream"),
         "In place: v = momentum*v + lr*(grad + weight_decay*param); param -= v.");
+
+  // Augmentation.
+  m.def("augment_warp", &augment_warp, arg("image"), arg("labels"), arg("weights"), arg("coarse"),
+        arg("image_out"), arg("labels_out"), arg("weights_out"), arg("quarter_turns"),
+        arg("flip_rows"), arg("flip_columns"), arg("gamma"), arg("contrast"), arg("brightness"),
+        py::kw_only(), arg("stream"),
+        "Elastic warp (Keys-bicubic field from coarse[2,gy,gx]), flips, quarter turns and gray "
+        "values of image, labels (nearest) and weights (bilinear) [H,W], in one pass.");
 }

@@ -1,4 +1,4 @@
-// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding.
+// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in four versions.
 //
 // Layout (strides in elements, all buffers C-contiguous float32):
 //   x   [N, C, H, W]      input activations        strides (C*H*W, H*W, W, 1)
@@ -7,7 +7,30 @@
 //   y   [N, O, P, Q]      output, P = H-2, Q = W-2 strides (O*P*Q, P*Q, Q, 1)
 //   dy  [N, O, P, Q]      gradient of the output
 //   dx  [N, C, H, W]      gradient of the input
-//   dw  [O, C, 3, 3], db [O]   gradients of the weights and the bias
+//   dw  [O, C, 3, 3], db [O]   gradients of the weights and the bias (db: launch_bias_backward)
+//
+// The three directions as matrix products (docs/CONV3X3.md draws them), k = (c, ky, kx) =
+// 9c + 3ky + kx:
+//   forward          y[m, o]   = sum_k A[m, k] B[k, o]   M = N*P*Q pixels, N_gemm = O, K = 9C
+//                    A[m, k]   = x[n, c, i+ky, j+kx] for m = (n, i, j) (im2col, never stored),
+//                    B[k, o]   = w[o, k] (w read as [O, 9C])
+//   backward data    dx[m, c]  = sum_k A[m, k] B[k, c]   M = N*H*W pixels, N_gemm = C, K = 9O
+//                    A[m, k]   = dy[n, o, yy-2+ry, xx-2+rx] (zero outside dy) for m = (n, yy, xx),
+//                    k = (o, ry, rx), B[k, c] = w[o, c, 2-ry, 2-rx]: a full correlation with the
+//                    flipped kernel
+//   backward weight  dw[o, j]  = sum_k A[o, k] B[k, j]   M = O, N_gemm = 9C, K = N*P*Q pixels
+//                    A[o, k]   = dy[n, o, i, jj] for k = (n, i, jj), B[k, (c, ky, kx)] =
+//                    x[n, c, i+ky, jj+kx]
+//
+// Versions, selected by name (the registry is kConv3x3Versions in launchers.h; Python:
+// unet_cuda.ops.cuda.set_conv3x3_version). Each changes one idea over the one before:
+//   version      what it changes, and why                                         measured
+//   v1_direct    one thread per output; operands straight from global memory      not measured yet
+//   v2_smem      input tile + halo and weight slice staged in shared memory once   not measured yet
+//   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs  not measured yet
+//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer not measured yet
+// v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
+// accumulates in FP32: expect relative errors around 1e-3, not 1e-6.
 //
 // Kernels:
 //   conv3x3_forward_v1_direct: one thread per output element y[n,o,i,j]; sums c, ky, kx straight
@@ -16,12 +39,121 @@
 //     nine dy[n,o,y-ky,x-kx] that the element contributed to, for every o (no atomics).
 //   conv3x3_backward_weight_v1_block_per_oc: one block per (o, c); each thread keeps nine partial
 //     sums over its share of the N*P*Q output pixels (fixed strided assignment), then nine
-//     fixed-order block sums give dw[o,c,:,:]. db comes from launch_bias_backward.
+//     fixed-order block sums give dw[o,c,:,:].
+//   conv3x3_{forward,backward_data,backward_weight}_v2_smem: a block owns a tile of pixels and a
+//     group of channels; it loops over the summed channels (or pixels) a slice at a time, staging
+//     the slice in shared memory, where every thread of the block reuses it.
+//   conv3x3_v3_igemm<Gemm, Tile>: one kernel for the three directions: Gemm (Conv3x3ForwardGemm,
+//     Conv3x3BackwardDataGemm, Conv3x3BackwardWeightGemm) says where A[m, k] and B[k, n] live and
+//     where an output goes; the kernel stages BK-deep tiles of A and B in shared memory (the next
+//     tile loaded into registers while the current one is used) and each thread accumulates a
+//     TM x TN block of outputs in registers.
+//   conv3x3_v4_tf32_mma<Gemm, Tile, VEC_A, VEC_B>: the same tiles, copied by cp.async into one of
+//     two shared buffers while the warps multiply the other one with mma.sync.m16n8k8 (TF32 in,
+//     FP32 accumulators). VEC_A / VEC_B: 16-byte copies where four consecutive k are contiguous
+//     and aligned in memory (the launcher checks; 4-byte copies otherwise).
+//   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
+//     order.
+//
+// Determinism: no atomics anywhere. Every output is one thread's sum in a fixed order. The weight
+// gradient of v2-v4 splits its pixel sum (split-K) into a number of slices that depends on the
+// shapes only (never on the GPU): each slice writes its partial dw to a workspace, and
+// conv3x3_split_k_reduce adds the partials in slice order. Same shapes, same bits, on any GPU.
+//
+// Bounds: every version handles any N, C, O >= 0 and H, W >= 3 (the binding checks them): the
+// tiles that run past an edge load zeros and store nothing. 64-bit offsets wherever a product of
+// dimensions may pass 2^31.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
 #include "common.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
 
 namespace unet {
+
+// =================================================================================================
+// Shared pieces: the one launch helper, the instructions written in PTX, the split-K partition
+// =================================================================================================
+
+// Every kernel of this file is launched here: on `stream`, then the launch is checked.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   cudaStream_t stream, Args... args) {
+#ifdef UNET_CPU_EMULATION
+  // tests/cpu_emulation runs the kernels of this file on the CPU (tests/test_conv3x3_emulated.py).
+  (void)stream;
+  cpu_emulation::launch(kernel, grid, block, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+#endif
+  CHECK_LAUNCH(name);
+}
+
+#ifdef UNET_CPU_EMULATION
+using cpu_emulation::cp_async_16;
+using cpu_emulation::cp_async_4;
+using cpu_emulation::cp_async_commit;
+using cpu_emulation::cp_async_wait;
+using cpu_emulation::mma_tf32_m16n8k8;
+using cpu_emulation::to_tf32;
+#else
+// x rounded to TF32 (round to nearest, ties away from zero), as the tensor cores read it.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// d += a b for a 16x8 tile d, a 16x8 (m x k) and b 8x8 (k x n), spread over the 32 lanes of a
+// warp (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32): with g = lane / 4, t = lane % 4,
+//   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},
+//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}.
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Asynchronous copies global -> shared (sm_80+): issued now, complete at cp_async_wait.
+__device__ __forceinline__ void cp_async_4(float* dst, const float* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src));
+}
+// 16 bytes: dst and src 16-byte aligned.
+__device__ __forceinline__ void cp_async_16(float* dst, const float* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src));
+}
+// Closes the group of the copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Waits until at most `kPending` committed groups are still in flight (this thread's copies).
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+#endif
+
+// Slice `split` of `splits` of the range [0, units): balanced, in order, covering every unit.
+__host__ __device__ inline void split_range(int64_t units, int split, int splits, int64_t& begin,
+                                            int64_t& end) {
+  begin = units * split / splits;
+  end = units * (split + 1) / splits;
+}
+
+// Zero-filled read: x[offset] when `ok`, else 0 (and no memory access at all).
+__device__ __forceinline__ float load_or_zero(bool ok, const float* p, int64_t offset) {
+  return ok ? p[offset] : 0.0f;
+}
+
+// =================================================================================================
+// v1: direct, one thread per output element, everything from global memory
+// =================================================================================================
 
 __global__ void conv3x3_forward_v1_direct(const float* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ b, float* __restrict__ y,
@@ -104,34 +236,1009 @@ __global__ void conv3x3_backward_weight_v1_block_per_oc(const float* __restrict_
   }
 }
 
+// =================================================================================================
+// v2: shared-memory tiling. v1 reads every input value from global memory 9 times per output
+// channel; here a block stages a slice once and all its threads reuse it from shared memory.
+// =================================================================================================
+
+// Forward and backward data: a block computes a kV2Tile x kV2Tile tile of pixels (one per thread)
+// for kV2Group channels (each thread keeps kV2Group sums, so each staged value it reads feeds
+// kV2Group FMAs), summing over the other channels kV2Slice at a time.
+constexpr int kV2Tile = 16;             // 16 x 16 pixels = 256 threads, a whole number of warps
+constexpr int kV2Halo = kV2Tile + 2;    // the input rows/columns a 16-wide output tile reads
+constexpr int kV2Group = 8;             // output channels per block (sums per thread)
+constexpr int kV2Slice = 8;             // summed channels staged per step: 8*18*18 + 8*8*9 floats
+                                        // = 12.7 KB of shared memory, several blocks per SM
+constexpr int kV2Threads = kV2Tile * kV2Tile;
+// The v2 kernels declare __launch_bounds__(threads, 1): with the thread count alone, ptxas held
+// some of them to 64 registers and spilled their sums to local memory.
+
+// Blocks of the pixel tiles: x = image * tiles_y * tiles_x + tile, decoded here.
+struct V2TileOrigin {
+  int64_t n;
+  int row0, col0;
+};
+__device__ inline V2TileOrigin v2_tile_origin(int64_t block, int rows, int cols, int tile_rows,
+                                              int tile_cols) {
+  const int tiles_x = ceil_div(cols, tile_cols);
+  const int tiles_y = ceil_div(rows, tile_rows);
+  const int tx = static_cast<int>(block % tiles_x);
+  const int64_t rest = block / tiles_x;
+  const int ty = static_cast<int>(rest % tiles_y);
+  return {rest / tiles_y, ty * tile_rows, tx * tile_cols};
+}
+
+__global__ void __launch_bounds__(kV2Threads, 1)
+    conv3x3_forward_v2_smem(const float* __restrict__ x, const float* __restrict__ w,
+                            const float* __restrict__ b, float* __restrict__ y, int N, int C,
+                            int H, int W, int O, bool relu) {
+  __shared__ float s_x[kV2Slice][kV2Halo][kV2Halo];  // x[n, c0+cc, i0+r, j0+q]
+  __shared__ float s_w[kV2Group][kV2Slice][9];        // w[o0+oo, c0+cc, :, :]
+  const int P = H - 2, Q = W - 2;
+  const V2TileOrigin t = v2_tile_origin(blockIdx.x, P, Q, kV2Tile, kV2Tile);
+  const int o0 = blockIdx.y * kV2Group;
+  const int tx = threadIdx.x % kV2Tile, ty = threadIdx.x / kV2Tile;
+  const int64_t plane = static_cast<int64_t>(H) * W;
+  const float* xn = x + t.n * C * plane;  // x[n, 0, 0, 0]
+
+  float acc[kV2Group];
+#pragma unroll
+  for (int oo = 0; oo < kV2Group; ++oo) acc[oo] = 0.0f;
+
+  for (int c0 = 0; c0 < C; c0 += kV2Slice) {
+    // Stage the input slice (zeros past the channels and the image) and the weight slice.
+    for (int e = threadIdx.x; e < kV2Slice * kV2Halo * kV2Halo; e += kV2Threads) {
+      const int cc = e / (kV2Halo * kV2Halo), r = (e / kV2Halo) % kV2Halo, q = e % kV2Halo;
+      const int c = c0 + cc, yy = t.row0 + r, xx = t.col0 + q;
+      s_x[cc][r][q] = load_or_zero(c < C && yy < H && xx < W, xn,
+                                   c * plane + static_cast<int64_t>(yy) * W + xx);
+    }
+    for (int e = threadIdx.x; e < kV2Group * kV2Slice * 9; e += kV2Threads) {
+      const int oo = e / (kV2Slice * 9), cc = (e / 9) % kV2Slice, tap = e % 9;
+      const int o = o0 + oo, c = c0 + cc;
+      s_w[oo][cc][tap] =
+          load_or_zero(o < O && c < C, w, (static_cast<int64_t>(o) * C + c) * 9 + tap);
+    }
+    __syncthreads();
+    for (int cc = 0; cc < kV2Slice; ++cc) {
+      float v[9];  // the 3x3 window of this thread's pixel, read once for all kV2Group channels
+#pragma unroll
+      for (int tap = 0; tap < 9; ++tap) v[tap] = s_x[cc][ty + tap / 3][tx + tap % 3];
+#pragma unroll
+      for (int oo = 0; oo < kV2Group; ++oo)
+#pragma unroll
+        for (int tap = 0; tap < 9; ++tap) acc[oo] = fmaf(v[tap], s_w[oo][cc][tap], acc[oo]);
+    }
+    __syncthreads();
+  }
+
+  const int i = t.row0 + ty, j = t.col0 + tx;
+  if (i >= P || j >= Q) return;  // after the last barrier: nothing left to wait for
+#pragma unroll
+  for (int oo = 0; oo < kV2Group; ++oo) {
+    const int o = o0 + oo;
+    if (o >= O) break;
+    const float v = acc[oo] + b[o];
+    y[((t.n * O + o) * P + i) * Q + j] = (relu && v < 0.0f) ? 0.0f : v;
+  }
+}
+
+// dx[n, c, yy, xx] = sum over o, ky, kx of dy[n, o, yy-ky, xx-kx] w[o, c, ky, kx]: the forward's
+// structure with dy staged from two rows/columns before the tile (zeros outside dy) and the taps
+// read flipped.
+__global__ void __launch_bounds__(kV2Threads, 1)
+    conv3x3_backward_data_v2_smem(const float* __restrict__ dy, const float* __restrict__ w,
+                                  float* __restrict__ dx, int N, int C, int H, int W, int O) {
+  __shared__ float s_dy[kV2Slice][kV2Halo][kV2Halo];  // dy[n, o0+oo, y0-2+r, x0-2+q]
+  __shared__ float s_w[kV2Group][kV2Slice][9];         // w[o0+oo, c0+cc, :, :] as [cc][oo]
+  const int P = H - 2, Q = W - 2;
+  const V2TileOrigin t = v2_tile_origin(blockIdx.x, H, W, kV2Tile, kV2Tile);
+  const int c0 = blockIdx.y * kV2Group;
+  const int tx = threadIdx.x % kV2Tile, ty = threadIdx.x / kV2Tile;
+  const int64_t out_plane = static_cast<int64_t>(P) * Q;
+  const float* dyn = dy + t.n * O * out_plane;  // dy[n, 0, 0, 0]
+
+  float acc[kV2Group];
+#pragma unroll
+  for (int cc = 0; cc < kV2Group; ++cc) acc[cc] = 0.0f;
+
+  for (int o0 = 0; o0 < O; o0 += kV2Slice) {
+    for (int e = threadIdx.x; e < kV2Slice * kV2Halo * kV2Halo; e += kV2Threads) {
+      const int oo = e / (kV2Halo * kV2Halo), r = (e / kV2Halo) % kV2Halo, q = e % kV2Halo;
+      const int o = o0 + oo, i = t.row0 - 2 + r, j = t.col0 - 2 + q;
+      s_dy[oo][r][q] = load_or_zero(o < O && i >= 0 && i < P && j >= 0 && j < Q, dyn,
+                                    o * out_plane + static_cast<int64_t>(i) * Q + j);
+    }
+    for (int e = threadIdx.x; e < kV2Group * kV2Slice * 9; e += kV2Threads) {
+      const int cc = e / (kV2Slice * 9), oo = (e / 9) % kV2Slice, tap = e % 9;
+      const int o = o0 + oo, c = c0 + cc;
+      s_w[cc][oo][tap] =
+          load_or_zero(o < O && c < C, w, (static_cast<int64_t>(o) * C + c) * 9 + tap);
+    }
+    __syncthreads();
+    for (int oo = 0; oo < kV2Slice; ++oo) {
+      float v[9];  // v[ky*3+kx] = dy[yy-ky, xx-kx]
+#pragma unroll
+      for (int tap = 0; tap < 9; ++tap) v[tap] = s_dy[oo][ty + 2 - tap / 3][tx + 2 - tap % 3];
+#pragma unroll
+      for (int cc = 0; cc < kV2Group; ++cc)
+#pragma unroll
+        for (int tap = 0; tap < 9; ++tap) acc[cc] = fmaf(v[tap], s_w[cc][oo][tap], acc[cc]);
+    }
+    __syncthreads();
+  }
+
+  const int yy = t.row0 + ty, xx = t.col0 + tx;
+  if (yy >= H || xx >= W) return;
+#pragma unroll
+  for (int cc = 0; cc < kV2Group; ++cc) {
+    const int c = c0 + cc;
+    if (c >= C) break;
+    dx[((t.n * C + c) * H + yy) * W + xx] = acc[cc];
+  }
+}
+
+// Backward weight: a block owns kV2WOuts x kV2WIns (o, c) pairs, one per thread with its nine sums,
+// and walks its share (split) of the pixel tiles of all images: each step stages dy for its
+// kV2WOuts channels over a kV2WRows x kV2WCols pixel tile and x for its kV2WIns channels over the
+// tile plus halo.
+constexpr int kV2WOuts = 16;                 // 16 x 16 (o, c) pairs = 256 threads
+constexpr int kV2WIns = 16;
+constexpr int kV2WRows = 8;                  // 8 x 32 = 256 pixels per step; 32 columns so that a
+constexpr int kV2WCols = 32;                 // warp stages 32 consecutive dy values at once
+constexpr int kV2WPixels = kV2WRows * kV2WCols;
+constexpr int kV2WHaloCols = kV2WCols + 2;
+constexpr int kV2WPlane = (kV2WRows + 2) * kV2WHaloCols + 1;  // +1: an odd stride, so the 16
+                                                               // channels a warp reads at once
+                                                               // fall in 16 different banks
+constexpr int kV2WThreads = kV2WOuts * kV2WIns;
+
+__global__ void __launch_bounds__(kV2WThreads, 1)
+    conv3x3_backward_weight_v2_smem(const float* __restrict__ x, const float* __restrict__ dy,
+                                    float* __restrict__ out, int N, int C, int H, int W, int O) {
+  __shared__ float s_dy[kV2WOuts][kV2WPixels];  // 16 KB
+  __shared__ float s_x[kV2WIns][kV2WPlane];     // 21.8 KB
+  const int P = H - 2, Q = W - 2;
+  const int groups_c = ceil_div(C, kV2WIns);
+  const int o0 = static_cast<int>(blockIdx.x / groups_c) * kV2WOuts;
+  const int c0 = static_cast<int>(blockIdx.x % groups_c) * kV2WIns;
+  const int oo = threadIdx.x / kV2WIns, cc = threadIdx.x % kV2WIns;
+  const int64_t in_plane = static_cast<int64_t>(H) * W, out_plane = static_cast<int64_t>(P) * Q;
+  const int64_t tiles_per_image =
+      static_cast<int64_t>(ceil_div(P, kV2WRows)) * ceil_div(Q, kV2WCols);
+  int64_t u_begin, u_end;
+  split_range(N * tiles_per_image, blockIdx.y, gridDim.y, u_begin, u_end);
+
+  float acc[9];
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap) acc[tap] = 0.0f;
+
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    const V2TileOrigin t = v2_tile_origin(u, P, Q, kV2WRows, kV2WCols);
+    const float* dyn = dy + t.n * O * out_plane;
+    const float* xn = x + t.n * C * in_plane;
+    for (int e = threadIdx.x; e < kV2WOuts * kV2WPixels; e += kV2WThreads) {
+      const int o_ = e / kV2WPixels, p = e % kV2WPixels;
+      const int o = o0 + o_, i = t.row0 + p / kV2WCols, j = t.col0 + p % kV2WCols;
+      s_dy[o_][p] = load_or_zero(o < O && i < P && j < Q, dyn,
+                                 o * out_plane + static_cast<int64_t>(i) * Q + j);
+    }
+    for (int e = threadIdx.x; e < kV2WIns * (kV2WRows + 2) * kV2WHaloCols; e += kV2WThreads) {
+      const int c_ = e / ((kV2WRows + 2) * kV2WHaloCols), rem = e % ((kV2WRows + 2) * kV2WHaloCols);
+      const int c = c0 + c_, yy = t.row0 + rem / kV2WHaloCols, xx = t.col0 + rem % kV2WHaloCols;
+      s_x[c_][rem] = load_or_zero(c < C && yy < H && xx < W, xn,
+                                  c * in_plane + static_cast<int64_t>(yy) * W + xx);
+    }
+    __syncthreads();
+    for (int r = 0; r < kV2WRows; ++r) {
+#pragma unroll 4
+      for (int q = 0; q < kV2WCols; ++q) {
+        const float g = s_dy[oo][r * kV2WCols + q];  // zero for pixels past the image
+        const float* xw = &s_x[cc][r * kV2WHaloCols + q];
+#pragma unroll
+        for (int tap = 0; tap < 9; ++tap)
+          acc[tap] = fmaf(g, xw[(tap / 3) * kV2WHaloCols + tap % 3], acc[tap]);
+      }
+    }
+    __syncthreads();
+  }
+
+  const int o = o0 + oo, c = c0 + cc;
+  if (o >= O || c >= C) return;
+  float* dst = out + static_cast<int64_t>(blockIdx.y) * O * C * 9 +  // this split's partials
+               (static_cast<int64_t>(o) * C + c) * 9;
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap) dst[tap] = acc[tap];
+}
+
+// =================================================================================================
+// The three GEMM views (v3 and v4 share them). A GEMM kernel asks its view:
+//   k_tiles(bk)           how many bk-deep slices of K there are,
+//   k_pos(tile, bk, kk)   what the kk-th k of slice `tile` is (decoded once, used by A and B),
+//   a_row(m) / b_row(n)   what a row of A (an m) or of B^T (an n) is, decoded once per thread,
+//   a_src / b_src         the address of A[m, k] / B[k, n], or nullptr where the element is zero
+//                         (past M, N or K, or outside dy in the backward-data view),
+//   c_row(m), store(...)  where C[m, n] goes, with the epilogue (bias, ReLU) applied.
+// kARowsContiguous / kBRowsContiguous: consecutive m (n) are consecutive in memory, so the copy
+// of a tile gives consecutive threads consecutive rows; otherwise consecutive k are (the weights;
+// the pixels of the weight-gradient view), and consecutive threads take consecutive k.
+// =================================================================================================
+
+struct Conv3x3ForwardGemm {
+  static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :], contiguous in k
+  const float* x;
+  const float* w;
+  const float* b;
+  float* y;
+  int C, H, W, O, P, Q;
+  bool relu;
+  int64_t M;  // N*P*Q
+  int cols;   // O
+  int K;      // 9C
+
+  struct KPos {
+    int k;
+    int64_t x_offset;  // c*H*W + ky*W + kx
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &x[n, 0, i, j]
+    bool valid;
+  };
+  struct BRow {
+    const float* p;  // &w[o, 0, 0, 0]
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &y[n, 0, i, j]
+  };
+
+  __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int k = static_cast<int>(tile) * bk + kk;
+    const int c = k / 9, tap = k - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
+    return {k, static_cast<int64_t>(c) * H * W + ky * W + kx, k < K};
+  }
+  __device__ ARow a_row(int64_t m) const {
+    if (m >= M) return {x, false};
+    const int64_t pq = static_cast<int64_t>(P) * Q;
+    const int64_t n = m / pq;
+    const int pix = static_cast<int>(m - n * pq), i = pix / Q, j = pix - i * Q;
+    return {x + n * C * H * W + static_cast<int64_t>(i) * W + j, true};
+  }
+  __device__ BRow b_row(int n) const { return {w + static_cast<int64_t>(n) * K, n < cols}; }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.x_offset : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.k : nullptr;
+  }
+  __device__ CRow c_row(int64_t m) const {
+    const int64_t pq = static_cast<int64_t>(P) * Q;
+    const int64_t n = m / pq;
+    return {y + n * O * pq + (m - n * pq)};
+  }
+  __device__ void store(const CRow& r, int o, float v) const {
+    v += b[o];
+    r.p[static_cast<int64_t>(o) * P * Q] = (relu && v < 0.0f) ? 0.0f : v;
+  }
+};
+
+struct Conv3x3BackwardDataGemm {
+  static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx, read from dy
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: w[:, c, :, :], k = (o, tap)
+  const float* dy;
+  const float* w;
+  float* dx;
+  int C, H, W, O, P, Q;
+  int64_t M;  // N*H*W
+  int cols;   // C
+  int K;      // 9O
+
+  struct KPos {
+    int o, ry, rx;  // k = 9o + 3ry + rx reads dy[o, yy-2+ry, xx-2+rx] and w[o, c, 2-ry, 2-rx]
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &dy[n, 0, 0, 0]
+    int yy, xx;
+    bool valid;
+  };
+  struct BRow {
+    const float* p;  // &w[0, c, 0, 0]
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &dx[n, 0, yy, xx]
+  };
+
+  __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int k = static_cast<int>(tile) * bk + kk;
+    const int o = k / 9, tap = k - 9 * o, ry = tap / 3;
+    return {o, ry, tap - 3 * ry, k < K};
+  }
+  __device__ ARow a_row(int64_t m) const {
+    if (m >= M) return {dy, 0, 0, false};
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    const int pix = static_cast<int>(m - n * hw), yy = pix / W;
+    return {dy + n * O * P * Q, yy, pix - yy * W, true};
+  }
+  __device__ BRow b_row(int n) const { return {w + static_cast<int64_t>(n) * 9, n < cols}; }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    const int i = r.yy - 2 + kp.ry, j = r.xx - 2 + kp.rx;
+    const bool inside = i >= 0 && i < P && j >= 0 && j < Q;
+    return r.valid && kp.valid && inside
+               ? r.p + static_cast<int64_t>(kp.o) * P * Q + static_cast<int64_t>(i) * Q + j
+               : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid
+               ? r.p + static_cast<int64_t>(kp.o) * C * 9 + (8 - 3 * kp.ry - kp.rx)
+               : nullptr;
+  }
+  __device__ CRow c_row(int64_t m) const {
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    return {dx + n * C * hw + (m - n * hw)};
+  }
+  __device__ void store(const CRow& r, int c, float v) const {
+    r.p[static_cast<int64_t>(c) * H * W] = v;
+  }
+};
+
+// K is walked image by image in slices of bk pixels that never straddle two images (the last
+// slice of an image is partly past it): a slice's image is one division per slice.
+struct Conv3x3BackwardWeightGemm {
+  static constexpr bool kARowsContiguous = false;  // A rows: dy[:, o, :, :], contiguous in k
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: x[:, c, ky:, kx:], contiguous in k
+  const float* x;
+  const float* dy;
+  float* out;             // dw, or the workspace of the split partials [splits, O, 9C]
+  int C, H, W, O, P, Q;
+  int64_t M;              // O
+  int cols;               // 9C
+  int64_t split_stride;   // O * 9C: the distance between two splits' partials
+  int64_t images;         // N
+
+  struct KPos {
+    int64_t dy_offset;  // n*O*P*Q + pix
+    int64_t x_offset;   // n*C*H*W + i*W + j
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &dy[0, o, 0, 0]
+    bool valid;
+  };
+  struct BRow {
+    int64_t offset;  // c*H*W + ky*W + kx
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &out[split, o, 0]
+  };
+
+  __host__ __device__ int64_t tiles_per_image(int bk) const {
+    return ceil_div(static_cast<int64_t>(P) * Q, static_cast<int64_t>(bk));
+  }
+  __host__ __device__ int64_t k_tiles(int bk) const { return images * tiles_per_image(bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int64_t per_image = tiles_per_image(bk);
+    const int64_t n = tile / per_image;
+    const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    const int i = pix / Q, j = pix - i * Q;
+    return {n * O * P * Q + pix, n * C * H * W + static_cast<int64_t>(i) * W + j,
+            pix < static_cast<int64_t>(P) * Q};
+  }
+  __device__ ARow a_row(int64_t o) const {
+    return {dy + o * P * Q, o < M};
+  }
+  __device__ BRow b_row(int col) const {
+    const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
+    return {static_cast<int64_t>(c) * H * W + ky * W + kx, col < cols};
+  }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.dy_offset : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? x + kp.x_offset + r.offset : nullptr;
+  }
+  __device__ CRow c_row(int64_t o) const {
+    return {out + static_cast<int64_t>(blockIdx.z) * split_stride + o * cols};
+  }
+  __device__ void store(const CRow& r, int col, float v) const { r.p[col] = v; }
+};
+
+// Which element of a ROWS x BK operand tile the r-th copy of a thread moves, THREADS threads
+// copying VEC consecutive k at a time (see kARowsContiguous above). Both forms keep a thread's row
+// (ROW_FAST) or its k (otherwise) the same for all its copies, so it is decoded once.
+template <int ROWS, int BK, int THREADS, bool ROW_FAST, int VEC = 1>
+struct TileCopy {
+  static_assert(!ROW_FAST || VEC == 1, "vector copies run along k");
+  static_assert(ROW_FAST ? THREADS % ROWS == 0 : THREADS % (BK / VEC) == 0,
+                "each thread keeps one row (or one k) for all its copies");
+  static constexpr int kPerThread = ROWS * BK / (VEC * THREADS);
+  static_assert(kPerThread * VEC * THREADS == ROWS * BK, "the tile splits evenly over the threads");
+  static constexpr int kStep = ROW_FAST ? THREADS / ROWS : THREADS / (BK / VEC);
+  __device__ static int row(int tid, int r) {
+    return ROW_FAST ? tid % ROWS : tid / (BK / VEC) + r * kStep;
+  }
+  __device__ static int k(int tid, int r) {
+    return ROW_FAST ? tid / ROWS + r * kStep : (tid % (BK / VEC)) * VEC;
+  }
+};
+
+// Thread-block slice of the split-K partition: slices of K tiles [begin, end) for blockIdx.z.
+__device__ inline void k_tile_range(int64_t tiles, int64_t& begin, int64_t& end) {
+  split_range(tiles, blockIdx.z, gridDim.z, begin, end);
+}
+
+// =================================================================================================
+// v3: register-blocked implicit GEMM on the CUDA cores (FP32 FFMA)
+// =================================================================================================
+
+// Tile of a block: BM x BN outputs, TM x TN per thread (kept in registers), BK of K per step.
+template <int BM_, int BN_, int TM_, int TN_>
+struct V3Tile {
+  static constexpr int kBM = BM_, kBN = BN_, kTM = TM_, kTN = TN_;
+  static constexpr int kThreads = (BM_ / TM_) * (BN_ / TN_);
+};
+// 128 x 128 outputs, 8 x 8 per thread, 256 threads: per k each thread reads 8 + 8 values from
+// shared memory (four 16-byte loads) for 64 FFMAs, and the block reads 128 + 128 values from
+// global memory per 16384 FFMAs.
+using V3Large = V3Tile<128, 128, 8, 8>;
+// 64 x 64, 8 x 8 per thread, 64 threads: for GEMMs too small to give the GPU enough large tiles
+// (the deep layers at batch 1, the 64-channel side of the weight gradients).
+using V3Small = V3Tile<64, 64, 8, 8>;
+constexpr int kV3BK = 8;   // 2 x 8 x (128+4) floats for A and B each: 17 KB, double-buffered
+constexpr int kV3Pad = 4;  // row padding: keeps 16-byte alignment, spreads the k-fast copies of
+                           // a warp over all 32 banks
+
+template <class Gemm, class Tile>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, TM = Tile::kTM, TN = Tile::kTN, BK = kV3BK;
+  constexpr int kThreads = Tile::kThreads;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous>;
+  // k-major tiles: the TM (TN) values a thread needs for one k are contiguous: float4 reads.
+  __shared__ __align__(16) float As[2][BK][BM + kV3Pad];
+  __shared__ __align__(16) float Bs[2][BK][BN + kV3Pad];
+
+  const int tid = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+#pragma unroll
+  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+
+  // Global -> registers (the next tile, while the current one is multiplied), registers -> shared.
+  float a_next[ACopy::kPerThread], b_next[BCopy::kPerThread];
+  auto fetch = [&](int64_t tile) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) {
+      const float* p = g.a_src(arow[r], g.k_pos(tile, BK, ACopy::k(tid, r)));
+      a_next[r] = p ? __ldg(p) : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) {
+      const float* p = g.b_src(brow[r], g.k_pos(tile, BK, BCopy::k(tid, r)));
+      b_next[r] = p ? __ldg(p) : 0.0f;
+    }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r)
+      As[buf][ACopy::k(tid, r)][ACopy::row(tid, r)] = a_next[r];
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r)
+      Bs[buf][BCopy::k(tid, r)][BCopy::row(tid, r)] = b_next[r];
+  };
+
+  // Thread (tr, tc) owns rows tr*TM .. +TM and columns tc*TN .. +TN of the block's tile.
+  // Consecutive threads take consecutive row blocks: outputs are contiguous along m (NCHW).
+  const int tr = tid % (BM / TM), tc = tid / (BM / TM);
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  if (t_begin < t_end) {
+    fetch(t_begin);
+    stash(0);
+  }
+  __syncthreads();
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int buf = static_cast<int>((t - t_begin) & 1);
+    if (t + 1 < t_end) fetch(t + 1);  // in flight during the FFMAs below
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&As[buf][k][tr * TM + i]);
+        a[i] = v.x, a[i + 1] = v.y, a[i + 2] = v.z, a[i + 3] = v.w;
+      }
+#pragma unroll
+      for (int j = 0; j < TN; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][k][tc * TN + j]);
+        b[j] = v.x, b[j + 1] = v.y, b[j + 2] = v.z, b[j + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    // The other buffer was last read before the previous barrier: safe to overwrite.
+    if (t + 1 < t_end) stash(buf ^ 1);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + tr * TM + i;
+    if (m >= g.M) break;
+    const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int n = n0 + tc * TN + j;
+      if (n < g.cols) g.store(row, n, acc[i][j]);
+    }
+  }
+}
+
+// =================================================================================================
+// v4: the same GEMMs on TF32 tensor cores (mma.sync.m16n8k8), tiles staged with cp.async into
+// two shared buffers: the copies of tile t+1 are in flight while the warps multiply tile t.
+// =================================================================================================
+
+// Block tile BM x BN over WARPS_M x WARPS_N warps; each warp owns a (BM/WARPS_M) x (BN/WARPS_N)
+// piece made of 16 x 8 mma tiles, its accumulators in registers.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_>
+struct V4Tile {
+  static constexpr int kBM = BM_, kBN = BN_, kWarpsM = WARPS_M_, kWarpsN = WARPS_N_;
+  static constexpr int kThreads = WARPS_M_ * WARPS_N_ * 32;
+  static constexpr int kWM = BM_ / WARPS_M_, kWN = BN_ / WARPS_N_;
+  static constexpr int kMmaM = kWM / 16, kMmaN = kWN / 8;  // mma tiles per warp
+  static_assert(kMmaM * 16 == kWM && kMmaN * 8 == kWN, "warp tiles are whole mma tiles");
+};
+// 128 x 128, 8 warps of 64 x 32 (4 x 4 mma tiles, 64 accumulators per thread): each fragment of
+// A feeds 4 mma, each of B 4.
+using V4Large = V4Tile<128, 128, 2, 4>;
+// 64 x 64, 4 warps of 32 x 32 (2 x 4 mma tiles): more blocks for small GEMMs.
+using V4Small = V4Tile<64, 64, 2, 2>;
+constexpr int kV4BK = 16;  // two k8 steps per stage; 2 stages of A and B take at most 40 KB, under
+                           // the 48 KB of static shared memory
+
+// A ROWS x BK operand tile in shared memory. K_MAJOR ([k][ROWS + 8]) when the copies run along
+// the rows, else row-major ([row][BK + 4]) so that 16-byte copies land on 4 consecutive k. Both
+// paddings make the fragment reads of a warp (8 rows x 4 k) hit 32 different banks:
+// (t*(ROWS+8) + g) % 32 and (g*(BK+4) + t) % 32 are distinct for g < 8, t < 4.
+template <int ROWS, bool K_MAJOR>
+struct V4Smem {
+  static constexpr int kSize = K_MAJOR ? kV4BK * (ROWS + 8) : ROWS * (kV4BK + 4);
+  __device__ static int at(int row, int k) {
+    return K_MAJOR ? k * (ROWS + 8) + row : row * (kV4BK + 4) + k;
+  }
+};
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV4BK, kThreads = Tile::kThreads;
+  constexpr int MT = Tile::kMmaM, NT = Tile::kMmaN;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+  using ASmem = V4Smem<BM, Gemm::kARowsContiguous>;
+  using BSmem = V4Smem<BN, Gemm::kBRowsContiguous>;
+  __shared__ __align__(16) float As[2][ASmem::kSize];
+  __shared__ __align__(16) float Bs[2][BSmem::kSize];
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % Tile::kWarpsM, wn = warp / Tile::kWarpsM;
+  const int gid = lane / 4, tig = lane % 4;  // the mma fragment coordinates of this lane
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+#pragma unroll
+  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+
+  // Issues the copies of K tile `tile` into buffer `buf`; elements that are zero are written
+  // directly (no copy to wait for). One commit group per tile.
+  auto issue = [&](int64_t tile, int buf) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) {
+      const int k = ACopy::k(tid, r);
+      const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
+      float* dst = &As[buf][ASmem::at(ACopy::row(tid, r), k)];
+      if constexpr (VEC_A) {
+        if (p) cp_async_16(dst, p);
+        else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      } else {
+        if (p) cp_async_4(dst, p);
+        else *dst = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) {
+      const int k = BCopy::k(tid, r);
+      const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
+      float* dst = &Bs[buf][BSmem::at(BCopy::row(tid, r), k)];
+      if constexpr (VEC_B) {
+        if (p) cp_async_16(dst, p);
+        else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      } else {
+        if (p) cp_async_4(dst, p);
+        else *dst = 0.0f;
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  if (t_begin < t_end) issue(t_begin, 0);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int buf = static_cast<int>((t - t_begin) & 1);
+    if (t + 1 < t_end) {
+      issue(t + 1, buf ^ 1);  // the other buffer was last read before the previous barrier
+      cp_async_wait<1>();     // tile t has landed (tile t+1 may still be in flight)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... for every thread's copies
+    const float* as = As[buf];
+    const float* bs = Bs[buf];
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+      uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int r = wm * Tile::kWM + i * 16 + gid;
+        a[i][0] = to_tf32(as[ASmem::at(r, kk + tig)]);
+        a[i][1] = to_tf32(as[ASmem::at(r + 8, kk + tig)]);
+        a[i][2] = to_tf32(as[ASmem::at(r, kk + tig + 4)]);
+        a[i][3] = to_tf32(as[ASmem::at(r + 8, kk + tig + 4)]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int c = wn * Tile::kWN + j * 8 + gid;
+        b[j][0] = to_tf32(bs[BSmem::at(c, kk + tig)]);
+        b[j][1] = to_tf32(bs[BSmem::at(c, kk + tig + 4)]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_tf32_m16n8k8(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();  // everyone is done with `buf` before the next iteration refills it
+  }
+
+  // acc[i][j] = {C[gid][2tig], C[gid][2tig+1], C[gid+8][2tig], C[gid+8][2tig+1]} of mma tile
+  // (i, j): for a fixed register, the 8 lanes of a column group store 8 consecutive m.
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t m = m0 + wm * Tile::kWM + i * 16 + gid + 8 * half;
+      if (m >= g.M) continue;
+      const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + wn * Tile::kWN + j * 8 + 2 * tig + q;
+          if (n < g.cols) g.store(row, n, acc[i][j][2 * half + q]);
+        }
+      }
+    }
+  }
+}
+
+// =================================================================================================
+// Split-K reduction of the weight gradient: dw[e] = sum over s = 0 .. splits-1 of part[s][e], in
+// that order (deterministic).
+// =================================================================================================
+
+__global__ void conv3x3_split_k_reduce(const float* __restrict__ part, float* __restrict__ dw,
+                                       int64_t count, int splits) {
+  for (int64_t e = global_thread(); e < count; e += grid_stride()) {
+    float sum = part[e];
+    for (int s = 1; s < splits; ++s) sum += part[s * count + e];
+    dw[e] = sum;
+  }
+}
+
+// =================================================================================================
+// Launchers: version dispatch, tile choice, split-K plan, grid limits
+// =================================================================================================
+
+namespace {
+
+// Blocks wanted in flight: two waves of an H100's 132 SMs. A constant rather than the device's
+// SM count, so that every GPU picks the same tiles and splits and computes the same bits.
+constexpr int64_t kTargetBlocks = 264;
+// A split of the weight gradient sums at least this many pixels: its partial tile costs a write
+// and a read of 4 x BM x BN bytes, worth it only over enough pixels.
+constexpr int64_t kMinSplitPixels = 1024;
+constexpr int64_t kMaxSplits = 128;
+// Cap on the partials workspace (the deep layers need no split; the 64-channel ones need little).
+constexpr int64_t kMaxSplitWorkspaceBytes = int64_t{256} << 20;
+
+constexpr int64_t kMaxGridX = INT32_MAX, kMaxGridYZ = 65535;
+
+dim3 checked_grid(const char* kernel, int64_t gx, int64_t gy, int64_t gz) {
+  if (gx > kMaxGridX || gy > kMaxGridYZ || gz > kMaxGridYZ)
+    throw std::runtime_error(std::string(kernel) + ": grid (" + std::to_string(gx) + ", " +
+                             std::to_string(gy) + ", " + std::to_string(gz) +
+                             ") exceeds the CUDA grid limits; use version v1_direct");
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+}
+
+// The large tile when it alone makes enough blocks and the N side fills it; else the small one.
+template <class Large, class Small>
+bool use_large_tile(int64_t M, int64_t cols) {
+  return cols > Small::kBN &&
+         ceil_div<int64_t>(M, Large::kBM) * ceil_div<int64_t>(cols, Large::kBN) >= kTargetBlocks;
+}
+
+// Splits of a K made of `units` pieces of `unit_pixels` pixels each, for `tiles` output tiles.
+int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t floats_per_split) {
+  if (tiles <= 0 || units <= 1) return 1;
+  int64_t s = ceil_div(kTargetBlocks, tiles);
+  s = std::min(s, units * unit_pixels / kMinSplitPixels);
+  s = std::min(s, kMaxSplits);
+  s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(floats_per_split, 1)));
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// Launch of one GEMM view with version v3 or v4, for `splits` K slices.
+template <class Gemm, class Tile>
+void launch_v3(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel(name, conv3x3_v3_igemm<Gemm, Tile>, grid, dim3(Tile::kThreads), stream, g);
+}
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel(name, conv3x3_v4_tf32_mma<Gemm, Tile, VEC_A, VEC_B>, grid, dim3(Tile::kThreads),
+                stream, g);
+}
+
+template <class Gemm>
+void run_v3(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v3<Gemm, V3Large>(name, g, splits, stream);
+  else launch_v3<Gemm, V3Small>(name, g, splits, stream);
+}
+
+// VEC_A / VEC_B are template arguments: the caller instantiates only what its view can use.
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v4(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v4<Gemm, V4Large, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v4<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
+// Device memory for the split partials, allocated and freed in stream order.
+class Workspace {
+ public:
+  Workspace(int64_t floats, cudaStream_t stream) : stream_(stream) {
+    if (floats > 0)
+      CUDA_CHECK(cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream),
+                 "conv3x3_backward_weight workspace");
+  }
+  ~Workspace() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  float* data() const { return static_cast<float*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// The weight-gradient plan of a version: tile size and splits, from the shapes alone.
+struct BackwardWeightPlan {
+  bool large = false;
+  int splits = 1;
+};
+
+BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, int H, int W,
+                                        int O) {
+  const int64_t P = H - 2, Q = W - 2, cols = int64_t{9} * C;
+  const int64_t floats = static_cast<int64_t>(O) * cols;
+  BackwardWeightPlan plan;
+  switch (version) {
+    case Conv3x3Version::kV1Direct:
+      break;
+    case Conv3x3Version::kV2Smem: {
+      const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
+      const int64_t units = N * ceil_div<int64_t>(P, kV2WRows) * ceil_div<int64_t>(Q, kV2WCols);
+      plan.splits = plan_splits(tiles, units, kV2WPixels, floats);
+      break;
+    }
+    case Conv3x3Version::kV3Igemm:
+    case Conv3x3Version::kV4Tf32Mma: {
+      const bool v3 = version == Conv3x3Version::kV3Igemm;
+      plan.large = v3 ? use_large_tile<V3Large, V3Small>(O, cols)
+                      : use_large_tile<V4Large, V4Small>(O, cols);
+      const int bm = v3 ? (plan.large ? V3Large::kBM : V3Small::kBM)
+                        : (plan.large ? V4Large::kBM : V4Small::kBM);
+      const int bn = v3 ? (plan.large ? V3Large::kBN : V3Small::kBN)
+                        : (plan.large ? V4Large::kBN : V4Small::kBN);
+      const int bk = v3 ? kV3BK : kV4BK;
+      const int64_t tiles = ceil_div<int64_t>(O, bm) * ceil_div<int64_t>(cols, bn);
+      const int64_t units = N * ceil_div<int64_t>(P * Q, bk);
+      plan.splits = plan_splits(tiles, units, bk, floats);
+      break;
+    }
+  }
+  return plan;
+}
+
+Conv3x3ForwardGemm forward_gemm(const float* x, const float* w, const float* b, float* y, int N,
+                                int C, int H, int W, int O, bool relu) {
+  const int P = H - 2, Q = W - 2;
+  return {x, w, b, y, C, H, W, O, P, Q, relu, static_cast<int64_t>(N) * P * Q, O, 9 * C};
+}
+
+Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* w, float* dx, int N,
+                                           int C, int H, int W, int O) {
+  return {dy, w, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
+}
+
+}  // namespace
+
+int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  return plan_backward_weight(version, N, C, H, W, O).splits;
+}
+
 void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
-                            int H, int W, int O, bool relu, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(N) * O * (H - 2) * (W - 2);
+                            int H, int W, int O, bool relu, Conv3x3Version version,
+                            cudaStream_t stream) {
+  const int P = H - 2, Q = W - 2;
+  const int64_t total = static_cast<int64_t>(N) * O * P * Q;
   if (total == 0) return;
-  conv3x3_forward_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(x, w, b, y, N, C, H, W, O,
-                                                                      relu);
-  CHECK_LAUNCH("conv3x3_forward_v1_direct");
+  switch (version) {
+    case Conv3x3Version::kV1Direct:
+      launch_kernel("conv3x3_forward_v1_direct", conv3x3_forward_v1_direct, dim3(grid_1d(total)),
+                    dim3(kBlock1d), stream, x, w, b, y, N, C, H, W, O, relu);
+      return;
+    case Conv3x3Version::kV2Smem: {
+      const int64_t tiles = int64_t{N} * ceil_div(P, kV2Tile) * ceil_div(Q, kV2Tile);
+      const char* name = "conv3x3_forward_v2_smem";
+      launch_kernel(name, conv3x3_forward_v2_smem,
+                    checked_grid(name, tiles, ceil_div(O, kV2Group), 1), dim3(kV2Threads), stream,
+                    x, w, b, y, N, C, H, W, O, relu);
+      return;
+    }
+    case Conv3x3Version::kV3Igemm: {
+      const Conv3x3ForwardGemm g = forward_gemm(x, w, b, y, N, C, H, W, O, relu);
+      run_v3("conv3x3_forward_v3_igemm", g, use_large_tile<V3Large, V3Small>(g.M, g.cols), 1,
+             stream);
+      return;
+    }
+    case Conv3x3Version::kV4Tf32Mma: {
+      const Conv3x3ForwardGemm g = forward_gemm(x, w, b, y, N, C, H, W, O, relu);
+      const bool large = use_large_tile<V4Large, V4Small>(g.M, g.cols);
+      const char* name = "conv3x3_forward_v4_tf32_mma";
+      // Fast path: B = w[o, k] in 16-byte pieces, when every row of w starts 16-byte aligned.
+      if (g.K % 4 == 0 && aligned16(w))
+        run_v4<Conv3x3ForwardGemm, false, true>(name, g, large, 1, stream);
+      else
+        run_v4<Conv3x3ForwardGemm, false, false>(name, g, large, 1, stream);
+      return;
+    }
+  }
+  throw std::runtime_error("conv3x3_forward: unknown version");
 }
 
 void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, cudaStream_t stream) {
+                                  int W, int O, Conv3x3Version version, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(N) * C * H * W;
   if (total == 0) return;
-  conv3x3_backward_data_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(dy, w, dx, N, C, H, W,
-                                                                            O);
-  CHECK_LAUNCH("conv3x3_backward_data_v1_direct");
+  switch (version) {
+    case Conv3x3Version::kV1Direct:
+      launch_kernel("conv3x3_backward_data_v1_direct", conv3x3_backward_data_v1_direct,
+                    dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, dx, N, C, H, W, O);
+      return;
+    case Conv3x3Version::kV2Smem: {
+      const int64_t tiles = int64_t{N} * ceil_div(H, kV2Tile) * ceil_div(W, kV2Tile);
+      const char* name = "conv3x3_backward_data_v2_smem";
+      launch_kernel(name, conv3x3_backward_data_v2_smem,
+                    checked_grid(name, tiles, ceil_div(C, kV2Group), 1), dim3(kV2Threads), stream,
+                    dy, w, dx, N, C, H, W, O);
+      return;
+    }
+    case Conv3x3Version::kV3Igemm: {
+      const Conv3x3BackwardDataGemm g = backward_data_gemm(dy, w, dx, N, C, H, W, O);
+      run_v3("conv3x3_backward_data_v3_igemm", g, use_large_tile<V3Large, V3Small>(g.M, g.cols),
+             1, stream);
+      return;
+    }
+    case Conv3x3Version::kV4Tf32Mma: {
+      const Conv3x3BackwardDataGemm g = backward_data_gemm(dy, w, dx, N, C, H, W, O);
+      run_v4<Conv3x3BackwardDataGemm, false, false>(
+          "conv3x3_backward_data_v4_tf32_mma", g, use_large_tile<V4Large, V4Small>(g.M, g.cols), 1,
+          stream);
+      return;
+    }
+  }
+  throw std::runtime_error("conv3x3_backward_data: unknown version");
 }
 
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
-                                    int C, int H, int W, int O, cudaStream_t stream) {
-  const int64_t blocks = static_cast<int64_t>(O) * C;
-  if (blocks > 0) {
-    if (blocks > INT32_MAX)
-      throw std::runtime_error("conv3x3_backward_weight: O*C = " + std::to_string(blocks) +
-                               " exceeds the grid limit");
-    conv3x3_backward_weight_v1_block_per_oc<<<static_cast<unsigned int>(blocks), kReduceBlock, 0,
-                                              stream>>>(x, dy, dw, N, C, H, W, O);
-    CHECK_LAUNCH("conv3x3_backward_weight_v1_block_per_oc");
+                                    int C, int H, int W, int O, Conv3x3Version version,
+                                    cudaStream_t stream) {
+  const int64_t P = H - 2, Q = W - 2;
+  const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
+  if (count > 0) {
+    if (version == Conv3x3Version::kV1Direct) {
+      const int64_t blocks = static_cast<int64_t>(O) * C;
+      if (blocks > INT32_MAX)
+        throw std::runtime_error("conv3x3_backward_weight: O*C = " + std::to_string(blocks) +
+                                 " exceeds the grid limit");
+      launch_kernel("conv3x3_backward_weight_v1_block_per_oc",
+                    conv3x3_backward_weight_v1_block_per_oc, dim3(static_cast<unsigned>(blocks)),
+                    dim3(kReduceBlock), stream, x, dy, dw, N, C, H, W, O);
+    } else {
+      const BackwardWeightPlan plan = plan_backward_weight(version, N, C, H, W, O);
+      // One split writes dw itself; several write partials that the reduction adds up.
+      Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
+      float* out = plan.splits > 1 ? workspace.data() : dw;
+      if (version == Conv3x3Version::kV2Smem) {
+        const char* name = "conv3x3_backward_weight_v2_smem";
+        const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
+        launch_kernel(name, conv3x3_backward_weight_v2_smem,
+                      checked_grid(name, tiles, plan.splits, 1), dim3(kV2WThreads), stream, x, dy,
+                      out, N, C, H, W, O);
+      } else {
+        Conv3x3BackwardWeightGemm g{x, dy, out, C, H, W, O, static_cast<int>(P),
+                                    static_cast<int>(Q), O, 9 * C, count, N};
+        if (version == Conv3x3Version::kV3Igemm) {
+          run_v3("conv3x3_backward_weight_v3_igemm", g, plan.large, plan.splits, stream);
+        } else {
+          const char* name = "conv3x3_backward_weight_v4_tf32_mma";
+          // Fast path: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a whole
+          // number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.
+          using Gemm = Conv3x3BackwardWeightGemm;
+          if ((P * Q) % 4 == 0 && aligned16(dy))
+            run_v4<Gemm, true, false>(name, g, plan.large, plan.splits, stream);
+          else
+            run_v4<Gemm, false, false>(name, g, plan.large, plan.splits, stream);
+        }
+      }
+      if (plan.splits > 1)
+        launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
+                      dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count,
+                      plan.splits);
+    }
   }
   launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
 }

@@ -19,12 +19,34 @@ namespace unet {
 
 // conv3x3.cu: valid 3x3 cross-correlation, stride 1. x[N,C,H,W], w[O,C,3,3], b[O],
 // y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
+//
+// The kernel versions (docs/CONV3X3.md), one registry: the bindings turn a name into the enum
+// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4 in TF32 (FP32 sums).
+enum class Conv3x3Version { kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma };
+struct Conv3x3VersionName {
+  const char* name;
+  Conv3x3Version version;
+};
+inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
+    {"v1_direct", Conv3x3Version::kV1Direct},
+    {"v2_smem", Conv3x3Version::kV2Smem},
+    {"v3_igemm", Conv3x3Version::kV3Igemm},
+    {"v4_tf32_mma", Conv3x3Version::kV4Tf32Mma},
+};
+// The version the bindings use when none is named (unet_cuda.ops.cuda keeps its own setting).
+inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
+
 void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
-                            int H, int W, int O, bool relu, cudaStream_t stream);
+                            int H, int W, int O, bool relu, Conv3x3Version version,
+                            cudaStream_t stream);
 void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, cudaStream_t stream);
+                                  int W, int O, Conv3x3Version version, cudaStream_t stream);
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
-                                    int C, int H, int W, int O, cudaStream_t stream);
+                                    int C, int H, int W, int O, Conv3x3Version version,
+                                    cudaStream_t stream);
+// How many slices (split-K) the weight gradient of `version` sums separately for these shapes,
+// then adds in slice order; 1 for v1_direct. A function of the shapes only, never of the GPU.
+int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
 // the backward_weight launchers of every convolution.
@@ -88,5 +110,14 @@ void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, in
 // v = momentum * v + lr * (grad + weight_decay * param); param -= v.
 void launch_sgd_momentum_update(float* param, const float* grad, float* velocity, int64_t n,
                                 float lr, float momentum, float weight_decay, cudaStream_t stream);
+
+// warp.cu: the augmentation warp of docs/OPS.md. image, weights, image_out, weights_out float32
+// [H,W]; labels, labels_out int32 [H,W]; coarse float32 [2,grid_y,grid_x] node displacements (px).
+// quarter_turns in 0..3 (H == W when odd), gamma > 0; all three outputs in one pass.
+void launch_augment_warp(const float* image, const int32_t* labels, const float* weights,
+                         const float* coarse, float* image_out, int32_t* labels_out,
+                         float* weights_out, int H, int W, int grid_y, int grid_x,
+                         int quarter_turns, bool flip_rows, bool flip_columns, double gamma,
+                         double contrast, double brightness, cudaStream_t stream);
 
 }  // namespace unet

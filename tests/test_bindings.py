@@ -116,6 +116,10 @@ VALID = {
     "sgd_momentum_update_": lambda: dict(param=f32(4, 3, 3, 3), grad=f32(4, 3, 3, 3),
                                          velocity=f32(4, 3, 3, 3), lr=0.01, momentum=0.99,
                                          weight_decay=0.0005),
+    "augment_warp": lambda: dict(image=f32(6, 6), labels=i32(6, 6), weights=f32(6, 6),
+                                 coarse=f32(2, 3, 3), image_out=f32(6, 6), labels_out=i32(6, 6),
+                                 weights_out=f32(6, 6), quarter_turns=1, flip_rows=True,
+                                 flip_columns=False, gamma=1.1, contrast=0.9, brightness=0.05),
 }
 
 OUTPUTS = {
@@ -129,6 +133,7 @@ OUTPUTS = {
     "softmax_xent_forward": ("loss", "probs"), "softmax_xent_backward": ("dlogits",),
     "dropout_mask": ("mask",), "dropout_forward": ("y",), "dropout_backward": ("dx",),
     "sgd_momentum_update_": ("param", "velocity"),
+    "augment_warp": ("image_out", "labels_out", "weights_out"),
 }
 
 # Ops whose arrays may have any number of dimensions (only their agreement is checked).
@@ -168,7 +173,7 @@ def ops_md_names():
 
 def test_module_exposes_every_op_of_ops_md():
     names = ops_md_names()
-    assert len(names) == 21, names
+    assert len(names) == 22, names
     missing = [n for n in names if not callable(getattr(_C, n, None))]
     assert not missing, f"unet_cuda._C lacks {missing}"
     assert set(VALID) == set(names)
@@ -196,6 +201,99 @@ def test_helpers_work_without_a_device():
 def test_stream_is_keyword_only():
     with pytest.raises(TypeError):
         _C.accumulate_(f32(3), f32(3), 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv3x3 kernel versions: the keyword `version` and the registry behind it
+# ------------------------------------------------------------------------------------------------
+
+CONV3X3_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+
+
+def module_constant(path, name):
+    """The literal value of the module-level constant ``name`` in the Python file ``path``."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(getattr(t, "id", None) == name for t in targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path} defines no {name}")
+
+
+def test_conv3x3_version_registry():
+    assert _C.CONV3X3_VERSIONS == CONV3X3_VERSIONS
+    assert _C.CONV3X3_DEFAULT_VERSION == "v1_direct"
+    # The CUDA backend (it needs CuPy to import) keeps v1_direct as its default until a GPU run has
+    # verified the others; its version list comes from the extension.
+    default = module_constant(ROOT / "unet_cuda" / "ops" / "cuda.py", "DEFAULT_CONV3X3_VERSION")
+    assert default == "v1_direct"
+
+
+@pytest.mark.parametrize("op", CONV3X3_OPS)
+@pytest.mark.parametrize("bad", ["v5_magic", "", "V1_DIRECT", "v1_direct ", "direct"])
+def test_conv3x3_unknown_version_lists_the_valid_ones(op, bad):
+    raises_naming(ValueError, op, "version", repr(bad), *(repr(v) for v in CONV3X3_VERSIONS),
+                  version=bad)
+
+
+@pytest.mark.parametrize("op", CONV3X3_OPS)
+def test_conv3x3_version_must_be_a_string(op):
+    with pytest.raises(TypeError):
+        call(op, **VALID[op](), version=3)
+    with pytest.raises(TypeError):
+        call(op, **VALID[op](), version=None)
+
+
+def test_conv3x3_version_is_checked_first():
+    raises_naming(ValueError, "conv3x3_forward", "version", "'nope'", version="nope",
+                  x=f32(2, 3, 7, 6).like(typestr="<f8"))
+
+
+def test_conv3x3_backward_weight_splits():
+    splits = _C.conv3x3_backward_weight_splits
+    assert splits(1, 64, 570, 570, 64) == 1                      # the default, v1_direct: no split
+    for version in CONV3X3_VERSIONS[1:]:
+        # d1b's weight gradient (64 x 576 outputs over 322,624 pixels) splits its sum ...
+        assert 8 < splits(1, 64, 570, 570, 64, version=version) <= 128, version
+        # ... b2's (1024 x 9216 outputs) has tiles enough without.
+        assert splits(1, 1024, 30, 30, 1024, version=version) == 1, version
+        assert splits(0, 3, 5, 5, 2, version=version) == 1, version
+        # A function of the shapes: the same answer every time.
+        assert splits(2, 3, 40, 40, 5, version=version) == splits(2, 3, 40, 40, 5, version=version)
+    with pytest.raises(ValueError, match="argument version must be one of"):
+        splits(1, 1, 3, 3, 1, version="v0")
+    with pytest.raises(ValueError, match="H, W >= 3"):
+        splits(1, 1, 2, 3, 1, version="v2_smem")
+
+
+def report_conv3x3_version_calls():
+    """Runs each conv3x3 op once per version with valid host-backed fakes; prints the results."""
+    results = {}
+    for op in CONV3X3_OPS:
+        for version in CONV3X3_VERSIONS:
+            try:
+                call(op, **VALID[op](), version=version)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent test
+                results[f"{op} {version}"] = [type(exc).__name__, str(exc)]
+            else:
+                results[f"{op} {version}"] = ["no exception", ""]
+    print(json.dumps(results))
+
+
+def test_every_conv3x3_version_reaches_the_device_memory_check():
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_bindings; test_bindings.report_conv3x3_version_calls()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(CONV3X3_OPS) * len(CONV3X3_VERSIONS)
+    for name, (kind, message) in results.items():
+        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
+        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
+        assert host_memory or no_device, f"{name}: {kind}: {message}"
+        assert message.startswith(f"{name.split()[0]}: "), message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +459,15 @@ SHAPE_CASES = [
     ("dropout_backward", "dx", dict(dx=f32(3, 5, 4))),
     ("sgd_momentum_update_", "grad", dict(grad=f32(4, 3, 3, 2))),
     ("sgd_momentum_update_", "velocity", dict(velocity=f32(4, 3, 3))),
+    ("augment_warp", "labels", dict(labels=i32(6, 5))),
+    ("augment_warp", "weights", dict(weights=f32(5, 6))),
+    ("augment_warp", "coarse", dict(coarse=f32(3, 3, 3))),           # not (dy, dx)
+    ("augment_warp", "coarse", dict(coarse=f32(2, 0, 3))),           # no nodes
+    ("augment_warp", "image_out", dict(image_out=f32(6, 5))),
+    ("augment_warp", "labels_out", dict(labels_out=i32(5, 6))),
+    ("augment_warp", "weights_out", dict(weights_out=f32(6, 7))),
+    ("augment_warp", "image", dict(image=f32(0, 6), labels=i32(0, 6), weights=f32(0, 6),
+                                   image_out=f32(0, 6), labels_out=i32(0, 6), weights_out=f32(0, 6))),
 ]
 
 
@@ -386,12 +493,27 @@ SCALAR_CASES = [
     ("sgd_momentum_update_", "momentum", 1.5), ("sgd_momentum_update_", "momentum", -0.5),
     ("sgd_momentum_update_", "momentum", math.nan),
     ("sgd_momentum_update_", "weight_decay", -1e-4), ("sgd_momentum_update_", "weight_decay", math.inf),
+    ("augment_warp", "quarter_turns", 4), ("augment_warp", "quarter_turns", -1),
+    ("augment_warp", "quarter_turns", 2**70), ("augment_warp", "quarter_turns", 1.0),
+    ("augment_warp", "quarter_turns", True), ("augment_warp", "quarter_turns", "1"),
+    ("augment_warp", "gamma", 0.0), ("augment_warp", "gamma", -1.0), ("augment_warp", "gamma", math.nan),
+    ("augment_warp", "gamma", math.inf), ("augment_warp", "contrast", math.nan),
+    ("augment_warp", "contrast", -math.inf), ("augment_warp", "brightness", math.inf),
+    ("augment_warp", "brightness", math.nan),
 ]
 
 
 @pytest.mark.parametrize("op,arg,value", SCALAR_CASES)
 def test_bad_scalars(op, arg, value):
     raises_naming(ValueError, op, arg, "must be", **{arg: value})
+
+
+def test_augment_warp_odd_turns_need_a_square_window():
+    rect = dict(image=f32(6, 5), labels=i32(6, 5), weights=f32(6, 5), image_out=f32(6, 5),
+                labels_out=i32(6, 5), weights_out=f32(6, 5))
+    for turns in (1, 3):
+        raises_naming(ValueError, "augment_warp", "quarter_turns", "square window", "(6, 5)",
+                      quarter_turns=turns, **rect)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,6 +528,14 @@ def report_valid_calls():
     cases["dropout_mask numpy seed"] = dict(VALID["dropout_mask"](), seed=np.uint64(5))
     cases["sgd_momentum_update_ 1-d"] = dict(param=f32(5), grad=f32(5), velocity=f32(5), lr=0.0,
                                              momentum=1.0, weight_decay=0.0)
+    # A non-square window with an even number of turns, a numpy integer, one pixel and one node.
+    cases["augment_warp non-square"] = dict(
+        VALID["augment_warp"](), image=f32(7, 4), labels=i32(7, 4), weights=f32(7, 4),
+        image_out=f32(7, 4), labels_out=i32(7, 4), weights_out=f32(7, 4), quarter_turns=np.int64(2))
+    cases["augment_warp 1x1"] = dict(
+        image=f32(1, 1), labels=i32(1, 1), weights=f32(1, 1), coarse=f32(2, 1, 1), image_out=f32(1, 1),
+        labels_out=i32(1, 1), weights_out=f32(1, 1), quarter_turns=3, flip_rows=False,
+        flip_columns=True, gamma=1.0, contrast=-2.0, brightness=0.0)
     results = {}
     for name, args in cases.items():
         op = name.split()[0]
@@ -425,7 +555,7 @@ def test_valid_calls_reach_the_device_memory_check():
                           cwd=ROOT)
     assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(VALID) + 3
+    assert len(results) == len(VALID) + 5
     for name, (kind, message) in results.items():
         op = name.split()[0]
         host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine

@@ -9,11 +9,18 @@ stays a 0-d CuPy array until the caller reads it with ``float(loss)``.
 
 Unlike the reference, inputs are not converted: pass float32 arrays (int32 labels, uint8 masks and
 argmax), C-contiguous, on the current device.
+
+The 3x3 convolution has several kernel versions (``CONV3X3_VERSIONS``, docs/CONV3X3.md); the one
+its ops run is a setting of this module: ``set_conv3x3_version(name)``, ``get_conv3x3_version()``,
+``use_conv3x3_version(name)`` for a block, or the environment variable ``UNET_CUDA_CONV3X3`` read at
+import. The default is ``"v1_direct"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import os
 
 import cupy
 
@@ -47,6 +54,7 @@ __all__ = (
     "dropout_backward",
     "accumulate_",
     "sgd_momentum_update_",
+    "augment_warp",
 )
 
 
@@ -79,11 +87,57 @@ def _size(n: int) -> int:
 # Convolutions
 # ----------------------------------------------------------------------------------------------
 
+# The kernel versions of the 3x3 convolution (csrc/conv3x3.cu, docs/CONV3X3.md), from the one
+# registry in the extension: "v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma". The version is a
+# setting of this backend, not an argument of the ops (the reference has no such thing).
+CONV3X3_VERSIONS: tuple[str, ...] = tuple(_C.CONV3X3_VERSIONS)
+# v1_direct stays the default until a GPU run has verified v2-v4 against the reference
+# (tests/test_cuda_ops.py runs every conv3x3 test for every version). v4_tf32_mma is TF32: relative
+# errors near 1e-3, like cuDNN's default; v1-v3 are FP32.
+DEFAULT_CONV3X3_VERSION = "v1_direct"
+# Environment override, read once when this module is imported.
+CONV3X3_VERSION_ENV = "UNET_CUDA_CONV3X3"
+
+
+def _valid_conv3x3_version(name, where: str) -> str:
+    if not isinstance(name, str) or name not in CONV3X3_VERSIONS:
+        valid = ", ".join(repr(v) for v in CONV3X3_VERSIONS)
+        raise ValueError(f"{where}: the conv3x3 version must be one of {valid}, got {name!r}")
+    return name
+
+
+_conv3x3_version = _valid_conv3x3_version(
+    os.environ.get(CONV3X3_VERSION_ENV, DEFAULT_CONV3X3_VERSION), f"${CONV3X3_VERSION_ENV}")
+
+
+def set_conv3x3_version(name: str) -> None:
+    """Runs every later conv3x3 op of this backend with kernel version ``name``."""
+    global _conv3x3_version
+    _conv3x3_version = _valid_conv3x3_version(name, "set_conv3x3_version")
+
+
+def get_conv3x3_version() -> str:
+    """The kernel version the conv3x3 ops of this backend run."""
+    return _conv3x3_version
+
+
+@contextlib.contextmanager
+def use_conv3x3_version(name: str):
+    """``with use_conv3x3_version("v3_igemm"): ...`` runs the block with that version, then
+    restores the previous one."""
+    previous = get_conv3x3_version()
+    set_conv3x3_version(name)
+    try:
+        yield
+    finally:
+        set_conv3x3_version(previous)
+
+
 def conv3x3_forward(x, w, b, relu=False):
     n, _, h, width = _shape("conv3x3_forward", "x", x, 4)
     o = _shape("conv3x3_forward", "w", w, 4)[0]
     y = _empty((n, o, _size(h - 2), _size(width - 2)))
-    _C.conv3x3_forward(x, w, b, y, bool(relu), stream=_stream())
+    _C.conv3x3_forward(x, w, b, y, bool(relu), stream=_stream(), version=_conv3x3_version)
     return y
 
 
@@ -91,7 +145,7 @@ def conv3x3_backward_data(dy, w):
     n, _, p, q = _shape("conv3x3_backward_data", "dy", dy, 4)
     c = _shape("conv3x3_backward_data", "w", w, 4)[1]
     dx = _empty((n, c, p + 2, q + 2))
-    _C.conv3x3_backward_data(dy, w, dx, stream=_stream())
+    _C.conv3x3_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version)
     return dx
 
 
@@ -100,7 +154,7 @@ def conv3x3_backward_weight(x, dy):
     o = _shape("conv3x3_backward_weight", "dy", dy, 4)[1]
     dw = _empty((o, c, 3, 3))
     db = _empty((o,))
-    _C.conv3x3_backward_weight(x, dy, dw, db, stream=_stream())
+    _C.conv3x3_backward_weight(x, dy, dw, db, stream=_stream(), version=_conv3x3_version)
     return dw, db
 
 
@@ -268,3 +322,20 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     _C.sgd_momentum_update_(param, grad, velocity, float(lr), float(momentum), float(weight_decay),
                             stream=_stream())
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+def augment_warp(image, labels, weights, coarse, quarter_turns=0, flip_rows=False, flip_columns=False,
+                 gamma=1.0, contrast=1.0, brightness=0.0):
+    """Outputs of the source's shape: image and weights float32, labels int32 (one kernel, csrc/warp.cu)."""
+    shape = _shape("augment_warp", "image", image, 2)
+    image_out = _empty(shape)
+    labels_out = _empty(shape, dtype=cupy.int32)
+    weights_out = _empty(shape)
+    _C.augment_warp(image, labels, weights, coarse, image_out, labels_out, weights_out, quarter_turns,
+                    bool(flip_rows), bool(flip_columns), float(gamma), float(contrast), float(brightness),
+                    stream=_stream())
+    return image_out, labels_out, weights_out

@@ -1,0 +1,85 @@
+// conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu built for the CPU
+// emulation (cuda_runtime.h beside this file), called through ctypes by
+// tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the error message in `error`.
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "launchers.h"
+
+// The bias gradient is bias_backward.cu's (not emulated here): a host loop stands in for it so
+// that launch_conv3x3_backward_weight links; the GPU tests check db.
+namespace unet {
+void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW, cudaStream_t) {
+  for (int o = 0; o < O; ++o) {
+    double sum = 0.0;
+    for (int n = 0; n < N; ++n)
+      for (int64_t p = 0; p < HW; ++p) sum += dy[(static_cast<int64_t>(n) * O + o) * HW + p];
+    db[o] = static_cast<float>(sum);
+  }
+}
+}  // namespace unet
+
+namespace {
+
+bool parse_version(const char* name, unet::Conv3x3Version* version) {
+  for (const unet::Conv3x3VersionName& v : unet::kConv3x3Versions)
+    if (std::strcmp(name, v.name) == 0) {
+      *version = v.version;
+      return true;
+    }
+  return false;
+}
+
+template <typename Call>
+int guarded(const char* version_name, char* error, int error_size, Call call) {
+  unet::Conv3x3Version version;
+  try {
+    if (!parse_version(version_name, &version))
+      throw std::runtime_error(std::string("unknown version ") + version_name);
+    call(version);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return -1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int emulated_conv3x3_forward(const char* version, const float* x, const float* w, const float* b,
+                             float* y, int N, int C, int H, int W, int O, int relu, char* error,
+                             int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_forward(x, w, b, y, N, C, H, W, O, relu != 0, v, nullptr);
+  });
+}
+
+int emulated_conv3x3_backward_data(const char* version, const float* dy, const float* w, float* dx,
+                                   int N, int C, int H, int W, int O, char* error,
+                                   int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_backward_data(dy, w, dx, N, C, H, W, O, v, nullptr);
+  });
+}
+
+int emulated_conv3x3_backward_weight(const char* version, const float* x, const float* dy,
+                                     float* dw, float* db, int N, int C, int H, int W, int O,
+                                     char* error, int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_backward_weight(x, dy, dw, db, N, C, H, W, O, v, nullptr);
+  });
+}
+
+int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, int H, int W,
+                                            int O) {
+  unet::Conv3x3Version v;
+  if (!parse_version(version, &v)) return -1;
+  return unet::conv3x3_backward_weight_splits(v, N, C, H, W, O);
+}
+
+}  // extern "C"

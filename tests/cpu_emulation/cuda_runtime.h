@@ -1,0 +1,339 @@
+// cuda_runtime.h for the CPU emulation of csrc/conv3x3.cu (tests/test_conv3x3_emulated.py).
+//
+// Compiled with g++ in place of the CUDA runtime header (this folder comes first on the include
+// path), it lets the kernels of csrc/conv3x3.cu and csrc/bias_backward.cu run unchanged on the
+// CPU, so that their index arithmetic, bounds guards, tiling, split-K and mma fragment layouts are
+// checked against the NumPy reference on machines without a GPU.
+//
+// How a launch runs: the blocks of the grid one after another; within a block, one fiber
+// (ucontext) per CUDA thread, all on the calling OS thread. A fiber runs until it reaches a barrier
+// (__syncthreads, or the warp-wide exchange of mma.sync and __shfl_down_sync), where it yields to
+// the next runnable fiber. So:
+//   * __shared__ arrays (static storage here) are shared by the threads of the running block;
+//   * a missing __syncthreads shows: a fiber runs far ahead of the others between barriers;
+//   * a __syncthreads that not every thread reaches is reported as a deadlock;
+//   * cp.async copies are deferred to the cp.async.wait_group that retires them, so a read of
+//     shared memory before the wait sees stale data, as it could on the GPU;
+//   * mma.sync.m16n8k8 (TF32) gathers the fragments of the 32 lanes by the PTX ISA layout and
+//     multiplies the TF32 values (low 13 bits dropped) exactly, summing in double;
+//   * cudaMallocAsync fills the new memory with NaN bytes, so unwritten workspace shows.
+// Only what conv3x3.cu and its includes use is provided.
+#pragma once
+
+#define UNET_CPU_EMULATION 1
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+using cudaStream_t = struct CUstream_st*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaSuccess ? "cudaSuccess" : "cudaError";
+}
+inline const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
+  *p = std::malloc(bytes > 0 ? bytes : 1);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xFF, bytes);  // NaN in every float
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  std::free(p);
+  return cudaSuccess;
+}
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+namespace cpu_emulation {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+// A rendezvous of `expected` fibers: the last to arrive opens the next generation.
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  unsigned generation = 0;
+};
+
+struct Copy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  uint3 thread_idx{};
+  bool done = false;
+  const Barrier* waiting_on = nullptr;  // blocked until its generation moves past `waiting_gen`
+  unsigned waiting_gen = 0;
+  std::vector<std::vector<Copy>> copy_groups{1};  // cp.async groups; the last one is open
+};
+
+// Warp-wide exchange area: two slots used alternately, so that a slot is never rewritten before
+// every lane has read it (a lane reuses a slot only after the barrier of the next exchange).
+struct WarpExchange {
+  Barrier barrier;
+  int slot = 0;
+  uint32_t a[2][32][4];
+  uint32_t b[2][32][2];
+  double value[2][32];
+};
+
+struct BlockState {
+  dim3 grid, block;
+  uint3 block_idx{};
+  std::vector<Fiber> fibers;
+  Barrier block_barrier;
+  std::vector<WarpExchange> warps;
+  int current = -1;
+  ucontext_t scheduler;
+  std::function<void()>* body = nullptr;
+};
+
+inline BlockState*& state() {
+  static BlockState* s = nullptr;
+  return s;
+}
+inline Fiber& self() { return state()->fibers[state()->current]; }
+
+// Yields until `b` opens the generation after `gen`.
+inline void wait(const Barrier& b, unsigned gen) {
+  Fiber& f = self();
+  f.waiting_on = &b;
+  f.waiting_gen = gen;
+  swapcontext(&f.context, &state()->scheduler);
+}
+
+inline void arrive_and_wait(Barrier& b) {
+  const unsigned gen = b.generation;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  wait(b, gen);
+}
+
+inline void sync_block() { arrive_and_wait(state()->block_barrier); }
+
+inline int lane_id() { return static_cast<int>(self().thread_idx.x % 32); }
+inline WarpExchange& my_warp() { return state()->warps[self().thread_idx.x / 32]; }
+
+template <typename T>
+inline T shfl_down(T v, unsigned delta) {
+  WarpExchange& w = my_warp();
+  const int slot = w.slot;
+  const int lane = lane_id();
+  w.value[slot][lane] = static_cast<double>(v);
+  const unsigned gen = w.barrier.generation;
+  if (++w.barrier.arrived == w.barrier.expected) {
+    w.barrier.arrived = 0;
+    ++w.barrier.generation;
+    w.slot ^= 1;
+  } else {
+    wait(w.barrier, gen);
+  }
+  const int src = lane + static_cast<int>(delta);
+  return src < w.barrier.expected ? static_cast<T>(w.value[slot][src]) : v;
+}
+
+// ---- The instructions csrc/conv3x3.cu writes in PTX ----
+
+inline uint32_t to_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // Inf, NaN: unchanged
+  u += 0x1000u;                                     // half of the 13 dropped bits: ties away
+  return u & 0xffffe000u;
+}
+
+inline double tf32_value(uint32_t u) {
+  u &= 0xffffe000u;  // the tensor core reads 19 bits
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  WarpExchange& w = my_warp();
+  if (w.barrier.expected != 32) throw std::logic_error("mma.sync needs a full warp");
+  const int slot = w.slot;
+  const int lane = lane_id();
+  std::memcpy(w.a[slot][lane], a, sizeof a);
+  std::memcpy(w.b[slot][lane], b, sizeof b);
+  const unsigned gen = w.barrier.generation;
+  if (++w.barrier.arrived == 32) {
+    w.barrier.arrived = 0;
+    ++w.barrier.generation;
+    w.slot ^= 1;
+  } else {
+    wait(w.barrier, gen);
+  }
+  // A[r][k]: lane 4*(r%8) + k%4 holds it, in register (r >= 8) + 2*(k >= 4).
+  // B[k][n]: lane 4*n + k%4, register (k >= 4).
+  auto A = [&](int r, int k) {
+    return tf32_value(w.a[slot][4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]);
+  };
+  auto B = [&](int k, int n) { return tf32_value(w.b[slot][4 * n + k % 4][k >= 4]); };
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8};
+  const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int q = 0; q < 4; ++q) {
+    double sum = d[q];
+    for (int k = 0; k < 8; ++k) sum += A(rows[q], k) * B(k, cols[q]);
+    d[q] = static_cast<float>(sum);
+  }
+}
+
+inline void cp_async_4(float* dst, const float* src) {
+  self().copy_groups.back().push_back({dst, src, 4});
+}
+inline void cp_async_16(float* dst, const float* src) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16)
+    throw std::logic_error("cp.async of 16 bytes needs 16-byte aligned addresses");
+  self().copy_groups.back().push_back({dst, src, 16});
+}
+inline void cp_async_commit() { self().copy_groups.emplace_back(); }
+template <int kPending>
+inline void cp_async_wait() {
+  std::vector<std::vector<Copy>>& groups = self().copy_groups;
+  const int committed = static_cast<int>(groups.size()) - 1;
+  for (int i = 0; i < committed - kPending; ++i) {
+    for (const Copy& c : groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    groups.erase(groups.begin());
+  }
+}
+
+// ---- Launch ----
+
+inline void fiber_main() {
+  BlockState* s = state();
+  (*s->body)();
+  Fiber& f = s->fibers[s->current];
+  f.done = true;
+  swapcontext(&f.context, &s->scheduler);
+}
+
+inline void run_block(BlockState& s) {
+  const int threads = static_cast<int>(s.fibers.size());
+  for (int i = 0; i < threads; ++i) {
+    Fiber& f = s.fibers[i];
+    f.done = false;
+    f.waiting_on = nullptr;
+    f.copy_groups.assign(1, {});
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  int remaining = threads;
+  while (remaining > 0) {
+    bool progressed = false;
+    for (int i = 0; i < threads; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.done) continue;
+      if (f.waiting_on != nullptr) {
+        if (f.waiting_on->generation == f.waiting_gen) continue;  // still blocked
+        f.waiting_on = nullptr;
+      }
+      s.current = i;
+      swapcontext(&s.scheduler, &f.context);
+      progressed = true;
+      if (f.done) --remaining;
+    }
+    if (!progressed)
+      throw std::runtime_error(
+          "emulated kernel deadlocked: some threads wait at a barrier that the others never reach");
+  }
+  for (const Fiber& f : s.fibers) {
+    for (const std::vector<Copy>& g : f.copy_groups)
+      if (!g.empty())
+        throw std::runtime_error("a kernel ended with cp.async copies never waited for");
+  }
+  if (s.block_barrier.arrived != 0)
+    throw std::runtime_error("a kernel ended with threads still inside __syncthreads");
+}
+
+template <typename... Params>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Params... args) {
+  BlockState s;
+  s.grid = grid;
+  s.block = block;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  s.fibers.resize(threads);
+  for (int i = 0; i < threads; ++i) {
+    s.fibers[i].stack.reset(new char[kStackBytes]);
+    s.fibers[i].thread_idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+  }
+  s.block_barrier.expected = threads;
+  s.warps.resize((threads + 31) / 32);
+  for (int w = 0; w < static_cast<int>(s.warps.size()); ++w)
+    s.warps[w].barrier.expected = std::min(32, threads - 32 * w);
+  std::tuple<Params...> params(args...);
+  std::function<void()> body = [&] { std::apply(kernel, params); };
+  s.body = &body;
+  BlockState* previous = state();
+  state() = &s;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          s.block_idx = {x, y, z};
+          run_block(s);
+        }
+  } catch (...) {
+    state() = previous;
+    throw;
+  }
+  state() = previous;
+}
+
+}  // namespace cpu_emulation
+
+#define threadIdx (::cpu_emulation::self().thread_idx)
+#define blockIdx (::cpu_emulation::state()->block_idx)
+#define blockDim (::cpu_emulation::state()->block)
+#define gridDim (::cpu_emulation::state()->grid)
+#define __syncthreads() ::cpu_emulation::sync_block()
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
+  return ::cpu_emulation::shfl_down(v, delta);
+}

@@ -1,0 +1,256 @@
+"""The 3x3 convolution kernels of csrc/conv3x3.cu, every version, run on the CPU and compared with
+the NumPy reference: no GPU needed.
+
+g++ compiles csrc/conv3x3.cu unchanged against tests/cpu_emulation/cuda_runtime.h, a stand-in for
+the CUDA runtime that runs each block's threads as fibers (the header says how: barriers, the
+warp-wide mma.sync and its fragment layout, deferred cp.async copies, NaN-filled workspace). The
+launchers are called through tests/cpu_emulation/conv3x3_entry.cpp, so what runs is the real
+dispatch: tile choice, fast paths (16-byte copies), split-K plan and reduction, grid decoding,
+bounds guards. What this cannot show is timing, and GPU-only failures (register spills, shared
+memory limits, races that the fiber order hides): tests/test_cuda_ops.py checks the same on a GPU.
+
+Every input sits between NaN guards (a read outside it would turn results into NaN), every output
+between guards that must come back untouched (no write outside it), and outputs start as NaN (an
+element never written shows). Tolerances per precision: tests/conv3x3_tolerance.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conv3x3_tolerance import check_conv3x3, precision
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cpu_emulation"
+# The version names, from the registry in csrc/launchers.h.
+VERSIONS = tuple(re.findall(r'\{"(\w+)", Conv3x3Version::',
+                            (ROOT / "csrc" / "launchers.h").read_text()))
+TILED = VERSIONS[1:]           # the versions with tiles, tile choices and split-K
+GUARD = 4096                   # floats of guard before and after every array (keeps 16-byte alignment)
+OUTPUT_GUARD_VALUE = 1234.5
+
+
+def test_registry_is_read():
+    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not installed")
+    out = tmp_path_factory.mktemp("conv3x3_emulated") / "libconv3x3_emulated.so"
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+           "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
+           str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
+    assert "warning" not in proc.stderr, proc.stderr[-6000:]
+    return ctypes.CDLL(str(out))
+
+
+class Guarded:
+    """An array inside a larger buffer: NaN guards around inputs, fixed values around outputs."""
+
+    def __init__(self, values=None, *, shape=None, output=False):
+        shape = tuple(values.shape) if values is not None else tuple(shape)
+        size = int(np.prod(shape))
+        self.output = output
+        self.buffer = np.full(size + 2 * GUARD, OUTPUT_GUARD_VALUE if output else np.nan, np.float32)
+        self.array = self.buffer[GUARD:GUARD + size].reshape(shape)
+        self.array[...] = np.nan if values is None else values
+
+    @property
+    def ptr(self):
+        return self.buffer[GUARD:].ctypes.data_as(ctypes.c_void_p)
+
+    def check_guards(self, name):
+        if self.output:
+            outside = np.concatenate([self.buffer[:GUARD], self.buffer[-GUARD:]])
+            assert (outside == OUTPUT_GUARD_VALUE).all(), f"{name}: written outside the output"
+
+
+def call(lib, fn, version, *args):
+    error = ctypes.create_string_buffer(1024)
+    rc = getattr(lib, fn)(version.encode(), *args, error, len(error))
+    assert rc == 0, f"{fn}({version}): {error.value.decode()}"
+
+
+def make_inputs(rng, n, c, h, w, o):
+    x = rng.uniform(-1.0, 1.0, (n, c, h, w)).astype(np.float32)
+    wt = (rng.uniform(-1.0, 1.0, (o, c, 3, 3)) / np.sqrt(9 * max(c, 1))).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, o).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, h - 2, w - 2)).astype(np.float32)
+    return x, wt, b, dy
+
+
+def amax(a):
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
+def run_forward(lib, version, x, wt, b, relu):
+    n, c, h, w = x.shape
+    o = wt.shape[0]
+    gx, gw, gb = Guarded(x), Guarded(wt), Guarded(b)
+    y = Guarded(shape=(n, o, h - 2, w - 2), output=True)
+    call(lib, "emulated_conv3x3_forward", version, gx.ptr, gw.ptr, gb.ptr, y.ptr, n, c, h, w, o, int(relu))
+    y.check_guards("conv3x3_forward")
+    return y.array.copy()
+
+
+def run_backward_data(lib, version, dy, wt):
+    n, o, p, q = dy.shape
+    c = wt.shape[1]
+    gdy, gw = Guarded(dy), Guarded(wt)
+    dx = Guarded(shape=(n, c, p + 2, q + 2), output=True)
+    call(lib, "emulated_conv3x3_backward_data", version, gdy.ptr, gw.ptr, dx.ptr, n, c, p + 2, q + 2, o)
+    dx.check_guards("conv3x3_backward_data")
+    return dx.array.copy()
+
+
+def run_backward_weight(lib, version, x, dy):
+    n, c, h, w = x.shape
+    o = dy.shape[1]
+    gx, gdy = Guarded(x), Guarded(dy)
+    dw, db = Guarded(shape=(o, c, 3, 3), output=True), Guarded(shape=(o,), output=True)
+    call(lib, "emulated_conv3x3_backward_weight", version, gx.ptr, gdy.ptr, dw.ptr, db.ptr, n, c, h, w, o)
+    dw.check_guards("conv3x3_backward_weight dw")
+    return dw.array.copy()
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def check_forward(lib, version, shape, relu=True, seed=0):
+    from unet_cuda.ops import reference as ref
+
+    x, wt, b, _ = make_inputs(np.random.default_rng(seed), *shape)
+    got = run_forward(lib, version, x, wt, b, relu)
+    want = ref.conv3x3_forward(f64(x), f64(wt), f64(b), relu=relu)
+    check_conv3x3(got, want, version, f"conv3x3_forward{list(shape)} relu={relu}",
+                  k=9 * shape[1], a_max=amax(x), b_max=amax(wt))
+
+
+def check_backward_data(lib, version, shape, seed=0):
+    from unet_cuda.ops import reference as ref
+
+    _, wt, _, dy = make_inputs(np.random.default_rng(seed), *shape)
+    got = run_backward_data(lib, version, dy, wt)
+    check_conv3x3(got, ref.conv3x3_backward_data(f64(dy), f64(wt)), version,
+                  f"conv3x3_backward_data{list(shape)}", k=9 * shape[4], a_max=amax(dy), b_max=amax(wt))
+
+
+def check_backward_weight(lib, version, shape, seed=0):
+    from unet_cuda.ops import reference as ref
+
+    x, _, _, dy = make_inputs(np.random.default_rng(seed), *shape)
+    got = run_backward_weight(lib, version, x, dy)
+    n, _, h, w, _ = shape
+    check_conv3x3(got, ref.conv3x3_backward_weight(f64(x), f64(dy))[0], version,
+                  f"conv3x3_backward_weight{list(shape)} dw", k=n * (h - 2) * (w - 2),
+                  a_max=amax(dy), b_max=amax(x))
+
+
+# (N, C, H, W, O): the awkward shapes of the GPU tests, then the shapes that reach each path.
+AWKWARD = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9, 3), (1, 33, 8, 6, 2),
+           (2, 3, 6, 5, 33), (1, 2, 13, 11, 4)]
+PATHS = [
+    (1, 4, 12, 10, 6),   # C % 4 == 0 and P*Q % 4 == 0: v4's 16-byte copies of w and of dy
+    (2, 3, 40, 40, 5),   # few channels, many pixels: the weight gradient splits K (checked below)
+    (1, 5, 20, 21, 70),  # O > 64: two column tiles, the second one partial
+    (2, 7, 35, 70, 9),   # several pixel tiles per image, split-K across two images
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", AWKWARD + PATHS, ids=str)
+def test_every_direction(lib, version, shape):
+    check_forward(lib, version, shape, relu=True)
+    check_forward(lib, version, shape, relu=False, seed=1)
+    check_backward_data(lib, version, shape)
+    check_backward_weight(lib, version, shape)
+
+
+# The 128 x 128 tiles of v3 and v4 (chosen when the GEMM gives >= 264 of them), one direction
+# each, on shapes that keep the emulation short.
+@pytest.mark.parametrize("version", TILED)
+def test_large_tiles_forward(lib, version):
+    check_forward(lib, version, (1, 4, 134, 134, 130))      # 137 x 2 tiles of 128 x 128
+
+
+@pytest.mark.parametrize("version", TILED)
+def test_large_tiles_backward_data(lib, version):
+    check_backward_data(lib, version, (1, 130, 134, 134, 1))  # 141 x 2 tiles, C = 130 columns
+
+
+@pytest.mark.parametrize("version", TILED)
+def test_large_tiles_backward_weight(lib, version):
+    shape = (1, 1900, 3, 3, 130)                             # 2 x 134 tiles of O x 9C, K = 1
+    assert lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape) == 1
+    check_backward_weight(lib, version, shape)
+
+
+def test_split_k_plans(lib):
+    def splits(version, shape):
+        return lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape)
+
+    assert splits("v1_direct", (2, 3, 40, 40, 5)) == 1   # one block per (o, c): no split
+    for version in TILED:
+        assert splits(version, (2, 3, 40, 40, 5)) > 1, version
+        assert splits(version, (2, 7, 35, 70, 9)) > 1, version
+    # The paper's first layers at batch 1: the few-channel weight gradients split; the deep ones not.
+    for version in TILED:
+        assert splits(version, (1, 64, 570, 570, 64)) > 8, version
+        assert splits(version, (1, 1024, 30, 30, 1024)) == 1, version
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_small_integers_exact(lib, version):
+    """Small integers are exact in TF32 too, and so are their sums in float32: every version must
+    match the reference bit for bit."""
+    from unet_cuda.ops import reference as ref
+
+    rng = np.random.default_rng(3)
+    n, c, h, w, o = 2, 5, 9, 7, 3
+    ints = lambda *s: rng.integers(-2, 3, size=s).astype(np.float32)  # noqa: E731
+    x, wt, b, dy = ints(n, c, h, w), ints(o, c, 3, 3), ints(o), ints(n, o, h - 2, w - 2)
+    np.testing.assert_array_equal(run_forward(lib, version, x, wt, b, True),
+                                  ref.conv3x3_forward(x, wt, b, relu=True))
+    np.testing.assert_array_equal(run_backward_data(lib, version, dy, wt), ref.conv3x3_backward_data(dy, wt))
+    np.testing.assert_array_equal(run_backward_weight(lib, version, x, dy),
+                                  ref.conv3x3_backward_weight(x, dy)[0])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_relu_passes_nan_and_clamps_negatives(lib, version):
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    wt = np.zeros((3, 1, 3, 3), np.float32)
+    b = np.array([-1.0, 2.0, np.nan], np.float32)
+    y = run_forward(lib, version, x, wt, b, True).ravel()
+    assert y[0] == 0.0 and y[1] == 2.0 and np.isnan(y[2]), (version, y)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_empty_sums(lib, version):
+    """C = 0 (forward: y = b), O = 0 (dx = 0), N = 0 (dw = 0): outputs are still written."""
+    rng = np.random.default_rng(5)
+    b = rng.uniform(-1, 1, 4).astype(np.float32)
+    zeros = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    y = run_forward(lib, version, zeros(2, 0, 5, 6), zeros(4, 0, 3, 3), b, False)
+    np.testing.assert_array_equal(y, np.broadcast_to(b[None, :, None, None], y.shape))
+    dx = run_backward_data(lib, version, zeros(2, 0, 3, 4), zeros(0, 3, 3, 3))
+    np.testing.assert_array_equal(dx, 0.0)
+    dw = run_backward_weight(lib, version, zeros(0, 3, 5, 5), zeros(0, 2, 3, 3))
+    np.testing.assert_array_equal(dw, 0.0)
+
+
+def test_precision_names():
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32"]
