@@ -36,12 +36,12 @@ once more by CuPy (the kernel keeps the source shape).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import ops
+from .augment import Augmenter
 
 __all__ = ["AugmentParameters", "draw_parameters", "GpuAugmenter"]
 
@@ -97,45 +97,16 @@ def draw_parameters(
     return AugmentParameters(coarse, quarter_turns, flip_rows, flip_columns, gamma, contrast, brightness)
 
 
-class GpuAugmenter:
+class GpuAugmenter(Augmenter):
     """Joint random augmentation of (image, labels, weights) on the GPU, reproducible from a seed.
 
-    The constructor options, :meth:`get_state` and :meth:`set_state` are those of
-    :class:`unet_cuda.augment.Augmenter`. A call takes NumPy (or CuPy) windows, uploads them, draws
+    The constructor options, :meth:`get_state` and :meth:`set_state` are inherited from
+    :class:`unet_cuda.augment.Augmenter`; only the drawing and the warp differ. A call takes NumPy
+    (or CuPy) windows, uploads them, draws
     one augmentation (:meth:`draw`) and returns CuPy arrays: the image float32, labels int32,
     weights float32, all of the source's shape (height and width swapped for an odd number of
     quarter turns). ``labels`` and ``weights`` may be ``None`` (returned as ``None``).
     """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        elastic: bool = True,
-        flips: bool = True,
-        rot90: bool = True,
-        gray: bool = True,
-        *,
-        grid: int = 3,
-        sigma: float = 10.0,
-        max_gamma: float = 1.25,
-        max_contrast_change: float = 0.15,
-        max_brightness_change: float = 0.08,
-    ):
-        self.seed = seed
-        self.elastic, self.flips, self.rot90, self.gray = bool(elastic), bool(flips), bool(rot90), bool(gray)
-        self.grid, self.sigma = int(grid), float(sigma)
-        self.max_gamma = float(max_gamma)
-        self.max_contrast_change = float(max_contrast_change)
-        self.max_brightness_change = float(max_brightness_change)
-        self.rng = np.random.default_rng(seed)
-
-    def get_state(self) -> dict:
-        """The random generator's position, as a JSON-serialisable dict."""
-        return copy.deepcopy(self.rng.bit_generator.state)
-
-    def set_state(self, state: dict) -> None:
-        """Continue exactly where :meth:`get_state` was taken."""
-        self.rng.bit_generator.state = copy.deepcopy(state)
 
     def draw(self) -> AugmentParameters:
         """The next augmentation's parameters (advances the generator)."""
