@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import copy
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["elastic_displacement", "upsample_grid", "warp", "Augmenter"]
+__all__ = ["elastic_displacement", "upsample_grid", "warp", "AugmentParameters", "draw_parameters", "Augmenter"]
 
 
 def upsample_grid(coarse: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -107,6 +109,57 @@ def warp(array: np.ndarray, displacement: np.ndarray, order: int, mode: str = "m
     )
 
 
+@dataclass(frozen=True)
+class AugmentParameters:
+    """One draw: the arguments of ``ops.augment_warp`` after the three arrays."""
+
+    coarse: np.ndarray       # float32 [2, g, g] node displacements in px
+    quarter_turns: int       # 0..3 counter-clockwise
+    flip_rows: bool
+    flip_columns: bool
+    gamma: float
+    contrast: float
+    brightness: float
+
+    def as_dict(self) -> dict:
+        """JSON-serialisable."""
+        return {"coarse": self.coarse.tolist(), "quarter_turns": self.quarter_turns,
+                "flip_rows": self.flip_rows, "flip_columns": self.flip_columns, "gamma": self.gamma,
+                "contrast": self.contrast, "brightness": self.brightness}
+
+
+def draw_parameters(
+    rng: np.random.Generator,
+    *,
+    elastic: bool = True,
+    flips: bool = True,
+    rot90: bool = True,
+    gray: bool = True,
+    grid: int = 3,
+    sigma: float = 10.0,
+    max_gamma: float = 1.25,
+    max_contrast_change: float = 0.15,
+    max_brightness_change: float = 0.08,
+) -> AugmentParameters:
+    """One augmentation drawn from ``rng`` in the fixed order of the module docstring."""
+    if elastic:
+        if grid < 2:
+            raise ValueError(f"draw_parameters: grid must be >= 2, got {grid}")
+        coarse = rng.normal(0.0, sigma, size=(2, grid, grid)).astype(np.float32)
+    else:
+        coarse = np.zeros((2, 1, 1), dtype=np.float32)
+    flip_rows = flip_columns = False
+    if flips:
+        flip_rows, flip_columns = (bool(f) for f in rng.random(2) < 0.5)
+    quarter_turns = int(rng.integers(4)) if rot90 else 0
+    gamma, contrast, brightness = 1.0, 1.0, 0.0
+    if gray:
+        gamma = float(np.exp(rng.uniform(-np.log(max_gamma), np.log(max_gamma))))
+        contrast = float(rng.uniform(1.0 - max_contrast_change, 1.0 + max_contrast_change))
+        brightness = float(rng.uniform(-max_brightness_change, max_brightness_change))
+    return AugmentParameters(coarse, quarter_turns, flip_rows, flip_columns, gamma, contrast, brightness)
+
+
 class Augmenter:
     """Joint random augmentation of (image, labels, weights), reproducible from a seed.
 
@@ -152,6 +205,13 @@ class Augmenter:
         """Continue exactly where :meth:`get_state` was taken."""
         self.rng.bit_generator.state = copy.deepcopy(state)
 
+    def draw(self) -> AugmentParameters:
+        """The next augmentation's random parameters (advances the generator); see :func:`draw_parameters`."""
+        return draw_parameters(
+            self.rng, elastic=self.elastic, flips=self.flips, rot90=self.rot90, gray=self.gray,
+            grid=self.grid, sigma=self.sigma, max_gamma=self.max_gamma,
+            max_contrast_change=self.max_contrast_change, max_brightness_change=self.max_brightness_change)
+
     def __call__(self, image: np.ndarray, labels: np.ndarray | None = None, weights: np.ndarray | None = None):
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
@@ -160,26 +220,20 @@ class Augmenter:
             if other is not None and np.shape(other) != image.shape:
                 raise ValueError(f"Augmenter: {name} shape {np.shape(other)} differs from image shape {image.shape}")
         arrays = [image, labels, weights]
-
+        p = self.draw()
         if self.elastic:
-            displacement = elastic_displacement(image.shape, self.rng, self.grid, self.sigma)
+            displacement = upsample_grid(p.coarse, image.shape)
             orders = (3, 0, 1)
             arrays = [None if a is None else warp(a, displacement, order) for a, order in zip(arrays, orders)]
             arrays[0] = np.clip(arrays[0], 0.0, 1.0)
-        if self.flips:
-            flip_rows, flip_columns = self.rng.random(2) < 0.5
-            if flip_rows:
-                arrays = [None if a is None else a[::-1, :] for a in arrays]
-            if flip_columns:
-                arrays = [None if a is None else a[:, ::-1] for a in arrays]
-        if self.rot90:
-            quarter_turns = int(self.rng.integers(4))
-            arrays = [None if a is None else np.rot90(a, quarter_turns) for a in arrays]
+        if p.flip_rows:
+            arrays = [None if a is None else a[::-1, :] for a in arrays]
+        if p.flip_columns:
+            arrays = [None if a is None else a[:, ::-1] for a in arrays]
+        if p.quarter_turns:
+            arrays = [None if a is None else np.rot90(a, p.quarter_turns) for a in arrays]
         if self.gray:
-            log_gamma = self.rng.uniform(-np.log(self.max_gamma), np.log(self.max_gamma))
-            contrast = self.rng.uniform(1.0 - self.max_contrast_change, 1.0 + self.max_contrast_change)
-            brightness = self.rng.uniform(-self.max_brightness_change, self.max_brightness_change)
-            adjusted = np.clip(arrays[0], 0.0, 1.0) ** np.exp(log_gamma)
-            arrays[0] = np.clip((adjusted - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
+            adjusted = np.clip(arrays[0], 0.0, 1.0) ** p.gamma
+            arrays[0] = np.clip((adjusted - 0.5) * p.contrast + 0.5 + p.brightness, 0.0, 1.0)
         image, labels, weights = (None if a is None else np.ascontiguousarray(a) for a in arrays)
         return image.astype(np.float32, copy=False), labels, weights

@@ -4,7 +4,7 @@ step one kernel launch instead of a CPU warp.
 
 The random parameters
 ---------------------
-:func:`draw_parameters` draws one augmentation from a ``numpy.random.Generator``, in this fixed
+:func:`unet_cuda.augment.draw_parameters` draws one augmentation from a ``numpy.random.Generator``, in this fixed
 order, each draw made only when its part is switched on:
 
 1. ``elastic``: the node displacements ``rng.normal(0, sigma, size=(2, grid, grid))`` (px;
@@ -16,9 +16,9 @@ order, each draw made only when its part is switched on:
    ``brightness ~ U(-max_brightness_change, max_brightness_change)``, each one ``rng.uniform``
    call; off: ``(1, 1, 0)``.
 
-These are the calls :class:`unet_cuda.augment.Augmenter` makes, in the same order, so a
-:class:`GpuAugmenter` and an ``Augmenter`` with the same seed draw the same augmentations, and a
-checkpoint's generator state resumes either one.
+:class:`unet_cuda.augment.Augmenter` draws with the same function, so a :class:`GpuAugmenter`
+and an ``Augmenter`` with the same seed draw the same augmentations, and a checkpoint's generator
+state resumes either one.
 
 What differs from the CPU augmenter
 -----------------------------------
@@ -36,65 +36,12 @@ once more by CuPy (the kernel keeps the source shape).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import ops
-from .augment import Augmenter
+from .augment import AugmentParameters, Augmenter, draw_parameters
 
 __all__ = ["AugmentParameters", "draw_parameters", "GpuAugmenter"]
-
-
-@dataclass(frozen=True)
-class AugmentParameters:
-    """One draw: the arguments of ``ops.augment_warp`` after the three arrays."""
-
-    coarse: np.ndarray       # float32 [2, g, g] node displacements in px
-    quarter_turns: int       # 0..3 counter-clockwise
-    flip_rows: bool
-    flip_columns: bool
-    gamma: float
-    contrast: float
-    brightness: float
-
-    def as_dict(self) -> dict:
-        """JSON-serialisable."""
-        return {"coarse": self.coarse.tolist(), "quarter_turns": self.quarter_turns,
-                "flip_rows": self.flip_rows, "flip_columns": self.flip_columns, "gamma": self.gamma,
-                "contrast": self.contrast, "brightness": self.brightness}
-
-
-def draw_parameters(
-    rng: np.random.Generator,
-    *,
-    elastic: bool = True,
-    flips: bool = True,
-    rot90: bool = True,
-    gray: bool = True,
-    grid: int = 3,
-    sigma: float = 10.0,
-    max_gamma: float = 1.25,
-    max_contrast_change: float = 0.15,
-    max_brightness_change: float = 0.08,
-) -> AugmentParameters:
-    """One augmentation drawn from ``rng`` in the fixed order of the module docstring."""
-    if elastic:
-        if grid < 2:
-            raise ValueError(f"draw_parameters: grid must be >= 2, got {grid}")
-        coarse = rng.normal(0.0, sigma, size=(2, grid, grid)).astype(np.float32)
-    else:
-        coarse = np.zeros((2, 1, 1), dtype=np.float32)
-    flip_rows = flip_columns = False
-    if flips:
-        flip_rows, flip_columns = (bool(f) for f in rng.random(2) < 0.5)
-    quarter_turns = int(rng.integers(4)) if rot90 else 0
-    gamma, contrast, brightness = 1.0, 1.0, 0.0
-    if gray:
-        gamma = float(np.exp(rng.uniform(-np.log(max_gamma), np.log(max_gamma))))
-        contrast = float(rng.uniform(1.0 - max_contrast_change, 1.0 + max_contrast_change))
-        brightness = float(rng.uniform(-max_brightness_change, max_brightness_change))
-    return AugmentParameters(coarse, quarter_turns, flip_rows, flip_columns, gamma, contrast, brightness)
 
 
 class GpuAugmenter(Augmenter):
@@ -107,13 +54,6 @@ class GpuAugmenter(Augmenter):
     weights float32, all of the source's shape (height and width swapped for an odd number of
     quarter turns). ``labels`` and ``weights`` may be ``None`` (returned as ``None``).
     """
-
-    def draw(self) -> AugmentParameters:
-        """The next augmentation's parameters (advances the generator)."""
-        return draw_parameters(
-            self.rng, elastic=self.elastic, flips=self.flips, rot90=self.rot90, gray=self.gray,
-            grid=self.grid, sigma=self.sigma, max_gamma=self.max_gamma,
-            max_contrast_change=self.max_contrast_change, max_brightness_change=self.max_brightness_change)
 
     def __call__(self, image, labels=None, weights=None):
         shape = tuple(np.shape(image))
