@@ -49,7 +49,7 @@ def plot_training_curve(history: dict, path) -> Path:
             ax_val.plot(steps, [v[key] for v in val], label=label, **style)
         ax_val.set_ylim(bottom=0)
     ax_val.set(xlabel="step", ylabel="error", title="validation")
-    ax_val.legend(loc="upper right")
+    ax_val.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
