@@ -12,13 +12,18 @@
 #   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
+#   isbi        (only when named in GPU_CHECK_STAGES and ISBI_DIR is set) trains the paper's network
+#               on ISBI 2012 for ISBI_MINUTES (default 3) with bench/isbi_run.py -> OUTDIR/isbi.json
 #   collect     bench/collect_results.py writes OUTDIR/results-<commit>-<gpu>.json and prints the
 #               short table, last
 #
 # Environment (all optional):
 #   GPU_CHECK_BUDGET   seconds the whole run may take (default 540); each stage's limit is cut to
 #                      what is left, and stages that no longer fit are skipped and recorded so
-#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,sanitizer,bench (default: all)
+#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,sanitizer,bench,isbi
+#                      (default: build,gpu-tests,sanitizer,bench)
+#   ISBI_DIR           folder with train-volume.tif and train-labels.tif, for the isbi stage
+#   ISBI_MINUTES       training minutes of the isbi stage (default 3)
 #   UNET_CUDA_ARCH     CUDA architectures to build (default: this GPU's, from nvidia-smi)
 #   UNET_BENCH_SCALE   multiplies the benchmarks' time budgets (default 1)
 #   GPU_CHECK_COMMIT   the full hash to record when the checkout has no usable .git (else unused)
@@ -205,6 +210,25 @@ if wanted bench; then
   gpu_info "$OUT/gpu-info-after.csv"
 else
   skip_stage bench "not in GPU_CHECK_STAGES"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# optional: a timed ISBI training run of the paper's network
+# ---------------------------------------------------------------------------------------------
+if wanted isbi; then
+  if [[ -z "${ISBI_DIR:-}" || ! -f "${ISBI_DIR}/train-volume.tif" ]]; then
+    skip_stage isbi "ISBI_DIR is not set or holds no train-volume.tif"
+  else
+    minutes="${ISBI_MINUTES:-3}"
+    left=$(( DEADLINE - $(date +%s) - RESERVE ))
+    # training time plus two minutes for start-up, weight maps and the final validation
+    isbi_limit=$(( left < ${minutes%.*} * 60 + 120 ? left : ${minutes%.*} * 60 + 120 ))
+    if (( isbi_limit < 60 )); then
+      skip_stage isbi "only ${left} s of the budget left"
+    else
+      run_stage isbi "$isbi_limit" "$PY" bench/isbi_run.py --data "$ISBI_DIR" --out "$OUT" --minutes "$minutes"
+    fi
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------

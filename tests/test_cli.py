@@ -701,3 +701,17 @@ def test_bad_tile_error_names_legal_sizes_only():
     assert sizes.nearest_legal_input_sizes(35, DEPTH) == (34, 36)
     assert sizes.nearest_legal_input_sizes(10, DEPTH) == (None, 18)
     assert sizes.is_legal_input_size(TILE, DEPTH)
+
+
+def test_time_limit_ends_the_run_after_a_validated_and_saved_step(tmp_path):
+    from unet_cuda.checkpoint import load_checkpoint
+    from unet_cuda.train import main
+
+    out = tmp_path / "run"
+    code = main(["--device", "cpu", "--base-channels", "2", "--depth", "2", "--tile", "36", "--steps", "50",
+                 "--val-every", "50", "--no-plots", "--quiet", "--time-limit", "0.00001", "--out", str(out)])
+    assert code == 0
+    ckpt = load_checkpoint(out / "last.ckpt")
+    assert ckpt["meta"]["step"] == 1
+    assert [v["step"] for v in ckpt["meta"]["history"]["val"]] == [1]
+    assert main(["--out", str(out), "--resume", "--quiet", "--no-plots", "--time-limit", "-1"]) == 2

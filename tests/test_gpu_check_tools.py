@@ -565,3 +565,31 @@ def test_benchmarks_skip_cleanly_without_a_gpu():
     assert result.returncode in (0, 5), text[-3000:]   # 5: every module skipped, nothing collected
     assert not re.search(r"^(ERROR|FAILED)\b|\b\d+ (errors?|failed)\b", text, flags=re.M), text[-3000:]
     assert text.count("GPU benchmarks skipped:") >= 2, text[-3000:]
+
+
+def test_isbi_run_writes_a_summary(tmp_path):
+    """bench/isbi_run.py on the CPU with a tiny network and a tiny ISBI-layout stack."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tifffile
+
+    from unet_cuda.synthetic import make_em_like
+
+    data = tmp_path / "isbi"
+    data.mkdir()
+    images, instances = make_em_like(5, size=48, seed=1)
+    tifffile.imwrite(data / "train-volume.tif", (images * 255).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(data / "train-labels.tif", ((instances > 0) * 255).astype(np.uint8), photometric="minisblack")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "isbi_run.py"), "--data", str(data), "--out", str(out),
+         "--minutes", "0.00001", "--device", "cpu", "--train-args", "--base-channels 2 --depth 2 --tile 36"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "isbi.json").read_text())
+    assert summary["exit_code"] == 0 and summary["steps"] == 1
+    assert set(summary["validation"]) >= {"pixel_error", "rand_error", "iou", "dice"}
+    assert summary["config"]["depth"] == 2 and summary["dataset"] == "isbi"

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-every", type=int, default=None, metavar="N", help="validate every N steps")
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="write last.ckpt every N steps (default: as --val-every)")
+    run.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                     help="stop after the step that reaches MIN minutes (validated and saved; resumable)")
     run.add_argument("--tta", action="store_true", help="average validation predictions over 4 flips")
     run.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -353,10 +355,12 @@ class Trainer:
         return result
 
     # -------------------------------------------------------------- the loop
-    def run(self, progress: bool = True, stop_requested=None) -> dict:
+    def run(self, progress: bool = True, stop_requested=None, time_limit: float | None = None) -> dict:
         """Train up to ``cfg["steps"]``. ``stop_requested()`` is asked after every whole step (its
         validation and checkpoint included); when it says yes the loop ends early with
-        ``"stopped": True``, so that the state saved afterwards resumes bit-for-bit."""
+        ``"stopped": True``, so that the state saved afterwards resumes bit-for-bit.
+        ``time_limit`` (seconds of this call): the step that reaches it is treated as the last
+        one (validated and saved), and the run can be resumed later."""
         from tqdm import tqdm
 
         total = self.cfg["steps"]
@@ -371,7 +375,9 @@ class Trainer:
                 self.history["loss"].append([self.step, loss])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % self.cfg["val_every"] == 0 or self.step == total:
+                out_of_time = time_limit is not None and time.perf_counter() - started >= time_limit
+                last = self.step == total or out_of_time
+                if self.step % self.cfg["val_every"] == 0 or last:
                     val = self.validate()
                     bar.write(f"step {self.step}: val pixel error {val['pixel_error']:.4f} "
                               f"(all-foreground {val['all_foreground_pixel_error']:.4f}), Rand error "
@@ -380,11 +386,13 @@ class Trainer:
                         self.best_pixel_error = val["pixel_error"]
                         self.history["seconds"] = seconds_before + time.perf_counter() - started
                         self.save(BEST_CHECKPOINT)
-                if self.step % self.cfg["checkpoint_every"] == 0 or self.step == total:
+                if self.step % self.cfg["checkpoint_every"] == 0 or last:
                     self.history["seconds"] = seconds_before + time.perf_counter() - started
                     self.save()
                 if stop_requested is not None and stop_requested() and self.step < total:
                     stopped = True
+                    break
+                if out_of_time:
                     break
         finally:
             bar.close()
@@ -424,6 +432,8 @@ def main(argv=None) -> int:
         return code
 
     try:
+        if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+            raise TrainingError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
         checkpoint = None
         if args.resume:
             checkpoint = load_resume_checkpoint(args, out_dir)
@@ -476,7 +486,8 @@ def main(argv=None) -> int:
 
     previous = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        outcome = trainer.run(progress=not args.quiet, stop_requested=lambda: bool(stop_signals))
+        outcome = trainer.run(progress=not args.quiet, stop_requested=lambda: bool(stop_signals),
+                              time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
         interrupted = outcome["stopped"]
         if interrupted:
             path = trainer.save()
