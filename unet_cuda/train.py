@@ -74,7 +74,8 @@ the loss
   Pixel-wise softmax + cross-entropy weighted by the paper's weight map
   (w = w_c + 10 exp(-(d1+d2)^2 / (2*5^2))), summed over pixels and divided by the pixel count.
   The learning rate (not given by the paper) defaults to 0.001 with momentum 0.99 (Caffe's rule:
-  v = momentum v + lr grad; w = w - v).
+  v = momentum v + lr grad; w = w - v), reached by a linear warm-up over --warmup-steps (200): at
+  full rate from the first step, momentum 0.99 can switch off every ReLU of a fresh network.
 
 outputs in --out
   last.ckpt            the latest checkpoint (weights, optimiser, step, RNG states, history),
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tile", type=int, default=None, metavar="N",
                        help="input tile size; must be legal for the depth (paper: 572 -> 388 output)")
     train = p.add_argument_group("optimisation")
-    train.add_argument("--steps", type=int, default=None, metavar="N", help="total training steps")
+    train.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="total training steps (GPU default 4000, CPU default 2000)")
     train.add_argument("--batch-size", type=int, default=1, metavar="N", help="tiles per step (paper: 1)")
     train.add_argument("--lr", type=float, default=0.001, help="learning rate (default 0.001)")
     train.add_argument("--warmup-steps", type=int, default=200, metavar="N",
