@@ -200,9 +200,10 @@ def conv3x3_version(request):
         yield request.param
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=None)
 def conv3x3_case(n, c, h, w, o, relu, seed):
-    """Inputs and float64 reference results, computed once for all versions."""
+    """Inputs and float64 reference results, computed once for all versions (pytest runs every
+    case of one version before the next version, so the cache keeps them all: about 1 GB)."""
     rng = np.random.default_rng(seed)
     x = rand(rng, n, c, h, w)
     wt = rand(rng, o, c, 3, 3, scale=1.0 / math.sqrt(9 * max(c, 1)))
@@ -633,6 +634,10 @@ def test_rejects_host_arrays_strided_views_and_wrong_dtypes():
 # ------------------------------------------------------------------------------------------------
 
 BIG = 2**31 + 1029  # elements: past the int32 range, and not a multiple of any block size
+# The bindings take extents below 2^31 only (csrc/bindings.cpp), so BIG elements come as 13 rows;
+# the element-wise ops index the flat array, which still runs past 2^31.
+BIG_SHAPE = (13, BIG // 13)
+assert BIG_SHAPE[0] * BIG_SHAPE[1] == BIG
 
 
 def require_free_gib(gib):
@@ -655,15 +660,15 @@ def test_64bit_indexing_elementwise_and_dropout():
     require_free_gib(20)
     p, seed = 0.5, 99
     assert np.array_equal(splitmix_mask(np.arange(1000), p, seed), ref.dropout_mask(1000, p, seed))
-    mask = cu.dropout_mask(BIG, p, seed)
+    mask = cu.dropout_mask(BIG_SHAPE, p, seed).ravel()  # C-contiguous: a flat view
     tail = np.arange(BIG - 4096, BIG)
     assert_equal(mask[-4096:], splitmix_mask(tail, p, seed), "dropout_mask tail past 2^31")
     assert_equal(mask[2**31 - 2048:2**31 + 2048],
                  splitmix_mask(np.arange(2**31 - 2048, 2**31 + 2048), p, seed),
                  "dropout_mask around 2^31")
     del mask
-    dst = cupy.zeros(BIG, cupy.float32)
-    src = cupy.ones(BIG, cupy.float32)
+    dst = cupy.zeros(BIG_SHAPE, cupy.float32)
+    src = cupy.ones(BIG_SHAPE, cupy.float32)
     cu.accumulate_(dst, src)
     del src
     assert int(cupy.count_nonzero(dst != 1.0)) == 0, "accumulate_ missed elements past 2^31"

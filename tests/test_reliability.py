@@ -405,6 +405,16 @@ def test_gpu_out_of_memory_in_training_suggests_a_smaller_tile(tmp_path, monkeyp
     assert suggested < 60 and sizes.is_legal_input_size(suggested, 2)
 
 
+def test_out_of_memory_raised_by_our_launchers_is_recognised(tmp_path, monkeypatch, capsys):
+    # A launcher's failed workspace allocation reaches Python as a RuntimeError naming the CUDA error.
+    def no_memory(self):
+        raise RuntimeError("conv3x3_backward_weight: cudaMallocAsync failed: out of memory")
+
+    monkeypatch.setattr(train.Trainer, "train_step", no_memory)
+    assert train.main(tiny(tmp_path / "run", "--tile", "60", "--steps", "3")) == 4
+    assert "GPU out of memory with --tile 60" in error_message(capsys)
+
+
 def test_host_out_of_memory_in_training(tmp_path, monkeypatch, capsys):
     def no_memory(self):
         raise MemoryError

@@ -52,7 +52,7 @@ class SGD:
             raise ValueError(f"SGD.load_state_dict: {len(velocity)} velocity buffers for {len(self.params)} parameters")
         new = []
         for p, v in zip(self.params, velocity):
-            v = np.asarray(v, dtype=np.float32)
+            v = np.asarray(ops.to_numpy(v), dtype=np.float32)
             if v.shape != p.data.shape:
                 raise ValueError(f"SGD.load_state_dict: velocity of shape {v.shape} for {p.name} of shape {p.data.shape}")
             new.append(ops.to_device(np.ascontiguousarray(v), ops.device_of(p.data)))

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             maps[i] = probs[1]
             done_before = bar.n
     except Exception as exc:
-        if "OutOfMemory" in type(exc).__name__ or isinstance(exc, MemoryError):
+        if ops.is_out_of_memory(exc) or isinstance(exc, MemoryError):
             return fail(f"out of memory with --tile {tile} and --batch-size {args.batch_size} ({exc}); "
                         "try a smaller --tile or --batch-size 1", code=4)
         raise

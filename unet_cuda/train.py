@@ -505,7 +505,7 @@ def main(argv=None) -> int:
         return fail(f"out of memory with --tile {cfg['tile']} and --batch-size {cfg['batch_size']}; "
                     "try a smaller tile or batch", code=4)
     except Exception as exc:  # GPU out-of-memory arrives as CuPy's own error class
-        if "OutOfMemory" in type(exc).__name__:
+        if ops.is_out_of_memory(exc):
             return fail(f"GPU out of memory with --tile {cfg['tile']} and --batch-size {cfg['batch_size']} "
                         f"({exc}); try a smaller --tile (e.g. {sizes.nearest_legal_input_sizes(cfg['tile'] // 2, cfg['depth'])[1]}) "
                         "or --batch-size 1", code=4)

@@ -18,7 +18,7 @@ from .reference import __all__ as OP_NAMES
 
 __all__ = list(OP_NAMES) + [
     "OP_NAMES", "backend_for", "cuda_status", "cuda_available", "array_module",
-    "to_device", "to_numpy", "device_of", "CudaUnavailableError",
+    "to_device", "to_numpy", "device_of", "CudaUnavailableError", "is_out_of_memory",
 ]
 
 
@@ -53,6 +53,11 @@ def cuda_status() -> str | None:
         return (f"the CUDA extension unet_cuda._C is not built ({exc}); reinstall with a CUDA "
                 "toolkit present: pip install -e .")
     return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error, whether CuPy's allocator or one of our launchers raised it."""
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
 
 
 def cuda_available() -> bool:
