@@ -38,13 +38,13 @@ if [[ $# -ne 1 || "$1" == -* ]]; then
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-OUT="$(realpath -m "$1")"
-case "$OUT/" in
+OUTDIR="$(realpath -m "$1")"
+case "$OUTDIR/" in
   "$ROOT/bench/results/"*)
     echo "gpu_check: the output folder must not be bench/results (the JSON is copied there by hand)" >&2
     exit 2 ;;
 esac
-mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
+mkdir -p "$OUTDIR" || { echo "gpu_check: cannot create $OUTDIR" >&2; exit 2; }
 cd "$ROOT" || exit 2
 
 PY="${PYTHON:-python3}"
@@ -53,16 +53,16 @@ STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,sanitizer,bench}"
 RESERVE=25                       # seconds kept back for collect and the table
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-: > "$OUT/stages.tsv"
+: > "$OUTDIR/stages.tsv"
 
 log() { printf '[gpu_check %3ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
 wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # record NAME RC SECONDS LIMIT NOTE
-record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$OUT/stages.tsv"; }
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$OUTDIR/stages.tsv"; }
 
-# run_stage NAME LIMIT_SECONDS COMMAND...   (output to OUT/NAME.log)
+# run_stage NAME LIMIT_SECONDS COMMAND...   (output to OUTDIR/NAME.log)
 run_stage() {
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) - RESERVE ))
@@ -74,7 +74,7 @@ run_stage() {
   (( limit > left )) && limit=$left
   log "$name: start (limit ${limit} s)"
   local t0; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   local secs=$(( $(date +%s) - t0 ))
   local note=""
@@ -93,9 +93,9 @@ GPU_FIELDS="name,driver_version,pci.bus_id,memory.total,compute_cap,clocks.sm,cl
 
 gpu_info() {  # gpu_info FILE: the fields above, or the two that every driver knows
   local file=$1
-  if nvidia-smi --query-gpu="$GPU_FIELDS" --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUT/info.log"; then
+  if nvidia-smi --query-gpu="$GPU_FIELDS" --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUTDIR/info.log"; then
     { echo "# $GPU_FIELDS"; cat "$file.tmp"; } > "$file"
-  elif nvidia-smi --query-gpu=name,driver_version --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUT/info.log"; then
+  elif nvidia-smi --query-gpu=name,driver_version --format=csv,noheader,nounits > "$file.tmp" 2>>"$OUTDIR/info.log"; then
     { echo "# name,driver_version"; cat "$file.tmp"; } > "$file"
   fi
   rm -f "$file.tmp"
@@ -106,7 +106,7 @@ git_() { git -c safe.directory="$ROOT" "$@"; }
 
 {
   t0=$(date +%s)
-  commit=$(git_ rev-parse HEAD 2>>"$OUT/info.log") || commit=""
+  commit=$(git_ rev-parse HEAD 2>>"$OUTDIR/info.log") || commit=""
   commit_source=git
   git_error=""
   dirty=""
@@ -126,12 +126,12 @@ git_() { git -c safe.directory="$ROOT" "$@"; }
     [[ -n "$dirty" ]] && echo "dirty=$dirty"
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     [[ -n "$git_error" ]] && echo "git_error=$git_error"
-  } > "$OUT/meta.txt"
-  { git_ status --short 2>&1 | head -50; echo; nvidia-smi 2>&1; nvidia-smi -q -d CLOCK,PERFORMANCE 2>&1; } >> "$OUT/info.log"
-  gpu_info "$OUT/gpu-info.csv"
+  } > "$OUTDIR/meta.txt"
+  { git_ status --short 2>&1 | head -50; echo; nvidia-smi 2>&1; nvidia-smi -q -d CLOCK,PERFORMANCE 2>&1; } >> "$OUTDIR/info.log"
+  gpu_info "$OUTDIR/gpu-info.csv"
   record info 0 $(( $(date +%s) - t0 )) 0 ""
 }
-log "info: commit ${commit:-unknown}${dirty:+ (dirty=$dirty)}; $(head -n 2 "$OUT/gpu-info.csv" 2>/dev/null | tail -n 1 | cut -d, -f1)"
+log "info: commit ${commit:-unknown}${dirty:+ (dirty=$dirty)}; $(head -n 2 "$OUTDIR/gpu-info.csv" 2>/dev/null | tail -n 1 | cut -d, -f1)"
 
 # ---------------------------------------------------------------------------------------------
 # build: this GPU's architecture only, all cores
@@ -151,14 +151,14 @@ else
 fi
 
 # versions, settings and whether our CUDA backend imports (env.json: unet_cuda_status)
-run_stage env 60 "$PY" bench/benchlib.py "$OUT/env.json"
-log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.load(open(sys.argv[1])).get("unet_cuda_status"))' "$OUT/env.json" 2>/dev/null || echo "env.json missing")"
+run_stage env 60 "$PY" bench/benchlib.py "$OUTDIR/env.json"
+log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.load(open(sys.argv[1])).get("unet_cuda_status"))' "$OUTDIR/env.json" 2>/dev/null || echo "env.json missing")"
 
 # ---------------------------------------------------------------------------------------------
 # GPU tests
 # ---------------------------------------------------------------------------------------------
 if wanted gpu-tests; then
-  run_stage gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
+  run_stage gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
 else
   skip_stage gpu-tests "not in GPU_CHECK_STAGES"
 fi
@@ -203,11 +203,11 @@ if wanted bench; then
   bench_limit=$(( left < 300 ? left : 300 ))
   # the benchmarks skip themselves 20 s before the limit so that pytest still writes its JSON
   export UNET_BENCH_DEADLINE=$(( $(date +%s) + bench_limit - 20 ))
-  export UNET_BENCH_RECORD="$OUT/bench-records.jsonl"
+  export UNET_BENCH_RECORD="$OUTDIR/bench-records.jsonl"
   : > "$UNET_BENCH_RECORD"
   run_stage bench "$bench_limit" "$PY" -m pytest bench/test_bench_train_step.py bench/test_bench_kernels.py \
-    -q -p no:cacheprovider --benchmark-json="$OUT/benchmarks.json" --junitxml="$OUT/bench-tests.xml"
-  gpu_info "$OUT/gpu-info-after.csv"
+    -q -p no:cacheprovider --benchmark-json="$OUTDIR/benchmarks.json" --junitxml="$OUTDIR/bench-tests.xml"
+  gpu_info "$OUTDIR/gpu-info-after.csv"
 else
   skip_stage bench "not in GPU_CHECK_STAGES"
 fi
@@ -226,7 +226,7 @@ if wanted isbi; then
     if (( isbi_limit < 60 )); then
       skip_stage isbi "only ${left} s of the budget left"
     else
-      run_stage isbi "$isbi_limit" "$PY" bench/isbi_run.py --data "$ISBI_DIR" --out "$OUT" --minutes "$minutes"
+      run_stage isbi "$isbi_limit" "$PY" bench/isbi_run.py --data "$ISBI_DIR" --out "$OUTDIR" --minutes "$minutes"
     fi
   fi
 fi
@@ -235,10 +235,10 @@ fi
 # the results JSON and the table, last
 # ---------------------------------------------------------------------------------------------
 log "collect: done in $(( $(date +%s) - START )) s; results:"
-timeout 60 "$PY" bench/collect_results.py "$OUT" 2> "$OUT/collect.log"
+timeout 60 "$PY" bench/collect_results.py "$OUTDIR" 2> "$OUTDIR/collect.log"
 rc=$?
 if (( rc != 0 )); then
-  echo "gpu_check: collect_results.py failed (rc=$rc), see $OUT/collect.log" >&2
+  echo "gpu_check: collect_results.py failed (rc=$rc), see $OUTDIR/collect.log" >&2
   exit "$rc"
 fi
 exit 0
