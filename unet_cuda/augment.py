@@ -128,6 +128,11 @@ class AugmentParameters:
                 "contrast": self.contrast, "brightness": self.brightness}
 
 
+# The options of draw_parameters, which an Augmenter keeps as attributes of the same names.
+_DRAW_OPTIONS = ("elastic", "flips", "rot90", "gray", "grid", "sigma", "max_gamma", "max_contrast_change",
+                 "max_brightness_change")
+
+
 def draw_parameters(
     rng: np.random.Generator,
     *,
@@ -207,10 +212,7 @@ class Augmenter:
 
     def draw(self) -> AugmentParameters:
         """The next augmentation's random parameters (advances the generator); see :func:`draw_parameters`."""
-        return draw_parameters(
-            self.rng, elastic=self.elastic, flips=self.flips, rot90=self.rot90, gray=self.gray,
-            grid=self.grid, sigma=self.sigma, max_gamma=self.max_gamma,
-            max_contrast_change=self.max_contrast_change, max_brightness_change=self.max_brightness_change)
+        return draw_parameters(self.rng, **{name: getattr(self, name) for name in _DRAW_OPTIONS})
 
     def __call__(self, image: np.ndarray, labels: np.ndarray | None = None, weights: np.ndarray | None = None):
         image = np.asarray(image, dtype=np.float32)

@@ -57,26 +57,23 @@ __all__ = (
 # Input checks shared by all ops
 # --------------------------------------------------------------------------------------------------
 
-def _float_array(op: str, name: str, a, layout: str) -> np.ndarray:
-    """``a`` as an ndarray of a float dtype whose rank matches ``layout`` (e.g. ``"[N,C,H,W]"``)."""
+def _typed_array(op: str, name: str, a, layout: str, kind: type, kind_name: str) -> np.ndarray:
+    """``a`` as an ndarray of a ``kind`` dtype whose rank matches ``layout`` (e.g. ``"[N,C,H,W]"``)."""
     a = np.asarray(a)
     ndim = layout.count(",") + 1
     if a.ndim != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-d {layout}, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"{op}: {name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    if not np.issubdtype(a.dtype, kind):
+        raise ValueError(f"{op}: {name} must have {kind_name} dtype, got {a.dtype} (shape {a.shape})")
     return a
+
+
+def _float_array(op: str, name: str, a, layout: str) -> np.ndarray:
+    return _typed_array(op, name, a, layout, np.floating, "a float")
 
 
 def _integer_array(op: str, name: str, a, layout: str) -> np.ndarray:
-    """``a`` as an ndarray of an integer dtype whose rank matches ``layout``."""
-    a = np.asarray(a)
-    ndim = layout.count(",") + 1
-    if a.ndim != ndim:
-        raise ValueError(f"{op}: {name} must be {ndim}-d {layout}, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{op}: {name} must have an integer dtype, got {a.dtype} (shape {a.shape})")
-    return a
+    return _typed_array(op, name, a, layout, np.integer, "an integer")
 
 
 def _same_shape(op: str, name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
