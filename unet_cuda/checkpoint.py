@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_atomically", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _MODEL = "model/"
@@ -40,6 +40,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path, write) -> Path:
+    """Write a file so that a crash leaves the old file or the new one, never a torn one.
+
+    ``write(f)`` fills a temporary file ``.NAME.PID.tmp`` beside ``path`` (binary mode); it is
+    flushed and fsync'ed, renamed over ``path``, and the folder is fsync'ed. On any error the
+    temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
 def save_checkpoint(path, *, model_config: dict, model_state: dict, optimizer_state: dict | None = None,
                     meta: dict | None = None) -> Path:
     """Write a checkpoint atomically. ``meta`` is any JSON-able dict (step, RNG states, history ...)."""
@@ -54,17 +76,7 @@ def save_checkpoint(path, *, model_config: dict, model_state: dict, optimizer_st
         header["optimizer"] = {k: v for k, v in optimizer_state.items() if k != "velocity"}
         header["optimizer"]["num_velocity"] = len(velocity)
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from . import ops, sizes
 from .augment import Augmenter
 from .augment_gpu import GpuAugmenter
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomically
 from .data import DataError, load_dataset, split
 from .functional import softmax_cross_entropy
 from .inference import predict_image
@@ -411,9 +410,7 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def load_resume_checkpoint(args, out_dir: Path) -> dict:

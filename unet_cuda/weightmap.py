@@ -45,12 +45,12 @@ ISBI slice with 130 cells, against about 0.8 s for full-image transforms.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from .checkpoint import write_atomically
 
 __all__ = ["weight_map", "class_weight_map", "border_distances", "negligible_distance", "WeightMapCache"]
 
@@ -198,16 +198,7 @@ class WeightMapCache:
         return array
 
     def _save_to_disk(self, path: Path, array: np.ndarray) -> None:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".weightmap-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, array, allow_pickle=False)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda stream: np.save(stream, array, allow_pickle=False))
 
     def get(self, instance_labels: np.ndarray) -> np.ndarray:
         """The weight map of ``instance_labels`` (float32, read-only), computed at most once per cache."""
