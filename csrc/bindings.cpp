@@ -481,6 +481,96 @@ void crop_concat_backward(py::handle dy_obj, py::handle dup_obj, py::handle dski
                               H, W, Cs, Hs, Ws, as_stream(stream));
 }
 
+// The convolution of the concatenation [up, centre crop of skip] (never stored): the GEMM
+// versions only (conv3x3_fuses_concat); the version is checked first, as for conv3x3.
+Conv3x3Version conv3x3_concat_version_arg(const char* op, const std::string& name) {
+  const Conv3x3Version v = conv3x3_version_arg(op, name);
+  if (!conv3x3_fuses_concat(v))
+    throw py::value_error(std::string(op) + ": argument version " + repr_str(py::str(name)) +
+                          " cannot read a concatenated input; use 'v3_igemm', 'v4_tf32_mma' or "
+                          "'v5_bf16_mma' (or crop_concat_forward and conv3x3_forward)");
+  return v;
+}
+
+struct ConcatDims {
+  int N, Cu, Cs, H, W, Hs, Ws, O;
+};
+
+// up [N, Cu, H, W] (or dup), skip [N, Cs, Hs, Ws] (or dskip), w [O, Cu+Cs, 3, 3] (or dw),
+// out [N, O, H-2, W-2] (y or dy).
+ConcatDims check_concat_conv(const OpArgs& args, const DeviceArray& up, const DeviceArray& skip,
+                             const DeviceArray& w, const DeviceArray& out) {
+  const ConcatDims d{up.dim(0), up.dim(1), skip.dim(1), up.dim(2),
+                     up.dim(3), skip.dim(2), skip.dim(3), w.dim(0)};
+  args.require(d.H >= 3 && d.W >= 3, up.name, "needs H and W >= 3, got shape " + shape_str(up.shape));
+  args.require(skip.dim(0) == d.N, skip.name, "must have the batch size N = " +
+                                                  std::to_string(d.N) + " of " + up.name +
+                                                  ", got shape " + shape_str(skip.shape));
+  check_crop(args, skip, d.H, d.W);
+  args.require_shape(w, {d.O, int64_t{d.Cu} + d.Cs, 3, 3},
+                     std::string("(O, Cu+Cs, 3, 3) with Cu from ") + up.name + " and Cs from " +
+                         skip.name);
+  args.require_shape(out, {d.N, d.O, d.H - 2, d.W - 2},
+                     std::string("(N, O, H-2, W-2) from ") + up.name + " and " + w.name);
+  return d;
+}
+
+void conv3x3_concat_forward(py::handle up_obj, py::handle skip_obj, py::handle w_obj,
+                            py::handle b_obj, py::handle y_obj, bool relu, std::uintptr_t stream,
+                            const std::string& version) {
+  const Conv3x3Version v = conv3x3_concat_version_arg("conv3x3_concat_forward", version);
+  OpArgs args("conv3x3_concat_forward");
+  const DeviceArray up = args.input(up_obj, "up", DType::kFloat32, 4);
+  const DeviceArray skip = args.input(skip_obj, "skip", DType::kFloat32, 4);
+  const DeviceArray w = args.input(w_obj, "w", DType::kFloat32, 4);
+  const DeviceArray b = args.input(b_obj, "b", DType::kFloat32, 1);
+  const DeviceArray y = args.output(y_obj, "y", DType::kFloat32, 4);
+  const ConcatDims d = check_concat_conv(args, up, skip, w, y);
+  args.require_shape(b, {d.O}, "(O,) from w");
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_conv3x3_concat_forward(up.data<const float>(), skip.data<const float>(),
+                                w.data<const float>(), b.data<const float>(), y.data<float>(), d.N,
+                                d.Cu, d.Cs, d.H, d.W, d.Hs, d.Ws, d.O, relu, v, as_stream(stream));
+}
+
+void conv3x3_concat_backward_data(py::handle dy_obj, py::handle w_obj, py::handle dup_obj,
+                                  py::handle dskip_obj, std::uintptr_t stream,
+                                  const std::string& version) {
+  const Conv3x3Version v = conv3x3_concat_version_arg("conv3x3_concat_backward_data", version);
+  OpArgs args("conv3x3_concat_backward_data");
+  const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
+  const DeviceArray w = args.input(w_obj, "w", DType::kFloat32, 4);
+  const DeviceArray dup = args.output(dup_obj, "dup", DType::kFloat32, 4);
+  const DeviceArray dskip = args.output(dskip_obj, "dskip", DType::kFloat32, 4);
+  const ConcatDims d = check_concat_conv(args, dup, dskip, w, dy);
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_conv3x3_concat_backward_data(dy.data<const float>(), w.data<const float>(),
+                                      dup.data<float>(), dskip.data<float>(), d.N, d.Cu, d.Cs, d.H,
+                                      d.W, d.Hs, d.Ws, d.O, v, as_stream(stream));
+}
+
+void conv3x3_concat_backward_weight(py::handle up_obj, py::handle skip_obj, py::handle dy_obj,
+                                    py::handle dw_obj, py::handle db_obj, std::uintptr_t stream,
+                                    const std::string& version) {
+  const Conv3x3Version v = conv3x3_concat_version_arg("conv3x3_concat_backward_weight", version);
+  OpArgs args("conv3x3_concat_backward_weight");
+  const DeviceArray up = args.input(up_obj, "up", DType::kFloat32, 4);
+  const DeviceArray skip = args.input(skip_obj, "skip", DType::kFloat32, 4);
+  const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
+  const DeviceArray dw = args.output(dw_obj, "dw", DType::kFloat32, 4);
+  const DeviceArray db = args.output(db_obj, "db", DType::kFloat32, 1);
+  const ConcatDims d = check_concat_conv(args, up, skip, dw, dy);
+  args.require_shape(db, {d.O}, "(O,) from dw");
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_conv3x3_concat_backward_weight(up.data<const float>(), skip.data<const float>(),
+                                        dy.data<const float>(), dw.data<float>(), db.data<float>(),
+                                        d.N, d.Cu, d.Cs, d.H, d.W, d.Hs, d.Ws, d.O, v,
+                                        as_stream(stream));
+}
+
 void relu_backward(py::handle y_obj, py::handle dy_obj, py::handle dx_obj, std::uintptr_t stream) {
   OpArgs args("relu_backward");
   const DeviceArray y = args.input(y_obj, "y", DType::kFloat32, kAnyNdim);
@@ -719,6 +809,10 @@ PYBIND11_MODULE(_C, m) {
     py::tuple names(std::size(kConv3x3Versions));
     for (size_t i = 0; i < std::size(kConv3x3Versions); ++i) names[i] = kConv3x3Versions[i].name;
     m.attr("CONV3X3_VERSIONS") = names;
+    py::list concat;  // the versions that read a concatenated input directly
+    for (const Conv3x3VersionName& v : kConv3x3Versions)
+      if (conv3x3_fuses_concat(v.version)) concat.append(v.name);
+    m.attr("CONV3X3_CONCAT_VERSIONS") = py::tuple(concat);
     m.attr("CONV3X3_DEFAULT_VERSION") = kConv3x3DefaultVersion;
   }
   m.def(
@@ -781,6 +875,35 @@ PYBIND11_MODULE(_C, m) {
       arg("version") = kConv3x3DefaultVersion,
       "Slices (split-K) the weight gradient of `version` sums separately for x[N,C,H,W] and "
       "O output channels, then adds in a fixed order; a function of the shapes only.");
+  for (const auto& [fn_name, splits] :
+       {std::pair{"conv3x3_forward_splits", &conv3x3_forward_splits},
+        std::pair{"conv3x3_backward_data_splits", &conv3x3_backward_data_splits}}) {
+    const std::string op = fn_name;
+    m.def(
+        fn_name,
+        [op, splits](int N, int C, int H, int W, int O, const std::string& version) {
+          const Conv3x3Version v = conv3x3_version_arg(op.c_str(), version);
+          if (N < 0 || C < 0 || O < 0 || H < 3 || W < 3)
+            throw py::value_error(op + ": needs N, C, O >= 0 and H, W >= 3");
+          return splits(v, N, C, H, W, O);
+        },
+        arg("N"), arg("C"), arg("H"), arg("W"), arg("O"), py::kw_only(),
+        arg("version") = kConv3x3DefaultVersion,
+        "Slices (split-K) the GEMM versions sum separately for this direction of x[N,C,H,W] -> O "
+        "channels (only where the output tiles are too few); 1 for v1 and v2.");
+  }
+  m.def("conv3x3_concat_forward", &conv3x3_concat_forward, arg("up"), arg("skip"), arg("w"),
+        arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"), arg("version"),
+        "y[N,O,H-2,W-2] = valid 3x3 conv of [up, centre crop of skip] (never stored) with "
+        "w[O,Cu+Cs,3,3] plus b[O], ReLU if relu; `version`: a GEMM version (v3-v5).");
+  m.def("conv3x3_concat_backward_data", &conv3x3_concat_backward_data, arg("dy"), arg("w"),
+        arg("dup"), arg("dskip"), py::kw_only(), arg("stream"), arg("version"),
+        "dup[N,Cu,H,W] and dskip[N,Cs,Hs,Ws] (0 outside the crop window) from dy[N,O,H-2,W-2] "
+        "and w[O,Cu+Cs,3,3].");
+  m.def("conv3x3_concat_backward_weight", &conv3x3_concat_backward_weight, arg("up"),
+        arg("skip"), arg("dy"), arg("dw"), arg("db"), py::kw_only(), arg("stream"),
+        arg("version"),
+        "dw[O,Cu+Cs,3,3] and db[O] from up, skip and dy[N,O,H-2,W-2] (deterministic).");
   m.def(
       "conv1x1_forward",
       [](py::handle x, py::handle w, py::handle b, py::handle y, std::uintptr_t stream) {

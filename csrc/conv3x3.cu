@@ -1,4 +1,4 @@
-// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in four versions.
+// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in five versions.
 //
 // Layout (strides in elements, all buffers C-contiguous float32):
 //   x   [N, C, H, W]      input activations        strides (C*H*W, H*W, W, 1)
@@ -29,8 +29,11 @@
 //   v2_smem      input tile + halo and weight slice staged in shared memory once   not measured yet
 //   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs  not measured yet
 //   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer not measured yet
+//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline  not measured yet
 // v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
-// accumulates in FP32: expect relative errors around 1e-3, not 1e-6.
+// accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
+// (7-bit mantissa, round to nearest even), FP32 sums: relative errors around 1e-2. The precision
+// modes of unet_cuda (fp32, tf32, bf16) are these versions; every buffer stays float32.
 //
 // Kernels:
 //   conv3x3_forward_v1_direct: one thread per output element y[n,o,i,j]; sums c, ky, kx straight
@@ -52,11 +55,24 @@
 //     two shared buffers while the warps multiply the other one with mma.sync.m16n8k8 (TF32 in,
 //     FP32 accumulators). VEC_A / VEC_B: 16-byte copies where four consecutive k are contiguous
 //     and aligned in memory (the launcher checks; 4-byte copies otherwise).
+//   conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>: v4's tiles and copies, kV5Stages of them in
+//     flight in dynamic shared memory; the fragments are rounded to bf16 pairs as they are read
+//     from shared memory and multiplied with mma.sync.m16n8k16 (bf16 in, FP32 accumulators).
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
+//   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
+//
+// The concatenated input. The decoder's first convolution of each level reads [up, centre crop of
+// skip] (csrc/crop_concat.cu): the Conv3x3Concat*Gemm views let the GEMM versions (v3-v5) read
+// the two tensors where they are, so the concatenation is never stored (launch_conv3x3_concat_*):
+//   up    [N, Cu, H, W]      input channels c < Cu
+//   skip  [N, Cs, Hs, Ws]    input channels Cu + c', read at (oy, ox) = ((Hs-H)/2, (Ws-W)/2)
+//   dup   [N, Cu, H, W], dskip [N, Cs, Hs, Ws] (0 outside the crop window)
+// Same tiles, same sums in the same order as crop_concat followed by the plain convolution: the
+// same bits.
 //
 // Determinism: no atomics anywhere. Every output is one thread's sum in a fixed order. The weight
-// gradient of v2-v4 splits its pixel sum (split-K) into a number of slices that depends on the
+// gradient of v2-v5 splits its pixel sum (split-K) into a number of slices that depends on the
 // shapes only (never on the GPU): each slice writes its partial dw to a workspace, and
 // conv3x3_split_k_reduce adds the partials in slice order. Same shapes, same bits, on any GPU.
 //
@@ -78,18 +94,26 @@ namespace unet {
 // Shared pieces: the one launch helper, the instructions written in PTX, the split-K partition
 // =================================================================================================
 
-// Every kernel of this file is launched here: on `stream`, then the launch is checked.
+// Every kernel of this file is launched here: on `stream`, with `smem` bytes of dynamic shared
+// memory, then the launch is checked.
 template <typename... Params, typename... Args>
-void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
-                   cudaStream_t stream, Args... args) {
+void launch_kernel_smem(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                        size_t smem, cudaStream_t stream, Args... args) {
 #ifdef UNET_CPU_EMULATION
   // tests/cpu_emulation runs the kernels of this file on the CPU (tests/test_conv3x3_emulated.py).
   (void)stream;
-  cpu_emulation::launch(kernel, grid, block, static_cast<Params>(args)...);
+  cpu_emulation::launch(kernel, grid, block, smem, static_cast<Params>(args)...);
 #else
-  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
 #endif
   CHECK_LAUNCH(name);
+}
+
+// The kernels with static shared memory only.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   cudaStream_t stream, Args... args) {
+  launch_kernel_smem(name, kernel, grid, block, 0, stream, args...);
 }
 
 #ifdef UNET_CPU_EMULATION
@@ -97,7 +121,9 @@ using cpu_emulation::cp_async_16;
 using cpu_emulation::cp_async_4;
 using cpu_emulation::cp_async_commit;
 using cpu_emulation::cp_async_wait;
+using cpu_emulation::mma_bf16_m16n8k16;
 using cpu_emulation::mma_tf32_m16n8k8;
+using cpu_emulation::pack_bf16x2;
 using cpu_emulation::to_tf32;
 #else
 // x rounded to TF32 (round to nearest, ties away from zero), as the tensor cores read it.
@@ -115,6 +141,28 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (
                                                  const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats rounded to bf16 (round to nearest even) and packed into one register: `lo` in the
+// low 16 bits, `hi` in the high ones (cvt puts its first source in the high half).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// d += a b for a 16x8 tile d, a 16x16 (m x k) and b 16x8 (k x n) in bf16, FP32 accumulators (PTX
+// ISA, "Matrix Fragments for mma.m16n8k16", .bf16). Each register holds two bf16 of consecutive
+// k, the lower k in the low half; with g = lane / 4, t = lane % 4:
+//   a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]},
+//   b = {B[2t..2t+1][g], B[2t+8..2t+9][g]},  d as in mma.m16n8k8.
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -462,11 +510,14 @@ __global__ void __launch_bounds__(kV2WThreads, 1)
 // kARowsContiguous / kBRowsContiguous: consecutive m (n) are consecutive in memory, so the copy
 // of a tile gives consecutive threads consecutive rows; otherwise consecutive k are (the weights;
 // the pixels of the weight-gradient view), and consecutive threads take consecutive k.
+// kVecA / kVecB: four consecutive k of A (B) can be contiguous and 16-byte aligned, so that v4
+// and v5 may copy them at once (the launcher checks the sizes and the pointer).
 // =================================================================================================
 
 struct Conv3x3ForwardGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :], contiguous in k
+  static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (w rows)
   const float* x;
   const float* w;
   const float* b;
@@ -528,6 +579,7 @@ struct Conv3x3ForwardGemm {
 struct Conv3x3BackwardDataGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx, read from dy
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[:, c, :, :], k = (o, tap)
+  static constexpr bool kVecA = false, kVecB = false;  // no four consecutive k are contiguous
   const float* dy;
   const float* w;
   float* dx;
@@ -594,6 +646,7 @@ struct Conv3x3BackwardDataGemm {
 struct Conv3x3BackwardWeightGemm {
   static constexpr bool kARowsContiguous = false;  // A rows: dy[:, o, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: x[:, c, ky:, kx:], contiguous in k
+  static constexpr bool kVecA = true, kVecB = false;  // 16-byte copies possible: of A (dy pixels)
   const float* x;
   const float* dy;
   float* out;             // dw, or the workspace of the split partials [splits, O, 9C]
@@ -649,6 +702,100 @@ struct Conv3x3BackwardWeightGemm {
     return {out + static_cast<int64_t>(blockIdx.z) * split_stride + o * cols};
   }
   __device__ void store(const CRow& r, int col, float v) const { r.p[col] = v; }
+};
+
+// The decoder's first convolution of each level reads the concatenation [up, centre crop of skip]
+// (csrc/crop_concat.cu) without it ever being stored: these three views are the plain ones with a
+// second source. Input channels c < Cu come from up [N, Cu, H, W] (the base view's x, dx), the
+// others from skip [N, C - Cu, Hs, Ws] at the crop offset (oy, ox) = ((Hs-H)/2, (Ws-W)/2). The
+// GEMM kernels (v3-v5) run them unchanged: only where an element of A, B or C lives differs.
+
+struct Conv3x3ConcatForwardGemm : Conv3x3ForwardGemm {
+  const float* skip;
+  int Cu, Hs, Ws, oy, ox;
+
+  struct KPos : Conv3x3ForwardGemm::KPos {  // x_offset: from the pixel in up, or in skip
+    bool in_skip;
+  };
+  struct ARow {
+    const float* up_p;    // &up[n, 0, i, j]
+    const float* skip_p;  // &skip[n, 0, i + oy, j + ox]
+    bool valid;
+  };
+
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int k = static_cast<int>(tile) * bk + kk;
+    const int c = k / 9, tap = k - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
+    if (c < Cu) return {{k, static_cast<int64_t>(c) * H * W + ky * W + kx, k < K}, false};
+    return {{k, static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, k < K}, true};
+  }
+  __device__ ARow a_row(int64_t m) const {
+    if (m >= M) return {x, skip, false};
+    const int64_t pq = static_cast<int64_t>(P) * Q;
+    const int64_t n = m / pq;
+    const int pix = static_cast<int>(m - n * pq), i = pix / Q, j = pix - i * Q;
+    return {x + n * Cu * H * W + static_cast<int64_t>(i) * W + j,
+            skip + n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox), true};
+  }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? (kp.in_skip ? r.skip_p : r.up_p) + kp.x_offset : nullptr;
+  }
+};
+
+// dx splits into dup [N, Cu, H, W] (the base view's dx) and the crop window of dskip; the rest of
+// dskip is zeroed by conv3x3_concat_zero_skip_border.
+struct Conv3x3ConcatBackwardDataGemm : Conv3x3BackwardDataGemm {
+  float* dskip;
+  int Cu, Hs, Ws, oy, ox;
+
+  struct CRow {
+    float* up_p;    // &dup[n, 0, yy, xx]
+    float* skip_p;  // &dskip[n, 0, yy + oy, xx + ox]
+  };
+
+  __device__ CRow c_row(int64_t m) const {
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    const int pix = static_cast<int>(m - n * hw), yy = pix / W, xx = pix - yy * W;
+    return {dx + n * Cu * hw + pix,
+            dskip + n * (C - Cu) * Hs * Ws + static_cast<int64_t>(yy + oy) * Ws + (xx + ox)};
+  }
+  __device__ void store(const CRow& r, int c, float v) const {
+    if (c < Cu) r.up_p[static_cast<int64_t>(c) * H * W] = v;
+    else r.skip_p[static_cast<int64_t>(c - Cu) * Hs * Ws] = v;
+  }
+};
+
+// B[k, (c, ky, kx)] = x[n, c, i+ky, jj+kx] reads up (the base view's x) or skip.
+struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
+  const float* skip;
+  int Cu, Hs, Ws, oy, ox;
+
+  struct KPos : Conv3x3BackwardWeightGemm::KPos {  // x_offset: the pixel's offset in up
+    int64_t skip_offset;                             // n*Cs*Hs*Ws + (i+oy)*Ws + (j+ox)
+  };
+  struct BRow : Conv3x3BackwardWeightGemm::BRow {  // offset: of the tap in up, or in skip
+    bool in_skip;
+  };
+
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int64_t per_image = tiles_per_image(bk);
+    const int64_t n = tile / per_image;
+    const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    const int i = pix / Q, j = pix - i * Q;
+    return {{n * O * P * Q + pix, n * Cu * H * W + static_cast<int64_t>(i) * W + j,
+             pix < static_cast<int64_t>(P) * Q},
+            n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
+  }
+  __device__ BRow b_row(int col) const {
+    const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
+    if (c < Cu) return {{static_cast<int64_t>(c) * H * W + ky * W + kx, col < cols}, false};
+    return {{static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, col < cols}, true};
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    if (!(r.valid && kp.valid)) return nullptr;
+    return r.in_skip ? skip + kp.skip_offset + r.offset : x + kp.x_offset + r.offset;
+  }
 };
 
 // Which element of a ROWS x BK operand tile the r-th copy of a thread moves, THREADS threads
@@ -830,6 +977,32 @@ struct V4Smem {
   }
 };
 
+// acc[i][j] = {C[gid][2tig], C[gid][2tig+1], C[gid+8][2tig], C[gid+8][2tig+1]} of mma tile
+// (i, j) (the layout of mma.m16n8k8 .tf32 and of mma.m16n8k16 .bf16): for a fixed register, the 8
+// lanes of a column group store 8 consecutive m.
+template <class Tile, class Gemm>
+__device__ __forceinline__ void store_mma_accumulators(
+    const Gemm& g, const float (&acc)[Tile::kMmaM][Tile::kMmaN][4], int64_t m0, int n0, int wm,
+    int wn, int gid, int tig) {
+#pragma unroll
+  for (int i = 0; i < Tile::kMmaM; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t m = m0 + wm * Tile::kWM + i * 16 + gid + 8 * half;
+      if (m >= g.M) continue;
+      const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+      for (int j = 0; j < Tile::kMmaN; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + wn * Tile::kWN + j * 8 + 2 * tig + q;
+          if (n < g.cols) g.store(row, n, acc[i][j][2 * half + q]);
+        }
+      }
+    }
+  }
+}
+
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm g) {
   constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV4BK, kThreads = Tile::kThreads;
@@ -934,24 +1107,199 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
     __syncthreads();  // everyone is done with `buf` before the next iteration refills it
   }
 
-  // acc[i][j] = {C[gid][2tig], C[gid][2tig+1], C[gid+8][2tig], C[gid+8][2tig+1]} of mma tile
-  // (i, j): for a fixed register, the 8 lanes of a column group store 8 consecutive m.
+  store_mma_accumulators<Tile>(g, acc, m0, n0, wm, wn, gid, tig);
+}
+
+// =================================================================================================
+// v5: bf16 tensor cores (mma.sync.m16n8k16, FP32 accumulators), a deeper cp.async pipeline.
+// Two changes over v4, each for a measured reason on paper (PERFORMANCE.md): the bf16 mma does
+// twice the FLOPs of the TF32 one per instruction, so v4's double buffer would leave the tensor
+// cores waiting on memory; here kV5Stages tiles are in flight, in dynamic shared memory (four
+// stages of the large tile pass the 48 KB of static shared memory).
+// The buffers stay float32 (so every op around the convolution is unchanged): the tiles are
+// copied as float32 and rounded to bf16 (round to nearest even) when the fragments are built.
+// =================================================================================================
+
+constexpr int kV5BK = 16;     // one k16 mma step per stage
+constexpr int kV5Stages = 4;  // tiles in flight: the one multiplied and three being copied
+
+// A ROWS x kV5BK float32 operand tile. The fragments read two consecutive k per register, so the
+// paddings differ from v4's: K_MAJOR ([k][ROWS + 4]): the lane (g, t) reads k = 2t (and 2t+1) of
+// row g: bank (8t + g) % 32, all 32 distinct; row-major ([row][BK + 8]): 8-byte reads of k = 2t,
+// 2t+1 at row*24 + 2t: each half warp (the unit of an 8-byte shared load) hits 32 banks once.
+template <int ROWS, bool K_MAJOR>
+struct V5Smem {
+  static constexpr int kSize = K_MAJOR ? kV5BK * (ROWS + 4) : ROWS * (kV5BK + 8);
+  static_assert(kSize % 4 == 0, "every stage starts 16-byte aligned");
+  __device__ static int at(int row, int k) {
+    return K_MAJOR ? k * (ROWS + 4) + row : row * (kV5BK + 8) + k;
+  }
+  // Elements (row, k) and (row, k + 1), k even, rounded and packed into one bf16x2 register.
+  __device__ static uint32_t pair(const float* tile, int row, int k) {
+    if constexpr (K_MAJOR) {
+      return pack_bf16x2(tile[at(row, k)], tile[at(row, k + 1)]);
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(&tile[at(row, k)]);
+      return pack_bf16x2(v.x, v.y);
+    }
+  }
+};
+
+template <class Gemm, class Tile>
+struct V5Layout {
+  using ASmem = V5Smem<Tile::kBM, Gemm::kARowsContiguous>;
+  using BSmem = V5Smem<Tile::kBN, Gemm::kBRowsContiguous>;
+  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
+  static constexpr size_t kSmemBytes = sizeof(float) * kV5Stages * kStageFloats;
+};
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV5BK, S = kV5Stages;
+  constexpr int kThreads = Tile::kThreads, MT = Tile::kMmaM, NT = Tile::kMmaN;
+  using Layout = V5Layout<Gemm, Tile>;
+  using ASmem = typename Layout::ASmem;
+  using BSmem = typename Layout::BSmem;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+  // Stage s: A at smem + s * kStageFloats, B right after it.
+#ifdef UNET_CPU_EMULATION
+  float* smem = cpu_emulation::dynamic_shared<float>();
+#else
+  extern __shared__ __align__(16) float smem[];
+#endif
+  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
+  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % Tile::kWarpsM, wn = warp / Tile::kWarpsM;
+  const int gid = lane / 4, tig = lane % 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
+  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t m = m0 + wm * Tile::kWM + i * 16 + gid + 8 * half;
-      if (m >= g.M) continue;
-      const typename Gemm::CRow row = g.c_row(m);
+  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+
+  // Issues the copies of K tile `tile` into stage `s` (zeros written directly), and commits them
+  // as one group. Past the end of this block's K range it commits an empty group, so that the
+  // count of groups in flight, and with it cp_async_wait<S - 2>, is the same every iteration.
+  auto issue = [&](int64_t tile, int s) {
+    if (tile < t_end) {
+      float* as = a_stage(s);
+      float* bs = b_stage(s);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+      for (int r = 0; r < ACopy::kPerThread; ++r) {
+        const int k = ACopy::k(tid, r);
+        const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
+        float* dst = &as[ASmem::at(ACopy::row(tid, r), k)];
+        if constexpr (VEC_A) {
+          if (p) cp_async_16(dst, p);
+          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        } else {
+          if (p) cp_async_4(dst, p);
+          else *dst = 0.0f;
+        }
+      }
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int n = n0 + wn * Tile::kWN + j * 8 + 2 * tig + q;
-          if (n < g.cols) g.store(row, n, acc[i][j][2 * half + q]);
+      for (int r = 0; r < BCopy::kPerThread; ++r) {
+        const int k = BCopy::k(tid, r);
+        const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
+        float* dst = &bs[BSmem::at(BCopy::row(tid, r), k)];
+        if constexpr (VEC_B) {
+          if (p) cp_async_16(dst, p);
+          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        } else {
+          if (p) cp_async_4(dst, p);
+          else *dst = 0.0f;
         }
       }
     }
+    cp_async_commit();
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  // Prologue: tiles t_begin .. t_begin + S - 2 in flight.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(t_begin + s, s);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    cp_async_wait<S - 2>();  // this thread's copies of tile t have landed ...
+    __syncthreads();         // ... and everyone's; and everyone is done with tile t - 1
+    const int s = static_cast<int>((t - t_begin) % S);
+    // Refill the stage of tile t - 1 (free since the barrier) with tile t + S - 1.
+    issue(t + S - 1, (s + S - 1) % S);
+    const float* as = a_stage(s);
+    const float* bs = b_stage(s);
+    uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int r = wm * Tile::kWM + i * 16 + gid;
+      a[i][0] = ASmem::pair(as, r, 2 * tig);
+      a[i][1] = ASmem::pair(as, r + 8, 2 * tig);
+      a[i][2] = ASmem::pair(as, r, 2 * tig + 8);
+      a[i][3] = ASmem::pair(as, r + 8, 2 * tig + 8);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = wn * Tile::kWN + j * 8 + gid;
+      b[j][0] = BSmem::pair(bs, c, 2 * tig);
+      b[j][1] = BSmem::pair(bs, c, 2 * tig + 8);
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mma_bf16_m16n8k16(acc[i][j], a[i], b[j]);
+  }
+  cp_async_wait<0>();  // only empty groups are left; retire them all the same
+
+  store_mma_accumulators<Tile>(g, acc, m0, n0, wm, wn, gid, tig);  // v4's layout
+}
+
+// =================================================================================================
+// Split-K of the forward and backward-data GEMMs: when the output tiles alone cannot fill the GPU
+// (the 1024-channel layers at batch 1: b2's forward makes 13 x 16 tiles of 64 x 64), K is split
+// too. Each split writes its partial C (no epilogue) through SplitPartialGemm into a workspace
+// [splits, cols, M]; conv3x3_split_k_epilogue adds the partials in split order and stores the sum
+// through the view's own epilogue (bias and ReLU; or the concatenated view's two outputs).
+// =================================================================================================
+
+template <class Gemm>
+struct SplitPartialGemm : Gemm {
+  float* part;  // [splits, cols, M]: consecutive m, as the mma and FFMA stores write them
+
+  struct CRow {
+    float* p;  // &part[split, 0, m]
+  };
+  __device__ CRow c_row(int64_t m) const {
+    return {part + static_cast<int64_t>(blockIdx.z) * this->cols * this->M + m};
+  }
+  __device__ void store(const CRow& r, int n, float v) const {
+    r.p[static_cast<int64_t>(n) * this->M] = v;
+  }
+};
+
+template <class Gemm>
+__global__ void conv3x3_split_k_epilogue(const Gemm g, const float* __restrict__ part, int splits) {
+  const int64_t count = g.M * g.cols;
+  for (int64_t e = global_thread(); e < count; e += grid_stride()) {
+    const int n = static_cast<int>(e / g.M);
+    const int64_t m = e - n * g.M;
+    float sum = part[e];
+    for (int s = 1; s < splits; ++s) sum += part[s * count + e];
+    g.store(g.c_row(m), n, sum);
   }
 }
 
@@ -1030,6 +1378,20 @@ void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream)
                 stream, g);
 }
 
+// v5 needs more than the 48 KB of shared memory a kernel gets by default: raised once per
+// instantiation (the attribute belongs to the kernel, not to a launch).
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+void launch_v5(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  constexpr size_t kSmem = V5Layout<Gemm, Tile>::kSmemBytes;
+  auto kernel = conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>;
+  static const cudaError_t configured = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+  CUDA_CHECK(configured, name);
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel_smem(name, kernel, grid, dim3(Tile::kThreads), kSmem, stream, g);
+}
+
 template <class Gemm>
 void run_v3(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
   if (large) launch_v3<Gemm, V3Large>(name, g, splits, stream);
@@ -1043,13 +1405,89 @@ void run_v4(const char* name, const Gemm& g, bool large, int splits, cudaStream_
   else launch_v4<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
 }
 
+// v5 takes v4's tiles (the same warps and mma tile counts; only the mma's k differs).
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v5(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v5<Gemm, V4Large, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v5<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
+template <class Gemm, bool VEC_A, bool VEC_B>
+void launch_tensor_core(const char* name, const Gemm& g, Conv3x3Version version, bool large,
+                        int splits, cudaStream_t stream) {
+  if (version == Conv3x3Version::kV4Tf32Mma) run_v4<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+  else run_v5<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+}
+
+// A GEMM view with a GEMM version (v3-v5), `splits` K slices: 16-byte copies of A (B) where the
+// view allows them (Gemm::kVecA, kVecB) and the caller found the sizes and pointer aligned.
+template <class Gemm>
+void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version, bool large,
+                 int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
+  switch (version) {
+    case Conv3x3Version::kV3Igemm:
+      run_v3(name.c_str(), g, large, splits, stream);
+      return;
+    case Conv3x3Version::kV4Tf32Mma:
+    case Conv3x3Version::kV5Bf16Mma:
+      if constexpr (Gemm::kVecA) {
+        if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
+      }
+      if constexpr (Gemm::kVecB) {
+        if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+      }
+      return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, large, splits, stream);
+    default:
+      throw std::logic_error(name + ": not a GEMM version");
+  }
+}
+
+// The block tile a GEMM version takes for an M x cols output, and its K step.
+struct GemmTile {
+  bool large;
+  int bm, bn, bk;
+};
+
+GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
+  static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
+  if (version == Conv3x3Version::kV3Igemm) {
+    const bool large = use_large_tile<V3Large, V3Small>(M, cols);
+    return {large, large ? V3Large::kBM : V3Small::kBM, large ? V3Large::kBN : V3Small::kBN, kV3BK};
+  }
+  const bool large = use_large_tile<V4Large, V4Small>(M, cols);
+  return {large, large ? V4Large::kBM : V4Small::kBM, large ? V4Large::kBN : V4Small::kBN, kV4BK};
+}
+
+// A split of the forward's or the backward data's K sums at least this many k: its partial tile
+// costs a write and a read of 4 x BM x BN bytes.
+constexpr int64_t kMinSplitK = 512;
+
+// Forward and backward data: the tile, and K split only where the output tiles are too few.
+struct OutputPlan {
+  GemmTile tile;
+  int splits;
+};
+
+OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t K) {
+  OutputPlan plan{gemm_tile(version, M, cols), 1};
+  const int64_t tiles = ceil_div<int64_t>(M, plan.tile.bm) * ceil_div<int64_t>(cols, plan.tile.bn);
+  if (tiles > 0 && tiles < kTargetBlocks) {
+    int64_t s = ceil_div(kTargetBlocks, tiles);
+    s = std::min(s, K / kMinSplitK);
+    s = std::min(s, kMaxSplits);
+    s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * cols, 1)));
+    plan.splits = static_cast<int>(std::max<int64_t>(s, 1));
+  }
+  return plan;
+}
+
 // Device memory for the split partials, allocated and freed in stream order.
 class Workspace {
  public:
   Workspace(int64_t floats, cudaStream_t stream) : stream_(stream) {
     if (floats > 0)
       CUDA_CHECK(cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream),
-                 "conv3x3_backward_weight workspace");
+                 "conv3x3 split-K workspace");
   }
   ~Workspace() {
     if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
@@ -1084,18 +1522,13 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
       break;
     }
     case Conv3x3Version::kV3Igemm:
-    case Conv3x3Version::kV4Tf32Mma: {
-      const bool v3 = version == Conv3x3Version::kV3Igemm;
-      plan.large = v3 ? use_large_tile<V3Large, V3Small>(O, cols)
-                      : use_large_tile<V4Large, V4Small>(O, cols);
-      const int bm = v3 ? (plan.large ? V3Large::kBM : V3Small::kBM)
-                        : (plan.large ? V4Large::kBM : V4Small::kBM);
-      const int bn = v3 ? (plan.large ? V3Large::kBN : V3Small::kBN)
-                        : (plan.large ? V4Large::kBN : V4Small::kBN);
-      const int bk = v3 ? kV3BK : kV4BK;
-      const int64_t tiles = ceil_div<int64_t>(O, bm) * ceil_div<int64_t>(cols, bn);
-      const int64_t units = N * ceil_div<int64_t>(P * Q, bk);
-      plan.splits = plan_splits(tiles, units, bk, floats);
+    case Conv3x3Version::kV4Tf32Mma:
+    case Conv3x3Version::kV5Bf16Mma: {
+      const GemmTile tile = gemm_tile(version, O, cols);
+      plan.large = tile.large;
+      const int64_t tiles = ceil_div<int64_t>(O, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
+      const int64_t units = N * ceil_div<int64_t>(P * Q, tile.bk);
+      plan.splits = plan_splits(tiles, units, tile.bk, floats);
       break;
     }
   }
@@ -1113,10 +1546,95 @@ Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* w, floa
   return {dy, w, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
 }
 
+Conv3x3BackwardWeightGemm backward_weight_gemm(const float* x, const float* dy, int N, int C,
+                                               int H, int W, int O) {
+  return {x,     dy, nullptr, C, H, W, O, H - 2, W - 2, O, 9 * C, static_cast<int64_t>(O) * 9 * C,
+          N};
+}
+
+const char* version_name(Conv3x3Version version) {
+  for (const Conv3x3VersionName& v : kConv3x3Versions)
+    if (v.version == version) return v.name;
+  return "unknown";
+}
+
+// Forward or backward data through a GEMM version (v3-v5), for the plain view or its concatenated
+// twin. `op` and the version name make the kernel's name in errors, e.g.
+// "conv3x3_forward_v4_tf32_mma". K is split (plan_output) only where the output tiles are too few.
+template <class Gemm>
+void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version version, bool vec_b,
+                     cudaStream_t stream) {
+  const std::string name = op + "_" + version_name(version);
+  const OutputPlan plan = plan_output(version, g.M, g.cols, g.K);
+  if (plan.splits == 1) {
+    launch_gemm(name, g, version, plan.tile.large, 1, false, vec_b, stream);
+    return;
+  }
+  const int64_t count = g.M * g.cols;
+  Workspace workspace(plan.splits * count, stream);
+  const SplitPartialGemm<Gemm> partial{g, workspace.data()};
+  launch_gemm(name, partial, version, plan.tile.large, plan.splits, false, vec_b, stream);
+  const std::string epilogue = op + "_split_k_epilogue";
+  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
+                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),
+                plan.splits);
+}
+
+// The forward: v4's and v5's fast path copies B = w[o, k] 16 bytes at a time, when every row of
+// w starts aligned.
+template <class Gemm>  // Conv3x3ForwardGemm or Conv3x3ConcatForwardGemm
+void run_forward_gemm(const std::string& op, const Gemm& g, Conv3x3Version version,
+                      cudaStream_t stream) {
+  run_output_gemm(op, g, version, g.K % 4 == 0 && aligned16(g.w), stream);
+}
+
+// dw through the GEMM view `g` (its `out` is set here): one split writes dw, several write
+// partials into a workspace that conv3x3_split_k_reduce adds up in split order.
+template <class Gemm>  // Conv3x3BackwardWeightGemm or Conv3x3ConcatBackwardWeightGemm
+void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
+                              Conv3x3Version version, cudaStream_t stream) {
+  const std::string name = op + "_" + version_name(version);
+  const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O);
+  const int64_t count = g.split_stride;  // elements of dw
+  Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
+  g.out = plan.splits > 1 ? workspace.data() : dw;
+  // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
+  // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.
+  const bool vec_a = (static_cast<int64_t>(g.P) * g.Q) % 4 == 0 && aligned16(g.dy);
+  launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
+  if (plan.splits > 1)
+    launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
+                  dim3(kBlock1d), stream, static_cast<const float*>(g.out), dw, count,
+                  plan.splits);
+}
+
+// The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
+void check_concat_version(const char* op, Conv3x3Version version) {
+  if (!conv3x3_fuses_concat(version))
+    throw std::runtime_error(std::string(op) + ": version " + version_name(version) +
+                             " cannot read a concatenated input; use v3_igemm, v4_tf32_mma or "
+                             "v5_bf16_mma, or crop_concat and conv3x3");
+}
+
 }  // namespace
+
+bool conv3x3_fuses_concat(Conv3x3Version version) {
+  return version == Conv3x3Version::kV3Igemm || version == Conv3x3Version::kV4Tf32Mma ||
+         version == Conv3x3Version::kV5Bf16Mma;
+}
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   return plan_backward_weight(version, N, C, H, W, O).splits;
+}
+
+int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  if (!conv3x3_fuses_concat(version)) return 1;  // v1, v2: no split
+  return plan_output(version, static_cast<int64_t>(N) * (H - 2) * (W - 2), O, int64_t{9} * C).splits;
+}
+
+int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  if (!conv3x3_fuses_concat(version)) return 1;
+  return plan_output(version, static_cast<int64_t>(N) * H * W, C, int64_t{9} * O).splits;
 }
 
 void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
@@ -1138,25 +1656,10 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
                     x, w, b, y, N, C, H, W, O, relu);
       return;
     }
-    case Conv3x3Version::kV3Igemm: {
-      const Conv3x3ForwardGemm g = forward_gemm(x, w, b, y, N, C, H, W, O, relu);
-      run_v3("conv3x3_forward_v3_igemm", g, use_large_tile<V3Large, V3Small>(g.M, g.cols), 1,
-             stream);
-      return;
-    }
-    case Conv3x3Version::kV4Tf32Mma: {
-      const Conv3x3ForwardGemm g = forward_gemm(x, w, b, y, N, C, H, W, O, relu);
-      const bool large = use_large_tile<V4Large, V4Small>(g.M, g.cols);
-      const char* name = "conv3x3_forward_v4_tf32_mma";
-      // Fast path: B = w[o, k] in 16-byte pieces, when every row of w starts 16-byte aligned.
-      if (g.K % 4 == 0 && aligned16(w))
-        run_v4<Conv3x3ForwardGemm, false, true>(name, g, large, 1, stream);
-      else
-        run_v4<Conv3x3ForwardGemm, false, false>(name, g, large, 1, stream);
-      return;
-    }
+    default:
+      run_forward_gemm("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu), version,
+                       stream);
   }
-  throw std::runtime_error("conv3x3_forward: unknown version");
 }
 
 void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
@@ -1176,27 +1679,15 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, in
                     dy, w, dx, N, C, H, W, O);
       return;
     }
-    case Conv3x3Version::kV3Igemm: {
-      const Conv3x3BackwardDataGemm g = backward_data_gemm(dy, w, dx, N, C, H, W, O);
-      run_v3("conv3x3_backward_data_v3_igemm", g, use_large_tile<V3Large, V3Small>(g.M, g.cols),
-             1, stream);
-      return;
-    }
-    case Conv3x3Version::kV4Tf32Mma: {
-      const Conv3x3BackwardDataGemm g = backward_data_gemm(dy, w, dx, N, C, H, W, O);
-      run_v4<Conv3x3BackwardDataGemm, false, false>(
-          "conv3x3_backward_data_v4_tf32_mma", g, use_large_tile<V4Large, V4Small>(g.M, g.cols), 1,
-          stream);
-      return;
-    }
+    default:
+      run_output_gemm("conv3x3_backward_data", backward_data_gemm(dy, w, dx, N, C, H, W, O),
+                      version, false, stream);
   }
-  throw std::runtime_error("conv3x3_backward_data: unknown version");
 }
 
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream) {
-  const int64_t P = H - 2, Q = W - 2;
   const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
   if (count > 0) {
     if (version == Conv3x3Version::kV1Direct) {
@@ -1207,38 +1698,77 @@ void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, 
       launch_kernel("conv3x3_backward_weight_v1_block_per_oc",
                     conv3x3_backward_weight_v1_block_per_oc, dim3(static_cast<unsigned>(blocks)),
                     dim3(kReduceBlock), stream, x, dy, dw, N, C, H, W, O);
-    } else {
+    } else if (version == Conv3x3Version::kV2Smem) {
       const BackwardWeightPlan plan = plan_backward_weight(version, N, C, H, W, O);
-      // One split writes dw itself; several write partials that the reduction adds up.
       Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
       float* out = plan.splits > 1 ? workspace.data() : dw;
-      if (version == Conv3x3Version::kV2Smem) {
-        const char* name = "conv3x3_backward_weight_v2_smem";
-        const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
-        launch_kernel(name, conv3x3_backward_weight_v2_smem,
-                      checked_grid(name, tiles, plan.splits, 1), dim3(kV2WThreads), stream, x, dy,
-                      out, N, C, H, W, O);
-      } else {
-        Conv3x3BackwardWeightGemm g{x, dy, out, C, H, W, O, static_cast<int>(P),
-                                    static_cast<int>(Q), O, 9 * C, count, N};
-        if (version == Conv3x3Version::kV3Igemm) {
-          run_v3("conv3x3_backward_weight_v3_igemm", g, plan.large, plan.splits, stream);
-        } else {
-          const char* name = "conv3x3_backward_weight_v4_tf32_mma";
-          // Fast path: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a whole
-          // number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.
-          using Gemm = Conv3x3BackwardWeightGemm;
-          if ((P * Q) % 4 == 0 && aligned16(dy))
-            run_v4<Gemm, true, false>(name, g, plan.large, plan.splits, stream);
-          else
-            run_v4<Gemm, false, false>(name, g, plan.large, plan.splits, stream);
-        }
-      }
+      const char* name = "conv3x3_backward_weight_v2_smem";
+      const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
+      launch_kernel(name, conv3x3_backward_weight_v2_smem,
+                    checked_grid(name, tiles, plan.splits, 1), dim3(kV2WThreads), stream, x, dy,
+                    out, N, C, H, W, O);
       if (plan.splits > 1)
         launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
                       dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count,
                       plan.splits);
+    } else {
+      run_backward_weight_gemm("conv3x3_backward_weight",
+                               backward_weight_gemm(x, dy, N, C, H, W, O), dw, N, version, stream);
     }
+  }
+  launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
+}
+
+// =================================================================================================
+// The convolution of a concatenated input [up, centre crop of skip] (the Conv3x3Concat* views)
+// =================================================================================================
+
+// dskip outside the crop window is 0 (inside, the backward-data GEMM writes it).
+__global__ void conv3x3_concat_zero_skip_border(float* __restrict__ dskip, int64_t planes, int H,
+                                                int W, int Hs, int Ws) {
+  const int oy = (Hs - H) / 2, ox = (Ws - W) / 2;
+  const int64_t total = planes * Hs * Ws;
+  for (int64_t e = global_thread(); e < total; e += grid_stride()) {
+    const int xx = static_cast<int>(e % Ws), yy = static_cast<int>((e / Ws) % Hs);
+    if (yy < oy || yy >= oy + H || xx < ox || xx >= ox + W) dskip[e] = 0.0f;
+  }
+}
+
+void launch_conv3x3_concat_forward(const float* up, const float* skip, const float* w,
+                                   const float* b, float* y, int N, int Cu, int Cs, int H, int W,
+                                   int Hs, int Ws, int O, bool relu, Conv3x3Version version,
+                                   cudaStream_t stream) {
+  check_concat_version("conv3x3_concat_forward", version);
+  if (static_cast<int64_t>(N) * O * (H - 2) * (W - 2) == 0) return;
+  const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip, Cu,
+                                   Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+  run_forward_gemm("conv3x3_concat_forward", g, version, stream);
+}
+
+void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float* dup, float* dskip,
+                                         int N, int Cu, int Cs, int H, int W, int Hs, int Ws,
+                                         int O, Conv3x3Version version, cudaStream_t stream) {
+  check_concat_version("conv3x3_concat_backward_data", version);
+  const int64_t skip_total = static_cast<int64_t>(N) * Cs * Hs * Ws;
+  if (skip_total > 0 && (Hs != H || Ws != W))
+    launch_kernel("conv3x3_concat_zero_skip_border", conv3x3_concat_zero_skip_border,
+                  dim3(grid_1d(skip_total)), dim3(kBlock1d), stream, dskip,
+                  static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
+  if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
+  const Conv3x3ConcatBackwardDataGemm g{backward_data_gemm(dy, w, dup, N, Cu + Cs, H, W, O), dskip,
+                                        Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+  run_output_gemm("conv3x3_concat_backward_data", g, version, false, stream);
+}
+
+void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, const float* dy,
+                                           float* dw, float* db, int N, int Cu, int Cs, int H,
+                                           int W, int Hs, int Ws, int O, Conv3x3Version version,
+                                           cudaStream_t stream) {
+  check_concat_version("conv3x3_concat_backward_weight", version);
+  if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
+    const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O), skip,
+                                            Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+    run_backward_weight_gemm("conv3x3_concat_backward_weight", g, dw, N, version, stream);
   }
   launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
 }

@@ -21,8 +21,9 @@ namespace unet {
 // y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
 //
 // The kernel versions (docs/CONV3X3.md), one registry: the bindings turn a name into the enum
-// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4 in TF32 (FP32 sums).
-enum class Conv3x3Version { kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma };
+// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4 in TF32, v5 in bf16 (all
+// with FP32 sums; every buffer stays float32).
+enum class Conv3x3Version { kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma };
 struct Conv3x3VersionName {
   const char* name;
   Conv3x3Version version;
@@ -32,6 +33,7 @@ inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
     {"v2_smem", Conv3x3Version::kV2Smem},
     {"v3_igemm", Conv3x3Version::kV3Igemm},
     {"v4_tf32_mma", Conv3x3Version::kV4Tf32Mma},
+    {"v5_bf16_mma", Conv3x3Version::kV5Bf16Mma},
 };
 // The version the bindings use when none is named (unet_cuda.ops.cuda keeps its own setting).
 inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
@@ -44,9 +46,31 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, in
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream);
+// The convolution of a concatenated input [up, centre crop of skip] (never stored), as the
+// decoder's first convolution of each level: up[N,Cu,H,W], skip[N,Cs,Hs,Ws] (Hs-H, Ws-W even and
+// >= 0; crop offset ((Hs-H)/2, (Ws-W)/2)), w[O,Cu+Cs,3,3]; the gradient of the input comes back as
+// dup[N,Cu,H,W] and dskip[N,Cs,Hs,Ws] (0 outside the crop window). Only the GEMM versions (v3-v5)
+// read two inputs: conv3x3_fuses_concat says which; the others throw.
+bool conv3x3_fuses_concat(Conv3x3Version version);
+void launch_conv3x3_concat_forward(const float* up, const float* skip, const float* w,
+                                   const float* b, float* y, int N, int Cu, int Cs, int H, int W,
+                                   int Hs, int Ws, int O, bool relu, Conv3x3Version version,
+                                   cudaStream_t stream);
+void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float* dup, float* dskip,
+                                         int N, int Cu, int Cs, int H, int W, int Hs, int Ws,
+                                         int O, Conv3x3Version version, cudaStream_t stream);
+void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, const float* dy,
+                                           float* dw, float* db, int N, int Cu, int Cs, int H,
+                                           int W, int Hs, int Ws, int O, Conv3x3Version version,
+                                           cudaStream_t stream);
 // How many slices (split-K) the weight gradient of `version` sums separately for these shapes,
 // then adds in slice order; 1 for v1_direct. A function of the shapes only, never of the GPU.
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
+// The same for the forward and the backward data of the GEMM versions (v3-v5), which split K only
+// where the output tiles alone are too few to fill the GPU (the deep layers at batch 1); 1 for v1
+// and v2. The concatenated-input ops plan as the plain ones with C = Cu + Cs.
+int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
+int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
 // the backward_weight launchers of every convolution.

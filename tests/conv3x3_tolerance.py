@@ -9,6 +9,8 @@ of the kernels (test_conv3x3_emulated.py).
   ``2u`` of its size, and K of them with independent signs add up to about
   ``2u * sqrt(K) * max|A| * max|B|``. Two checks: ``||got - ref|| / ||ref|| <= 5e-3`` and
   ``max |got - ref| <= 8u * sqrt(K) * max|A| * max|B|`` (several standard deviations of that sum).
+* bf16 (v5_bf16_mma): the same reasoning with bf16's 7-bit mantissa (``u = 2**-8``, rounded to
+  nearest even): ``||got - ref|| / ||ref|| <= 2e-2`` and the same max bound with that ``u``.
 
 Outputs must be NaN exactly where the reference is (a NaN anywhere else is an element the kernel
 failed to write: the callers poison outputs with NaN first). The errors are printed before any
@@ -22,14 +24,18 @@ import math
 import numpy as np
 
 TF32_VERSIONS = frozenset({"v4_tf32_mma"})
+BF16_VERSIONS = frozenset({"v5_bf16_mma"})
 FP32_REL = 2e-5
-TF32_REL_L2 = 5e-3
-TF32_UNIT = 2.0 ** -11
+# Per reduced precision: (relative L2 bound, unit roundoff of the operands).
+REDUCED = {"tf32": (5e-3, 2.0 ** -11), "bf16": (2e-2, 2.0 ** -8)}
+TF32_REL_L2, TF32_UNIT = REDUCED["tf32"]
 
 
 def precision(version: str) -> str:
-    """``"tf32"`` or ``"fp32"``: what ``version`` computes in."""
-    return "tf32" if version in TF32_VERSIONS else "fp32"
+    """``"fp32"``, ``"tf32"`` or ``"bf16"``: what ``version`` computes in."""
+    if version in TF32_VERSIONS:
+        return "tf32"
+    return "bf16" if version in BF16_VERSIONS else "fp32"
 
 
 def _peak(a: np.ndarray) -> float:
@@ -51,18 +57,20 @@ def check_conv3x3(got, want, version: str, name: str, *, k: int, a_max: float, b
     rel_l2 = float(np.linalg.norm(np.where(nan_got | nan_want, 0.0, err))) / ref_norm if ref_norm else 0.0
     peak = _peak(want)
     stats = {"max_abs": max_abs, "rel_l2": rel_l2, "max_ref": peak}
-    if precision(version) == "tf32":
-        bound = 8.0 * TF32_UNIT * math.sqrt(max(k, 1)) * a_max * b_max
-        print(f"{name} [{version}, tf32]: max abs err {max_abs:.3e} (bound {bound:.3e}), "
-              f"rel L2 err {rel_l2:.3e} (bound {TF32_REL_L2:.0e}), max |ref| {peak:.3e}, K {k}")
+    mode = precision(version)
+    if mode in REDUCED:
+        rel_bound, unit = REDUCED[mode]
+        bound = 8.0 * unit * math.sqrt(max(k, 1)) * a_max * b_max
+        print(f"{name} [{version}, {mode}]: max abs err {max_abs:.3e} (bound {bound:.3e}), "
+              f"rel L2 err {rel_l2:.3e} (bound {rel_bound:.0e}), max |ref| {peak:.3e}, K {k}")
     else:
         print(f"{name} [{version}, fp32]: max abs err {max_abs:.3e}, rel L2 err {rel_l2:.3e}, "
               f"max |ref| {peak:.3e} (tolerance {FP32_REL:.0e} x (max |ref| + |ref|))")
     wrong_nan = nan_want != nan_got
     assert not wrong_nan.any(), (f"{name} [{version}]: {int(wrong_nan.sum())} elements NaN in one and not "
                                  f"the other, first at {np.argwhere(wrong_nan)[0].tolist()}")
-    if precision(version) == "tf32":
-        assert rel_l2 <= TF32_REL_L2, f"{name} [{version}]: relative L2 error {rel_l2:.3e} > {TF32_REL_L2}"
+    if mode in REDUCED:
+        assert rel_l2 <= rel_bound, f"{name} [{version}]: relative L2 error {rel_l2:.3e} > {rel_bound}"
         bad = err > bound
     else:
         bad = err > FP32_REL * (peak + np.abs(want))

@@ -41,6 +41,22 @@ def test_tensor_used_twice_accumulates_gradient():
     np.testing.assert_allclose(x.grad, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv3x3_concat_equals_crop_concat_then_conv3x3(relu):
+    """The fused op (one tape node) gives the output and every gradient of the two-op chain."""
+    rng = np.random.default_rng(4)
+    values = [rand(rng, 1, 2, 6, 5), rand(rng, 1, 3, 10, 9), rand(rng, 4, 5, 3, 3), rand(rng, 4)]
+    r = rand(rng, 1, 4, 4, 3)
+    results = []
+    for fused in (True, False):
+        up, skip, w, b = (Tensor(v.copy(), requires_grad=True) for v in values)
+        y = F.conv3x3_concat(up, skip, w, b, relu) if fused else F.conv3x3(F.crop_concat(up, skip), w, b, relu)
+        y.backward(r)
+        results.append([y.data, up.grad, skip.grad, w.grad, b.grad])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_no_grad_records_nothing():
     rng = np.random.default_rng(1)
     w = Tensor(rand(rng, 2, 1, 3, 3), requires_grad=True)

@@ -104,6 +104,13 @@ VALID = {
     "crop_concat_forward": lambda: dict(up=f32(2, 3, 4, 5), skip=f32(2, 2, 8, 7), y=f32(2, 5, 4, 5)),
     "crop_concat_backward": lambda: dict(dy=f32(2, 5, 4, 5), dup=f32(2, 3, 4, 5),
                                          dskip=f32(2, 2, 8, 7)),
+    "conv3x3_concat_forward": lambda: dict(up=f32(2, 3, 7, 6), skip=f32(2, 2, 9, 10), w=f32(5, 5, 3, 3),
+                                           b=f32(5), y=f32(2, 5, 5, 4), relu=True, version="v3_igemm"),
+    "conv3x3_concat_backward_data": lambda: dict(dy=f32(2, 5, 5, 4), w=f32(5, 5, 3, 3), dup=f32(2, 3, 7, 6),
+                                                 dskip=f32(2, 2, 9, 10), version="v4_tf32_mma"),
+    "conv3x3_concat_backward_weight": lambda: dict(up=f32(2, 3, 7, 6), skip=f32(2, 2, 9, 10),
+                                                   dy=f32(2, 5, 5, 4), dw=f32(5, 5, 3, 3), db=f32(5),
+                                                   version="v5_bf16_mma"),
     "relu_backward": lambda: dict(y=f32(2, 3, 4), dy=f32(2, 3, 4), dx=f32(2, 3, 4)),
     "accumulate_": lambda: dict(dst=f32(7, 3), src=f32(7, 3)),
     "softmax_xent_forward": lambda: dict(logits=f32(2, 3, 4, 5), labels=i32(2, 4, 5),
@@ -130,6 +137,8 @@ OUTPUTS = {
     "upconv2x2_backward_weight": ("dw", "db"), "maxpool2x2_forward": ("y", "argmax"),
     "maxpool2x2_backward": ("dx",), "crop_concat_forward": ("y",),
     "crop_concat_backward": ("dup", "dskip"), "relu_backward": ("dx",), "accumulate_": ("dst",),
+    "conv3x3_concat_forward": ("y",), "conv3x3_concat_backward_data": ("dup", "dskip"),
+    "conv3x3_concat_backward_weight": ("dw", "db"),
     "softmax_xent_forward": ("loss", "probs"), "softmax_xent_backward": ("dlogits",),
     "dropout_mask": ("mask",), "dropout_forward": ("y",), "dropout_backward": ("dx",),
     "sgd_momentum_update_": ("param", "velocity"),
@@ -173,7 +182,7 @@ def ops_md_names():
 
 def test_module_exposes_every_op_of_ops_md():
     names = ops_md_names()
-    assert len(names) == 22, names
+    assert len(names) == 25, names
     missing = [n for n in names if not callable(getattr(_C, n, None))]
     assert not missing, f"unet_cuda._C lacks {missing}"
     assert set(VALID) == set(names)
@@ -209,7 +218,7 @@ def test_stream_is_keyword_only():
 # ------------------------------------------------------------------------------------------------
 
 CONV3X3_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
-CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
 
 
 def module_constant(path, name):
@@ -563,3 +572,46 @@ def test_valid_calls_reach_the_device_memory_check():
         no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
         assert host_memory or no_device, f"{name}: {kind}: {message}"
         assert message.startswith(f"{op}: "), message
+
+
+# ------------------------------------------------------------------------------------------------
+# The convolution of a concatenated input [up, centre crop of skip]
+# ------------------------------------------------------------------------------------------------
+
+CONCAT_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight")
+
+
+def test_concat_versions_are_the_gemm_versions():
+    assert _C.CONV3X3_CONCAT_VERSIONS == ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+
+
+@pytest.mark.parametrize("op", CONCAT_OPS)
+@pytest.mark.parametrize("version", ["v1_direct", "v2_smem"])
+def test_concat_refuses_versions_that_cannot_read_two_inputs(op, version):
+    raises_naming(ValueError, op, "version", repr(version), "cannot read a concatenated input",
+                  "'v3_igemm'", version=version)
+
+
+@pytest.mark.parametrize("op", CONCAT_OPS)
+def test_concat_unknown_version_lists_the_valid_ones(op):
+    raises_naming(ValueError, op, "version", "'v9'", *(repr(v) for v in CONV3X3_VERSIONS), version="v9")
+
+
+def test_concat_skip_must_crop_evenly():
+    raises_naming(ValueError, "conv3x3_concat_forward", "skip", "cannot be centre-cropped to 7 x 6",
+                  "Hs-H = 1", skip=f32(2, 2, 8, 10))
+    raises_naming(ValueError, "conv3x3_concat_forward", "skip", "Ws-W = -2", skip=f32(2, 2, 9, 4))
+    raises_naming(ValueError, "conv3x3_concat_backward_data", "dskip", "cannot be centre-cropped",
+                  dskip=f32(2, 2, 9, 9))
+
+
+def test_concat_shapes_must_agree():
+    raises_naming(ValueError, "conv3x3_concat_forward", "skip", "batch size N = 2", skip=f32(3, 2, 9, 10))
+    raises_naming(ValueError, "conv3x3_concat_forward", "w", "(O, Cu+Cs, 3, 3)", w=f32(5, 4, 3, 3))
+    raises_naming(ValueError, "conv3x3_concat_forward", "y", "(N, O, H-2, W-2)", y=f32(2, 5, 7, 6))
+    raises_naming(ValueError, "conv3x3_concat_forward", "b", "(O,) from w", b=f32(4))
+    raises_naming(ValueError, "conv3x3_concat_backward_data", "w", "(O, Cu+Cs, 3, 3)", w=f32(5, 6, 3, 3))
+    raises_naming(ValueError, "conv3x3_concat_backward_weight", "dw", "(O, Cu+Cs, 3, 3)",
+                  dw=f32(5, 3, 3, 3))
+    raises_naming(ValueError, "conv3x3_concat_backward_weight", "up", "needs H and W >= 3",
+                  up=f32(2, 3, 2, 6), dy=f32(2, 5, 0, 4))

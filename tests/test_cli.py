@@ -72,6 +72,9 @@ python -m unet_cuda.predict
   59 threshold               --threshold 2
   60 batch-size-zero         --batch-size 0
   61 predict-device-cuda     --device cuda on a machine without CUDA (skipped where CUDA works)
+  62 precision-cpu           train --precision bf16 on the CPU (which computes in fp32 only)
+  63 predict-precision-cpu   predict --precision tf32 on the CPU
+  64 precision-unknown       --precision fp16 (argparse names the choices)
 """
 
 from __future__ import annotations
@@ -205,6 +208,14 @@ def test_train_on_builtin_data_writes_figures_and_summary(tmp_path):
     assert [step for step, _ in checkpoint["meta"]["history"]["loss"]] == [1, 2, 3, 4]
     assert [v["step"] for v in checkpoint["meta"]["history"]["val"]] == [2, 4]
     assert (tmp_path / "run" / "best.ckpt").is_file() and (tmp_path / "run" / "history.json").is_file()
+
+
+def test_train_precision_fp32_on_the_cpu_is_recorded(tmp_path):
+    make_folder(tmp_path / "data", count=3, size=40)
+    result = run_cli("train", [*TINY, "--data", "data", "--out", "run", "--precision", "fp32"], cwd=tmp_path)
+    assert_ok(result)
+    assert " on cpu (fp32); data " in result.stderr, result.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.ckpt")["meta"]["config"]["precision"] == "fp32"
 
 
 def test_train_on_an_image_folder(tmp_path):
@@ -663,6 +674,13 @@ BAD_INPUTS = [
     Bad("batch-size-zero", "predict", predict_args("--batch-size", "0"), (r"--batch-size must be >= 1, got 0",)),
     Bad("predict-device-cuda", "predict", predict_args("--device", "cuda"),
         (r"--device cuda was asked for but CUDA cannot run here: \S+",), without_cuda=True),
+    # ---- precision
+    Bad("precision-cpu", "train", train_with("--precision", "bf16"),
+        (r"--precision bf16 runs on the GPU's tensor cores; the CPU computes in fp32 only",)),
+    Bad("predict-precision-cpu", "predict", predict_args("--device", "cpu", "--precision", "tf32"),
+        (r"--precision: precision tf32 runs on the GPU's tensor cores", r"--precision fp32")),
+    Bad("precision-unknown", "train", train_with("--precision", "fp16"),
+        (r"argument --precision: invalid choice: 'fp16' \(choose from '?fp32'?, '?tf32'?, '?bf16'?\)",)),
 ]
 
 

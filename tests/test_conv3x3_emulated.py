@@ -38,7 +38,7 @@ OUTPUT_GUARD_VALUE = 1234.5
 
 
 def test_registry_is_read():
-    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,39 @@ def test_split_k_plans(lib):
         assert splits(version, (1, 1024, 30, 30, 1024)) == 1, version
 
 
+# Few output tiles and a long K: the GEMM versions split the forward's and the backward data's K
+# too (the deep layers at batch 1), then add the partials and apply the epilogue.
+OUTPUT_SPLIT_SHAPES = [(1, 120, 6, 7, 120), (2, 200, 5, 5, 9), (1, 9, 5, 5, 200)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", OUTPUT_SPLIT_SHAPES, ids=str)
+def test_split_forward_and_backward_data(lib, version, shape):
+    n, c, h, w, o = shape
+    forward = lib.emulated_conv3x3_forward_splits(version.encode(), *shape)
+    data = lib.emulated_conv3x3_backward_data_splits(version.encode(), *shape)
+    if version in ("v1_direct", "v2_smem"):
+        assert forward == data == 1
+    else:
+        assert forward == (1 if 9 * c < 1024 else 9 * c // 512), (version, forward)
+        assert data == (1 if 9 * o < 1024 else min(9 * o // 512, 264)), (version, data)
+    check_forward(lib, version, shape, relu=True)
+    check_backward_data(lib, version, shape)
+
+
+def test_output_split_plans(lib):
+    def splits(fn, version, shape):
+        return getattr(lib, fn)(version.encode(), *shape)
+
+    for version in GEMM_VERSIONS:
+        # b2 at batch 1 (28 x 28 outputs of 1024 channels from 1024): 208 tiles of 64 x 64 -> 2.
+        assert splits("emulated_conv3x3_forward_splits", version, (1, 1024, 30, 30, 1024)) == 2
+        assert splits("emulated_conv3x3_backward_data_splits", version, (1, 1024, 30, 30, 1024)) == 2
+        # d1b and u4b (570 x 570 pixels): tiles enough, no split.
+        assert splits("emulated_conv3x3_forward_splits", version, (1, 64, 570, 570, 64)) == 1
+        assert splits("emulated_conv3x3_backward_data_splits", version, (1, 64, 570, 570, 64)) == 1
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_small_integers_exact(lib, version):
     """Small integers are exact in TF32 too, and so are their sums in float32: every version must
@@ -253,4 +286,91 @@ def test_empty_sums(lib, version):
 
 
 def test_precision_names():
-    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32"]
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The convolution of a concatenated input [up, centre crop of skip], never stored (the decoder's
+# first convolution of each level): the GEMM versions read the two inputs directly.
+# ------------------------------------------------------------------------------------------------
+
+GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+# (N, Cu, Cs, H, W, Hs, Ws, O)
+CONCAT_SHAPES = [
+    (1, 3, 2, 5, 7, 9, 11, 4),       # odd sizes, crop offsets (2, 2)
+    (2, 1, 5, 4, 6, 8, 6, 3),        # Ws == W: no crop along x
+    (1, 4, 4, 12, 10, 16, 14, 6),    # Cu + Cs = 8 and P*Q % 4 == 0: the 16-byte copies
+    (2, 3, 4, 40, 40, 44, 44, 5),    # many pixels, few channels: the weight gradient splits K
+    (1, 0, 3, 6, 6, 6, 6, 2),        # no up channels: everything from skip
+    (1, 3, 0, 6, 6, 10, 10, 2),      # no skip channels
+    (1, 60, 64, 6, 6, 8, 8, 130),    # long K both ways: the forward and backward data split K
+]
+
+
+def _concat_inputs(rng, n, cu, cs, h, w, hs, ws, o):
+    up = rng.uniform(-1.0, 1.0, (n, cu, h, w)).astype(np.float32)
+    skip = rng.uniform(-1.0, 1.0, (n, cs, hs, ws)).astype(np.float32)
+    c = cu + cs
+    wt = (rng.uniform(-1.0, 1.0, (o, c, 3, 3)) / np.sqrt(9 * max(c, 1))).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, o).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, h - 2, w - 2)).astype(np.float32)
+    return up, skip, wt, b, dy
+
+
+@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("shape", CONCAT_SHAPES, ids=str)
+def test_concat_every_direction(lib, version, shape):
+    from unet_cuda.ops import reference as ref
+
+    n, cu, cs, h, w, hs, ws, o = shape
+    up, skip, wt, b, dy = _concat_inputs(np.random.default_rng(sum(shape)), *shape)
+    gup, gskip, gw, gb, gdy = Guarded(up), Guarded(skip), Guarded(wt), Guarded(b), Guarded(dy)
+    dims = (n, cu, cs, h, w, hs, ws, o)
+    a_max = max(amax(up), amax(skip))
+
+    y = Guarded(shape=(n, o, h - 2, w - 2), output=True)
+    call(lib, "emulated_conv3x3_concat_forward", version, gup.ptr, gskip.ptr, gw.ptr, gb.ptr, y.ptr,
+         *dims, 1)
+    y.check_guards("conv3x3_concat_forward")
+    check_conv3x3(y.array, ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
+                  version, f"conv3x3_concat_forward{list(shape)}", k=9 * (cu + cs), a_max=a_max,
+                  b_max=amax(wt))
+
+    dup = Guarded(shape=up.shape, output=True)
+    dskip = Guarded(shape=skip.shape, output=True)
+    call(lib, "emulated_conv3x3_concat_backward_data", version, gdy.ptr, gw.ptr, dup.ptr, dskip.ptr,
+         *dims)
+    dup.check_guards("conv3x3_concat_backward_data dup")
+    dskip.check_guards("conv3x3_concat_backward_data dskip")
+    want_up, want_skip = ref.conv3x3_concat_backward_data(f64(dy), f64(wt), skip.shape)
+    for got, want, name in ((dup.array, want_up, "dup"), (dskip.array, want_skip, "dskip")):
+        check_conv3x3(got, want, version, f"conv3x3_concat_backward_data{list(shape)} {name}",
+                      k=9 * o, a_max=amax(dy), b_max=amax(wt))
+    # Outside the crop window dskip is exactly 0, written (the outputs started as NaN).
+    top, left = (hs - h) // 2, (ws - w) // 2
+    border = np.ones(skip.shape, bool)
+    border[:, :, top:top + h, left:left + w] = False
+    assert (dskip.array[border] == 0.0).all()
+
+    dw = Guarded(shape=wt.shape, output=True)
+    db = Guarded(shape=(o,), output=True)
+    call(lib, "emulated_conv3x3_concat_backward_weight", version, gup.ptr, gskip.ptr, gdy.ptr, dw.ptr,
+         db.ptr, *dims)
+    dw.check_guards("conv3x3_concat_backward_weight dw")
+    want_dw, want_db = ref.conv3x3_concat_backward_weight(f64(up), f64(skip), f64(dy))
+    check_conv3x3(dw.array, want_dw, version, f"conv3x3_concat_backward_weight{list(shape)} dw",
+                  k=n * (h - 2) * (w - 2), a_max=amax(dy), b_max=a_max)
+    np.testing.assert_allclose(db.array, want_db, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ("v1_direct", "v2_smem"))
+def test_concat_needs_a_gemm_version(lib, version):
+    up, skip, wt, b, _ = _concat_inputs(np.random.default_rng(0), 1, 2, 2, 5, 5, 7, 7, 3)
+    y = np.zeros((1, 3, 3, 3), np.float32)
+    error = ctypes.create_string_buffer(1024)
+    rc = lib.emulated_conv3x3_concat_forward(
+        version.encode(), up.ctypes.data_as(ctypes.c_void_p), skip.ctypes.data_as(ctypes.c_void_p),
+        wt.ctypes.data_as(ctypes.c_void_p), b.ctypes.data_as(ctypes.c_void_p),
+        y.ctypes.data_as(ctypes.c_void_p), 1, 2, 2, 5, 5, 7, 7, 3, 1, error, len(error))
+    assert rc == -1
+    assert f"version {version} cannot read a concatenated input" in error.value.decode()

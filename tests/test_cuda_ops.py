@@ -190,7 +190,7 @@ try:
 
     CONV3X3_VERSIONS = tuple(_names.CONV3X3_VERSIONS)
 except ImportError:
-    CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+    CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
 
 
 @pytest.fixture(params=CONV3X3_VERSIONS)
@@ -268,6 +268,78 @@ def test_conv3x3_relu_passes_nan_and_clamps_negatives(conv3x3_version):
     b = np.array([-1.0, 2.0, np.nan], np.float32)
     y = host(cu.conv3x3_forward(dev(x), dev(wt), dev(b), relu=True)).ravel()
     assert y[0] == 0.0 and y[1] == 2.0 and np.isnan(y[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# 3x3 convolution of [up, centre crop of skip] (never stored by the GEMM versions; the others
+# store the concatenation first), every version
+# ------------------------------------------------------------------------------------------------
+
+# (N, Cu, Cs, H, W, Hs, Ws, O)
+CONCAT_SHAPES = [(1, 3, 2, 5, 7, 9, 11, 4), (2, 1, 5, 4, 6, 8, 6, 3), (1, 4, 4, 12, 10, 16, 14, 6),
+                 (1, 0, 3, 6, 6, 6, 6, 2), (1, 3, 0, 6, 6, 10, 10, 2)]
+# The decoder's first convolutions (u1a .. u4a), channels reduced as for REAL_CONV3X3.
+REAL_CONCAT = [(level, up, skip, c) for level, up, skip, c in REAL_CROPS]
+
+
+def real_concat_case(crop):
+    _, up, skip, c = crop
+    cin, o = scaled_channels(2 * c, c, 2 * 9 * (up - 2) ** 2, budget=1.5e9)
+    cu = max(1, cin // 2)
+    return 1, cu, cin - cu, up, up, skip, skip, o
+
+
+def check_conv3x3_concat(version, n, cu, cs, h, w, hs, ws, o, seed=0):
+    rng = np.random.default_rng(seed)
+    up, skip = rand(rng, n, cu, h, w), rand(rng, n, cs, hs, ws)
+    wt = rand(rng, o, cu + cs, 3, 3, scale=1.0 / math.sqrt(9 * max(cu + cs, 1)))
+    b, dy = rand(rng, o), rand(rng, n, o, h - 2, w - 2)
+    name = f"[{n},{cu}+{cs},{h},{w} / {hs},{ws}]->{o}"
+    amax = lambda a: float(np.abs(a).max()) if a.size else 0.0  # noqa: E731
+    x_max = max(amax(up), amax(skip))
+
+    y = cu.conv3x3_concat_forward(dev(up), dev(skip), dev(wt), dev(b), relu=True)
+    assert y.dtype == cupy.float32
+    assert_conv3x3_close(host(y), ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
+                         version, f"conv3x3_concat_forward{name}", k=9 * (cu + cs), a_max=x_max, b_max=amax(wt))
+    dup, dskip = cu.conv3x3_concat_backward_data(dev(dy), dev(wt), skip.shape)
+    dup_ref, dskip_ref = ref.conv3x3_concat_backward_data(f64(dy), f64(wt), skip.shape)
+    assert_conv3x3_close(host(dup), dup_ref, version, f"conv3x3_concat_backward_data{name} dup",
+                         k=9 * o, a_max=amax(dy), b_max=amax(wt))
+    assert_conv3x3_close(host(dskip), dskip_ref, version, f"conv3x3_concat_backward_data{name} dskip",
+                         k=9 * o, a_max=amax(dy), b_max=amax(wt))
+    dw, db = cu.conv3x3_concat_backward_weight(dev(up), dev(skip), dev(dy))
+    dw_ref, db_ref = ref.conv3x3_concat_backward_weight(f64(up), f64(skip), f64(dy))
+    assert_conv3x3_close(host(dw), dw_ref, version, f"conv3x3_concat_backward_weight{name} dw",
+                         k=n * (h - 2) * (w - 2), a_max=amax(dy), b_max=x_max)
+    assert_close_f32(db, db_ref, f"conv3x3_concat_backward_weight{name} db")
+
+
+@pytest.mark.parametrize("shape", CONCAT_SHAPES, ids=str)
+def test_conv3x3_concat_awkward_shapes(conv3x3_version, shape):
+    check_conv3x3_concat(conv3x3_version, *shape, seed=sum(shape))
+
+
+@pytest.mark.parametrize("crop", REAL_CONCAT, ids=lambda crop: f"u{crop[0]}a")
+def test_conv3x3_concat_real_layer_shapes(conv3x3_version, crop):
+    check_conv3x3_concat(conv3x3_version, *real_concat_case(crop), seed=crop[1])
+
+
+def test_conv3x3_concat_equals_concat_then_conv_bitwise():
+    """The fused op reads the same values in the same order as crop_concat + conv3x3: same bits."""
+    rng = np.random.default_rng(8)
+    up, skip = dev(rand(rng, 1, 5, 20, 18)), dev(rand(rng, 1, 6, 26, 22))
+    wt, b, dy = dev(rand(rng, 7, 11, 3, 3, scale=0.1)), dev(rand(rng, 7)), dev(rand(rng, 1, 7, 18, 16))
+    for version in cu.CONV3X3_CONCAT_VERSIONS:
+        with cu.use_conv3x3_version(version):
+            x = cu.crop_concat_forward(up, skip)
+            assert bitwise_equal(cu.conv3x3_concat_forward(up, skip, wt, b, True),
+                                 cu.conv3x3_forward(x, wt, b, True)), version
+            fused = cu.conv3x3_concat_backward_data(dy, wt, skip.shape)
+            plain = cu.crop_concat_backward(cu.conv3x3_backward_data(dy, wt), skip.shape)
+            assert all(bitwise_equal(f, p) for f, p in zip(fused, plain)), version
+            assert all(bitwise_equal(f, p) for f, p in zip(cu.conv3x3_concat_backward_weight(up, skip, dy),
+                                                            cu.conv3x3_backward_weight(x, dy))), version
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,9 +616,24 @@ def test_conv3x3_version_setting():
     with cu.use_conv3x3_version("v3_igemm"):
         assert cu.get_conv3x3_version() == "v3_igemm"
     assert cu.get_conv3x3_version() == previous
-    with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma'"):
+    with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma', 'v5_bf16_mma'"):
         cu.set_conv3x3_version("v9")
     assert cu.get_conv3x3_version() == previous
+
+
+def test_precision_modes_name_kernel_versions():
+    assert cu.PRECISIONS == ops.PRECISIONS == ("fp32", "tf32", "bf16")
+    previous = cu.get_conv3x3_version()
+    for precision, version in cu.PRECISION_VERSIONS.items():
+        with cu.use_precision(precision):
+            assert cu.get_conv3x3_version() == version and cu.get_precision() == precision
+        assert cu.get_conv3x3_version() == previous
+    with ops.restoring_precision():
+        ops.set_precision("bf16", "cuda")
+        assert cu.get_conv3x3_version() == "v5_bf16_mma"
+    assert cu.get_conv3x3_version() == previous
+    with pytest.raises(ValueError, match="'fp32', 'tf32', 'bf16'"):
+        cu.set_precision("fp16")
 
 
 @pytest.mark.parametrize("value,expected", [("v2_smem", "v2_smem"), ("v4_tf32_mma", "v4_tf32_mma"),

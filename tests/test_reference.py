@@ -754,3 +754,18 @@ def test_bad_shapes_raise_value_error_naming_op_and_argument(call, message):
     with pytest.raises(ValueError, match=message) as error:
         call()
     print(error.value)
+
+
+def test_precision_setting_on_the_cpu():
+    """The reference computes in fp32 (float64 inside) only: "fp32" is accepted on the CPU and
+    changes nothing, the tensor-core precisions are refused with a message that says why."""
+    from unet_cuda import ops
+
+    assert ops.PRECISIONS == ("fp32", "tf32", "bf16")
+    with ops.restoring_precision():
+        ops.set_precision("fp32", "cpu")
+    for name in ("tf32", "bf16"):
+        with pytest.raises(ValueError, match=f"precision {name} runs on the GPU's tensor cores"):
+            ops.set_precision(name, "cpu")
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, got 'fp16'"):
+        ops.set_precision("fp16", "cpu")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from . import ops
 from .autograd import Tensor
 
-__all__ = ["conv3x3", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat", "dropout",
-           "softmax_cross_entropy"]
+__all__ = ["conv3x3", "conv3x3_concat", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat",
+           "dropout", "softmax_cross_entropy"]
 
 
 def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
@@ -26,6 +26,25 @@ def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
         return dx, dw, db
 
     return Tensor.from_op(y, (x, w, b), backward, "conv3x3_relu" if relu else "conv3x3")
+
+
+def conv3x3_concat(up: Tensor, skip: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
+    """``conv3x3(crop_concat(up, skip), w, b, relu)`` as one op: the decoder's first convolution
+    of a level. On the GPU the concatenation is never stored; the kernels read ``up`` and the
+    crop window of ``skip`` where they are."""
+    y = ops.conv3x3_concat_forward(up.data, skip.data, w.data, b.data, relu)
+    skip_shape = skip.shape
+
+    def backward(dy):
+        if relu:
+            dy = ops.relu_backward(y, dy)
+        dup = dskip = None
+        if up.requires_grad or skip.requires_grad:
+            dup, dskip = ops.conv3x3_concat_backward_data(dy, w.data, skip_shape)
+        dw, db = ops.conv3x3_concat_backward_weight(up.data, skip.data, dy)
+        return dup, dskip, dw, db
+
+    return Tensor.from_op(y, (up, skip, w, b), backward, "conv3x3_concat_relu" if relu else "conv3x3_concat")
 
 
 def conv1x1(x: Tensor, w: Tensor, b: Tensor) -> Tensor:

@@ -157,8 +157,8 @@ class UNet:
                 h = F.max_pool2x2(h)
         for level in reversed(range(self.depth - 1)):
             h = F.up_conv2x2(h, p[f"up{level}.upconv.weight"], p[f"up{level}.upconv.bias"])
-            h = F.crop_concat(h, skips[level])
-            h = F.conv3x3(h, p[f"up{level}.conv1.weight"], p[f"up{level}.conv1.bias"])
+            # [h, centre crop of the skip] convolved in one op (the concatenation is never stored)
+            h = F.conv3x3_concat(h, skips[level], p[f"up{level}.conv1.weight"], p[f"up{level}.conv1.bias"])
             h = F.conv3x3(h, p[f"up{level}.conv2.weight"], p[f"up{level}.conv2.bias"])
         return F.conv1x1(h, p["head.conv1x1.weight"], p["head.conv1x1.bias"])
 

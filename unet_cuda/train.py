@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("running")
     run.add_argument("--device", choices=("cuda", "cpu"), default=None,
                      help="default: cuda when a GPU and the built extension are available, else cpu")
+    run.add_argument("--precision", choices=ops.PRECISIONS, default=None,
+                     help="what the 3x3 convolutions multiply in on the GPU: fp32 (CUDA cores), tf32 "
+                          "(tensor cores, 10-bit mantissa; the GPU default) or bf16 (tensor cores, "
+                          "7-bit mantissa); sums, weights and activations stay fp32. The CPU computes "
+                          "in fp32 only")
     run.add_argument("--out", metavar="DIR", default="runs/train", help="output folder (default runs/train)")
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                      help="continue from OUT/last.ckpt (or from CKPT); --steps may raise the total")
@@ -165,6 +170,11 @@ def choose_device(requested: str | None) -> str:
     return "cuda" if why is None else "cpu"
 
 
+def default_precision(device: str) -> str:
+    """TF32 tensor cores on the GPU (the default of cuDNN too); the CPU reference is FP32."""
+    return "tf32" if device == "cuda" else "fp32"
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """The run's configuration from the arguments and the device's defaults; and notes to print."""
     device = choose_device(args.device)
@@ -186,6 +196,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
                      + ", ".join(reduced) + "). The paper's network is --base-channels 64 --depth 5 "
                      "--tile 572; pass options to override.")
     cfg["checkpoint_every"] = int(cfg["val_every"] if args.checkpoint_every is None else args.checkpoint_every)
+    cfg["precision"] = args.precision or default_precision(device)
     validate_config(cfg)
     return cfg, notes
 
@@ -206,6 +217,9 @@ def validate_config(cfg: dict) -> None:
         raise TrainingError(f"--momentum must lie in [0, 1), got {cfg['momentum']}")
     if not (math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0):
         raise TrainingError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+    if cfg["device"] == "cpu" and cfg["precision"] != "fp32":
+        raise TrainingError(f"--precision {cfg['precision']} runs on the GPU's tensor cores; the CPU "
+                            "computes in fp32 only: use --device cuda, or --precision fp32")
     # depth > 30 is far beyond the bound at any width; checked first so that nothing loops long
     count = parameter_count(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"]) \
         if cfg["depth"] <= 30 else math.inf
@@ -235,6 +249,7 @@ class Trainer:
         self.train_set, self.val_set = split(dataset, val_fraction=cfg["val_fraction"], seed=cfg["seed"])
         self.dataset_name = dataset.name
         seed = cfg["seed"]
+        ops.set_precision(cfg["precision"], cfg["device"])
         self.model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"],
                           cfg["dropout"], seed=seed, device=cfg["device"])
         self.optimizer = SGD(self.model.parameters(), cfg["lr"], cfg["momentum"], cfg["weight_decay"])
@@ -429,6 +444,12 @@ def load_resume_checkpoint(args, out_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit code. The precision it selects ends with it."""
+    with ops.restoring_precision():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out)
 
@@ -459,6 +480,11 @@ def main(argv=None) -> int:
                                     f"{ops.cuda_status()}. Add --device cpu to continue it on the CPU.")
             else:
                 cfg["device"] = choose_device(cfg.get("device"))
+            # A checkpoint from before the precision modes computed in fp32; a resumed run keeps
+            # its precision unless --precision says otherwise (or the device has none but fp32).
+            cfg["precision"] = args.precision or cfg.get("precision", "fp32")
+            if cfg["device"] == "cpu" and args.precision is None:
+                cfg["precision"] = "fp32"
             notes = [f"resuming from step {checkpoint['meta']['step']} of {cfg['steps']}"]
             validate_config(cfg)
         else:
@@ -473,7 +499,7 @@ def main(argv=None) -> int:
         if checkpoint is not None:
             trainer.restore(checkpoint)
         model = trainer.model
-        print(f"{model!r} on {cfg['device']}; data {trainer.dataset_name}: {len(trainer.train_set)} train / "
+        print(f"{model!r} on {cfg['device']} ({cfg['precision']}); data {trainer.dataset_name}: {len(trainer.train_set)} train / "
               f"{len(trainer.val_set)} val images; tile {cfg['tile']} -> {model.output_size(cfg['tile'])}",
               file=sys.stderr)
     except (TrainingError, DataError, CheckpointError, sizes.IllegalSizeError, ops.CudaUnavailableError) as exc:

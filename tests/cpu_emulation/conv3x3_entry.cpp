@@ -75,11 +75,53 @@ int emulated_conv3x3_backward_weight(const char* version, const float* x, const 
   });
 }
 
+int emulated_conv3x3_concat_forward(const char* version, const float* up, const float* skip,
+                                    const float* w, const float* b, float* y, int N, int Cu,
+                                    int Cs, int H, int W, int Hs, int Ws, int O, int relu,
+                                    char* error, int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_concat_forward(up, skip, w, b, y, N, Cu, Cs, H, W, Hs, Ws, O, relu != 0,
+                                        v, nullptr);
+  });
+}
+
+int emulated_conv3x3_concat_backward_data(const char* version, const float* dy, const float* w,
+                                          float* dup, float* dskip, int N, int Cu, int Cs, int H,
+                                          int W, int Hs, int Ws, int O, char* error,
+                                          int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_concat_backward_data(dy, w, dup, dskip, N, Cu, Cs, H, W, Hs, Ws, O, v,
+                                              nullptr);
+  });
+}
+
+int emulated_conv3x3_concat_backward_weight(const char* version, const float* up,
+                                            const float* skip, const float* dy, float* dw,
+                                            float* db, int N, int Cu, int Cs, int H, int W, int Hs,
+                                            int Ws, int O, char* error, int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_conv3x3_concat_backward_weight(up, skip, dy, dw, db, N, Cu, Cs, H, W, Hs, Ws, O,
+                                                v, nullptr);
+  });
+}
+
 int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, int H, int W,
                                             int O) {
   unet::Conv3x3Version v;
   if (!parse_version(version, &v)) return -1;
   return unet::conv3x3_backward_weight_splits(v, N, C, H, W, O);
+}
+
+int emulated_conv3x3_forward_splits(const char* version, int N, int C, int H, int W, int O) {
+  unet::Conv3x3Version v;
+  if (!parse_version(version, &v)) return -1;
+  return unet::conv3x3_forward_splits(v, N, C, H, W, O);
+}
+
+int emulated_conv3x3_backward_data_splits(const char* version, int N, int C, int H, int W, int O) {
+  unet::Conv3x3Version v;
+  if (!parse_version(version, &v)) return -1;
+  return unet::conv3x3_backward_data_splits(v, N, C, H, W, O);
 }
 
 }  // extern "C"

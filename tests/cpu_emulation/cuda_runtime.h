@@ -15,7 +15,9 @@
 //   * cp.async copies are deferred to the cp.async.wait_group that retires them, so a read of
 //     shared memory before the wait sees stale data, as it could on the GPU;
 //   * mma.sync.m16n8k8 (TF32) gathers the fragments of the 32 lanes by the PTX ISA layout and
-//     multiplies the TF32 values (low 13 bits dropped) exactly, summing in double;
+//     multiplies the TF32 values (low 13 bits dropped) exactly, summing in double; likewise
+//     mma.sync.m16n8k16 (bf16 pairs, rounded to nearest even by pack_bf16x2);
+//   * dynamic shared memory (extern __shared__) is a per-launch buffer, NaN at each block's start;
 //   * cudaMallocAsync fills the new memory with NaN bytes, so unwritten workspace shows.
 // Only what conv3x3.cu and its includes use is provided.
 #pragma once
@@ -55,9 +57,12 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(8) float2 {
+  float x, y;
+};
 
 using cudaStream_t = struct CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorName(cudaError_t e) {
   return e == cudaSuccess ? "cudaSuccess" : "cudaError";
@@ -72,6 +77,13 @@ inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
   std::free(p);
   return cudaSuccess;
+}
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// The limit on dynamic shared memory that a kernel may raise itself to (an H100's, per block).
+constexpr int kMaxDynamicSharedBytes = 227 * 1024;
+template <typename Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int value) {
+  return value <= kMaxDynamicSharedBytes ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 template <typename T>
@@ -125,6 +137,7 @@ struct BlockState {
   int current = -1;
   ucontext_t scheduler;
   std::function<void()>* body = nullptr;
+  std::vector<float4> dynamic_shared;  // extern __shared__: the launch's bytes, 16-byte aligned
 };
 
 inline BlockState*& state() {
@@ -152,6 +165,13 @@ inline void arrive_and_wait(Barrier& b) {
 }
 
 inline void sync_block() { arrive_and_wait(state()->block_barrier); }
+
+// The dynamic shared memory of the running block (NaN bytes at the start of every block, so that
+// a read before any write shows).
+template <typename T>
+inline T* dynamic_shared() {
+  return reinterpret_cast<T*>(state()->dynamic_shared.data());
+}
 
 inline int lane_id() { return static_cast<int>(self().thread_idx.x % 32); }
 inline WarpExchange& my_warp() { return state()->warps[self().thread_idx.x / 32]; }
@@ -218,6 +238,58 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32
   for (int q = 0; q < 4; ++q) {
     double sum = d[q];
     for (int k = 0; k < 8; ++k) sum += A(rows[q], k) * B(k, cols[q]);
+    d[q] = static_cast<float>(sum);
+  }
+}
+
+// Round to nearest even to bf16 (the upper 16 bits of a float32), as cvt.rn.bf16x2.f32 does.
+inline uint32_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays (a quiet) NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+inline uint32_t pack_bf16x2(float lo, float hi) { return to_bf16(lo) | (to_bf16(hi) << 16); }
+
+inline double bf16_value(uint32_t h) {
+  const uint32_t u = (h & 0xffffu) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// mma.sync.m16n8k16 .bf16: the fragments gathered by the PTX ISA layout (pairs of consecutive k
+// per register, the lower k in the low half), the bf16 products summed exactly in double.
+inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  WarpExchange& w = my_warp();
+  if (w.barrier.expected != 32) throw std::logic_error("mma.sync needs a full warp");
+  const int slot = w.slot;
+  const int lane = lane_id();
+  std::memcpy(w.a[slot][lane], a, sizeof a);
+  std::memcpy(w.b[slot][lane], b, sizeof b);
+  const unsigned gen = w.barrier.generation;
+  if (++w.barrier.arrived == 32) {
+    w.barrier.arrived = 0;
+    ++w.barrier.generation;
+    w.slot ^= 1;
+  } else {
+    wait(w.barrier, gen);
+  }
+  // A[r][k]: lane 4*(r%8) + (k%8)/2, register (r >= 8) + 2*(k >= 8), half k%2.
+  // B[k][n]: lane 4*n + (k%8)/2, register (k >= 8), half k%2.
+  auto half = [](uint32_t reg, int k) { return bf16_value(k % 2 ? reg >> 16 : reg); };
+  auto A = [&](int r, int k) {
+    return half(w.a[slot][4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k);
+  };
+  auto B = [&](int k, int n) { return half(w.b[slot][4 * n + (k % 8) / 2][k >= 8], k); };
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8};
+  const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int q = 0; q < 4; ++q) {
+    double sum = d[q];
+    for (int k = 0; k < 16; ++k) sum += A(rows[q], k) * B(k, cols[q]);
     d[q] = static_cast<float>(sum);
   }
 }
@@ -293,10 +365,14 @@ inline void run_block(BlockState& s) {
 }
 
 template <typename... Params>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Params... args) {
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+            Params... args) {
+  if (dynamic_shared_bytes > static_cast<size_t>(kMaxDynamicSharedBytes))
+    throw std::runtime_error("launch asks for more dynamic shared memory than a block may have");
   BlockState s;
   s.grid = grid;
   s.block = block;
+  const size_t dynamic_shared_floats4 = (dynamic_shared_bytes + 15) / 16;
   const int threads = static_cast<int>(block.x * block.y * block.z);
   s.fibers.resize(threads);
   for (int i = 0; i < threads; ++i) {
@@ -317,6 +393,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Params... args) {
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           s.block_idx = {x, y, z};
+          s.dynamic_shared.assign(dynamic_shared_floats4, make_float4(NAN, NAN, NAN, NAN));
           run_block(s);
         }
   } catch (...) {

@@ -8,7 +8,9 @@ rest of the package needs (moving arrays, allocating zeros), so that nothing els
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -19,7 +21,12 @@ from .reference import __all__ as OP_NAMES
 __all__ = list(OP_NAMES) + [
     "OP_NAMES", "backend_for", "cuda_status", "cuda_available", "array_module",
     "to_device", "to_numpy", "device_of", "CudaUnavailableError", "is_out_of_memory",
+    "PRECISIONS", "set_precision", "restoring_precision",
 ]
+
+# The precision modes of the CUDA backend (unet_cuda.ops.cuda.PRECISION_VERSIONS says which 3x3
+# convolution kernel each runs). The NumPy reference computes in float32/float64: always "fp32".
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class CudaUnavailableError(RuntimeError):
@@ -132,3 +139,31 @@ for _name in OP_NAMES:
 def dropout_mask(shape, p, seed, *, like):
     """The dropout keep-mask (uint8) on the backend of the array ``like``; see docs/OPS.md."""
     return backend_for(like).dropout_mask(shape, p, seed)
+
+
+def set_precision(name: str, device: str) -> None:
+    """Selects the precision of the 3x3 convolutions on ``device``: any of ``PRECISIONS`` on
+    "cuda"; "fp32" only on "cpu", whose reference has no reduced precision (a ValueError says so)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if device == "cpu":
+        if name != "fp32":
+            raise ValueError(f"precision {name} runs on the GPU's tensor cores; the CPU backend "
+                             "computes in fp32 only (use --device cuda, or --precision fp32)")
+        return
+    _cuda_backend().set_precision(name)
+
+
+@contextlib.contextmanager
+def restoring_precision():
+    """Within this block ``set_precision`` may be called freely; on leaving it the CUDA backend's
+    conv3x3 version is what it was before (the command lines use it, so that running ``main()``
+    inside a program leaves that program's setting alone)."""
+    cuda = sys.modules.get(f"{__name__}.cuda")
+    previous = cuda.get_conv3x3_version() if cuda is not None else None
+    try:
+        yield
+    finally:
+        cuda = sys.modules.get(f"{__name__}.cuda")
+        if cuda is not None:
+            cuda.set_conv3x3_version(previous or cuda.STARTUP_CONV3X3_VERSION)

@@ -13,7 +13,8 @@ argmax), C-contiguous, on the current device.
 The 3x3 convolution has several kernel versions (``CONV3X3_VERSIONS``, docs/CONV3X3.md); the one
 its ops run is a setting of this module: ``set_conv3x3_version(name)``, ``get_conv3x3_version()``,
 ``use_conv3x3_version(name)`` for a block, or the environment variable ``UNET_CUDA_CONV3X3`` read at
-import. The default is ``"v1_direct"``.
+import. The default is ``"v1_direct"``. The precision modes (``PRECISIONS``: fp32, tf32, bf16) name
+the version each runs: ``set_precision(name)``, ``get_precision()``, ``use_precision(name)``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import operator
 import os
 
 import cupy
+import numpy
 
 try:
     from unet_cuda import _C
@@ -65,12 +67,13 @@ def _size(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 # The kernel versions of the 3x3 convolution (csrc/conv3x3.cu, docs/CONV3X3.md), from the one
-# registry in the extension: "v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma". The version is a
-# setting of this backend, not an argument of the ops (the reference has no such thing).
+# registry in the extension: "v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma". The
+# version is a setting of this backend, not an argument of the ops (the reference has no such
+# thing); the precision modes below name three of them.
 CONV3X3_VERSIONS: tuple[str, ...] = tuple(_C.CONV3X3_VERSIONS)
-# v1_direct stays the default until a GPU run has verified v2-v4 against the reference
-# (tests/test_cuda_ops.py runs every conv3x3 test for every version). v4_tf32_mma is TF32: relative
-# errors near 1e-3, like cuDNN's default; v1-v3 are FP32.
+# v1_direct stays the default of this module until a GPU run has verified v2-v5 against the
+# reference (tests/test_cuda_ops.py runs every conv3x3 test for every version). v4_tf32_mma is
+# TF32: relative errors near 1e-3, like cuDNN's default; v5_bf16_mma near 1e-2; v1-v3 are FP32.
 DEFAULT_CONV3X3_VERSION = "v1_direct"
 # Environment override, read once when this module is imported.
 CONV3X3_VERSION_ENV = "UNET_CUDA_CONV3X3"
@@ -85,6 +88,7 @@ def _valid_conv3x3_version(name, where: str) -> str:
 
 _conv3x3_version = _valid_conv3x3_version(
     os.environ.get(CONV3X3_VERSION_ENV, DEFAULT_CONV3X3_VERSION), f"${CONV3X3_VERSION_ENV}")
+STARTUP_CONV3X3_VERSION = _conv3x3_version  # the setting at import (the default, or the variable's)
 
 
 def set_conv3x3_version(name: str) -> None:
@@ -110,6 +114,46 @@ def use_conv3x3_version(name: str):
         set_conv3x3_version(previous)
 
 
+# The precision modes: which kernel version of the 3x3 convolution (96 % of the FLOPs) each one
+# runs. Every buffer stays float32 in all three; what changes is what the multiplications see:
+#   fp32  FP32 on the CUDA cores (v3_igemm, the fastest FP32 version),
+#   tf32  the tensor cores on operands rounded to TF32 (10-bit mantissa), FP32 sums (v4_tf32_mma),
+#   bf16  the tensor cores on operands rounded to bf16 (7-bit mantissa), FP32 sums (v5_bf16_mma).
+# The other ops (1x1 and up-convolutions, pooling, loss, update) compute in FP32 in every mode.
+PRECISION_VERSIONS: dict[str, str] = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
+PRECISIONS: tuple[str, ...] = tuple(PRECISION_VERSIONS)
+
+
+def _valid_precision(name, where: str) -> str:
+    if not isinstance(name, str) or name not in PRECISION_VERSIONS:
+        raise ValueError(f"{where}: the precision must be one of "
+                         f"{', '.join(repr(p) for p in PRECISIONS)}, got {name!r}")
+    return name
+
+
+def set_precision(name: str) -> None:
+    """Runs every later conv3x3 op in precision ``name`` ("fp32", "tf32" or "bf16"): sets the
+    kernel version of ``PRECISION_VERSIONS[name]``."""
+    set_conv3x3_version(PRECISION_VERSIONS[_valid_precision(name, "set_precision")])
+
+
+def get_precision() -> str:
+    """What the conv3x3 ops compute in now: "tf32" for v4_tf32_mma, "bf16" for v5_bf16_mma, "fp32"
+    for the other versions (the default v1_direct included)."""
+    for precision, version in PRECISION_VERSIONS.items():
+        if version == _conv3x3_version:
+            return precision
+    return "fp32"
+
+
+@contextlib.contextmanager
+def use_precision(name: str):
+    """``with use_precision("bf16"): ...`` runs the block in that precision, then restores the
+    previous kernel version."""
+    with use_conv3x3_version(PRECISION_VERSIONS[_valid_precision(name, "use_precision")]):
+        yield
+
+
 def conv3x3_forward(x, w, b, relu=False):
     n, _, h, width = _shape("conv3x3_forward", "x", x, 4)
     o = _shape("conv3x3_forward", "w", w, 4)[0]
@@ -132,6 +176,45 @@ def conv3x3_backward_weight(x, dy):
     dw = _empty((o, c, 3, 3))
     db = _empty((o,))
     _C.conv3x3_backward_weight(x, dy, dw, db, stream=_stream(), version=_conv3x3_version)
+    return dw, db
+
+
+# The convolution of [up, centre crop of skip]: the GEMM versions read both inputs in place; with
+# the others the concatenation is stored first (crop_concat_forward), then convolved.
+CONV3X3_CONCAT_VERSIONS: tuple[str, ...] = tuple(_C.CONV3X3_CONCAT_VERSIONS)
+
+
+def conv3x3_concat_forward(up, skip, w, b, relu=False):
+    if _conv3x3_version not in CONV3X3_CONCAT_VERSIONS:
+        return conv3x3_forward(crop_concat_forward(up, skip), w, b, relu)
+    n, _, h, width = _shape("conv3x3_concat_forward", "up", up, 4)
+    o = _shape("conv3x3_concat_forward", "w", w, 4)[0]
+    y = _empty((n, o, _size(h - 2), _size(width - 2)))
+    _C.conv3x3_concat_forward(up, skip, w, b, y, bool(relu), stream=_stream(), version=_conv3x3_version)
+    return y
+
+
+def conv3x3_concat_backward_data(dy, w, skip_shape):
+    if _conv3x3_version not in CONV3X3_CONCAT_VERSIONS:
+        return crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)
+    n, _, p, q = _shape("conv3x3_concat_backward_data", "dy", dy, 4)
+    c = _shape("conv3x3_concat_backward_data", "w", w, 4)[1]
+    skip_shape = _skip_shape("conv3x3_concat_backward_data", skip_shape)
+    dup = _empty((n, _size(c - skip_shape[1]), p + 2, q + 2))
+    dskip = _empty(skip_shape)
+    _C.conv3x3_concat_backward_data(dy, w, dup, dskip, stream=_stream(), version=_conv3x3_version)
+    return dup, dskip
+
+
+def conv3x3_concat_backward_weight(up, skip, dy):
+    if _conv3x3_version not in CONV3X3_CONCAT_VERSIONS:
+        return conv3x3_backward_weight(crop_concat_forward(up, skip), dy)
+    cu = _shape("conv3x3_concat_backward_weight", "up", up, 4)[1]
+    cs = _shape("conv3x3_concat_backward_weight", "skip", skip, 4)[1]
+    o = _shape("conv3x3_concat_backward_weight", "dy", dy, 4)[1]
+    dw = _empty((o, cu + cs, 3, 3))
+    db = _empty((o,))
+    _C.conv3x3_concat_backward_weight(up, skip, dy, dw, db, stream=_stream(), version=_conv3x3_version)
     return dw, db
 
 
@@ -218,15 +301,21 @@ def crop_concat_forward(up, skip):
     return y
 
 
-def crop_concat_backward(dy, skip_shape):
-    op = "crop_concat_backward"
-    n, c_total, h, width = _shape(op, "dy", dy, 4)
+def _skip_shape(op: str, skip_shape) -> tuple:
+    """``skip_shape`` as a tuple of 4 non-negative ints, or a ValueError naming ``op``."""
     try:
         skip_shape = tuple(operator.index(s) for s in skip_shape)
     except TypeError:
         raise ValueError(f"{op}: skip_shape must be 4 ints (N, Cs, Hs, Ws), got {skip_shape!r}") from None
     if len(skip_shape) != 4 or min(skip_shape) < 0:
         raise ValueError(f"{op}: skip_shape must be 4 non-negative ints (N, Cs, Hs, Ws), got {skip_shape}")
+    return skip_shape
+
+
+def crop_concat_backward(dy, skip_shape):
+    op = "crop_concat_backward"
+    n, c_total, h, width = _shape(op, "dy", dy, 4)
+    skip_shape = _skip_shape(op, skip_shape)
     dup = _empty((n, _size(c_total - skip_shape[1]), h, width))
     dskip = _empty(skip_shape)
     _C.crop_concat_backward(dy, dup, dskip, stream=_stream())

@@ -39,6 +39,9 @@ __all__ = (
     "upconv2x2_backward_weight",
     "crop_concat_forward",
     "crop_concat_backward",
+    "conv3x3_concat_forward",
+    "conv3x3_concat_backward_data",
+    "conv3x3_concat_backward_weight",
     "conv1x1_forward",
     "conv1x1_backward_data",
     "conv1x1_backward_weight",
@@ -426,6 +429,43 @@ def conv1x1_forward(x, w, b):
     y = (w.reshape(o, c) @ x.reshape(n, c, h * width)).reshape(n, o, h, width)
     y += b.reshape(1, -1, 1, 1)
     return y
+
+
+def _as_concat_op(op: str, compute):
+    """Runs ``compute()``; a ValueError of the ops it composes is re-raised naming ``op``."""
+    try:
+        return compute()
+    except ValueError as exc:
+        raise ValueError(f"{op}: {exc}") from None
+
+
+def conv3x3_concat_forward(up, skip, w, b, relu=False):
+    """The 3x3 convolution of the concatenation ``[up, centre crop of skip]`` (the decoder's first
+    convolution of a level), by definition ``conv3x3_forward(crop_concat_forward(up, skip), w, b,
+    relu)``. The CUDA kernels compute it without storing the concatenation.
+    Shapes: ``up[N,Cu,H,W], skip[N,Cs,Hs,Ws], w[O,Cu+Cs,3,3], b[O] -> y[N,O,H-2,W-2]``.
+    """
+    return _as_concat_op("conv3x3_concat_forward",
+                         lambda: conv3x3_forward(crop_concat_forward(up, skip), w, b, relu))
+
+
+def conv3x3_concat_backward_data(dy, w, skip_shape):
+    """Gradient of ``conv3x3_concat_forward`` with respect to ``up`` and ``skip``:
+    ``crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)``; ``dskip`` is 0 outside the
+    crop window. Shapes: ``dy[N,O,P,Q], w[O,Cu+Cs,3,3], skip_shape (N,Cs,Hs,Ws) ->
+    (dup[N,Cu,P+2,Q+2], dskip[N,Cs,Hs,Ws])``.
+    """
+    return _as_concat_op("conv3x3_concat_backward_data",
+                         lambda: crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape))
+
+
+def conv3x3_concat_backward_weight(up, skip, dy):
+    """Gradients of ``conv3x3_concat_forward`` with respect to its weights and bias:
+    ``conv3x3_backward_weight(crop_concat_forward(up, skip), dy)``.
+    Shapes: ``up[N,Cu,H,W], skip[N,Cs,Hs,Ws], dy[N,O,H-2,W-2] -> (dw[O,Cu+Cs,3,3], db[O])``.
+    """
+    return _as_concat_op("conv3x3_concat_backward_weight",
+                         lambda: conv3x3_backward_weight(crop_concat_forward(up, skip), dy))
 
 
 def conv1x1_backward_data(dy, w):
