@@ -7,12 +7,19 @@
 //
 // Before anything touches the device, every argument is checked, in this order, by the one helper
 // set below (OpArgs): it is a CUDA array; dtype ('<f4' float32, '<i4' int32 labels, '|u1' uint8
-// masks and argmax); number of dimensions; C-contiguity; no null pointer for a non-empty array; no
-// read-only output; the shapes of the op (consistency between arguments, sizes the op needs);
-// scalars; no output overlapping another argument. Only then does it ask the CUDA runtime whether
-// every pointer is memory of the current device. A failed check raises ValueError (TypeError for an
-// object that is no array at all) naming the op, the argument and the shapes of the arguments.
+// masks and argmax, '<u8' uint64 dropout seeds); number of dimensions; C-contiguity; no null
+// pointer for a non-empty array; no read-only output; the shapes of the op (consistency between
+// arguments, sizes the op needs); scalars; no output overlapping another argument. Only then does
+// it ask the CUDA runtime whether every pointer is memory of the current device. A failed check
+// raises ValueError (TypeError for an object that is no array at all) naming the op, the argument
+// and the shapes of the arguments.
 // conv3x3's keyword `version` (its kernel, by name) is checked first of all.
+//
+// Two scalars may also be 0-d CUDA arrays, read by the kernel when it runs rather than when it is
+// launched: dropout_mask's `seed` (uint64) and sgd_momentum_update_'s `lr` (float32). A CUDA graph
+// captures a launch with its arguments; with the value in device memory, each replay uses what
+// the host wrote there since (unet_cuda/graph.py). Such an array gets the array checks above; its
+// value cannot be checked without a synchronisation and is not.
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime.h>
@@ -31,13 +38,14 @@ namespace py = pybind11;
 namespace unet {
 namespace {
 
-enum class DType { kFloat32, kInt32, kUInt8 };
+enum class DType { kFloat32, kInt32, kUInt8, kUInt64 };
 
 const char* dtype_typestr(DType t) {
   switch (t) {
     case DType::kFloat32: return "<f4";
     case DType::kInt32: return "<i4";
     case DType::kUInt8: return "|u1";
+    case DType::kUInt64: return "<u8";
   }
   return "?";
 }
@@ -47,11 +55,18 @@ const char* dtype_name(DType t) {
     case DType::kFloat32: return "float32";
     case DType::kInt32: return "int32";
     case DType::kUInt8: return "uint8";
+    case DType::kUInt64: return "uint64";
   }
   return "?";
 }
 
-int64_t dtype_itemsize(DType t) { return t == DType::kUInt8 ? 1 : 4; }
+int64_t dtype_itemsize(DType t) {
+  switch (t) {
+    case DType::kUInt8: return 1;
+    case DType::kUInt64: return 8;
+    default: return 4;
+  }
+}
 
 bool typestr_matches(const std::string& got, DType want) {
   const std::string expected = dtype_typestr(want);
@@ -643,32 +658,43 @@ void check_dropout_p(const OpArgs& args, double p) {
   args.require_scalar(p >= 0.0 && p < 1.0, "p", p, "in [0, 1)");
 }
 
-// The seed: any Python integer (or integer-like, e.g. numpy.uint64) in [0, 2^64).
+// A scalar argument given as a 0-d CUDA array instead of a number (see the top of this file):
+// anything with a __cuda_array_interface__ takes the array path and its checks.
+bool is_device_scalar(py::handle obj) { return py::hasattr(obj, "__cuda_array_interface__"); }
+
+// The seed as a number: any Python integer (or integer-like, e.g. numpy.uint64) in [0, 2^64).
 uint64_t check_seed(const OpArgs& args, py::handle seed) {
+  const std::string rule = "must be an integer in [0, 2**64) or a 0-d uint64 CUDA array, got ";
   if (py::isinstance<py::bool_>(seed) || py::isinstance<py::float_>(seed))
-    args.fail("seed", "must be an integer in [0, 2**64), got " + repr_str(seed));
+    args.fail("seed", rule + repr_str(seed));
   PyObject* index = PyNumber_Index(seed.ptr());
   if (index == nullptr) {
     PyErr_Clear();
-    args.fail("seed", "must be an integer in [0, 2**64), got " + repr_str(seed));
+    args.fail("seed", rule + repr_str(seed));
   }
   const unsigned long long value = PyLong_AsUnsignedLongLong(index);
   Py_DECREF(index);
   if (PyErr_Occurred()) {
     PyErr_Clear();
-    args.fail("seed", "must be an integer in [0, 2**64), got " + repr_str(seed));
+    args.fail("seed", rule + repr_str(seed));
   }
   return static_cast<uint64_t>(value);
 }
 
+// seed: an integer (passed to the kernel by value) or a 0-d uint64 CUDA array (by address).
 void dropout_mask(py::handle mask_obj, double p, py::handle seed_obj, std::uintptr_t stream) {
   OpArgs args("dropout_mask");
   const DeviceArray mask = args.output(mask_obj, "mask", DType::kUInt8, kAnyNdim);
   check_dropout_p(args, p);
-  const uint64_t seed = check_seed(args, seed_obj);
-  args.check_memory();
+  uint64_t seed = 0;
+  const uint64_t* seed_on_device = nullptr;
+  if (is_device_scalar(seed_obj))
+    seed_on_device = args.input(seed_obj, "seed", DType::kUInt64, 0).data<const uint64_t>();
+  else
+    seed = check_seed(args, seed_obj);
+  args.check_memory();  // for a device seed: on this device, and not inside the mask
   py::gil_scoped_release no_gil;
-  launch_dropout_mask(mask.data<uint8_t>(), mask.size, p, seed, as_stream(stream));
+  launch_dropout_mask(mask.data<uint8_t>(), mask.size, p, seed, seed_on_device, as_stream(stream));
 }
 
 // dropout_forward (x -> y) and dropout_backward (dy -> dx) take the same arguments.
@@ -690,22 +716,39 @@ void dropout_apply(const char* op, DropoutLaunch launch, const char* in_name,
          as_stream(stream));
 }
 
+// lr: a number, finite and >= 0 (passed to the kernel by value, as float32), or a 0-d float32
+// CUDA array (by address; its value is not checked).
 void sgd_momentum_update(py::handle param_obj, py::handle grad_obj, py::handle velocity_obj,
-                         double lr, double momentum, double weight_decay, std::uintptr_t stream) {
+                         py::handle lr_obj, double momentum, double weight_decay,
+                         std::uintptr_t stream) {
   OpArgs args("sgd_momentum_update_");
   const DeviceArray param = args.output(param_obj, "param", DType::kFloat32, kAnyNdim);
   const DeviceArray grad = args.input(grad_obj, "grad", DType::kFloat32, kAnyNdim);
   const DeviceArray velocity = args.output(velocity_obj, "velocity", DType::kFloat32, kAnyNdim);
   args.require_same_shape(grad, param);
   args.require_same_shape(velocity, param);
-  args.require_scalar(std::isfinite(lr) && lr >= 0.0, "lr", lr, "finite and >= 0");
+  float lr = 0.0f;
+  const float* lr_on_device = nullptr;
+  if (is_device_scalar(lr_obj)) {
+    lr_on_device = args.input(lr_obj, "lr", DType::kFloat32, 0).data<const float>();
+  } else {
+    // A number, as Python's float() of it would be, strings excepted (PyFloat_AsDouble).
+    const double value = PyFloat_AsDouble(lr_obj.ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw py::type_error("sgd_momentum_update_: argument lr must be a number or a 0-d float32 "
+                           "CUDA array, got " + type_name(lr_obj));
+    }
+    args.require_scalar(std::isfinite(value) && value >= 0.0, "lr", value, "finite and >= 0");
+    lr = static_cast<float>(value);
+  }
   args.require_scalar(momentum >= 0.0 && momentum <= 1.0, "momentum", momentum, "in [0, 1]");
   args.require_scalar(std::isfinite(weight_decay) && weight_decay >= 0.0, "weight_decay",
                       weight_decay, "finite and >= 0");
-  args.check_memory();
+  args.check_memory();  // for a device lr: on this device, and not inside param or velocity
   py::gil_scoped_release no_gil;
   launch_sgd_momentum_update(param.data<float>(), grad.data<const float>(),
-                             velocity.data<float>(), param.size, static_cast<float>(lr),
+                             velocity.data<float>(), param.size, lr, lr_on_device,
                              static_cast<float>(momentum), static_cast<float>(weight_decay),
                              as_stream(stream));
 }
@@ -972,7 +1015,9 @@ PYBIND11_MODULE(_C, m) {
         arg("weights"), arg("dlogits"), arg("dloss"), py::kw_only(), arg("stream"),
         "dlogits = dloss * w * (p - onehot(label)) / (N*H*W); NaN at illegal labels.");
   m.def("dropout_mask", &dropout_mask, arg("mask"), arg("p"), arg("seed"), py::kw_only(),
-        arg("stream"), "uint8 mask (1 keeps) from the splitmix64 hash of docs/OPS.md.");
+        arg("stream"),
+        "uint8 mask (1 keeps) from the splitmix64 hash of docs/OPS.md; seed an int in "
+        "[0, 2**64) or a 0-d uint64 CUDA array read when the kernel runs.");
   m.def(
       "dropout_forward",
       [](py::handle x, py::handle mask, py::handle y, double p, std::uintptr_t stream) {
@@ -990,7 +1035,8 @@ PYBIND11_MODULE(_C, m) {
       "dx = dy * mask / (1 - p).");
   m.def("sgd_momentum_update_", &sgd_momentum_update, arg("param"), arg("grad"), arg("velocity"),
         arg("lr"), arg("momentum"), arg("weight_decay"), py::kw_only(), arg("stream"),
-        "In place: v = momentum*v + lr*(grad + weight_decay*param); param -= v.");
+        "In place: v = momentum*v + lr*(grad + weight_decay*param); param -= v; lr a number or "
+        "a 0-d float32 CUDA array read when the kernel runs.");
 
   // Augmentation.
   m.def("augment_warp", &augment_warp, arg("image"), arg("labels"), arg("weights"), arg("coarse"),

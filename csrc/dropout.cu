@@ -14,8 +14,17 @@
 // u has 24 bits, so it and the comparison with p are exact in double on both backends.
 // The scaling divides by the float32 value of (1 - p), as NumPy does for a float32 array.
 //
+// The seed reaches the mask kernel in one of two ways, chosen by its launcher's caller:
+//   * by value, as a kernel argument (`seed`, with seed_on_device == nullptr). The value is part of
+//     the launch: a CUDA graph that captured the launch replays it with that same seed forever.
+//   * by address (`seed_on_device`, a uint64 in device memory). Every thread reads it when the
+//     kernel runs, so a captured launch replays with whatever the host wrote there since; this is
+//     how a graphed training step gets fresh dropout masks every step (unet_cuda/graph.py).
+// Both forms run the same kernel and the same hash, so the same seed value gives the same bits.
+//
 // Kernels:
-//   dropout_mask_v1: one element per thread per grid-stride step; hashes its 64-bit index.
+//   dropout_mask_v1: one element per thread per grid-stride step; hashes its 64-bit index. The
+//     seed comes from the argument or, when seed_on_device is not null, from that device word.
 //   dropout_apply_v1: one element per thread per grid-stride step; y = x * mask / keep.
 #include "common.cuh"
 #include "launchers.h"
@@ -31,9 +40,12 @@ __device__ inline uint8_t dropout_keeps(uint64_t seed, uint64_t i, double p) {
   return u >= p ? 1 : 0;
 }
 
-__global__ void dropout_mask_v1(uint8_t* __restrict__ mask, int64_t n, double p, uint64_t seed) {
+__global__ void dropout_mask_v1(uint8_t* __restrict__ mask, int64_t n, double p, uint64_t seed,
+                                const uint64_t* __restrict__ seed_on_device) {
+  // One read per thread, before the loop: the same 8 bytes for every thread (a broadcast).
+  const uint64_t s = seed_on_device != nullptr ? *seed_on_device : seed;
   for (int64_t e = global_thread(); e < n; e += grid_stride())
-    mask[e] = dropout_keeps(seed, static_cast<uint64_t>(e), p);
+    mask[e] = dropout_keeps(s, static_cast<uint64_t>(e), p);
 }
 
 __global__ void dropout_apply_v1(const float* __restrict__ x, const uint8_t* __restrict__ mask,
@@ -42,9 +54,10 @@ __global__ void dropout_apply_v1(const float* __restrict__ x, const uint8_t* __r
     y[e] = x[e] * static_cast<float>(mask[e]) / keep;
 }
 
-void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed, cudaStream_t stream) {
+void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed,
+                         const uint64_t* seed_on_device, cudaStream_t stream) {
   if (n == 0) return;
-  dropout_mask_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(mask, n, p, seed);
+  dropout_mask_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(mask, n, p, seed, seed_on_device);
   CHECK_LAUNCH("dropout_mask_v1");
 }
 

@@ -123,17 +123,22 @@ void launch_softmax_xent_backward(const float* probs, const int32_t* labels, con
                                   cudaStream_t stream);
 
 // dropout.cu: n elements each; mask from the splitmix64 hash of docs/OPS.md (1 keeps); the
-// forward and the backward both scale the kept elements by 1 / (1 - p).
-void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed, cudaStream_t stream);
+// forward and the backward both scale the kept elements by 1 / (1 - p). The mask's seed is `seed`,
+// or, when seed_on_device is not null, the uint64 it points to, read when the kernel runs (so that
+// a captured CUDA graph replays with the value written there since).
+void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed,
+                         const uint64_t* seed_on_device, cudaStream_t stream);
 void launch_dropout_forward(const float* x, const uint8_t* mask, float* y, int64_t n, double p,
                             cudaStream_t stream);
 void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, int64_t n, double p,
                              cudaStream_t stream);
 
 // optimizer.cu: Caffe's SGD with momentum, in place on n elements:
-// v = momentum * v + lr * (grad + weight_decay * param); param -= v.
+// v = momentum * v + lr * (grad + weight_decay * param); param -= v. The rate is `lr`, or, when
+// lr_on_device is not null, the float32 it points to, read when the kernel runs (CUDA graphs).
 void launch_sgd_momentum_update(float* param, const float* grad, float* velocity, int64_t n,
-                                float lr, float momentum, float weight_decay, cudaStream_t stream);
+                                float lr, const float* lr_on_device, float momentum,
+                                float weight_decay, cudaStream_t stream);
 
 // warp.cu: the augmentation warp of docs/OPS.md. image, weights, image_out, weights_out float32
 // [H,W]; labels, labels_out int32 [H,W]; coarse float32 [2,grid_y,grid_x] node displacements (px).

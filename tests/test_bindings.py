@@ -575,6 +575,98 @@ def test_valid_calls_reach_the_device_memory_check():
 
 
 # ------------------------------------------------------------------------------------------------
+# Scalars as 0-d CUDA arrays (read by the kernel when it runs, for CUDA graphs): dropout_mask's
+# seed (uint64) and sgd_momentum_update_'s lr (float32)
+# ------------------------------------------------------------------------------------------------
+
+def u64(*shape):
+    return FakeCudaArray(shape, "<u8")
+
+
+DEVICE_SCALARS = [("dropout_mask", "seed", u64), ("sgd_momentum_update_", "lr", f32)]
+
+
+@pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
+def test_device_scalar_wrong_dtype(op, arg, make):
+    wanted = "uint64" if arg == "seed" else "float32"
+    for wrong in ("<i8", "<f8", "<f4" if arg == "seed" else "<u8", "|u1"):
+        raises_naming(ValueError, op, arg, "dtype", wanted, wrong, **{arg: make().like(typestr=wrong)})
+
+
+@pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
+def test_device_scalar_must_be_0d(op, arg, make):
+    for shape in [(1,), (2, 3), (0,)]:
+        raises_naming(ValueError, op, arg, "0 dimensions", str(shape), **{arg: make(*shape)})
+
+
+@pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
+def test_device_scalar_null_pointer(op, arg, make):
+    raises_naming(ValueError, op, arg, "null", **{arg: make().like(ptr=0)})
+
+
+@pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
+def test_device_scalar_overlapping_an_output(op, arg, make):
+    args = VALID[op]()
+    output = OUTPUTS[op][0]
+    args[arg] = make().like(ptr=args[output].ptr)  # the scalar lies inside the output
+    with pytest.raises(ValueError, match="overlaps"):
+        call(op, **args)
+
+
+@pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
+def test_device_scalar_malformed_interface(op, arg, make):
+    # Checked like any array argument. (A host pointer behind a valid interface meets the
+    # device-memory check: test_valid_device_scalars_reach_the_device_memory_check.)
+    raises_naming(ValueError, op, arg, "masked", **{arg: make().like(mask=object())})
+
+
+def test_lr_that_is_no_number_is_a_type_error():
+    args = VALID["sgd_momentum_update_"]()
+    for bad in ("0.1", None, [0.1]):
+        with pytest.raises(TypeError, match="sgd_momentum_update_: argument lr must be a number or a 0-d "
+                                            "float32 CUDA array"):
+            call("sgd_momentum_update_", **dict(args, lr=bad))
+
+
+def test_seed_that_is_no_integer_names_both_forms():
+    raises_naming(ValueError, "dropout_mask", "seed", "0-d uint64 CUDA array", seed=2.5)
+
+
+def report_device_scalar_calls():
+    """Runs the two ops with valid 0-d fakes (host memory behind them); prints the results."""
+    cases = {
+        "dropout_mask": dict(VALID["dropout_mask"](), seed=u64()),
+        "dropout_mask empty mask": dict(mask=u8(0, 4), p=0.5, seed=u64()),
+        "sgd_momentum_update_": dict(VALID["sgd_momentum_update_"](), lr=f32()),
+    }
+    results = {}
+    for name, args in cases.items():
+        try:
+            call(name.split()[0], **args)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent test
+            results[name] = [type(exc).__name__, str(exc)]
+        else:
+            results[name] = ["no exception", ""]
+    print(json.dumps(results))
+
+
+def test_valid_device_scalars_reach_the_device_memory_check():
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_bindings; test_bindings.report_device_scalar_calls()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 3
+    for name, (kind, message) in results.items():
+        op = name.split()[0]
+        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
+        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
+        assert host_memory or no_device, f"{name}: {kind}: {message}"
+        assert message.startswith(f"{op}: "), message
+
+
+# ------------------------------------------------------------------------------------------------
 # The convolution of a concatenated input [up, centre crop of skip]
 # ------------------------------------------------------------------------------------------------
 

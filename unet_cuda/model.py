@@ -135,23 +135,48 @@ class UNet:
     def _dropout_levels(self) -> set[int]:
         return {level for level in (self.depth - 2, self.depth - 1) if level >= 0}
 
-    def __call__(self, x) -> Tensor:
-        return self.forward(x)
+    def num_dropout_layers(self) -> int:
+        """How many dropout masks a training forward draws (0 when dropout is off)."""
+        return len(self._dropout_levels()) if self.dropout_p > 0.0 else 0
 
-    def forward(self, x) -> Tensor:
-        """Class scores (logits) ``[N, num_classes, out, out]`` for input ``[N, in_channels, n, n]``."""
+    def draw_dropout_seeds(self) -> list[int]:
+        """The seeds of the next training forward's dropout masks, drawn from ``dropout_rng``.
+
+        A training forward without ``dropout_seeds`` draws exactly these, in this order (one per
+        dropout layer, in the order the forward meets them); drawing them first and passing them in gives
+        the same masks and leaves ``dropout_rng`` in the same state. A graphed training step does so:
+        its forward reads the seeds from device memory, written by the host every step.
+        """
+        return [int(self.dropout_rng.integers(0, 2**63)) for _ in range(self.num_dropout_layers())]
+
+    def __call__(self, x, dropout_seeds=None) -> Tensor:
+        return self.forward(x, dropout_seeds)
+
+    def forward(self, x, dropout_seeds=None) -> Tensor:
+        """Class scores (logits) ``[N, num_classes, out, out]`` for input ``[N, in_channels, n, n]``.
+
+        ``dropout_seeds``: in training, the seeds of the dropout masks (``num_dropout_layers()`` of
+        them: ints, or 0-d uint64 arrays on the parameters' device, read when the mask kernel runs);
+        by default they are drawn from ``dropout_rng`` (``draw_dropout_seeds``). Unused in eval mode.
+        """
         if not isinstance(x, Tensor):
             x = Tensor(x)
         self._check_input(x)
         p = self._params
         use_dropout = self.training and self.dropout_p > 0.0
+        if use_dropout:
+            seeds = self.draw_dropout_seeds() if dropout_seeds is None else list(dropout_seeds)
+            if len(seeds) != self.num_dropout_layers():
+                raise ValueError(f"UNet: dropout_seeds must hold {self.num_dropout_layers()} seeds (one "
+                                 f"per dropout layer), got {len(seeds)}")
+            seeds = iter(seeds)
         skips = []
         h = x
         for level in range(self.depth):
             h = F.conv3x3(h, p[f"down{level}.conv1.weight"], p[f"down{level}.conv1.bias"])
             h = F.conv3x3(h, p[f"down{level}.conv2.weight"], p[f"down{level}.conv2.bias"])
             if use_dropout and level in self._dropout_levels():
-                h = F.dropout(h, self.dropout_p, int(self.dropout_rng.integers(0, 2**63)))
+                h = F.dropout(h, self.dropout_p, next(seeds))
             if level < self.depth - 1:
                 skips.append(h)
                 h = F.max_pool2x2(h)

@@ -3,7 +3,9 @@
     v <- momentum * v + lr * (grad + weight_decay * param)
     param <- param - v
 
-The update itself is an op (``sgd_momentum_update_``), so it runs in our kernel on the GPU.
+The update itself is an op (``sgd_momentum_update_``), so it runs in our kernel on the GPU. The
+rate of one step may be given to ``step`` as a 0-d float32 array on the parameters' device: the
+kernel then reads it when it runs, which is what a captured CUDA graph needs (``unet_cuda.graph``).
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ class SGD:
         for p in self.params:
             p.grad = None
 
-    def step(self) -> None:
+    def step(self, lr=None) -> None:
+        """Update every parameter that has a gradient.
+
+        ``lr``: the rate of this step instead of ``self.lr``: a number, or a 0-d float32 array on the
+        parameters' device, whose value the update kernel reads when it runs (docs/OPS.md).
+        """
+        rate = self.lr if lr is None else lr
         for p, v in zip(self.params, self.velocity):
             if p.grad is None:
                 continue
             if v.shape != p.data.shape or ops.device_of(v) != ops.device_of(p.data):
                 raise RuntimeError(f"SGD: state of {p.name} does not match the parameter "
                                    f"({v.shape} on {ops.device_of(v)} vs {p.data.shape} on {ops.device_of(p.data)})")
-            ops.sgd_momentum_update_(p.data, p.grad, v, self.lr, self.momentum, self.weight_decay)
+            ops.sgd_momentum_update_(p.data, p.grad, v, rate, self.momentum, self.weight_decay)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

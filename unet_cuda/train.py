@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tta", action="store_true", help="average validation predictions over 4 flips")
     run.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="GPU only: capture one whole training step (forward, loss, backward, SGD update) "
+                          "as a CUDA graph after one eager warm-up step, and replay it every step after "
+                          "instead of launching each kernel from Python: the same kernels, so the same "
+                          "weights bit for bit. The rate and the dropout seeds are written to the GPU each "
+                          "step; a non-finite step is caught after its update, which is not saved. Resumed "
+                          "runs capture anew. See unet_cuda/graph.py")
     return p
 
 
@@ -173,6 +180,15 @@ def choose_device(requested: str | None) -> str:
 def default_precision(device: str) -> str:
     """TF32 tensor cores on the GPU (the default of cuDNN too); the CPU reference is FP32."""
     return "tf32" if device == "cuda" else "fp32"
+
+
+def check_cuda_graph(cfg: dict) -> None:
+    """--cuda-graph replays CUDA kernels: a run on the CPU is refused with the reason."""
+    if cfg["device"] != "cuda":
+        why = ops.cuda_status()
+        because = f" (CUDA cannot run here: {why})" if why else ""
+        raise TrainingError(f"--cuda-graph captures the training step's CUDA kernels and needs the GPU, but this "
+                            f"run is on the cpu{because}; drop --cuda-graph, or use --device cuda")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -238,8 +254,11 @@ def validate_config(cfg: dict) -> None:
 class Trainer:
     """One training run: data, model, optimiser, RNGs, history; steps, validation and checkpoints."""
 
-    def __init__(self, cfg: dict, out_dir: Path, log=print):
+    def __init__(self, cfg: dict, out_dir: Path, log=print, cuda_graph: bool = False):
         self.cfg = cfg
+        # --cuda-graph: a run option, not part of cfg (it changes how a step runs, not what it computes).
+        self.cuda_graph = bool(cuda_graph)
+        self.graphed_step = None  # unet_cuda.graph.GraphedTrainStep, built at the first step
         self.out_dir = Path(out_dir)
         self.log = log
         dataset = load_dataset(cfg["data"])
@@ -314,6 +333,8 @@ class Trainer:
     def train_step(self) -> float:
         x, labels, weights = self.next_batch()
         self.model.train()
+        if self.cuda_graph:
+            return self.graphed_train_step(x, labels, weights)
         loss = softmax_cross_entropy(self.model(x), labels, weights)
         self.optimizer.zero_grad()
         loss.backward()
@@ -323,6 +344,28 @@ class Trainer:
             raise NonFiniteError(self.describe_nonfinite(value, bad))
         self.optimizer.lr = self.learning_rate(self.step)
         self.optimizer.step()
+        self.step += 1
+        return value
+
+    def graphed_train_step(self, x, labels, weights) -> float:
+        """The step of ``train_step`` as a replay of a CUDA graph (``unet_cuda.graph``).
+
+        The graph is built at the first step of this process, so after ``restore`` (which replaces the
+        weights and the momentum buffers) a resumed run captures the restored ones. The rate and the
+        dropout seeds are drawn as in the eager step, so the weights stay bitwise the same. The update
+        is part of the graph: the non-finite check can only follow it, and stops the run unsaved.
+        """
+        if self.graphed_step is None:
+            from .graph import GraphedTrainStep  # noqa: PLC0415 - CuPy only where it is used
+
+            self.graphed_step = GraphedTrainStep(self.model, self.optimizer, x.shape, labels.shape, weights.shape,
+                                                 loss_fn=softmax_cross_entropy)
+        lr = self.learning_rate(self.step)
+        value = float(self.graphed_step(x, labels, weights, lr))
+        bad = self.nonfinite_gradients()
+        if not math.isfinite(value) or bad:
+            raise NonFiniteError(self.describe_nonfinite(value, bad, update_applied=True))
+        self.optimizer.lr = lr
         self.step += 1
         return value
 
@@ -350,7 +393,7 @@ class Trainer:
         finite = ops.to_numpy(xp.stack([xp.isfinite(g).all() for _, g in named]))
         return [name for (name, _), ok in zip(named, finite) if not ok]
 
-    def describe_nonfinite(self, loss: float, bad: list[str]) -> str:
+    def describe_nonfinite(self, loss: float, bad: list[str], update_applied: bool = False) -> str:
         step = self.step + 1
         if bad:
             where = f"non-finite gradients first in layer {bad[-1].rsplit('.', 1)[0]} (counting back from the " \
@@ -360,7 +403,9 @@ class Trainer:
         last = self.out_dir / LAST_CHECKPOINT
         kept = (f"The last good checkpoint ({last}) is intact" if last.exists()
                 else "No checkpoint was written before it")
-        return (f"training stopped at step {step}: the loss is {loss} and the update was not applied; "
+        update = ("the update ran inside the CUDA graph (--cuda-graph) and was not saved" if update_applied
+                  else "the update was not applied")
+        return (f"training stopped at step {step}: the loss is {loss} and {update}; "
                 f"{where}. {kept}. Try a smaller --lr (now {self.cfg['lr']}) or check the input data for NaN/Inf.")
 
     # -------------------------------------------------------------- validation
@@ -489,13 +534,17 @@ def _main(argv=None) -> int:
             validate_config(cfg)
         else:
             cfg, notes = resolve_config(args)
+        if args.cuda_graph:
+            check_cuda_graph(cfg)
+            notes.append("--cuda-graph: the first step of this run is the eager warm-up, the second captures the "
+                         "training step as a CUDA graph, every later step replays it")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrainingError(f"--out {out_dir}: cannot create the output folder ({exc.strerror})") from None
         for note in notes:
             print(note, file=sys.stderr)
-        trainer = Trainer(cfg, out_dir)
+        trainer = Trainer(cfg, out_dir, cuda_graph=args.cuda_graph)
         if checkpoint is not None:
             trainer.restore(checkpoint)
         model = trainer.model

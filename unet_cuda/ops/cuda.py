@@ -356,8 +356,19 @@ def softmax_xent_backward(probs, labels, weights, dloss=1.0):
 # Dropout and the optimizer
 # ----------------------------------------------------------------------------------------------
 
+def _host_array_refused(op: str, name: str, value, dtype: str) -> None:
+    """A NumPy array for a scalar that may live on the device is refused: it would be read on the host
+    at call time (and frozen into a captured CUDA graph), not by the kernel when it runs."""
+    if isinstance(value, numpy.ndarray):
+        raise ValueError(f"{op}: argument {name} is a NumPy array (host memory, shape {value.shape}); "
+                         f"pass a number, or a 0-d {dtype} CuPy array on the device")
+
+
 def dropout_mask(shape, p, seed):
+    """``seed``: an int, or a 0-d uint64 CuPy array that the kernel reads when it runs (a captured
+    CUDA graph then draws each replay's mask from the value written there since)."""
     op = "dropout_mask"
+    _host_array_refused(op, "seed", seed, "uint64")
     try:
         shape = (operator.index(shape),)
     except TypeError:
@@ -385,7 +396,12 @@ def dropout_backward(dy, mask, p):
 
 
 def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
-    _C.sgd_momentum_update_(param, grad, velocity, float(lr), float(momentum), float(weight_decay),
+    """``lr``: a number, or a 0-d float32 CuPy array that the kernel reads when it runs (a captured
+    CUDA graph then uses each replay's rate). Never ``float(lr)`` of an array: that would read it on
+    the host now, a synchronisation, and freeze the value into a captured graph."""
+    _host_array_refused("sgd_momentum_update_", "lr", lr, "float32")
+    rate = lr if isinstance(lr, cupy.ndarray) else float(lr)
+    _C.sgd_momentum_update_(param, grad, velocity, rate, float(momentum), float(weight_decay),
                             stream=_stream())
     return None
 

@@ -585,6 +585,26 @@ _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
+def _device_scalar(op: str, name: str, value, dtype: type):
+    """``value`` itself, unless it is an array: then it must be a 0-d NumPy array of ``dtype``, and
+    its value is returned as a NumPy scalar of that dtype.
+
+    The CUDA backend also takes these scalars as 0-d arrays in device memory, which its kernels
+    read when they run (so that a captured CUDA graph sees each replay's value). Here the array is
+    read now; the same value gives the same result in either form. A CuPy array is refused: the
+    scalar must live where the data does.
+    """
+    if hasattr(value, "__cuda_array_interface__"):
+        raise ValueError(f"{op}: {name} is a CUDA array, but this is the NumPy reference (CPU): pass "
+                         f"a number or a 0-d {np.dtype(dtype).name} NumPy array")
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.ndim != 0 or value.dtype != dtype:
+        raise ValueError(f"{op}: {name} given as an array must be 0-d {np.dtype(dtype).name}, got "
+                         f"shape {value.shape} and dtype {value.dtype}")
+    return value[()]
+
+
 def dropout_mask(shape, p, seed):
     """Dropout keep-mask (1 = keep) from the splitmix64 finaliser of each element's flat index.
 
@@ -592,14 +612,16 @@ def dropout_mask(shape, p, seed):
     ``z = seed + (i+1) * 0x9E3779B97F4A7C15``; ``z = (z ^ z>>30) * 0xBF58476D1CE4E5B9``;
     ``z = (z ^ z>>27) * 0x94D049BB133111EB``; ``z = z ^ z>>31``; ``u = (z >> 40) / 2**24`` (24
     uniform bits in [0, 1)); ``mask[i] = 1 if u >= p else 0``. Returns uint8 of the given shape.
-    ``p`` must lie in [0, 1); ``seed`` must be an integer in [0, 2**64).
+    ``p`` must lie in [0, 1); ``seed`` must be an integer in [0, 2**64), or a 0-d uint64 array
+    holding one (the form whose value a CUDA graph reads at each replay; docs/OPS.md).
     """
     op = "dropout_mask"
     p = _check_dropout_p(op, p)
+    seed = _device_scalar(op, "seed", seed, np.uint64)
     try:
         seed = operator.index(seed)
     except TypeError:
-        raise ValueError(f"{op}: seed must be an integer, got {seed!r}") from None
+        raise ValueError(f"{op}: seed must be an integer or a 0-d uint64 array, got {seed!r}") from None
     if not 0 <= seed < 2**64:
         raise ValueError(f"{op}: seed must be in [0, 2**64), got {seed}")
     try:
@@ -669,9 +691,12 @@ def accumulate_(dst, src):
 def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     """One SGD step with momentum and weight decay, in place (Caffe's rule); returns None.
 
-    ``v = momentum * v + lr * (grad + weight_decay * param)``; ``param -= v``.
+    ``v = momentum * v + lr * (grad + weight_decay * param)``; ``param -= v``. ``lr`` is a number or
+    a 0-d float32 array (the form whose value a CUDA graph reads at each replay; docs/OPS.md); for
+    float32 parameters the rate ``r`` and the array ``np.float32(r)`` give identical results.
     """
     op = "sgd_momentum_update_"
+    lr = _device_scalar(op, "lr", lr, np.float32)
     param = _writable_float_array(op, "param", param)
     velocity = _writable_float_array(op, "velocity", velocity)
     grad = np.asarray(grad)
