@@ -198,6 +198,31 @@ def figures(ms: float | None, *, flops: float | None = None, nbytes: float | Non
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# Precision modes (unet_cuda.ops.cuda.PRECISIONS) and the PyTorch setting each one is compared with
+# ------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+# PERFORMANCE.md, "Peers": our fp32 mode against PyTorch with TF32 off, our tf32 mode against
+# PyTorch's default (cuDNN convolutions in TF32), our bf16 mode against bf16 autocast + channels_last.
+TORCH_SETTINGS = {
+    "fp32": "PyTorch, TF32 off (true FP32)",
+    "tf32": "PyTorch default (TF32 convolutions)",
+    "bf16": "PyTorch bf16 autocast + channels_last",
+}
+
+
+def conv3x3_precision(version: str | None, precision_versions: dict) -> str:
+    """What the 3x3 convolution kernel ``version`` computes in: the precision mode whose version it is
+    in ``precision_versions`` (``unet_cuda.ops.cuda.PRECISION_VERSIONS``: fp32 -> v3_igemm, tf32 ->
+    v4_tf32_mma, bf16 -> v5_bf16_mma), else "fp32" (the versions no mode names, v1_direct and
+    v2_smem, compute in FP32 on the CUDA cores)."""
+    for precision, named in precision_versions.items():
+        if named == version:
+            return precision
+    return "fp32"
+
+
 def shape_str(name: str, shape) -> str:
     return f"{name}[{','.join(str(int(s)) for s in shape)}]"
 

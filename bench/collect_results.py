@@ -16,8 +16,12 @@ What it reads (each is optional; whatever is missing becomes null with the reaso
     bench-records.jsonl       the same records, one per line, written as each benchmark ends
     isbi.json                 the result of an ISBI training run, copied in as it is
 
+The summary gives the headline figures per precision mode (our training step, eager and as a CUDA
+graph, against PyTorch in the paired setting; the 512x512 prediction; the per-op sums) and where
+each target stands (``TARGETS``: value, goal, met or not, the card).
+
 Nothing here runs on or needs a GPU, and no figure is ever made up: a number is in the JSON only if
-a file in the folder says it.
+a file in the folder says it; a target whose figure is missing is null, not met or unmet.
 """
 
 from __future__ import annotations
@@ -31,11 +35,28 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from pathlib import Path
 
-from benchlib import ceilings_for
+from benchlib import PRECISIONS, ceilings_for
+from benchlib import TORCH_SETTINGS as TORCH_SETTING_NAMES
 
-SCHEMA = 1
+SCHEMA = 2
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
-TORCH_SETTINGS = ("tf32", "fp32", "bf16")
+
+# The targets (572 tile, batch 1; training ratios are PyTorch's time over ours, in the same run).
+TARGET_CARD = "H100"
+TARGETS = (
+    {"name": "train_tf32_vs_torch_default", "kind": "train_ratio", "precision": "tf32",
+     "comparison": ">=", "goal": 1.5, "unit": "x",
+     "description": "training step, ours tf32 vs PyTorch default (TF32): at least 1.5x faster"},
+    {"name": "train_fp32_vs_torch_fp32", "kind": "train_ratio", "precision": "fp32",
+     "comparison": ">=", "goal": 1.0, "unit": "x",
+     "description": "training step, ours fp32 vs PyTorch with TF32 off: at least as fast"},
+    {"name": "train_bf16_vs_torch_bf16", "kind": "train_ratio", "precision": "bf16",
+     "comparison": ">=", "goal": 1.2, "unit": "x",
+     "description": "training step, ours bf16 vs PyTorch bf16 autocast + channels_last: at least 1.2x faster"},
+    {"name": "infer_512_bf16_ms", "kind": "infer_ms", "precision": "bf16",
+     "comparison": "<=", "goal": 2.0, "unit": "ms",
+     "description": "512x512 overlap-tile prediction in bf16: at most 2 ms"},
+)
 PYTEST_STAGES = ("gpu-tests", "bench")
 
 _ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?", re.IGNORECASE)
@@ -291,53 +312,152 @@ def _ms(rec: dict | None):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def summarize(records: list[dict]) -> dict:
-    """The headline figures, and the peer of each end-to-end figure filled into its record."""
+def _by_precision(records: list[dict], kind: str, impl: str) -> dict:
+    """``{precision: ms}`` of the records of ``kind`` and ``impl`` that have a time."""
+    out = {r["precision"]: _ms(r) for r in records
+           if r.get("kind") == kind and r.get("impl") == impl and r.get("precision") and _ms(r) is not None}
+    return {p: out[p] for p in _ordered(out)}
+
+
+def _ordered(keys) -> list:
+    """``keys`` with the precisions first, in the order of PRECISIONS."""
+    keys = list(keys)
+    return [p for p in PRECISIONS if p in keys] + sorted(k for k in keys if k not in PRECISIONS)
+
+
+def _ratios(peers: dict, ours: dict) -> dict:
+    """``peer / ours`` per precision present in both: above 1 ours is faster."""
+    return {p: peers[p] / ms for p, ms in ours.items() if p in peers and ms}
+
+
+def _op_summary(records: list[dict]) -> dict:
+    """The per-op records added up per precision mode: every op a training step runs once, the 3x3
+    convolutions in the mode's version (records with a ``version``), the others shared by all modes;
+    ops the step does not run (``in_step`` false: crop + concat) are left out of the sums."""
+    op_records = [r for r in records if r.get("kind") == "op" and _ms(r) is not None]
+    if not op_records:
+        return {}
+    in_step = [r for r in op_records if r.get("in_step", True) is not False]
+    shared = [r for r in in_step if not r.get("version")]
+    versioned = [r for r in in_step if r.get("version")]
+    modes = _ordered({r.get("precision") or "fp32" for r in versioned}) or ["fp32"]
+    counts, totals, peer_totals = {}, {}, {}
+    for mode in modes:
+        rows = shared + [r for r in versioned if (r.get("precision") or "fp32") == mode]
+        counts[mode] = len(rows)
+        totals[mode] = sum(r["ms"] for r in rows)
+        # the peer in the mode's setting where it was timed (convolutions), else its FP32 peer
+        peers = [next((r[k] for k in (f"peer_{mode}_ms", "peer_fp32_ms", "peer_ms")
+                       if isinstance(r.get(k), (int, float))), None) for r in rows]
+        if any(v is not None for v in peers):
+            peer_totals[mode] = sum(v for v in peers if v is not None)
+    out: dict = {"ops_count": counts, "ops_total_ms": totals, "ops_peer_total_ms": peer_totals or None}
+    with_ratio = [r for r in op_records if isinstance(r.get("ratio"), (int, float))]
+    if with_ratio:
+        ranked = sorted(with_ratio, key=lambda r: r["ratio"])
+        out["slowest_vs_peer"] = [
+            {"id": r["id"], "precision": r.get("precision"), "ms": r["ms"], "peer_ms": r.get("peer_ms"),
+             "peer_precision": r.get("peer_precision", "fp32"), "ratio": r["ratio"]}
+            for r in ranked[:5]
+        ]
+    return out
+
+
+def _compare(value, comparison: str, goal: float):
+    if value is None:
+        return None
+    return bool(value >= goal) if comparison == ">=" else bool(value <= goal)
+
+
+def evaluate_targets(summary: dict, card: str | None) -> dict:
+    """Where each target stands: the measured value, the goal, whether it is met (null when not
+    measured) and the card it was measured on. Training ratios use our eager step; the graphed step
+    is given beside it."""
+    per = summary.get("per_precision") or {}
+    out: dict = {}
+    for target in TARGETS:
+        entry = {"description": target["description"], "goal": target["goal"],
+                 "comparison": target["comparison"], "unit": target["unit"],
+                 "target_card": TARGET_CARD, "card": card}
+        row = per.get(target["precision"]) or {}
+        if target["kind"] == "train_ratio":
+            entry.update(value=row.get("ratio"), ours_ms=row.get("train_step_ms"),
+                         torch_ms=row.get("torch_train_step_ms"), graphed_value=row.get("graphed_ratio"))
+            entry["graphed_met"] = _compare(entry["graphed_value"], target["comparison"], target["goal"])
+        else:
+            entry.update(value=row.get("infer_512_ms"), torch_ms=row.get("torch_infer_512_ms"))
+        entry["met"] = _compare(entry["value"], target["comparison"], target["goal"])
+        if entry["value"] is None:
+            entry["note"] = "not measured in this run"
+        elif TARGET_CARD not in (card or "").upper():
+            entry["note"] = f"the target is set for an {TARGET_CARD}; this run is on {card or 'an unknown card'}"
+        out[target["name"]] = entry
+    return out
+
+
+def summarize(records: list[dict], card: str | None = None) -> dict:
+    """The headline figures per precision mode, the targets, and the peer of each end-to-end figure
+    filled into its record."""
     summary: dict = {}
-    ours_steps = {r["precision"]: _ms(r) for r in records
-                  if r.get("kind") == "train_step" and r.get("impl") == "ours" and _ms(r) is not None}
-    torch_steps = {r["precision"]: _ms(r) for r in records
-                   if r.get("kind") == "train_step" and r.get("impl") == "torch" and _ms(r) is not None}
+    ours_steps = _by_precision(records, "train_step", "ours")
+    graphed_steps = _by_precision(records, "train_step", "ours_graph")
+    torch_steps = _by_precision(records, "train_step", "torch")
+    ours_infer = _by_precision(records, "infer", "ours")
+    torch_infer = _by_precision(records, "infer", "torch")
     summary["train_step_ms"] = ours_steps or None
     summary["torch_train_step_ms"] = torch_steps or None
-    if ours_steps and torch_steps:
-        # > 1: ours is faster than the peer of the same precision.
-        summary["train_step_ratio"] = {p: torch_steps[p] / ms for p, ms in ours_steps.items()
-                                       if p in torch_steps and ms}
-    summary["infer_512_ms"] = _ms(_find(records, "infer_512/ours/fp32"))
-    torch_infer = {r["precision"]: _ms(r) for r in records
-                   if r.get("kind") == "infer" and r.get("impl") == "torch" and _ms(r) is not None}
+    # > 1: ours is faster than PyTorch in the setting paired with the same precision.
+    summary["train_step_ratio"] = _ratios(torch_steps, ours_steps) or None
+    summary["graphed_train_step_ms"] = graphed_steps or None
+    summary["graphed_train_step_ratio"] = _ratios(torch_steps, graphed_steps) or None
+    summary["infer_512_ms"] = ours_infer.get("bf16")      # the inference target's figure (bf16)
+    summary["infer_512_ms_by_precision"] = ours_infer or None
     summary["torch_infer_512_ms"] = torch_infer or None
+    summary["infer_512_ratio"] = _ratios(torch_infer, ours_infer) or None
 
-    for kind, peers in (("train_step", torch_steps), ("infer", torch_infer)):
+    for kind, impls, peers in (("train_step", ("ours", "ours_graph"), torch_steps),
+                               ("infer", ("ours",), torch_infer)):
         for rec in records:
-            if rec.get("kind") == kind and rec.get("impl") == "ours" and _ms(rec) and peers:
+            if rec.get("kind") == kind and rec.get("impl") in impls and _ms(rec) and peers:
                 precision = rec.get("precision", "fp32")
                 if precision in peers:
-                    rec["peer"] = f"PyTorch {precision}"
+                    rec["peer"] = TORCH_SETTING_NAMES.get(precision, f"PyTorch {precision}")
+                    rec["peer_precision"] = precision
                     rec["peer_ms"] = peers[precision]
                     rec["ratio"] = peers[precision] / rec["ms"]
-                for other in TORCH_SETTINGS:
+                for other in PRECISIONS:
                     if other != precision and other in peers:
                         rec[f"ratio_{other}"] = peers[other] / rec["ms"]
 
-    op_records = [r for r in records if r.get("kind") == "op" and _ms(r) is not None]
-    if op_records:
-        summary["ops_count"] = len(op_records)
-        summary["ops_total_ms"] = sum(r["ms"] for r in op_records)
-        with_peer = [r for r in op_records if isinstance(r.get("peer_ms"), (int, float))]
-        if with_peer:
-            summary["ops_peer_fp32_total_ms"] = sum(r["peer_ms"] for r in with_peer)
-            summary["ops_peer_default_total_ms"] = sum(r.get("peer_tf32_ms", r["peer_ms"]) for r in with_peer)
-            ranked = sorted(with_peer, key=lambda r: r.get("ratio", math.inf))
-            summary["slowest_vs_peer"] = [
-                {"id": r["id"], "ms": r["ms"], "peer_ms": r["peer_ms"], "ratio": r.get("ratio")}
-                for r in ranked[:5]
-            ]
+    ops_summary = _op_summary(records)
+    summary.update(ops_summary)
+    versions = {}
+    for rec in records:
+        if rec.get("kind") in ("train_step", "infer", "op") and rec.get("impl") != "torch" and rec.get("version"):
+            versions.setdefault(rec.get("precision"), rec["version"])
+    per: dict = {}
+    for p in PRECISIONS:
+        per[p] = {
+            "version": versions.get(p),
+            "torch_setting": TORCH_SETTING_NAMES[p],
+            "train_step_ms": ours_steps.get(p),
+            "torch_train_step_ms": torch_steps.get(p),
+            "ratio": (summary["train_step_ratio"] or {}).get(p),
+            "graphed_train_step_ms": graphed_steps.get(p),
+            "graphed_ratio": (summary["graphed_train_step_ratio"] or {}).get(p),
+            "infer_512_ms": ours_infer.get(p),
+            "torch_infer_512_ms": torch_infer.get(p),
+            "infer_ratio": (summary["infer_512_ratio"] or {}).get(p),
+            "ops_total_ms": (ops_summary.get("ops_total_ms") or {}).get(p),
+            "ops_peer_total_ms": (ops_summary.get("ops_peer_total_ms") or {}).get(p),
+        }
+    summary["per_precision"] = per
+
     check = _find(records, "check/loss_vs_torch_fp32")
     if check:
         summary["loss_check"] = {k: check[k] for k in (
             "passed", "rel_err_before", "rel_err_after", "worst_param", "worst_update_rel_l2") if k in check}
+    summary["targets"] = evaluate_targets(summary, card)
     return summary
 
 
@@ -397,7 +517,7 @@ def collect(outdir: Path) -> dict:
     results["sanitizer"] = sanitizer
 
     records, source = load_benchmarks(outdir / "benchmarks.json", outdir / "bench-records.jsonl")
-    summary = summarize(records)
+    summary = summarize(records, gpu)
     results["benchmarks_source"] = source
     results["benchmarks"] = [r for r in records if r.get("kind") != "check"]
     results["checks"] = [r for r in records if r.get("kind") == "check"]
@@ -456,6 +576,14 @@ def _fmt_sci(value) -> str:
     return f"{value:.1e}" if isinstance(value, (int, float)) else "-"
 
 
+def _fmt_ratio(value) -> str:
+    return "-" if value is None else f"{_fmt(value)}x"
+
+
+def target_status(met) -> str:
+    return {True: "met", False: "not met"}.get(met, "not measured")
+
+
 def format_table(results: dict) -> str:
     lines = []
     commit = (results.get("commit") or "no commit")[:10] + (" (dirty)" if results.get("dirty") else "")
@@ -473,24 +601,24 @@ def format_table(results: dict) -> str:
     s = results.get("sanitizer") or {}
     lines.append("sanitizer   " + "  ".join(f"{tool} {_fmt(s.get(f'{tool}_errors'))}" for tool in SANITIZER_TOOLS))
     summary = results.get("summary") or {}
-    ours = summary.get("train_step_ms") or {}
-    peers = summary.get("torch_train_step_ms") or {}
-    if ours or peers:
-        text = "  ".join(f"ours {p} {_fmt(ms)}" for p, ms in ours.items())
-        text += "  |  " + "  ".join(f"torch {p} {_fmt(ms)}" for p, ms in peers.items())
-        lines.append(f"train step  ms: {text}")
-    if summary.get("infer_512_ms") is not None or summary.get("torch_infer_512_ms"):
-        text = f"ours {_fmt(summary.get('infer_512_ms'))}  |  " + "  ".join(
-            f"torch {p} {_fmt(ms)}" for p, ms in (summary.get("torch_infer_512_ms") or {}).items())
-        lines.append(f"infer 512   ms: {text}")
-    if summary.get("ops_total_ms") is not None:
-        lines.append(f"ops (sum)   ms: ours {_fmt(summary['ops_total_ms'])} over {summary['ops_count']} ops"
-                     f"  |  cuDNN fp32 {_fmt(summary.get('ops_peer_fp32_total_ms'))}"
-                     f"  default {_fmt(summary.get('ops_peer_default_total_ms'))}")
-        worst = summary.get("slowest_vs_peer") or []
-        if worst:
-            lines.append("behind peer " + "  ".join(f"{w['id'].removeprefix('op/')} {_fmt(w.get('ratio'))}x"
-                                                    for w in worst[:3]))
+    per = summary.get("per_precision") or {}
+    if any(v is not None for row in per.values() for k, v in row.items() if k.endswith("_ms")):
+        lines.append("ms (median)  train: ours  graph  torch  ratio  |  infer 512: ours  torch  |  ops sum: ours  torch")
+        for p, row in per.items():
+            lines.append(f"  {p:<5} {row.get('version') or '':<12} "
+                         f"{_fmt(row.get('train_step_ms')):>6} {_fmt(row.get('graphed_train_step_ms')):>6} "
+                         f"{_fmt(row.get('torch_train_step_ms')):>6} {_fmt_ratio(row.get('ratio')):>6}  |  "
+                         f"{_fmt(row.get('infer_512_ms')):>13} {_fmt(row.get('torch_infer_512_ms')):>6}  |  "
+                         f"{_fmt(row.get('ops_total_ms')):>12} {_fmt(row.get('ops_peer_total_ms')):>6}")
+    worst = summary.get("slowest_vs_peer") or []
+    if worst:
+        lines.append("behind peer " + "  ".join(f"{w['id'].removeprefix('op/')} {_fmt(w.get('ratio'))}x"
+                                                for w in worst[:3]))
+    targets = summary.get("targets") or {}
+    for name, t in targets.items():
+        value = "-" if t.get("value") is None else f"{_fmt(t.get('value'))} {t.get('unit', '')}"
+        lines.append(f"target      {name:<28} {value} (goal {t.get('comparison')} {t.get('goal')} "
+                     f"{t.get('unit', '')}): {target_status(t.get('met'))}")
     check = summary.get("loss_check")
     if check:
         lines.append(f"loss check  passed {check.get('passed')}  rel err before "

@@ -158,7 +158,8 @@ log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.loa
 # GPU tests
 # ---------------------------------------------------------------------------------------------
 if wanted gpu-tests; then
-  run_stage gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
+  # every conv3x3 test runs for five kernel versions (plain and concatenated input): up to 240 s
+  run_stage gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
 else
   skip_stage gpu-tests "not in GPU_CHECK_STAGES"
 fi
@@ -200,7 +201,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 if wanted bench; then
   left=$(( DEADLINE - $(date +%s) - RESERVE ))
-  bench_limit=$(( left < 300 ? left : 300 ))
+  # up to 420 s: the training step in three precisions (eager and as a CUDA graph) against PyTorch's
+  # three settings, the prediction in each, then 282 per-op cases; whatever the budget leaves
+  bench_limit=$(( left < 420 ? left : 420 ))
   # the benchmarks skip themselves 20 s before the limit so that pytest still writes its JSON
   export UNET_BENCH_DEADLINE=$(( $(date +%s) + bench_limit - 20 ))
   export UNET_BENCH_RECORD="$OUTDIR/bench-records.jsonl"

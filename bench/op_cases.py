@@ -11,7 +11,16 @@ Peers, chosen as what a PyTorch user would run for the same result:
 * convolutions: ``torch.nn.functional.conv2d`` / ``conv_transpose2d`` (+ in-place ReLU where our
   forward fuses it) and ``torch.ops.aten.convolution_backward`` with the output mask of the gradient
   asked for — cuDNN underneath. Our up-convolution weight is OIHW ``[Cout, Cin, 2, 2]``; PyTorch's
-  transposed convolution wants ``[Cin, Cout, 2, 2]``: the peer gets ours transposed once, up front;
+  transposed convolution wants ``[Cin, Cout, 2, 2]``: the peer gets ours transposed once, up front.
+  A convolution's peer runs in three settings (``PEER_PRECISIONS``): true FP32 and TF32 on the same
+  float32 tensors (the caller sets ``allow_tf32``), and bf16 on bf16 copies of the operands in
+  channels_last, made once before timing (what bf16 autocast with channels_last runs);
+* the decoder's first convolution of a level, ours ``conv3x3_concat_*`` (the concatenation
+  ``[up, centre crop of skip]`` is never stored): forward ``cat`` + ``conv2d`` + ``relu_``; data
+  gradient ``convolution_backward`` then the split of the concatenation's gradient (what autograd
+  runs after it: the ``up`` part, and a zero skip gradient with the crop window written); weight
+  gradient ``convolution_backward`` on the concatenation, made once up front (PyTorch keeps it from
+  the forward pass);
 * max-pool: ``max_pool2d_with_indices`` and its backward (int64 indices where ours are uint8);
 * crop + concat: ``torch.cat`` of the up map and a slice of the skip; backward: a contiguous copy of
   the up part, a zero skip gradient with the crop window written (our op's outputs);
@@ -44,6 +53,9 @@ AUGMENT_MARGIN = 32          # px on each side of the input tile (TrainingTileSa
 # quarter_turns, flip_rows, flip_columns, gamma, contrast, brightness of the timed augmentation
 AUGMENT_ARGS = (1, True, False, 1.1, 0.9, 0.05)
 F32, I32, U8 = 4, 4, 1   # bytes per element
+# The settings a convolution's peer runs in: cuDNN in true FP32, in TF32 (PyTorch's default for
+# cuDNN) and in bf16 (bf16 tensors, channels_last). Memory-bound ops have an FP32 peer only.
+PEER_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -54,9 +66,12 @@ class OpCase:
     shape: str                   # human-readable shapes, in -> out
     flops: float | None = None   # compute-bound ops
     nbytes: float | None = None  # memory-bound ops: minimum bytes read + written
-    compute_bound: bool = False  # the peer runs twice: true FP32 and TF32 (cuDNN's default)
+    compute_bound: bool = False  # the peer runs in every setting of PEER_PRECISIONS, else fp32 only
     param_shapes: tuple = field(default=())   # sgd over all parameters
-    version: str | None = None   # conv3x3 kernel version timed (None: the backend's setting)
+    version: str | None = None   # conv3x3 kernel version timed (None: the backend's setting, or no conv3x3)
+    # False for an op a training step no longer runs in the precision modes: crop + concat, which
+    # the decoder's fused convolution (conv3x3_concat_*, every GEMM version) makes unnecessary
+    in_step: bool = True
 
     @property
     def id(self) -> str:
@@ -64,7 +79,15 @@ class OpCase:
 
     @property
     def seed(self) -> int:
-        return zlib.crc32(self.id.encode())
+        """The same for every version of an op at a layer: all versions and the peer see one input."""
+        return zlib.crc32(f"{self.op}-{self.layer}".encode())
+
+
+def _concat_of(layer, net: Network):
+    """The concatenation a decoder layer's first convolution reads (u<k>a <- cat<k>), else None."""
+    if layer.kind != "conv3x3" or not (layer.name.startswith("u") and layer.name.endswith("a")):
+        return None
+    return next((cat for cat in net.concats if cat.name == f"cat{layer.name[1:-1]}"), None)
 
 
 def _conv_cases(layer, net: Network) -> list[OpCase]:
@@ -74,28 +97,39 @@ def _conv_cases(layer, net: Network) -> list[OpCase]:
     k = {"conv3x3": 3, "upconv2x2": 2, "conv1x1": 1}[layer.kind]
     dims = dict(n=n, c=c, o=o, h=h, p=p, k=k)
     x, w, y = (n, c, h, h), (o, c, k, k), (n, o, p, p)
-    fwd_shape = f"{shape_str('x', x)} {shape_str('w', w)} -> {shape_str('y', y)}"
-    cases = [OpCase(f"{layer.kind}_forward", layer.name, dims, fwd_shape, flops=layer.flops,
+    family = layer.kind
+    x_str = shape_str('x', x)
+    cat = _concat_of(layer, net)
+    if cat is not None:
+        # the decoder's first convolution of a level reads [up, centre crop of skip] in place
+        family = "conv3x3_concat"
+        dims.update(cu=cat.up_channels, cs=cat.skip_channels, hs=cat.skip_hw)
+        x_str = (f"{shape_str('up', (n, cat.up_channels, h, h))} "
+                 f"{shape_str('skip', (n, cat.skip_channels, cat.skip_hw, cat.skip_hw))}")
+    fwd_shape = f"{x_str} {shape_str('w', w)} -> {shape_str('y', y)}"
+    cases = [OpCase(f"{family}_forward", layer.name, dims, fwd_shape, flops=layer.flops,
                     compute_bound=True)]
     if layer.kind == "conv3x3":
         cases.append(OpCase("relu_backward", layer.name, dims,
                             f"{shape_str('y', y)} {shape_str('dy', y)} -> {shape_str('dx', y)}",
                             nbytes=3.0 * F32 * n * o * p * p))
     if not layer.first:
-        cases.append(OpCase(f"{layer.kind}_backward_data", layer.name, dims,
-                            f"{shape_str('dy', y)} {shape_str('w', w)} -> {shape_str('dx', x)}",
+        dx_str = shape_str('dx', x) if cat is None else x_str.replace("up[", "dup[").replace("skip[", "dskip[")
+        cases.append(OpCase(f"{family}_backward_data", layer.name, dims,
+                            f"{shape_str('dy', y)} {shape_str('w', w)} -> {dx_str}",
                             flops=layer.flops, compute_bound=True))
-    cases.append(OpCase(f"{layer.kind}_backward_weight", layer.name, dims,
-                        f"{shape_str('x', x)} {shape_str('dy', y)} -> {shape_str('dw', w)} db[{o}]",
+    cases.append(OpCase(f"{family}_backward_weight", layer.name, dims,
+                        f"{x_str} {shape_str('dy', y)} -> {shape_str('dw', w)} db[{o}]",
                         flops=layer.flops, compute_bound=True))
     return cases
 
 
 # The 3x3 convolution's kernel versions side by side (csrc/conv3x3.cu, docs/CONV3X3.md): every
 # version at these four layers, which span the shapes of the network (568² x 64 channels, 136² x
-# 256, 64² x 512, 28² x 1024); op_cases() times the backend's version at every layer.
+# 256, 64² x 512, 28² x 1024); with_conv3x3_versions() gives the cases of every layer once per version
+# asked for (the precision modes' versions, in bench/test_bench_kernels.py).
 CONV3X3_VERSION_LAYERS = ("d1b", "d3b", "d4b", "b2")
-CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
 
 
 def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,
@@ -109,8 +143,21 @@ def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,
     return cases
 
 
+def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
+    """``cases`` with each 3x3 convolution case once per version in ``versions`` (in that order,
+    side by side); the other cases as they are."""
+    out: list[OpCase] = []
+    for case in cases:
+        if case.op.startswith("conv3x3_"):
+            out += [replace(case, version=v) for v in versions]
+        else:
+            out.append(case)
+    return out
+
+
 def op_cases(net: Network) -> list[OpCase]:
-    """Every op a training step of ``net`` runs, once per layer it runs at."""
+    """Every op a training step of ``net`` runs, once per layer it runs at; and crop + concat at
+    each concatenation, which only the unfused path runs (``in_step`` False)."""
     cases: list[OpCase] = []
     for layer in net.layers:
         cases += _conv_cases(layer, net)
@@ -134,12 +181,13 @@ def op_cases(net: Network) -> list[OpCase]:
         dims = dict(n=n, cu=cu, h=hw, cs=cs, hs=hs)
         up, skip, y = (n, cu, hw, hw), (n, cs, hs, hs), (n, cu + cs, hw, hw)
         out_elems = n * (cu + cs) * hw * hw
+        # the unfused path (v1_direct, v2_smem): not part of a step in the precision modes
         cases.append(OpCase("crop_concat_forward", cat.name, dims,
                             f"{shape_str('up', up)} {shape_str('skip', skip)} -> {shape_str('y', y)}",
-                            nbytes=2.0 * F32 * out_elems))
+                            nbytes=2.0 * F32 * out_elems, in_step=False))
         cases.append(OpCase("crop_concat_backward", cat.name, dims,
                             f"{shape_str('dy', y)} -> {shape_str('dup', up)} {shape_str('dskip', skip)}",
-                            nbytes=F32 * (out_elems + n * cu * hw * hw + n * cs * hs * hs)))
+                            nbytes=F32 * (out_elems + n * cu * hw * hw + n * cs * hs * hs), in_step=False))
     for name in net.dropout_layers:
         layer = net.layer(name)
         shape = (layer.batch, layer.cout, layer.out_hw, layer.out_hw)
@@ -224,6 +272,11 @@ def make_inputs(case: OpCase, xp, ops) -> dict:
     rng = Random(xp, case.seed)
     d = case.dims
     op = case.op
+    if op.startswith("conv3x3_concat"):
+        n, cu, cs, hs, o, h, p = d["n"], d["cu"], d["cs"], d["hs"], d["o"], d["h"], d["p"]
+        return dict(up=rng.normal((n, cu, h, h)), skip=rng.normal((n, cs, hs, hs)),
+                    w=_he(rng, (o, cu + cs, 3, 3), (cu + cs) * 9), b=rng.normal((o,), 0.1),
+                    dy=rng.normal((n, o, p, p), 1e-3))
     if op.startswith(("conv3x3", "upconv2x2", "conv1x1")):
         n, c, o, h, p, k = d["n"], d["c"], d["o"], d["h"], d["p"], d["k"]
         fan_in = c if op.startswith("upconv") else c * k * k
@@ -280,6 +333,13 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
     op = case.op
     if op == "conv3x3_forward":
         return lambda: ops.conv3x3_forward(a["x"], a["w"], a["b"], True)
+    if op == "conv3x3_concat_forward":
+        return lambda: ops.conv3x3_concat_forward(a["up"], a["skip"], a["w"], a["b"], True)
+    if op == "conv3x3_concat_backward_data":
+        skip_shape = tuple(a["skip"].shape)
+        return lambda: ops.conv3x3_concat_backward_data(a["dy"], a["w"], skip_shape)
+    if op == "conv3x3_concat_backward_weight":
+        return lambda: ops.conv3x3_concat_backward_weight(a["up"], a["skip"], a["dy"])
     if op in ("upconv2x2_forward", "conv1x1_forward"):
         fn = getattr(ops, op)
         return lambda: fn(a["x"], a["w"], a["b"])
@@ -331,8 +391,24 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
 # ------------------------------------------------------------------------------------------------
 
 
-def peer_description(case: OpCase) -> str:
+def peer_description(case: OpCase, precision: str = "fp32") -> str:
+    """What the peer of ``case`` runs; a bf16 convolution peer says so."""
+    text = _peer_description(case)
+    if precision == "bf16" and case.compute_bound:
+        text += " (bf16, channels_last)"
+    elif precision == "tf32" and case.compute_bound:
+        text += " (TF32)"
+    return text
+
+
+def _peer_description(case: OpCase) -> str:
     op = case.op
+    if op == "conv3x3_concat_forward":
+        return "cat + cuDNN conv2d + relu_"
+    if op == "conv3x3_concat_backward_data":
+        return "cuDNN convolution_backward + split (contiguous + zeros + slice copy)"
+    if op == "conv3x3_concat_backward_weight":
+        return "cuDNN convolution_backward (on the stored concatenation)"
     if op == "conv3x3_forward":
         return "cuDNN conv2d + relu_"
     if op in ("upconv2x2_forward",):
@@ -365,18 +441,35 @@ def to_torch(torch, a):
     return torch.from_dlpack(a)
 
 
-def peer(case: OpCase, inputs: dict, torch) -> Callable[[], object]:
-    """A zero-argument PyTorch call doing ``case``'s work on the memory of ``inputs``."""
+def _bf16_channels_last(torch, a):
+    """A bf16 copy of ``a``; channels_last where it is 4-D (the layout of autocast's fast path)."""
+    a = a.to(torch.bfloat16)
+    return a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a
+
+
+def peer(case: OpCase, inputs: dict, torch, precision: str = "fp32") -> Callable[[], object]:
+    """A zero-argument PyTorch call doing ``case``'s work on the memory of ``inputs``.
+
+    ``precision`` "bf16" gives a convolution bf16 copies of its operands in channels_last (made here,
+    once); "fp32" and "tf32" use the float32 inputs themselves, and which of the two cuDNN runs is
+    the caller's ``torch.backends.cudnn.allow_tf32``. Other ops ignore ``precision``.
+    """
+    if precision not in PEER_PRECISIONS:
+        raise ValueError(f"peer precision must be one of {PEER_PRECISIONS}, got {precision!r}")
     F = torch.nn.functional
     aten = torch.ops.aten
     t = {k: to_torch(torch, v) for k, v in inputs.items() if not isinstance(v, list)}
     op = case.op
+    if op.startswith("conv3x3_concat"):
+        return _concat_conv_peer(op, t, torch, precision)
     if op.startswith(("conv3x3", "upconv2x2", "conv1x1")):
         transposed = op.startswith("upconv")
         stride = [2, 2] if transposed else [1, 1]
         # PyTorch's transposed convolution weight is [Cin, Cout, kH, kW]; ours is [Cout, Cin, kH, kW].
         w = t["w"].transpose(0, 1).contiguous() if transposed else t["w"]
         x, b, dy = t["x"], t["b"], t["dy"]
+        if precision == "bf16":
+            x, w, b, dy = (_bf16_channels_last(torch, a) for a in (x, w, b, dy))
 
         def backward(mask):
             return aten.convolution_backward(dy, x, w, [w.shape[1] if transposed else w.shape[0]],
@@ -458,6 +551,38 @@ def peer(case: OpCase, inputs: dict, torch) -> Callable[[], object]:
     if op == "augment_warp":
         return _augment_peer(torch, t)
     raise KeyError(f"no peer defined for op {op}")
+
+
+def _concat_conv_peer(op: str, t: dict, torch, precision: str) -> Callable[[], object]:
+    """The decoder's first convolution of a level as PyTorch runs it: on the concatenation."""
+    F = torch.nn.functional
+    aten = torch.ops.aten
+    up, skip, w, b, dy = t["up"], t["skip"], t["w"], t["b"], t["dy"]
+    if precision == "bf16":
+        up, skip, w, b, dy = (_bf16_channels_last(torch, a) for a in (up, skip, w, b, dy))
+    cu, h = up.shape[1], up.shape[2]
+    o = (skip.shape[2] - h) // 2
+
+    def concat():
+        return torch.cat([up, skip[:, :, o:o + h, o:o + h]], 1)
+
+    if op == "conv3x3_concat_forward":
+        return lambda: F.relu(F.conv2d(concat(), w, b), inplace=True)
+    x = concat()   # PyTorch keeps the concatenation of the forward pass for the backward
+
+    def backward(mask):
+        return aten.convolution_backward(dy, x, w, [w.shape[0]], [1, 1], [0, 0], [1, 1], False,
+                                         [0, 0], 1, mask)
+
+    if op == "conv3x3_concat_backward_data":
+        def data_and_split():
+            dx = backward([True, False, False])[0]
+            dskip = torch.zeros_like(skip)
+            dskip[:, :, o:o + h, o:o + h] = dx[:, cu:]
+            return dx[:, :cu].contiguous(), dskip
+
+        return data_and_split
+    return lambda: backward([False, True, True])
 
 
 def _augment_peer(torch, t: dict) -> Callable[[], object]:

@@ -11,6 +11,9 @@ array is its own cudaMalloc): inside a pooled block an overrun lands in a neighb
 memcheck cannot see it. Inputs are drawn on the host with a fixed seed and copied over, so the run
 is deterministic and runs no random-number kernels of its own.
 
+On the GPU the 3x3 convolutions (plain and on a concatenation) run once per kernel version of
+``unet_cuda.ops.cuda.CONV3X3_VERSIONS``: each version is kernels of its own.
+
 After each call the device is synchronised, so an error is reported at the op that caused it. A
 call that raises is reported and the run goes on. The last line is
 ``SANITIZER DRIVER: <calls> calls, <failed> failed`` and the exit status is 1 when any call failed.
@@ -19,6 +22,7 @@ call that raises is reported and the run goes on. The last line is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -91,6 +95,14 @@ class Driver:
         return result
 
     # -------------------------------------------------------------- the ops
+    def conv3x3_versions(self) -> list[tuple[str, Callable]]:
+        """(tag, context) per 3x3 convolution kernel version on the GPU; the reference once."""
+        if self.device != "cuda":
+            return [("", contextlib.nullcontext)]
+        from unet_cuda.ops import cuda as cu  # noqa: PLC0415
+
+        return [(f" [{v}]", lambda v=v: cu.use_conv3x3_version(v)) for v in cu.CONV3X3_VERSIONS]
+
     def convolutions(self) -> None:
         ops = self.ops
         for n, c, o, h, w in ((2, 3, 5, 13, 17), (1, 1, 8, 9, 11), (1, 67, 65, 20, 19)):
@@ -98,13 +110,33 @@ class Driver:
             wt = self.normal(o, c, 3, 3, std=0.2)
             b = self.normal(o)
             dy = self.normal(n, o, h - 2, w - 2)
-            tag = f"{n}x{c}x{h}x{w}->{o}"
-            self.call(f"conv3x3_forward {tag}", lambda: ops.conv3x3_forward(x, wt, b, False))
-            y = self.call(f"conv3x3_forward relu {tag}", lambda: ops.conv3x3_forward(x, wt, b, True))
-            self.call(f"conv3x3_backward_data {tag}", lambda: ops.conv3x3_backward_data(dy, wt))
-            self.call(f"conv3x3_backward_weight {tag}", lambda: ops.conv3x3_backward_weight(x, dy))
+            y = None
+            for version, using in self.conv3x3_versions():
+                tag = f"{n}x{c}x{h}x{w}->{o}{version}"
+                with using():
+                    self.call(f"conv3x3_forward {tag}", lambda: ops.conv3x3_forward(x, wt, b, False))
+                    y = self.call(f"conv3x3_forward relu {tag}", lambda: ops.conv3x3_forward(x, wt, b, True))
+                    self.call(f"conv3x3_backward_data {tag}", lambda: ops.conv3x3_backward_data(dy, wt))
+                    self.call(f"conv3x3_backward_weight {tag}", lambda: ops.conv3x3_backward_weight(x, dy))
             if y is not None:
+                tag = f"{n}x{c}x{h}x{w}->{o}"
                 self.call(f"relu_backward {tag}", lambda: ops.relu_backward(y, dy))
+        # the convolution of [up, centre crop of skip]: odd maps, channels split unevenly
+        for (n, cu, h, w), (cs, hs, ws), o in (((2, 3, 9, 11), (4, 13, 15), 5), ((1, 33, 12, 12), (34, 16, 18), 65)):
+            up, skip = self.normal(n, cu, h, w), self.normal(n, cs, hs, ws)
+            wt = self.normal(o, cu + cs, 3, 3, std=0.2)
+            b = self.normal(o)
+            dy = self.normal(n, o, h - 2, w - 2)
+            skip_shape = (n, cs, hs, ws)
+            for version, using in self.conv3x3_versions():
+                tag = f"up{[n, cu, h, w]} skip{list(skip_shape)}->{o}{version}"
+                with using():
+                    self.call(f"conv3x3_concat_forward relu {tag}",
+                              lambda: ops.conv3x3_concat_forward(up, skip, wt, b, True))
+                    self.call(f"conv3x3_concat_backward_data {tag}",
+                              lambda: ops.conv3x3_concat_backward_data(dy, wt, skip_shape))
+                    self.call(f"conv3x3_concat_backward_weight {tag}",
+                              lambda: ops.conv3x3_concat_backward_weight(up, skip, dy))
         for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13)):
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 1, 1, std=0.3)

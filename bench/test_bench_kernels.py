@@ -4,14 +4,22 @@ ours against the same work through PyTorch/cuDNN, in the same process on the sam
 Each test times our op and its peer with CUDA events (benchlib.time_gpu: warm-up, L2 flushed
 before every repeat, median), turns the time into TFLOP/s or GB/s and a percentage of the card's
 ceiling, and records everything in ``benchmark.extra_info`` (see bench/README.md for the fields).
-Our kernels compute in FP32 on CUDA cores, so the ratio ``peer_ms / ms`` is taken against cuDNN in
-true FP32 (``allow_tf32 = False``); cuDNN's default TF32 is timed too and reported beside it.
 pytest-benchmark's own statistics are the synchronised wall time of one call of ours.
 
-The 3x3 convolution runs the backend's kernel version (``UNET_CUDA_CONV3X3``, default v1_direct) at
-every layer; ``test_conv3x3_version`` also times every version at four representative layers
-(``op_cases.CONV3X3_VERSION_LAYERS``), without the peer, as records of kind ``op_version``. A TF32
-version (v4_tf32_mma) is measured against the TF32 ceiling.
+Precision: the 3x3 convolution runs, at every layer, the kernel version of each precision mode
+(``unet_cuda.ops.cuda.PRECISION_VERSIONS``: fp32 v3_igemm, tf32 v4_tf32_mma, bf16 v5_bf16_mma), and
+each is measured against the ceiling of what it computes in (FP32 CUDA cores, TF32 or bf16 tensor
+cores). Every other op computes in FP32 in every mode. The peer of a convolution (3x3, 2x2 up, 1x1)
+runs in three settings, each timed once per op and layer and shared by the versions: cuDNN in true
+FP32 (``allow_tf32 = False``), in TF32 (PyTorch's default) and in bf16 (bf16 tensors, channels_last).
+``peer_ms`` and ``ratio = peer_ms / ms`` are against the peer of the record's own precision
+(``peer_precision``); ``peer_<p>_ms`` and ``ratio_<p>`` hold every setting timed. Memory-bound
+ops have their FP32 peer only.
+
+``test_conv3x3_version`` times every kernel version (v1_direct ... v5_bf16_mma) at four
+representative layers (``op_cases.CONV3X3_VERSION_LAYERS``) as records of kind ``op_version``: the
+progression of docs/CONV3X3.md. It runs first (it is short), and its peer is the one of the
+version's precision, from the same shared timings.
 
     python3 -m pytest bench/test_bench_kernels.py --benchmark-json=benchmarks.json -q
 """
@@ -39,17 +47,24 @@ from unet_cuda import ops  # noqa: E402
 from unet_cuda.ops import cuda as cu  # noqa: E402
 
 NET = benchlib.network()
-CASES = op_cases.op_cases(NET)
+# The conv3x3 version of each precision mode, in the order of cu.PRECISIONS.
+MODE_VERSIONS = tuple(cu.PRECISION_VERSIONS[p] for p in cu.PRECISIONS)
+CASES = op_cases.with_conv3x3_versions(op_cases.op_cases(NET), MODE_VERSIONS)
 VERSION_CASES = op_cases.conv3x3_version_cases(NET, cu.CONV3X3_VERSIONS)
 
 # Time budgets per measurement (ms of GPU time; UNET_BENCH_SCALE scales them).
-OURS_BUDGET_MS = 100.0
-PEER_BUDGET_MS = 50.0
-VERSION_BUDGET_MS = 50.0   # 48 version cases: about 20 s in all
+OURS_BUDGET_MS = 60.0
+PEER_BUDGET_MS = 30.0
+VERSION_BUDGET_MS = 40.0   # 60 version cases: about 20 s in all
+
+# Peer medians (ms) by (op, layer, precision): each setting is timed once per op and layer, and the
+# versions of the op at that layer share it.
+_PEER_MS: dict[tuple[str, str, str], float] = {}
 
 
-def _conv3x3_precision(version: str | None) -> str:
-    return "tf32" if version == "v4_tf32_mma" else "fp32"
+def _precision(version: str | None) -> str:
+    """What an op computes in: its conv3x3 version's precision, FP32 for every other op."""
+    return benchlib.conv3x3_precision(version, cu.PRECISION_VERSIONS) if version else "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +89,25 @@ def _set_tf32(cudnn_flag: bool, matmul_flag: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = matmul_flag
 
 
+def _peer_ms(case, inputs: dict, env: dict, precision: str) -> float:
+    """The peer's median time of ``case`` in ``precision`` (timed at the first request)."""
+    key = (case.op, case.layer, precision)
+    if key not in _PEER_MS:
+        peer_fn = op_cases.peer(case, inputs, torch, precision)
+        defaults = env["tf32_defaults"]
+        try:
+            if precision == "fp32":
+                _set_tf32(False, False)       # the like-for-like peer of FP32: true FP32
+            elif precision == "tf32":
+                _set_tf32(True, True)         # cuDNN as it runs by default: TF32 tensor cores
+            # bf16: bf16 tensors, the flags do not apply to them
+            _PEER_MS[key] = benchlib.time_gpu(peer_fn, env["peer"], budget_ms=PEER_BUDGET_MS).median_ms
+        finally:
+            _set_tf32(defaults["cudnn_allow_tf32"], defaults["matmul_allow_tf32"])
+        del peer_fn
+    return _PEER_MS[key]
+
+
 def _peer_figures(prefix: str, ms: float, case, ceilings, precision: str) -> dict:
     work = benchlib.figures(ms, flops=case.flops, nbytes=case.nbytes, ceilings=ceilings,
                             precision=precision)
@@ -84,72 +118,37 @@ def _peer_figures(prefix: str, ms: float, case, ceilings, precision: str) -> dic
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_op(benchmark, bench_env, case):
-    benchlib.skip_if_out_of_time(pytest)
-    ceilings = bench_env["ceilings"]
-    benchmark.group = case.op
-    inputs = op_cases.make_inputs(case, cupy, ops)
-    ours_fn = op_cases.ours(case, inputs, ops)
-    timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=OURS_BUDGET_MS)
-    version = cu.get_conv3x3_version() if case.op.startswith("conv3x3_") else None
-    precision = _conv3x3_precision(version)
-    rec = {
-        "id": f"op/{case.op}/{case.layer}",
-        "kind": "op",
-        "op": case.op,
-        "layer": case.layer,
-        "shape": case.shape,
-        "precision": precision,
-        "version": version,
-        "flops": case.flops,
-        "bytes": case.nbytes,
-        **timing.as_dict(),
-        **benchlib.figures(timing.median_ms, flops=case.flops, nbytes=case.nbytes,
-                           ceilings=ceilings, precision=precision),
-        "peer": op_cases.peer_description(case),
-        "tf32_defaults": bench_env["tf32_defaults"],
-        "ceilings_card": ceilings.card,
-    }
-
-    peer_fn = op_cases.peer(case, inputs, torch)
-    try:
-        # The like-for-like peer: true FP32.
-        _set_tf32(False, False)
-        peer = benchlib.time_gpu(peer_fn, bench_env["peer"], budget_ms=PEER_BUDGET_MS)
-        rec.update(_peer_figures("peer_", peer.median_ms, case, ceilings, "fp32"))
-        rec["peer_precision"] = "fp32"
-        rec["ratio"] = peer.median_ms / timing.median_ms
-        if case.compute_bound:
-            # cuDNN as it runs by default: TF32 tensor cores.
-            _set_tf32(True, True)
-            peer_tf32 = benchlib.time_gpu(peer_fn, bench_env["peer"], budget_ms=PEER_BUDGET_MS)
-            rec.update(_peer_figures("peer_tf32_", peer_tf32.median_ms, case, ceilings, "tf32"))
-            rec["ratio_tf32"] = peer_tf32.median_ms / timing.median_ms
-    finally:
-        defaults = bench_env["tf32_defaults"]
-        _set_tf32(defaults["cudnn_allow_tf32"], defaults["matmul_allow_tf32"])
-
-    benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
-    benchlib.record(benchmark, rec)
-    del inputs, ours_fn, peer_fn
-    gc.collect()
+def _peers(case, inputs: dict, env: dict, ours_ms: float, precision: str, settings) -> dict:
+    """The peer fields of a record: each setting in ``settings`` and the one of ``precision``."""
+    ceilings = env["ceilings"]
+    out: dict = {}
+    for setting in settings:
+        ms = _peer_ms(case, inputs, env, setting)
+        out.update(_peer_figures(f"peer_{setting}_", ms, case, ceilings, setting))
+        out[f"ratio_{setting}"] = ms / ours_ms
+    matched = precision if precision in settings else "fp32"
+    if matched in settings:
+        out.update(_peer_figures("peer_", out[f"peer_{matched}_ms"], case, ceilings, matched))
+        out["peer_precision"] = matched
+        out["peer"] = op_cases.peer_description(case, matched)
+        out["ratio"] = out[f"ratio_{matched}"]
+    return out
 
 
 @pytest.mark.parametrize("case", VERSION_CASES, ids=[c.id for c in VERSION_CASES])
 def test_conv3x3_version(benchmark, bench_env, case):
-    """One 3x3 convolution op at one layer with one kernel version (the peer: test_op's record of
-    the same op and layer)."""
+    """One 3x3 convolution op at one layer with one kernel version, against the peer of its
+    precision."""
     benchlib.skip_if_out_of_time(pytest)
     ceilings = bench_env["ceilings"]
     benchmark.group = f"{case.op} versions"
     inputs = op_cases.make_inputs(case, cupy, ops)
     ours_fn = op_cases.ours(case, inputs, ops)
-    precision = _conv3x3_precision(case.version)
+    precision = _precision(case.version)
     with cu.use_conv3x3_version(case.version):
         timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=VERSION_BUDGET_MS)
         benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
-    benchlib.record(benchmark, {
+    rec = {
         "id": f"op_version/{case.op}/{case.layer}/{case.version}",
         "kind": "op_version",
         "op": case.op,
@@ -161,6 +160,48 @@ def test_conv3x3_version(benchmark, bench_env, case):
         **timing.as_dict(),
         **benchlib.figures(timing.median_ms, flops=case.flops, ceilings=ceilings, precision=precision),
         "ceilings_card": ceilings.card,
-    })
+    }
+    rec.update(_peers(case, inputs, bench_env, timing.median_ms, precision, (precision,)))
+    benchlib.record(benchmark, rec)
+    del inputs, ours_fn
+    gc.collect()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_op(benchmark, bench_env, case):
+    benchlib.skip_if_out_of_time(pytest)
+    ceilings = bench_env["ceilings"]
+    benchmark.group = case.op
+    inputs = op_cases.make_inputs(case, cupy, ops)
+    ours_fn = op_cases.ours(case, inputs, ops)
+    version = case.version          # set for the 3x3 convolutions, one case per precision mode
+    precision = _precision(version)
+    if version is not None:
+        with cu.use_conv3x3_version(version):
+            timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=OURS_BUDGET_MS)
+            benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
+    else:
+        timing = benchlib.time_gpu(ours_fn, bench_env["ours"], budget_ms=OURS_BUDGET_MS)
+        benchlib.wall_benchmark(benchmark, ours_fn, bench_env["ours"], timing.median_ms)
+    rec = {
+        "id": f"op/{case.op}/{case.layer}" + (f"/{version}" if version else ""),
+        "kind": "op",
+        "op": case.op,
+        "layer": case.layer,
+        "shape": case.shape,
+        "precision": precision,
+        "version": version,
+        "flops": case.flops,
+        "bytes": case.nbytes,
+        "in_step": case.in_step,   # False: crop + concat, which the fused decoder convolution replaces
+        **timing.as_dict(),
+        **benchlib.figures(timing.median_ms, flops=case.flops, nbytes=case.nbytes,
+                           ceilings=ceilings, precision=precision),
+        "tf32_defaults": bench_env["tf32_defaults"],
+        "ceilings_card": ceilings.card,
+    }
+    settings = op_cases.PEER_PRECISIONS if case.compute_bound else ("fp32",)
+    rec.update(_peers(case, inputs, bench_env, timing.median_ms, precision, settings))
+    benchlib.record(benchmark, rec)
     del inputs, ours_fn
     gc.collect()

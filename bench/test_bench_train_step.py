@@ -2,18 +2,29 @@
 overlap-tile prediction of a 512x512 image, ours against a PyTorch U-Net of the same architecture
 (bench/torch_unet.py) with the same initial weights, data, loss and optimiser.
 
+Our precision modes (``unet_cuda.ops.cuda.PRECISIONS``, the conv3x3 kernel version each runs in
+``PRECISION_VERSIONS``) are each paired with one PyTorch setting (PERFORMANCE.md, "Peers"):
+
+    ours fp32 (v3_igemm)     <->  PyTorch with TF32 off (true FP32)
+    ours tf32 (v4_tf32_mma)  <->  PyTorch's default (cuDNN convolutions in TF32)
+    ours bf16 (v5_bf16_mma)  <->  PyTorch bf16 autocast + channels_last
+
 * ``test_loss_matches_torch_fp32`` (first, not timed): from the same weights and data, dropout
-  off, our loss before and after one SGD step equals PyTorch's true-FP32 loss to 1e-4 relative,
-  and every tensor's update (lr times its gradient) agrees to 1e-2 (relative L2; float32 sums
-  over 1e5 pixels in different orders, cuDNN's algorithms included, differ by some 1e-4 here).
-* ``test_train_step_ours``: forward, loss, backward and SGD update (lr 1e-3, momentum 0.99, Caffe's
-  rule) of ``unet_cuda.UNet`` with dropout as in training; FP32 throughout.
-* ``test_train_step_torch[tf32|fp32|bf16]``: the same step in PyTorch, cuDNN autotuned
-  (``cudnn.benchmark = True``), in the three settings of PERFORMANCE.md: cuDNN's default (TF32
-  convolutions), true FP32 (``allow_tf32 = False`` for cuDNN and matmul), and bf16 autocast with
-  channels_last. Our FP32 step compares with ``fp32``.
-* ``test_infer_512_*``: softmax probabilities of a 512x512 image by overlap-tile (4 tiles of 572,
-  mirrored borders), including the host-side tiling and copies; wall time.
+  off, our loss (fp32 mode) before and after one SGD step equals PyTorch's true-FP32 loss to 1e-4
+  relative, and every tensor's update (lr times its gradient) agrees to 1e-2 (relative L2; float32
+  sums over 1e5 pixels in different orders, cuDNN's algorithms included, differ by some 1e-4 here).
+* ``test_train_step_ours[fp32|tf32|bf16]``: forward, loss, backward and SGD update (lr 1e-3,
+  momentum 0.99, Caffe's rule) of ``unet_cuda.UNet`` with dropout as in training, in each mode
+  (``use_precision``).
+* ``test_train_step_graphed[fp32|tf32|bf16]``: the same step as a CUDA graph
+  (``unet_cuda.graph.GraphedTrainStep``, ``train --cuda-graph``): eager warm-up, capture, then
+  replays are timed. Skipped with the reason where the module does not import.
+* ``test_train_step_torch[fp32|tf32|bf16]``: the same step in PyTorch, cuDNN autotuned
+  (``cudnn.benchmark = True``), in the three settings above.
+* ``test_infer_512_ours[...]`` and ``test_infer_512_torch[...]``: softmax probabilities of a
+  512x512 image by overlap-tile (4 tiles of 572, mirrored borders, all four in one batch), in each
+  mode and setting, including the host-side tiling and copies; wall time. The inference target is
+  the bf16 figure.
 
 Step times are CUDA-event medians (no synchronisation inside the step; our loss stays on the
 device); pytest-benchmark's own statistics are the synchronised wall time of a step.
@@ -41,8 +52,16 @@ import torch  # noqa: E402
 
 import unet_cuda  # noqa: E402
 from unet_cuda import functional as F  # noqa: E402
-from unet_cuda import ops, tiling  # noqa: E402
+from unet_cuda import tiling  # noqa: E402
 from unet_cuda.autograd import Tensor, no_grad  # noqa: E402
+from unet_cuda.ops import cuda as cu  # noqa: E402
+
+try:  # the CUDA-graph training step; its benchmark skips with the reason where it is missing
+    from unet_cuda.graph import GraphedTrainStep  # noqa: E402
+    _GRAPH_SKIP = None
+except Exception as exc:  # noqa: BLE001
+    GraphedTrainStep = None
+    _GRAPH_SKIP = f"unet_cuda.graph.GraphedTrainStep does not import ({exc.__class__.__name__}: {exc})"
 
 from torch_unet import CaffeSGD, TorchUNet, weighted_softmax_loss  # noqa: E402
 
@@ -52,7 +71,9 @@ LR, MOMENTUM = 1e-3, 0.99
 NET = benchlib.network(TILE)
 STEP_FLOPS = NET.train_step_flops()
 STEP_SHAPE = "x[1,1,572,572] -> logits[1,2,388,388]; forward + loss + backward + SGD"
-TORCH_SETTINGS = ("tf32", "fp32", "bf16")
+PRECISIONS = tuple(cu.PRECISIONS)          # ours: fp32, tf32, bf16
+TORCH_SETTINGS = tuple(benchlib.TORCH_SETTINGS)   # PyTorch's, by the same names (module docstring)
+INFER_BATCH = 4           # tiles per forward pass: all four tiles of the 512x512 image at once
 
 CHECK_LR = 1e-3           # the training default: one step lowers the loss of a random tile by some 20 %
 LOSS_RTOL = 1e-4
@@ -148,7 +169,8 @@ def _relative(a: float, b: float) -> float:
 
 
 def test_loss_matches_torch_fp32(env, data):
-    """Our GPU loss equals PyTorch's true-FP32 loss before and after one SGD step (dropout off)."""
+    """Our GPU loss in fp32 mode equals PyTorch's true-FP32 loss before and after one SGD step
+    (dropout off)."""
     benchlib.skip_if_out_of_time(pytest, 20)
     net = unet_cuda.UNet(seed=1, dropout=0.0)
     state = net.state_dict()
@@ -177,13 +199,14 @@ def test_loss_matches_torch_fp32(env, data):
     our_opt = unet_cuda.SGD(net.parameters(), lr=CHECK_LR, momentum=MOMENTUM)
     x = Tensor(cupy.asarray(data["x"]))
     labels, weights = cupy.asarray(data["labels"]), cupy.asarray(data["weights"])
-    loss = F.softmax_cross_entropy(net(x), labels, weights)
-    our_opt.zero_grad()
-    loss.backward()
-    our_opt.step()
-    ours_before = float(loss.data)
-    with no_grad():
-        ours_after = float(F.softmax_cross_entropy(net(x), labels, weights).data)
+    with cu.use_precision("fp32"):
+        loss = F.softmax_cross_entropy(net(x), labels, weights)
+        our_opt.zero_grad()
+        loss.backward()
+        our_opt.step()
+        ours_before = float(loss.data)
+        with no_grad():
+            ours_after = float(F.softmax_cross_entropy(net(x), labels, weights).data)
     ours_state = net.state_dict()
 
     update_errors = {
@@ -196,7 +219,8 @@ def test_loss_matches_torch_fp32(env, data):
     rel_after = _relative(ours_after, torch_after)
     passed = rel_before <= LOSS_RTOL and rel_after <= LOSS_RTOL and update_errors[worst] <= UPDATE_RTOL
     benchlib.record(None, {
-        "id": "check/loss_vs_torch_fp32", "kind": "check", "passed": passed,
+        "id": "check/loss_vs_torch_fp32", "kind": "check", "passed": passed, "precision": "fp32",
+        "version": cu.PRECISION_VERSIONS["fp32"],
         "lr": CHECK_LR, "momentum": MOMENTUM, "loss_rtol": LOSS_RTOL, "update_rtol": UPDATE_RTOL,
         "ours_loss_before": ours_before, "torch_loss_before": torch_before, "rel_err_before": rel_before,
         "ours_loss_after": ours_after, "torch_loss_after": torch_after, "rel_err_after": rel_after,
@@ -215,14 +239,32 @@ def test_loss_matches_torch_fp32(env, data):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_train_step_ours(benchmark, env, data, initial_state):
-    benchlib.skip_if_out_of_time(pytest, 20)
+def _our_training_setup(data, initial_state):
+    """The paper's network with the initial weights on the GPU, its optimiser, one batch there."""
     net = unet_cuda.UNet(seed=0)
     net.load_state_dict(initial_state)
     net.to("cuda").train()
     opt = unet_cuda.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    x = Tensor(cupy.asarray(data["x"]))
-    labels, weights = cupy.asarray(data["labels"]), cupy.asarray(data["weights"])
+    batch = (cupy.asarray(data["x"]), cupy.asarray(data["labels"]), cupy.asarray(data["weights"]))
+    return net, opt, batch
+
+
+def _step_record(rec_id: str, impl: str, precision: str, name: str, timing, env, loss_after: float) -> dict:
+    return {
+        "id": rec_id, "kind": "train_step", "impl": impl, "precision": precision,
+        "version": cu.PRECISION_VERSIONS[precision], "name": name, "shape": STEP_SHAPE, "flops": STEP_FLOPS,
+        "torch_setting": benchlib.TORCH_SETTINGS[precision],
+        **timing.as_dict(),
+        **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision=precision),
+        "loss_finite": bool(np.isfinite(loss_after)),
+    }
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_train_step_ours(benchmark, env, data, initial_state, precision):
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net, opt, (xa, labels, weights) = _our_training_setup(data, initial_state)
+    x = Tensor(xa)
 
     def step():
         opt.zero_grad()
@@ -231,18 +273,41 @@ def test_train_step_ours(benchmark, env, data, initial_state):
         opt.step()
         return loss
 
-    timing = benchlib.time_gpu(step, env["ours"], warmup=2, budget_ms=1500, min_repeats=5,
-                               max_repeats=20, flush=False)
-    loss_after = float(step().data)
-    benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
-    benchlib.record(benchmark, {
-        "id": "train_step/ours/fp32", "kind": "train_step", "impl": "ours", "precision": "fp32",
-        "name": "unet_cuda train step", "shape": STEP_SHAPE, "flops": STEP_FLOPS,
-        **timing.as_dict(),
-        **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision="fp32"),
-        "loss_finite": bool(np.isfinite(loss_after)),
-    })
-    assert np.isfinite(loss_after), f"our training step gave a non-finite loss {loss_after}"
+    with cu.use_precision(precision):
+        timing = benchlib.time_gpu(step, env["ours"], warmup=2, budget_ms=1500, min_repeats=5,
+                                   max_repeats=20, flush=False)
+        loss_after = float(step().data)
+        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    benchlib.record(benchmark, _step_record(f"train_step/ours/{precision}", "ours", precision,
+                                            f"unet_cuda train step ({precision})", timing, env, loss_after))
+    assert np.isfinite(loss_after), f"our {precision} training step gave a non-finite loss {loss_after}"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_train_step_graphed(benchmark, env, data, initial_state, precision):
+    """The same step replayed as a CUDA graph; the graph keeps the kernel version it captured, so
+    each precision captures its own."""
+    if _GRAPH_SKIP:
+        pytest.skip(_GRAPH_SKIP)
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net, opt, (x, labels, weights) = _our_training_setup(data, initial_state)
+    with cu.use_precision(precision):
+        graphed = GraphedTrainStep(net, opt, x.shape, labels.shape, weights.shape)
+
+        def step():
+            return graphed(x, labels, weights, lr=LR)
+
+        # warm-up 3: the eager first step, the capture (and its first replay), one more replay
+        timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
+                                   max_repeats=30, flush=False)
+        loss_after = float(step())
+        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    assert graphed.captured, "the graphed step never captured its graph"
+    rec = _step_record(f"train_step/ours_graph/{precision}", "ours_graph", precision,
+                       f"unet_cuda train step, CUDA graph ({precision})", timing, env, loss_after)
+    rec["graph_steps"] = graphed.steps
+    benchlib.record(benchmark, rec)
+    assert np.isfinite(loss_after), f"our graphed {precision} step gave a non-finite loss {loss_after}"
 
 
 @pytest.mark.parametrize("setting", TORCH_SETTINGS)
@@ -273,7 +338,8 @@ def test_train_step_torch(benchmark, env, data, initial_state, setting):
     precision = setting  # the path the convolutions take
     benchlib.record(benchmark, {
         "id": f"train_step/torch/{setting}", "kind": "train_step", "impl": "torch", "precision": precision,
-        "name": f"PyTorch train step ({setting})", "shape": STEP_SHAPE, "flops": STEP_FLOPS,
+        "name": f"{benchlib.TORCH_SETTINGS[setting]}: train step", "torch_setting": benchlib.TORCH_SETTINGS[setting],
+        "shape": STEP_SHAPE, "flops": STEP_FLOPS,
         **timing.as_dict(),
         **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision=precision),
         "channels_last": setting == "bf16", "autocast": "bf16" if setting == "bf16" else None,
@@ -286,26 +352,6 @@ def test_train_step_torch(benchmark, env, data, initial_state, setting):
 # ------------------------------------------------------------------------------------------------
 # Inference: a 512x512 image by overlap-tile
 # ------------------------------------------------------------------------------------------------
-
-
-def _our_predictor(net):
-    """The package's own image prediction when it exists, else the tiling with a softmax here."""
-    try:
-        from unet_cuda.inference import predict_image  # noqa: PLC0415
-    except ImportError:
-        predict_image = None
-    if predict_image is not None:
-        return lambda image: predict_image(net, image, tile=TILE, batch_size=1), "unet_cuda.inference.predict_image"
-
-    def predict_fn(batch):
-        with no_grad():
-            logits = net(Tensor(cupy.asarray(batch))).data
-        n, _, h, w = logits.shape
-        zeros = cupy.zeros((n, h, w), cupy.float32)
-        return ops.softmax_xent_forward(logits, cupy.zeros((n, h, w), cupy.int32), zeros)[1]
-
-    return lambda image: tiling.overlap_tile_predict(image, predict_fn, tile=TILE, depth=net.depth), \
-        "unet_cuda.tiling.overlap_tile_predict"
 
 
 def _time_wall(benchmark, fn, rounds: int = 5) -> list[float]:
@@ -326,23 +372,37 @@ def _tiles(image_size: int) -> int:
     return len(tiling.tile_grid(image_size, image_size, out))
 
 
-def test_infer_512_ours(benchmark, env, data, initial_state):
+def _infer_record(rec_id: str, impl: str, precision: str, name: str, times: list[float]) -> dict:
+    tiles = _tiles(IMAGE)
+    return {
+        "id": rec_id, "kind": "infer", "impl": impl, "precision": precision, "name": name,
+        "tiles": tiles, "batch_size": INFER_BATCH,
+        "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
+        "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
+        "flops": NET.forward_flops() * tiles, "timing": "wall clock, host-side tiling and copies included",
+    }
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_infer_512_ours(benchmark, env, data, initial_state, precision):
     benchlib.skip_if_out_of_time(pytest, 15)
+    from unet_cuda.inference import predict_image  # noqa: PLC0415
+
     net = unet_cuda.UNet(seed=0)
     net.load_state_dict(initial_state)
     net.to("cuda").eval()
-    predict, how = _our_predictor(net)
-    probs = predict(data["image"])
-    assert probs.shape == (2, IMAGE, IMAGE) and np.isfinite(probs).all()
-    times = _time_wall(benchmark, lambda: predict(data["image"]))
-    tiles = _tiles(IMAGE)
-    benchlib.record(benchmark, {
-        "id": "infer_512/ours/fp32", "kind": "infer", "impl": "ours", "precision": "fp32",
-        "name": "unet_cuda 512x512 overlap-tile prediction", "how": how, "tiles": tiles,
-        "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
-        "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
-        "flops": NET.forward_flops() * tiles,
-    })
+
+    def predict():
+        return predict_image(net, data["image"], tile=TILE, batch_size=INFER_BATCH)
+
+    with cu.use_precision(precision):
+        probs = predict()
+        assert probs.shape == (2, IMAGE, IMAGE) and np.isfinite(probs).all()
+        times = _time_wall(benchmark, predict)
+    rec = _infer_record(f"infer_512/ours/{precision}", "ours", precision,
+                        f"unet_cuda 512x512 overlap-tile prediction ({precision})", times)
+    rec.update(version=cu.PRECISION_VERSIONS[precision], how="unet_cuda.inference.predict_image")
+    benchlib.record(benchmark, rec)
 
 
 @pytest.mark.parametrize("setting", TORCH_SETTINGS)
@@ -362,18 +422,15 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
         def predict():
-            return tiling.overlap_tile_predict(data["image"], predict_fn, tile=TILE, depth=NET.depth)
+            return tiling.overlap_tile_predict(data["image"], predict_fn, tile=TILE, depth=NET.depth,
+                                               batch_size=INFER_BATCH)
 
         probs = predict()
         assert probs.shape == (2, IMAGE, IMAGE) and np.isfinite(probs).all()
         times = _time_wall(benchmark, predict)
     finally:
         _restore(defaults)
-    tiles = _tiles(IMAGE)
-    benchlib.record(benchmark, {
-        "id": f"infer_512/torch/{setting}", "kind": "infer", "impl": "torch",
-        "precision": setting, "name": f"PyTorch 512x512 overlap-tile prediction ({setting})",
-        "tiles": tiles, "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
-        "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
-        "flops": NET.forward_flops() * tiles,
-    })
+    rec = _infer_record(f"infer_512/torch/{setting}", "torch", setting,
+                        f"{benchlib.TORCH_SETTINGS[setting]}: 512x512 overlap-tile prediction", times)
+    rec["torch_setting"] = benchlib.TORCH_SETTINGS[setting]
+    benchlib.record(benchmark, rec)

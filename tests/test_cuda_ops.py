@@ -289,27 +289,36 @@ def real_concat_case(crop):
     return 1, cu, cin - cu, up, up, skip, skip, o
 
 
-def check_conv3x3_concat(version, n, cu, cs, h, w, hs, ws, o, seed=0):
+@functools.lru_cache(maxsize=None)
+def conv3x3_concat_case(n, cu, cs, h, w, hs, ws, o, seed):
+    """Inputs and float64 reference results, computed once for all versions."""
     rng = np.random.default_rng(seed)
     up, skip = rand(rng, n, cu, h, w), rand(rng, n, cs, hs, ws)
     wt = rand(rng, o, cu + cs, 3, 3, scale=1.0 / math.sqrt(9 * max(cu + cs, 1)))
     b, dy = rand(rng, o), rand(rng, n, o, h - 2, w - 2)
+    y_ref = ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True)
+    dup_ref, dskip_ref = ref.conv3x3_concat_backward_data(f64(dy), f64(wt), skip.shape)
+    dw_ref, db_ref = ref.conv3x3_concat_backward_weight(f64(up), f64(skip), f64(dy))
+    return up, skip, wt, b, dy, y_ref, dup_ref, dskip_ref, dw_ref, db_ref
+
+
+def check_conv3x3_concat(version, n, cu, cs, h, w, hs, ws, o, seed=0):
+    up, skip, wt, b, dy, y_ref, dup_ref, dskip_ref, dw_ref, db_ref = conv3x3_concat_case(
+        n, cu, cs, h, w, hs, ws, o, seed)
     name = f"[{n},{cu}+{cs},{h},{w} / {hs},{ws}]->{o}"
     amax = lambda a: float(np.abs(a).max()) if a.size else 0.0  # noqa: E731
     x_max = max(amax(up), amax(skip))
 
     y = cu.conv3x3_concat_forward(dev(up), dev(skip), dev(wt), dev(b), relu=True)
     assert y.dtype == cupy.float32
-    assert_conv3x3_close(host(y), ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
-                         version, f"conv3x3_concat_forward{name}", k=9 * (cu + cs), a_max=x_max, b_max=amax(wt))
+    assert_conv3x3_close(host(y), y_ref, version, f"conv3x3_concat_forward{name}", k=9 * (cu + cs),
+                         a_max=x_max, b_max=amax(wt))
     dup, dskip = cu.conv3x3_concat_backward_data(dev(dy), dev(wt), skip.shape)
-    dup_ref, dskip_ref = ref.conv3x3_concat_backward_data(f64(dy), f64(wt), skip.shape)
     assert_conv3x3_close(host(dup), dup_ref, version, f"conv3x3_concat_backward_data{name} dup",
                          k=9 * o, a_max=amax(dy), b_max=amax(wt))
     assert_conv3x3_close(host(dskip), dskip_ref, version, f"conv3x3_concat_backward_data{name} dskip",
                          k=9 * o, a_max=amax(dy), b_max=amax(wt))
     dw, db = cu.conv3x3_concat_backward_weight(dev(up), dev(skip), dev(dy))
-    dw_ref, db_ref = ref.conv3x3_concat_backward_weight(f64(up), f64(skip), f64(dy))
     assert_conv3x3_close(host(dw), dw_ref, version, f"conv3x3_concat_backward_weight{name} dw",
                          k=n * (h - 2) * (w - 2), a_max=amax(dy), b_max=x_max)
     assert_close_f32(db, db_ref, f"conv3x3_concat_backward_weight{name} db")

@@ -159,17 +159,65 @@ def test_junit_missing_or_broken(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _op_record(op, layer, ms, peer_ms, *, flops=None, nbytes=None, tf32_ms=None):
+PEER_SETTINGS = ("fp32", "tf32", "bf16")
+
+
+def _op_record(op, layer, ms, peers, *, flops=None, nbytes=None, version=None, precision="fp32",
+               kind="op", **extra):
+    """A record as test_bench_kernels writes it; ``peers``: {setting: ms} of the settings timed."""
     ceilings = benchlib.ceilings_for(GPU)
-    rec = {"id": f"op/{op}/{layer}", "kind": "op", "op": op, "layer": layer,
-           "shape": "x[1,64,570,570] w[64,64,3,3] -> y[1,64,568,568]", "precision": "fp32",
-           "flops": flops, "bytes": nbytes, "ms": ms, "ms_min": ms * 0.98, "ms_max": ms * 1.05,
-           "repeats": 20, "peer": "cuDNN", "peer_ms": peer_ms, "ratio": peer_ms / ms,
-           "ceilings_card": ceilings.card,
-           **benchlib.figures(ms, flops=flops, nbytes=nbytes, ceilings=ceilings)}
-    if tf32_ms is not None:
-        rec.update(peer_tf32_ms=tf32_ms, ratio_tf32=tf32_ms / ms)
-    return rec
+    rec = {"id": f"{kind}/{op}/{layer}" + (f"/{version}" if version else ""), "kind": kind, "op": op,
+           "layer": layer, "shape": "x[1,64,570,570] w[64,64,3,3] -> y[1,64,568,568]",
+           "precision": precision, "version": version, "flops": flops, "bytes": nbytes, "ms": ms,
+           "ms_min": ms * 0.98, "ms_max": ms * 1.05, "repeats": 20, "ceilings_card": ceilings.card,
+           **benchlib.figures(ms, flops=flops, nbytes=nbytes, ceilings=ceilings, precision=precision), **extra}
+    for setting, peer_ms in peers.items():
+        rec[f"peer_{setting}_ms"] = peer_ms
+        rec[f"ratio_{setting}"] = peer_ms / ms
+    matched = precision if precision in peers else "fp32"
+    if matched in peers:
+        rec.update(peer="cuDNN", peer_precision=matched, peer_ms=peers[matched], ratio=peers[matched] / ms)
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+D1B_FLOPS = 23.79e9
+VERSION_MS = {"v1_direct": 10.0, "v2_smem": 5.0, "v3_igemm": 2.0, "v4_tf32_mma": 0.5, "v5_bf16_mma": 0.3}
+VERSION_PRECISION = {"v3_igemm": "fp32", "v4_tf32_mma": "tf32", "v5_bf16_mma": "bf16"}
+
+
+def _synthetic_records() -> list[dict]:
+    """Per-op, per-version, training-step and prediction records of a made-up run (no card ran them)."""
+    conv_peers = {"fp32": 1.0, "tf32": 0.25, "bf16": 0.15}
+    records = [
+        # the 3x3 forward at d1b in each precision mode's version, against the peer of its precision
+        *(_op_record("conv3x3_forward", "d1b", VERSION_MS[v], conv_peers, flops=D1B_FLOPS, version=v,
+                     precision=VERSION_PRECISION[v]) for v in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma")),
+        _op_record("conv3x3_backward_data", "d1b", 2.5, {"fp32": 1.1, "tf32": 0.3, "bf16": 0.2},
+                   flops=D1B_FLOPS, version="v3_igemm"),
+        _op_record("conv3x3_backward_weight", "d1b", 3.0, {"fp32": 1.2, "tf32": 0.3, "bf16": 0.2},
+                   flops=D1B_FLOPS, version="v3_igemm"),
+        _op_record("maxpool2x2_forward", "pool1", 0.1, {"fp32": 0.12}, nbytes=1e8),
+        _op_record("crop_concat_forward", "cat1", 0.2, {"fp32": 0.3}, nbytes=1e8, in_step=False),
+        # the version progression at d1b
+        *(_op_record(op, "d1b", ms, {}, flops=D1B_FLOPS, version=v, kind="op_version",
+                     precision=VERSION_PRECISION.get(v, "fp32"))
+          for v, ms in VERSION_MS.items()
+          for op in ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")),
+    ]
+    step = {"kind": "train_step", "shape": "x[1,1,572,572]", "flops": 902e9}
+    for impl, times in (("ours", {"fp32": 40.0, "tf32": 6.0, "bf16": 4.0}),
+                        ("ours_graph", {"fp32": 38.0, "tf32": 5.0}),           # no bf16 graph figure
+                        ("torch", {"tf32": 9.0, "fp32": 30.0, "bf16": 6.0})):
+        for p, ms in times.items():
+            records.append({**step, "id": f"train_step/{impl}/{p}", "impl": impl, "precision": p, "ms": ms,
+                            "name": f"{impl} train step ({p})",
+                            **({"version": {v: k for k, v in VERSION_PRECISION.items()}[p]} if impl != "torch" else {})})
+    for impl, times in (("ours", {"fp32": 80.0, "bf16": 1.5}),                  # no tf32 prediction
+                        ("torch", {"fp32": 40.0, "tf32": 20.0, "bf16": 10.0})):
+        for p, ms in times.items():
+            records.append({"id": f"infer_512/{impl}/{p}", "kind": "infer", "impl": impl, "precision": p,
+                            "ms": ms, "batch_size": 4, "tiles": 4})
+    return records
 
 
 def _bench_entry(name, extra, wall_s):
@@ -197,19 +245,7 @@ def _synthetic_outdir(tmp_path: Path, *, with_json: bool = True) -> Path:
     (out / "sanitizer-racecheck.log").write_text(
         "SANITIZER DRIVER: 49 calls, 0 failed\n========= ERROR SUMMARY: 3 errors\n")
     (out / "sanitizer-synccheck.log").write_text("ok conv3x3_forward\n")
-    records = [
-        _op_record("conv3x3_forward", "d1b", 2.0, 1.0, flops=23.79e9, tf32_ms=0.25),
-        _op_record("conv3x3_backward_data", "d1b", 2.5, 1.1, flops=23.79e9, tf32_ms=0.3),
-        _op_record("conv3x3_backward_weight", "d1b", 3.0, 1.2, flops=23.79e9, tf32_ms=0.3),
-        _op_record("maxpool2x2_forward", "pool1", 0.1, 0.12, nbytes=1e8),
-        {"id": "train_step/ours/fp32", "kind": "train_step", "impl": "ours", "precision": "fp32",
-         "name": "unet_cuda train step", "shape": "x[1,1,572,572]", "ms": 60.0, "flops": 902e9},
-        *({"id": f"train_step/torch/{s}", "kind": "train_step", "impl": "torch", "precision": s,
-           "name": f"PyTorch train step ({s})", "shape": "x[1,1,572,572]", "ms": ms, "flops": 902e9}
-          for s, ms in (("tf32", 9.0), ("fp32", 30.0), ("bf16", 6.0))),
-        {"id": "infer_512/ours/fp32", "kind": "infer", "impl": "ours", "precision": "fp32", "ms": 80.0},
-        {"id": "infer_512/torch/fp32", "kind": "infer", "impl": "torch", "precision": "fp32", "ms": 40.0},
-    ]
+    records = _synthetic_records()
     check = {"id": "check/loss_vs_torch_fp32", "kind": "check", "passed": True, "rel_err_before": 1e-7,
              "rel_err_after": 2e-6, "worst_param": "down0.conv1.bias", "worst_update_rel_l2": 1e-4}
     (out / "bench-records.jsonl").write_text(
@@ -250,31 +286,69 @@ def test_collect_synthetic_folder(tmp_path, capsys):
     assert results["stages"]["gpu-tests"]["status"] == "failed"
 
     benchmarks = {b["id"]: b for b in results["benchmarks"]}
-    conv = benchmarks["op/conv3x3_forward/d1b"]
-    for key in ("name", "shape", "ms", "tflops", "pct_of_ceiling", "peer_ms", "ratio", "wall_ms"):
+    conv = benchmarks["op/conv3x3_forward/d1b/v3_igemm"]
+    for key in ("name", "shape", "ms", "tflops", "pct_of_ceiling", "peer_ms", "ratio", "wall_ms",
+                "peer_bf16_ms", "ratio_tf32"):
         assert key in conv, key
-    assert conv["tflops"] == pytest.approx(23.79e9 / 2e-3 / 1e12)
+    assert conv["tflops"] == pytest.approx(D1B_FLOPS / 2e-3 / 1e12)
     assert conv["pct_of_ceiling"] == pytest.approx(100 * conv["tflops"] / 66.9)
     assert conv["wall_ms"] == pytest.approx(2.2)
+    bf16 = benchmarks["op/conv3x3_forward/d1b/v5_bf16_mma"]
+    assert bf16["pct_of_ceiling"] == pytest.approx(100 * D1B_FLOPS / 0.3e-3 / 1e12 / 989.4)
+    assert bf16["peer_precision"] == "bf16" and bf16["ratio"] == pytest.approx(0.15 / 0.3)
     assert benchmarks["op/maxpool2x2_forward/pool1"]["gbps"] == pytest.approx(1e8 / 1e-4 / 1e9)
     ours_step = benchmarks["train_step/ours/fp32"]
-    assert ours_step["peer_ms"] == 30.0 and ours_step["ratio"] == pytest.approx(0.5)
-    assert ours_step["ratio_tf32"] == pytest.approx(9.0 / 60.0)
+    assert ours_step["peer_ms"] == 30.0 and ours_step["ratio"] == pytest.approx(0.75)
+    assert ours_step["ratio_tf32"] == pytest.approx(9.0 / 40.0)
+    graphed = benchmarks["train_step/ours_graph/tf32"]
+    assert graphed["peer_ms"] == 9.0 and graphed["ratio"] == pytest.approx(9.0 / 5.0)
 
     summary = results["summary"]
-    assert summary["train_step_ms"] == {"fp32": 60.0}
-    assert summary["torch_train_step_ms"] == {"tf32": 9.0, "fp32": 30.0, "bf16": 6.0}
-    assert summary["train_step_ratio"]["fp32"] == pytest.approx(0.5)
-    assert summary["infer_512_ms"] == 80.0 and summary["torch_infer_512_ms"] == {"fp32": 40.0}
-    assert summary["ops_count"] == 4 and summary["ops_total_ms"] == pytest.approx(7.6)
-    assert summary["ops_peer_fp32_total_ms"] == pytest.approx(3.42)
-    assert summary["ops_peer_default_total_ms"] == pytest.approx(0.25 + 0.3 + 0.3 + 0.12)
-    assert summary["slowest_vs_peer"][0]["id"] == "op/conv3x3_backward_weight/d1b"   # ratio 0.4
+    assert summary["train_step_ms"] == {"fp32": 40.0, "tf32": 6.0, "bf16": 4.0}
+    assert summary["torch_train_step_ms"] == {"fp32": 30.0, "tf32": 9.0, "bf16": 6.0}
+    assert summary["train_step_ratio"] == pytest.approx({"fp32": 0.75, "tf32": 1.5, "bf16": 1.5})
+    assert summary["graphed_train_step_ms"] == {"fp32": 38.0, "tf32": 5.0}
+    assert summary["infer_512_ms"] == 1.5                       # the bf16 figure
+    assert summary["infer_512_ms_by_precision"] == {"fp32": 80.0, "bf16": 1.5}
+    assert summary["torch_infer_512_ms"] == {"fp32": 40.0, "tf32": 20.0, "bf16": 10.0}
+
+    per = summary["per_precision"]
+    assert list(per) == ["fp32", "tf32", "bf16"]
+    assert per["tf32"]["version"] == "v4_tf32_mma"
+    assert per["tf32"]["train_step_ms"] == 6.0 and per["tf32"]["torch_train_step_ms"] == 9.0
+    assert per["tf32"]["ratio"] == pytest.approx(1.5) and per["tf32"]["graphed_ratio"] == pytest.approx(1.8)
+    assert per["bf16"]["graphed_train_step_ms"] is None and per["bf16"]["graphed_ratio"] is None
+    assert per["tf32"]["infer_512_ms"] is None and per["tf32"]["torch_infer_512_ms"] == 20.0
+    assert per["bf16"]["infer_ratio"] == pytest.approx(10.0 / 1.5)
+
+    # per-op sums per mode: the shared ops once, the 3x3 convolutions of the mode's version, and
+    # not crop + concat (in_step false)
+    assert summary["ops_count"] == {"fp32": 4, "tf32": 2, "bf16": 2}
+    assert summary["ops_total_ms"] == pytest.approx({"fp32": 7.6, "tf32": 0.6, "bf16": 0.4})
+    assert summary["ops_peer_total_ms"] == pytest.approx({"fp32": 3.42, "tf32": 0.37, "bf16": 0.27})
+    assert per["fp32"]["ops_total_ms"] == pytest.approx(7.6)
+    assert summary["slowest_vs_peer"][0]["id"] == "op/conv3x3_backward_weight/d1b/v3_igemm"   # ratio 0.4
     assert summary["loss_check"]["passed"] is True
     assert results["checks"][0]["id"] == "check/loss_vs_torch_fp32"
     assert results["isbi"]["rand_error"] == 0.05
 
-    assert "train step" in table and "torch fp32 30.00" in table and "racecheck 3" in table
+    targets = summary["targets"]
+    assert set(targets) == {"train_tf32_vs_torch_default", "train_fp32_vs_torch_fp32",
+                            "train_bf16_vs_torch_bf16", "infer_512_bf16_ms"}
+    tf32 = targets["train_tf32_vs_torch_default"]
+    assert tf32["value"] == pytest.approx(1.5) and tf32["goal"] == 1.5 and tf32["met"] is True
+    assert tf32["card"] == GPU and "note" not in tf32
+    assert tf32["graphed_value"] == pytest.approx(1.8) and tf32["graphed_met"] is True
+    fp32 = targets["train_fp32_vs_torch_fp32"]
+    assert fp32["value"] == pytest.approx(0.75) and fp32["met"] is False
+    bf16_target = targets["train_bf16_vs_torch_bf16"]
+    assert bf16_target["met"] is True and bf16_target["graphed_met"] is None
+    infer = targets["infer_512_bf16_ms"]
+    assert infer["value"] == 1.5 and infer["goal"] == 2.0 and infer["comparison"] == "<=" and infer["met"] is True
+
+    assert "train" in table and "racecheck 3" in table
+    assert re.search(r"target +train_fp32_vs_torch_fp32 +0\.75 x \(goal >= 1\.0 x\): not met", table), table
+    assert re.search(r"target +infer_512_bf16_ms +1\.50 ms \(goal <= 2\.0 ms\): met", table), table
     assert table.strip().splitlines()[-1].startswith("results:")
 
 
@@ -282,7 +356,7 @@ def test_collect_uses_the_records_file_when_the_json_is_missing(tmp_path):
     out = _synthetic_outdir(tmp_path, with_json=False)
     results = cr.collect(out)
     assert results["benchmarks_source"] == "bench-records.jsonl"
-    assert results["summary"]["train_step_ms"] == {"fp32": 60.0}
+    assert results["summary"]["train_step_ms"] == {"fp32": 40.0, "tf32": 6.0, "bf16": 4.0}
     assert all("wall_ms" not in b for b in results["benchmarks"])
 
 
@@ -292,6 +366,14 @@ def test_collect_empty_folder_gives_nulls_with_reasons(tmp_path):
     assert results["tests"]["passed"] is None and "not found" in results["tests"]["reason"]
     assert all(results["sanitizer"][f"{t}_errors"] is None for t in cr.SANITIZER_TOOLS)
     assert results["benchmarks"] == [] and results["summary"]["train_step_ms"] is None
+    assert results["summary"]["infer_512_ms"] is None
+    assert all(v is None for row in results["summary"]["per_precision"].values()
+               for k, v in row.items() if k not in ("torch_setting",))
+    targets = results["summary"]["targets"]
+    assert len(targets) == 4
+    for target in targets.values():
+        assert target["value"] is None and target["met"] is None and target["card"] is None
+        assert target["goal"] > 0 and target["note"] == "not measured in this run"
     assert "isbi" not in results
     path = cr.write_results(tmp_path, results)
     assert path.name == "results-nocommit-unknown-gpu.json"
@@ -326,28 +408,141 @@ def test_gpu_slug():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_plot_renders_png_and_markdown(tmp_path):
-    pytest.importorskip("matplotlib")
+def _results_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A results folder with the synthetic run and an older copy of it; returns (folder, newest)."""
     out = _synthetic_outdir(tmp_path)
     results_dir = tmp_path / "results"
     results_dir.mkdir()
     newest = cr.write_results(out, cr.collect(out), results_dir / "results-new.json")
     older = json.loads(newest.read_text())
     older["date"] = "2025-01-01T00:00:00Z"
+    older["commit"] = "f" * 40
     (results_dir / "results-old.json").write_text(json.dumps(older))
+    return results_dir, newest
+
+
+def test_plot_renders_png_and_markdown(tmp_path):
+    pytest.importorskip("matplotlib")
+    results_dir, newest = _results_dir(tmp_path)
     assert plot_results.latest_results(results_dir) == newest
 
     png, md = tmp_path / "chart.png", tmp_path / "table.md"
     assert plot_results.main(["--results-dir", str(results_dir), "--png", str(png), "--markdown", str(md)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = md.read_text()
-    assert "| training step, 572 tile | 60.00 | 30.00 | 9.00 | 6.00 |" in table
-    assert "| conv3x3_forward | d1b |" in table
+    assert "| tf32 | v4_tf32_mma | 6.00 | 5.00 | default (TF32) | 9.00 | 1.50x | >= 1.5x: **met** |" in table
+    assert "| bf16 | 1.50 | 10.00 | 6.67x | <= 2.0 ms: **met** |" in table
+    assert "| conv3x3_forward | d1b | bf16 (v5_bf16_mma) |" in table
+    assert "| d1b | 2.4 | 4.8 | 11.9 | 47.6 | 79.3 |" in table          # the version progression
+    assert "GPU tests: 2 passed, 1 failed" in table
+
+
+def test_plot_panels_from_the_records():
+    results = {"benchmarks": _synthetic_records()}
+    progression = plot_results.version_progression(results)
+    assert list(progression) == ["d1b"] and list(progression["d1b"]) == list(VERSION_MS)
+    assert progression["d1b"]["v3_igemm"] == pytest.approx(D1B_FLOPS / 2e-3 / 1e12)
+    layers = {row["layer"]: row for row in plot_results.conv_layers(results)}
+    fp32 = layers["d1b"]["fp32"]
+    assert fp32["ours"] == pytest.approx(7.5) and fp32["peer"] == pytest.approx(3.3) and fp32["complete"]
+    assert layers["d1b"]["bf16"]["peer"] == pytest.approx(0.15)
 
 
 def test_plot_without_results_fails_cleanly(tmp_path, capsys):
     assert plot_results.main(["--results-dir", str(tmp_path)]) == 1
     assert "no results JSON" in capsys.readouterr().err
+
+
+README_TEXT = """# project
+
+## Performance
+
+Some words.
+
+{start}
+old table
+{end}
+
+## Next section
+
+untouched
+"""
+
+
+def _readme(tmp_path: Path) -> Path:
+    path = tmp_path / "README.md"
+    path.write_text(README_TEXT.format(start=plot_results.MARK_START, end=plot_results.MARK_END))
+    return path
+
+
+def test_readme_table_from_a_results_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    results_dir, newest = _results_dir(tmp_path)
+    readme = _readme(tmp_path)
+    png = tmp_path / "plots" / "results.png"
+    assert plot_results.main(["--results-dir", str(results_dir), "--png", str(png),
+                              "--markdown", str(tmp_path / "plots" / "results.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    head, rest = text.split(plot_results.MARK_START)
+    section, tail = rest.split(plot_results.MARK_END)
+    assert head == "# project\n\n## Performance\n\nSome words.\n\n"
+    assert tail == "\n\n## Next section\n\nuntouched\n"
+    # the newest run's card, commit and date
+    assert f"**{GPU}**" in section and f"`{COMMIT[:10]}`" in section and "2026-01-02T03:04:05Z" in section
+    assert "ffffffffff" not in section and "old table" not in section
+    assert "| fp32 | v3_igemm | 40.00 | 38.00 | TF32 off | 30.00 | 0.75x | >= 1.0x: not met |" in section
+    assert "| bf16 | 1.50 | 10.00 | 6.67x | <= 2.0 ms: **met** |" in section
+    assert "![benchmark chart of this run](plots/results.png)" in section
+    assert "targets are set for an H100" not in section
+    # rendering again changes nothing
+    assert plot_results.update_readme(readme, plot_results.render_readme_section(
+        json.loads(newest.read_text()), newest, "plots/results.png")) is False
+
+
+def test_readme_table_without_a_run(tmp_path, capsys):
+    readme = _readme(tmp_path)
+    empty = tmp_path / "results"
+    empty.mkdir()
+    assert plot_results.main(["--results-dir", str(empty), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    section = text.split(plot_results.MARK_START)[1].split(plot_results.MARK_END)[0]
+    assert "No GPU run recorded yet" in section and "old table" not in section
+    assert text.endswith("## Next section\n\nuntouched\n")
+    assert "no GPU run recorded yet" in capsys.readouterr().out
+
+
+def test_readme_table_other_card_and_missing_figures():
+    results = {"gpu": "NVIDIA H200", "commit": COMMIT, "date": "2026-01-02T03:04:05Z",
+               "summary": cr.summarize([r for r in _synthetic_records() if r["kind"] != "infer"], "NVIDIA H200")}
+    section = plot_results.render_readme_section(results)
+    assert "The targets are set for an H100; this run is on NVIDIA H200." in section
+    assert "| bf16 | - | - | - | <= 2.0 ms: not measured |" in section
+    assert results["summary"]["targets"]["infer_512_bf16_ms"]["met"] is None
+    assert "H100" in results["summary"]["targets"]["train_tf32_vs_torch_default"]["note"]
+
+
+def test_readme_markers_must_be_there_once(tmp_path):
+    path = tmp_path / "README.md"
+    for text in ("no markers\n", f"{plot_results.MARK_END}\n{plot_results.MARK_START}\n",
+                 f"{plot_results.MARK_START}\n{plot_results.MARK_START}\n{plot_results.MARK_END}\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="must hold"):
+            plot_results.update_readme(path, "table")
+        assert path.read_text() == text
+
+
+def test_repository_readme_shows_the_newest_results():
+    """README.md's performance table is the one rendered from the newest bench/results JSON."""
+    text = (ROOT / "README.md").read_text()
+    assert text.count(plot_results.MARK_START) == 1 and text.count(plot_results.MARK_END) == 1
+    section = text.split(plot_results.MARK_START)[1].split(plot_results.MARK_END)[0]
+    try:
+        newest = plot_results.latest_results(plot_results.RESULTS_DIR)
+    except FileNotFoundError:
+        assert section.strip() == plot_results.render_readme_section(None).strip()
+        return
+    commit = json.loads(newest.read_text()).get("commit") or "unknown"
+    assert f"`{commit[:10]}`" in section, "run python3 bench/plot_results.py --readme"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,10 +579,37 @@ def test_op_cases_cover_a_training_step():
 
     assert {c.op for c in cases} == set(OP_NAMES)
     assert "conv3x3_backward_data-d1a" not in ids          # the input needs no gradient
-    assert sum(c.op == "conv3x3_forward" for c in cases) == 18
+    # the decoder's first convolution of each level reads [up, crop of skip] in place
+    assert sum(c.op == "conv3x3_forward" for c in cases) == 14
+    fused = [c for c in cases if c.op == "conv3x3_concat_forward"]
+    assert [c.layer for c in fused] == ["u1a", "u2a", "u3a", "u4a"]
+    assert fused[-1].shape == "up[1,64,392,392] skip[1,64,568,568] w[64,128,3,3] -> y[1,64,390,390]"
+    assert fused[-1].flops == benchlib.network().layer("u4a").flops
+    # crop + concat is timed, but a step in the precision modes does not run it
+    assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward"}
     sgd = next(c for c in cases if c.op == "sgd_momentum_update_")
     assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
     assert all((c.flops is None) != (c.nbytes is None) for c in cases)
+
+
+def test_conv3x3_versions_per_precision():
+    modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
+    assert [benchlib.conv3x3_precision(v, modes) for v in op_cases.CONV3X3_VERSIONS] == \
+        ["fp32", "fp32", "fp32", "tf32", "bf16"]
+    assert benchlib.conv3x3_precision("v5_bf16_mma", {"bf16": "v9_other"}) == "fp32"
+    assert tuple(benchlib.TORCH_SETTINGS) == benchlib.PRECISIONS == cr.PRECISIONS
+
+    cases = op_cases.op_cases(benchlib.network())
+    expanded = op_cases.with_conv3x3_versions(cases, tuple(modes.values()))
+    conv = [c for c in cases if c.op.startswith("conv3x3_")]
+    assert len(expanded) == len(cases) + 2 * len(conv)
+    d1b = [c for c in expanded if c.op == "conv3x3_forward" and c.layer == "d1b"]
+    assert [c.version for c in d1b] == list(modes.values())
+    assert [c.id for c in d1b] == [f"conv3x3_forward-d1b-{v}" for v in modes.values()]
+    assert len({c.seed for c in d1b}) == 1              # every version (and the peer) sees one input
+    assert all(c.version is None for c in expanded if not c.op.startswith("conv3x3_"))
+    versions = op_cases.conv3x3_version_cases(benchlib.network())
+    assert len(versions) == 4 * 3 * 5 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 
 
 def test_ceilings():
@@ -479,7 +701,7 @@ def _arrays(result) -> list[np.ndarray]:
     if isinstance(result, (tuple, list)):
         return [a for item in result for a in _arrays(item)]
     if hasattr(result, "detach"):
-        return [result.detach().cpu().numpy()]
+        return [result.detach().float().cpu().numpy()]
     return [np.asarray(result)]
 
 
@@ -513,6 +735,14 @@ def test_peers_compute_what_our_ops_compute():
         for a, b in zip(ours, theirs):
             assert a.shape == b.shape, case.id
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case.id)
+        if case.compute_bound:
+            # the bf16 peer: bf16 copies of the operands in channels_last, the same work
+            theirs = _arrays(op_cases.peer(case, inputs, torch, "bf16")())
+            if case.op == "upconv2x2_backward_weight":
+                theirs[0] = theirs[0].transpose(1, 0, 2, 3)
+            for a, b in zip(ours, theirs):
+                assert a.shape == b.shape, case.id
+                assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a), case.id
 
 
 def test_torch_unet_matches_our_network():
