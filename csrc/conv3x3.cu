@@ -80,6 +80,7 @@
 // tiles that run past an edge load zeros and store nothing. 64-bit offsets wherever a product of
 // dimensions may pass 2^31.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -1379,14 +1380,22 @@ void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 }
 
 // v5 needs more than the 48 KB of shared memory a kernel gets by default: raised once per
-// instantiation (the attribute belongs to the kernel, not to a launch).
+// instantiation and device (the attribute belongs to the kernel on a device, not to a launch; the
+// first launch, never a CUDA graph capture, which follows an eager step, pays for the call).
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 void launch_v5(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
   constexpr size_t kSmem = V5Layout<Gemm, Tile>::kSmemBytes;
   auto kernel = conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>;
-  static const cudaError_t configured = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
-  CUDA_CHECK(configured, name);
+  constexpr int kDevices = 64;
+  static std::atomic<bool> configured[kDevices] = {};
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), name);
+  if (device < 0 || device >= kDevices || !configured[device].load()) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kSmem)),
+               name);
+    if (device >= 0 && device < kDevices) configured[device].store(true);
+  }
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
                                  ceil_div<int64_t>(g.cols, Tile::kBN), splits);
   launch_kernel_smem(name, kernel, grid, dim3(Tile::kThreads), kSmem, stream, g);
@@ -1481,16 +1490,45 @@ OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t 
   return plan;
 }
 
+// The device's default memory pool (where cudaMallocAsync takes the workspaces) gives freed memory
+// back to the system at every synchronisation unless told to keep some: the trainer synchronises
+// every step (it reads the loss), so each step would map its workspaces anew. Keep up to 1 GiB,
+// set once per device at the first workspace, an eager step (a CUDA graph is captured after one).
+constexpr uint64_t kWorkspacePoolKeepBytes = uint64_t{1} << 30;
+
+void keep_workspace_memory() {
+  constexpr int kDevices = 64;
+  static std::atomic<bool> done[kDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    cudaGetLastError();  // no device to configure: the allocation itself will report it
+    return;
+  }
+  if (done[device].load()) return;
+  cudaMemPool_t pool;
+  uint64_t keep = kWorkspacePoolKeepBytes;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess ||
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess)
+    cudaGetLastError();  // only a speed matter: leave no error behind for the next launch check
+  done[device].store(true);
+}
+
 // Device memory for the split partials, allocated and freed in stream order.
 class Workspace {
  public:
   Workspace(int64_t floats, cudaStream_t stream) : stream_(stream) {
-    if (floats > 0)
-      CUDA_CHECK(cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream),
-                 "conv3x3 split-K workspace");
+    if (floats <= 0) return;
+    keep_workspace_memory();
+    const cudaError_t err =
+        cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream);
+    if (err != cudaSuccess) {
+      ptr_ = nullptr;
+      cudaGetLastError();  // the error is thrown here, not left for the next op's launch check
+      throw_cuda_error(err, "conv3x3 split-K workspace", "cudaMallocAsync", __FILE__, __LINE__);
+    }
   }
   ~Workspace() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+    if (ptr_ != nullptr && cudaFreeAsync(ptr_, stream_) != cudaSuccess) cudaGetLastError();
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
