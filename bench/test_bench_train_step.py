@@ -22,9 +22,10 @@ Our precision modes (``unet_cuda.ops.cuda.PRECISIONS``, the conv3x3 kernel versi
 * ``test_train_step_torch[fp32|tf32|bf16]``: the same step in PyTorch, cuDNN autotuned
   (``cudnn.benchmark = True``), in the three settings above.
 * ``test_infer_512_ours[...]`` and ``test_infer_512_torch[...]``: softmax probabilities of a
-  512x512 image by overlap-tile (4 tiles of 572, mirrored borders, all four in one batch), in each
-  mode and setting, including the host-side tiling and copies; wall time. The inference target is
-  the bf16 figure.
+  512x512 image by overlap-tile with the tile ``python -m unet_cuda.predict`` picks on a GPU (one
+  tile of 700 px, 516 px out, mirrored borders; ``unet_cuda.tiling.inference_tile``), the same for
+  PyTorch, in each mode and setting, including the host-side tiling and copies; wall time. The
+  inference target is the bf16 figure.
 
 Step times are CUDA-event medians (no synchronisation inside the step; our loss stays on the
 device); pytest-benchmark's own statistics are the synchronised wall time of a step.
@@ -55,6 +56,7 @@ from unet_cuda import functional as F  # noqa: E402
 from unet_cuda import tiling  # noqa: E402
 from unet_cuda.autograd import Tensor, no_grad  # noqa: E402
 from unet_cuda.ops import cuda as cu  # noqa: E402
+from unet_cuda.predict import GPU_MAX_TILE  # noqa: E402
 
 try:  # the CUDA-graph training step; its benchmark skips with the reason where it is missing
     from unet_cuda.graph import GraphedTrainStep  # noqa: E402
@@ -73,7 +75,12 @@ STEP_FLOPS = NET.train_step_flops()
 STEP_SHAPE = "x[1,1,572,572] -> logits[1,2,388,388]; forward + loss + backward + SGD"
 PRECISIONS = tuple(cu.PRECISIONS)          # ours: fp32, tf32, bf16
 TORCH_SETTINGS = tuple(benchlib.TORCH_SETTINGS)   # PyTorch's, by the same names (module docstring)
-INFER_BATCH = 4           # tiles per forward pass: all four tiles of the 512x512 image at once
+# The prediction's tile: what `python -m unet_cuda.predict` picks on a GPU for a 512x512 image
+# (unet_cuda.tiling.inference_tile: one 700 tile, 516 px out, instead of four of 572); both sides
+# use it.
+INFER_TILE = tiling.inference_tile(IMAGE, IMAGE, 5, GPU_MAX_TILE)
+INFER_NET = benchlib.network(INFER_TILE)
+INFER_BATCH = 4           # tiles per forward pass (all of them, where there are several)
 
 CHECK_LR = 1e-3           # the training default: one step lowers the loss of a random tile by some 20 %
 LOSS_RTOL = 1e-4
@@ -368,7 +375,7 @@ def _time_wall(benchmark, fn, rounds: int = 5) -> list[float]:
 
 
 def _tiles(image_size: int) -> int:
-    out = NET.layers[-1].out_hw
+    out = INFER_NET.layers[-1].out_hw
     return len(tiling.tile_grid(image_size, image_size, out))
 
 
@@ -377,9 +384,9 @@ def _infer_record(rec_id: str, impl: str, precision: str, name: str, times: list
     return {
         "id": rec_id, "kind": "infer", "impl": impl, "precision": precision, "name": name,
         "tiles": tiles, "batch_size": INFER_BATCH,
-        "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tiles of {TILE}",
+        "shape": f"image[{IMAGE},{IMAGE}] -> probs[2,{IMAGE},{IMAGE}], {tiles} tile(s) of {INFER_TILE}",
         "ms": float(np.median(times)), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
-        "flops": NET.forward_flops() * tiles, "timing": "wall clock, host-side tiling and copies included",
+        "flops": INFER_NET.forward_flops() * tiles, "timing": "wall clock, host-side tiling and copies included",
     }
 
 
@@ -393,7 +400,7 @@ def test_infer_512_ours(benchmark, env, data, initial_state, precision):
     net.to("cuda").eval()
 
     def predict():
-        return predict_image(net, data["image"], tile=TILE, batch_size=INFER_BATCH)
+        return predict_image(net, data["image"], tile=INFER_TILE, batch_size=INFER_BATCH)
 
     with cu.use_precision(precision):
         probs = predict()
@@ -422,7 +429,7 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
         def predict():
-            return tiling.overlap_tile_predict(data["image"], predict_fn, tile=TILE, depth=NET.depth,
+            return tiling.overlap_tile_predict(data["image"], predict_fn, tile=INFER_TILE, depth=NET.depth,
                                                batch_size=INFER_BATCH)
 
         probs = predict()

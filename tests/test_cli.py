@@ -275,6 +275,10 @@ def test_predict_png_to_tiff_and_png(trained, tmp_path):
     Image.fromarray(random_image(rng, (50, 61))).save(tmp_path / "cells.png")
     result = predict(trained, tmp_path, "--input", "cells.png", "--output", "prob.tif", "--batch-size", "3")
     assert "wrote foreground probability of 1 image(s) of 50x61 px to prob.tif" in result.stdout
+    # Without --tile the tile is chosen for the image: on the CPU at most the training tile (36).
+    from unet_cuda.tiling import inference_tile
+    chosen = inference_tile(50, 61, DEPTH, max_tile=TILE)
+    assert chosen <= TILE and f"depth {DEPTH}, tile {chosen}, cpu" in result.stdout, result.stdout
     prob = tifffile.imread(tmp_path / "prob.tif")
     check_probabilities(prob, (50, 61))
     predict(trained, tmp_path, "--input", "cells.png", "--output", "prob.png")

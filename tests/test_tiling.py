@@ -20,6 +20,7 @@ from unet_cuda.tiling import (
     tile_grid,
 )
 from unet_cuda.weightmap import weight_map
+from unet_cuda import sizes, tiling
 
 # depth 3: 140 -> 100 with a 20 px context border; depth 2: 20 -> 4 (border 8) for many tiny tiles
 SMALL_TILE, SMALL_DEPTH = 140, 3
@@ -292,3 +293,39 @@ def test_sampler_accepts_precomputed_weights():
         TrainingTileSampler(dataset, SMALL_TILE, SMALL_DEPTH, weights=weights[:, :10])
     with pytest.raises(IllegalSizeError):
         TrainingTileSampler(dataset, tile=141, depth=SMALL_DEPTH)
+
+
+# --------------------------------------------------------------------------------------------------
+# The inference tile size
+# --------------------------------------------------------------------------------------------------
+
+def test_inference_tile_prefers_one_large_tile_over_four_small_ones():
+    # 512 x 512 at depth 5: one 700 tile (516 px out, 0.49 M input px) instead of four of 572 (1.31 M)
+    assert tiling.inference_tile(512, 512, depth=5, max_tile=1052) == 700
+    # capped at 572: four 444 tiles (260 px out, 4 x 444^2 = 0.79 M px) beat four 572 tiles
+    assert tiling.inference_tile(512, 512, depth=5, max_tile=572) == 444
+    # an image the size of one output tile takes exactly that tile
+    assert tiling.inference_tile(388, 388, depth=5, max_tile=1052) == 572
+
+
+@pytest.mark.parametrize("height,width,depth,max_tile", [
+    (1, 1, 5, 1052), (30, 30, 2, 36), (512, 512, 5, 1052), (1000, 300, 4, 700), (2000, 2000, 5, 1052),
+    (37, 1500, 3, 300)])
+def test_inference_tile_is_legal_bounded_and_cheapest(height, width, depth, max_tile):
+    chosen = tiling.inference_tile(height, width, depth, max_tile)
+    legal = sizes.legal_input_sizes(depth, max_size=max_tile)
+    assert chosen in legal and chosen <= max_tile
+
+    def pixels(tile):
+        out = sizes.output_size(tile, depth)
+        return len(tiling.tile_grid(height, width, out)) * tile * tile
+
+    assert pixels(chosen) == min(pixels(t) for t in legal)
+    assert all(pixels(t) > pixels(chosen) or t >= chosen for t in legal)  # ties go to the smaller tile
+
+
+def test_inference_tile_errors():
+    with pytest.raises(ValueError, match="at least 1 x 1 px"):
+        tiling.inference_tile(0, 5)
+    with pytest.raises(ValueError, match="no legal tile size for depth 5 is <= 100"):
+        tiling.inference_tile(50, 50, depth=5, max_tile=100)
