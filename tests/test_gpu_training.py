@@ -68,8 +68,9 @@ def test_training_step_equals_numpy_step(depth, base, size, batch):
 
 # How far a training step in a reduced precision may drift from the float64-checked NumPy step
 # (relative to the largest value, per tensor): its operands carry 10 (tf32) or 7 (bf16) mantissa
-# bits through some twenty layers. Loose enough for rounding, far below what a wrong index gives.
-PRECISION_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 6e-2}
+# bits through some twenty layers, each adding errors of a few units of 2^-11 (2^-8). Loose enough
+# for that rounding, far below the errors of order 1 that a wrong index or a lost tile gives.
+PRECISION_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-2, "bf16": 0.15}
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISION_TOLERANCE))
