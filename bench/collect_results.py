@@ -15,6 +15,7 @@ What it reads (each is optional; whatever is missing becomes null with the reaso
     benchmarks.json           pytest-benchmark JSON; its extra_info holds our figures
     bench-records.jsonl       the same records, one per line, written as each benchmark ends
     isbi.json                 the result of an ISBI training run, copied in as it is
+    profile-<precision>.json  ``python -m unet_cuda.profile --json``: one training step op by op
 
 The summary gives the headline figures per precision mode (our training step, eager and as a CUDA
 graph, against PyTorch in the paired setting; the 512x512 prediction; the per-op sums) and where
@@ -530,7 +531,30 @@ def collect(outdir: Path) -> dict:
         results["isbi"] = isbi
     elif (outdir / "isbi.json").is_file():
         results["isbi"] = {"reason": isbi_reason}
+    profiles = read_profiles(outdir)
+    if profiles:
+        results["profile"] = profiles
     return results
+
+
+PROFILE_ROWS = 40  # the largest rows of each op-by-op profile that the results JSON keeps
+
+
+def read_profiles(outdir: Path) -> dict:
+    """``profile-<precision>.json`` files, by precision: the step's totals and its largest rows."""
+    profiles = {}
+    for path in sorted(outdir.glob("profile-*.json")):
+        data, reason = read_json(path)
+        name = path.stem.removeprefix("profile-")
+        if data is None:
+            profiles[name] = {"reason": reason}
+            continue
+        rows = data.get("rows") or []
+        profiles[name] = {key: data.get(key) for key in ("device", "precision", "network", "steps", "step_ms",
+                                                         "host_ms", "gpu_ms")}
+        profiles[name]["rows"] = rows[:PROFILE_ROWS]
+        profiles[name]["rows_left_out"] = max(len(rows) - PROFILE_ROWS, 0)
+    return profiles
 
 
 def results_filename(results: dict) -> str:
@@ -625,6 +649,10 @@ def format_table(results: dict) -> str:
                      f"{_fmt_sci(check.get('rel_err_before'))}  after {_fmt_sci(check.get('rel_err_after'))}")
     if results.get("isbi") is not None:
         lines.append("isbi        " + json.dumps(results["isbi"])[:100])
+    for name, prof in (results.get("profile") or {}).items():
+        lines.append(f"profile     {name}: step {_fmt(prof.get('step_ms'))} ms, ops on the GPU "
+                     f"{_fmt(prof.get('gpu_ms'))} ms, host {_fmt(prof.get('host_ms'))} ms"
+                     + (f" ({prof['reason']})" if prof.get("reason") else ""))
     return "\n".join(lines)
 
 

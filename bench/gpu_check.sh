@@ -9,6 +9,8 @@
 #   build       pip install -e . for this GPU's architecture only, with every core
 #   env         versions and settings (CuPy, CUDA, PyTorch, cuDNN, TF32 defaults)
 #   gpu-tests   pytest -m gpu (JUnit XML in OUTDIR/gpu-tests.xml)
+#   profile-*   one training step of the paper's network op by op, in tf32, bf16 and fp32
+#               (python -m unet_cuda.profile -> OUTDIR/profile-<precision>.json)
 #   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
@@ -20,7 +22,7 @@
 # Environment (all optional):
 #   GPU_CHECK_BUDGET   seconds the whole run may take (default 540); each stage's limit is cut to
 #                      what is left, and stages that no longer fit are skipped and recorded so
-#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,sanitizer,bench,isbi
+#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,profile,sanitizer,bench,isbi
 #                      (default: build,gpu-tests,sanitizer,bench)
 #   ISBI_DIR           folder with train-volume.tif and train-labels.tif, for the isbi stage
 #   ISBI_MINUTES       training minutes of the isbi stage (default 3)
@@ -49,7 +51,7 @@ cd "$ROOT" || exit 2
 
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,sanitizer,bench}"
+STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,profile,sanitizer,bench}"
 RESERVE=25                       # seconds kept back for collect and the table
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -162,6 +164,18 @@ if wanted gpu-tests; then
   run_stage gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
 else
   skip_stage gpu-tests "not in GPU_CHECK_STAGES"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# one training step of the paper's network op by op, in each precision (python -m unet_cuda.profile)
+# ---------------------------------------------------------------------------------------------
+if wanted profile; then
+  for precision in tf32 bf16 fp32; do
+    run_stage "profile-$precision" 60 "$PY" -m unet_cuda.profile --precision "$precision" --top 0 \
+      --json "$OUTDIR/profile-$precision.json"
+  done
+else
+  for precision in tf32 bf16 fp32; do skip_stage "profile-$precision" "not in GPU_CHECK_STAGES"; done
 fi
 
 # ---------------------------------------------------------------------------------------------

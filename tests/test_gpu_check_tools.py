@@ -380,6 +380,26 @@ def test_collect_empty_folder_gives_nulls_with_reasons(tmp_path):
     print(cr.format_table(results))
 
 
+def test_collect_reads_the_op_by_op_profiles(tmp_path):
+    """profile-<precision>.json, as `python -m unet_cuda.profile --json` writes it (here on the CPU),
+    goes into the results under "profile" with its totals and largest rows; a broken one gives its
+    reason."""
+    from unet_cuda.profile import main as profile_main
+
+    assert profile_main(["--device", "cpu", "--base-channels", "2", "--depth", "3", "--tile", "92", "--steps", "1",
+                         "--top", "3", "--json", str(tmp_path / "profile-fp32.json")]) == 0
+    (tmp_path / "profile-bf16.json").write_text("{not json")
+    results = cr.collect(tmp_path)
+    fp32 = results["profile"]["fp32"]
+    assert fp32["device"] == "cpu" and fp32["step_ms"] > 0 and fp32["gpu_ms"] is None
+    written = json.loads((tmp_path / "profile-fp32.json").read_text())["rows"]
+    assert fp32["rows"] == written[:cr.PROFILE_ROWS]
+    assert fp32["rows_left_out"] == max(len(written) - cr.PROFILE_ROWS, 0)
+    assert "reason" in results["profile"]["bf16"]
+    table = cr.format_table(results)
+    assert "profile     fp32: step" in table
+
+
 def test_commit_given_where_the_checkout_has_no_git(tmp_path):
     (tmp_path / "meta.txt").write_text(f"commit={COMMIT}\ncommit_source=GPU_CHECK_COMMIT\n"
                                        "git_error=git rev-parse HEAD failed (see info.log)\n")
