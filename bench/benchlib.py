@@ -212,15 +212,11 @@ TORCH_SETTINGS = {
 }
 
 
-def conv3x3_precision(version: str | None, precision_versions: dict) -> str:
-    """What the 3x3 convolution kernel ``version`` computes in: the precision mode whose version it is
-    in ``precision_versions`` (``unet_cuda.ops.cuda.PRECISION_VERSIONS``: fp32 -> v3_igemm, tf32 ->
-    v4_tf32_mma, bf16 -> v5_bf16_mma), else "fp32" (the versions no mode names, v1_direct and
-    v2_smem, compute in FP32 on the CUDA cores)."""
-    for precision, named in precision_versions.items():
-        if named == version:
-            return precision
-    return "fp32"
+def conv3x3_precision(version: str | None, version_precision: dict) -> str:
+    """What the 3x3 convolution kernel ``version`` computes in, from ``version_precision``
+    (``unet_cuda.ops.cuda.CONV3X3_VERSION_PRECISION``: v1-v3 fp32, v4 and v6 tf32, v5 bf16); "fp32"
+    for a version it does not list."""
+    return version_precision.get(version, "fp32")
 
 
 def shape_str(name: str, shape) -> str:

@@ -141,6 +141,8 @@ log "info: commit ${commit:-unknown}${dirty:+ (dirty=$dirty)}; $(head -n 2 "$OUT
 if [[ -z "${UNET_CUDA_ARCH:-}" ]]; then
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
   if [[ "$cap" =~ ^[0-9]+$ ]]; then UNET_CUDA_ARCH=$cap; else UNET_CUDA_ARCH=native; fi
+  # Hopper: build its architecture-specific instructions too (wgmma, for v6_tf32_wgmma)
+  if [[ "$UNET_CUDA_ARCH" == 90 ]]; then UNET_CUDA_ARCH=90a; fi
 fi
 export UNET_CUDA_ARCH
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
@@ -160,7 +162,7 @@ log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.loa
 # GPU tests
 # ---------------------------------------------------------------------------------------------
 if wanted gpu-tests; then
-  # every conv3x3 test runs for five kernel versions (plain and concatenated input): up to 240 s
+  # every conv3x3 test runs for six kernel versions (plain and concatenated input): up to 240 s
   run_stage gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
 else
   skip_stage gpu-tests "not in GPU_CHECK_STAGES"

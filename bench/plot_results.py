@@ -33,7 +33,7 @@ DEFAULT_PNG = ROOT / "bench" / "plots" / "results.png"
 DEFAULT_MD = ROOT / "bench" / "plots" / "results.md"
 README = ROOT / "README.md"
 PRECISIONS = ("fp32", "tf32", "bf16")
-VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 CONV_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 # the decoder's first convolution of a level, on [up, crop of skip] in place
 CONCAT_CONV_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight")

@@ -101,7 +101,8 @@ class Driver:
             return [("", contextlib.nullcontext)]
         from unet_cuda.ops import cuda as cu  # noqa: PLC0415
 
-        return [(f" [{v}]", lambda v=v: cu.use_conv3x3_version(v)) for v in cu.CONV3X3_VERSIONS]
+        return [(f" [{v}]", lambda v=v: cu.use_conv3x3_version(v)) for v in cu.CONV3X3_VERSIONS
+                if cu.conv3x3_version_available(v)]
 
     def convolutions(self) -> None:
         ops = self.ops

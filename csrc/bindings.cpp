@@ -502,8 +502,9 @@ Conv3x3Version conv3x3_concat_version_arg(const char* op, const std::string& nam
   const Conv3x3Version v = conv3x3_version_arg(op, name);
   if (!conv3x3_fuses_concat(v))
     throw py::value_error(std::string(op) + ": argument version " + repr_str(py::str(name)) +
-                          " cannot read a concatenated input; use 'v3_igemm', 'v4_tf32_mma' or "
-                          "'v5_bf16_mma' (or crop_concat_forward and conv3x3_forward)");
+                          " cannot read a concatenated input; use a GEMM version ('v3_igemm', "
+                          "'v4_tf32_mma', 'v5_bf16_mma' or 'v6_tf32_wgmma'), or crop_concat_forward "
+                          "and conv3x3_forward");
   return v;
 }
 
@@ -935,6 +936,16 @@ PYBIND11_MODULE(_C, m) {
         "Slices (split-K) the GEMM versions sum separately for this direction of x[N,C,H,W] -> O "
         "channels (only where the output tiles are too few); 1 for v1 and v2.");
   }
+  m.def(
+      "conv3x3_version_available",
+      [](const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("conv3x3_version_available", version);
+        py::gil_scoped_release no_gil;
+        return conv3x3_version_available(v);
+      },
+      arg("version"),
+      "Whether the kernel version can run on the current device (v6_tf32_wgmma: a Hopper GPU and "
+      "a build with sm_90a code); every other version runs on any GPU the module was built for.");
   m.def("conv3x3_concat_forward", &conv3x3_concat_forward, arg("up"), arg("skip"), arg("w"),
         arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"), arg("version"),
         "y[N,O,H-2,W-2] = valid 3x3 conv of [up, centre crop of skip] (never stored) with "

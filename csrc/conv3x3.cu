@@ -1,4 +1,4 @@
-// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in five versions.
+// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in six versions.
 //
 // Layout (strides in elements, all buffers C-contiguous float32):
 //   x   [N, C, H, W]      input activations        strides (C*H*W, H*W, W, 1)
@@ -30,6 +30,7 @@
 //   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs  not measured yet
 //   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer not measured yet
 //   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline  not measured yet
+//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA from shared-memory descriptors   not measured yet
 // v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
 // accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
 // (7-bit mantissa, round to nearest even), FP32 sums: relative errors around 1e-2. The precision
@@ -58,6 +59,10 @@
 //   conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>: v4's tiles and copies, kV5Stages of them in
 //     flight in dynamic shared memory; the fragments are rounded to bf16 pairs as they are read
 //     from shared memory and multiplied with mma.sync.m16n8k16 (bf16 in, FP32 accumulators).
+//   conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>: two warpgroups of a 128 x BN block, each
+//     issuing wgmma.mma_async.m64nBNk8 (TF32, operands read by the tensor cores from shared
+//     memory in the canonical K-major layout), fed by v5's 4-stage cp.async pipeline.
+//   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
 //   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
@@ -122,10 +127,17 @@ using cpu_emulation::cp_async_16;
 using cpu_emulation::cp_async_4;
 using cpu_emulation::cp_async_commit;
 using cpu_emulation::cp_async_wait;
+using cpu_emulation::fence_proxy_async;
 using cpu_emulation::mma_bf16_m16n8k16;
 using cpu_emulation::mma_tf32_m16n8k8;
 using cpu_emulation::pack_bf16x2;
+using cpu_emulation::shared_address;
 using cpu_emulation::to_tf32;
+using cpu_emulation::wgmma_commit;
+using cpu_emulation::wgmma_fence;
+using cpu_emulation::wgmma_fence_operands;
+using cpu_emulation::wgmma_tf32;
+using cpu_emulation::wgmma_wait;
 #else
 // x rounded to TF32 (round to nearest, ties away from zero), as the tensor cores read it.
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -185,6 +197,114 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+// ---- Hopper's warpgroup MMA (sm_90a only; UNET_WGMMA where this compilation targets it) ----
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define UNET_WGMMA 1
+#endif
+
+// The address of p in the shared-memory window (what matrix descriptors hold).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Orders this thread's earlier register writes before the wgmma that reads those registers.
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Makes this thread's writes to shared memory (st.shared, cp.async) visible to the async proxy
+// that wgmma reads shared memory through; a barrier then publishes them to the warpgroup.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef UNET_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving accesses to the accumulators across the asynchronous products
+// that write them (an empty asm that "reads and writes" every register of the array).
+template <int R>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Closes the group of the wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending committed wgmma groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// D (64 x N, FP32, in registers) = A (64 x 8) B (8 x N) + (accumulate ? D : 0), A and B TF32 in
+// shared memory described by desc_a and desc_b (K-major, unswizzled), over the 128 threads of a
+// warpgroup (PTX ISA, "wgmma.mma_async", .m64nNk8 .tf32). Register 4j + 2v + q of the thread
+// (warp w, lane 4g + t) holds D[16w + g + 8v][8j + 2t + q]. The tensor core reads the upper 19
+// bits of each float32 (TF32 by truncation).
+template <int N>
+__device__ __forceinline__ void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                           bool accumulate);
+template <>
+__device__ __forceinline__ void wgmma_tf32<64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wgmma_tf32<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
 }
 #endif
 
@@ -1270,6 +1390,182 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 }
 
 // =================================================================================================
+// v6: Hopper's warpgroup MMA (wgmma, sm_90a). v4 multiplies 16 x 8 x 8 per warp-wide mma.sync,
+// each warp first loading its fragments from shared memory into registers. Here four warps (a
+// warpgroup, 128 threads) issue one asynchronous 64 x N x 8 product that reads both operands
+// straight from shared memory, described by 64-bit matrix descriptors: no fragment loads, no
+// conversions (the tensor core reads the upper 19 bits of each float32: TF32 by truncation), and
+// the math runs while the same threads issue the next tile's copies. Tiles are laid out as the
+// descriptors expect (K-major, unswizzled: 8-row x 16-byte core matrices), filled by v5's
+// kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning 64 of its 128 rows.
+// =================================================================================================
+
+constexpr int kV6BM = 128;     // two warpgroups of 64 rows
+constexpr int kV6BK = 32;      // four k8 products per stage
+constexpr int kV6Stages = 4;   // two tiles being copied while one is multiplied and one retires
+constexpr int kV6Threads = 256;
+
+// Element (row, k) of a ROWS x kV6BK operand tile in the canonical K-major unswizzled layout
+// (PTX ISA, "Shared Memory Matrix Layout": ((8,m),(T,2k)):((1T,SBO),(1,LBO)), T = 4 floats): for
+// each k8 step a ROWS x 8 block; in it, core matrices of 8 rows x 4 floats (16 bytes per row),
+// the two k-halves of a row group 32 floats apart (LBO = 128 bytes), row groups 64 floats apart
+// (SBO = 256 bytes).
+template <int ROWS>
+struct V6Smem {
+  static constexpr int kSize = ROWS * kV6BK;
+  static constexpr uint32_t kLeadingBytes = 128, kStrideBytes = 256;
+  __device__ static int at(int row, int k) {
+    return (k / 8) * ROWS * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
+  }
+};
+
+// A matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading and stride
+// byte offsets (each encoded as (x & 0x3FFFF) >> 4), base offset 0, no swizzle.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32);
+}
+
+template <class Gemm, int BN>
+struct V6Layout {
+  using ASmem = V6Smem<kV6BM>;
+  using BSmem = V6Smem<BN>;
+  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
+  static constexpr size_t kSmemBytes = sizeof(float) * kV6Stages * kStageFloats;
+};
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
+  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
+  static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
+  using Layout = V6Layout<Gemm, BN>;
+  using ASmem = typename Layout::ASmem;
+  using BSmem = typename Layout::BSmem;
+  using ACopy = TileCopy<BM, BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+#ifdef UNET_CPU_EMULATION
+  float* smem = cpu_emulation::dynamic_shared<float>();
+#else
+  extern __shared__ __align__(16) float smem[];
+#endif
+  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
+  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+#pragma unroll
+  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+
+  // v5's copies into this kernel's layout; an empty group past the end of the K range.
+  auto issue = [&](int64_t tile, int s) {
+    if (tile < t_end) {
+      float* as = a_stage(s);
+      float* bs = b_stage(s);
+#pragma unroll
+      for (int r = 0; r < ACopy::kPerThread; ++r) {
+        const int k = ACopy::k(tid, r);
+        const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
+        float* dst = &as[ASmem::at(ACopy::row(tid, r), k)];
+        if constexpr (VEC_A) {
+          if (p) cp_async_16(dst, p);
+          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        } else {
+          if (p) cp_async_4(dst, p);
+          else *dst = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < BCopy::kPerThread; ++r) {
+        const int k = BCopy::k(tid, r);
+        const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
+        float* dst = &bs[BSmem::at(BCopy::row(tid, r), k)];
+        if constexpr (VEC_B) {
+          if (p) cp_async_16(dst, p);
+          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        } else {
+          if (p) cp_async_4(dst, p);
+          else *dst = 0.0f;
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  wgmma_fence_operands(acc);
+
+  // Tile t lives in stage (t - t_begin) % S. At iteration t the products of tile t are issued and
+  // those of tile t - 1 are waited for (wgmma_wait<1>), so at the barrier of iteration t every
+  // warpgroup is done with tile t - 2: its stage takes tile t + S - 2.
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) issue(t_begin + s, s);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int s = static_cast<int>((t - t_begin) % S);
+    cp_async_wait<S - 3>();  // this thread's copies of tile t have landed ...
+    fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
+    __syncthreads();         // ... for every thread's copies; and tile t - 2 is retired
+    issue(t + S - 2, (s + S - 2) % S);
+    const uint32_t a_base = shared_address(a_stage(s)) +
+                            sizeof(float) * (warpgroup * 64 / 8) * 64;  // this warpgroup's rows
+    const uint32_t b_base = shared_address(b_stage(s));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 8; ++ks) {
+      const uint64_t da = wgmma_descriptor(a_base + sizeof(float) * ks * BM * 8,
+                                           ASmem::kLeadingBytes, ASmem::kStrideBytes);
+      const uint64_t db = wgmma_descriptor(b_base + sizeof(float) * ks * BN * 8,
+                                           BSmem::kLeadingBytes, BSmem::kStrideBytes);
+      wgmma_tf32<BN>(acc, da, db, true);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+  cp_async_wait<0>();  // only empty groups are left
+
+  // acc[4j + 2v + q] = D[16w + g + 8v][8j + 2t + q] of this warpgroup's 64 rows.
+  const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const int64_t m = m0 + warpgroup * 64 + 16 * w + gid + 8 * v;
+    if (m >= g.M) continue;
+    const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int n = n0 + 8 * j + 2 * tig + q;
+        if (n < g.cols) g.store(row, n, acc[4 * j + 2 * v + q]);
+      }
+    }
+  }
+}
+
+// Whether this build holds the sm_90a code of v6 for the current device: a kernel compiled with
+// the wgmma instructions answers 1, any other build of it 0 (its body would trap).
+__global__ void conv3x3_v6_probe(int* has_wgmma) {
+#ifdef UNET_WGMMA
+  *has_wgmma = 1;
+#else
+  *has_wgmma = 0;
+#endif
+}
+
+// =================================================================================================
 // Split-K of the forward and backward-data GEMMs: when the output tiles alone cannot fill the GPU
 // (the 1024-channel layers at batch 1: b2's forward makes 13 x 16 tiles of 64 x 64), K is split
 // too. Each split writes its partial C (no epilogue) through SplitPartialGemm into a workspace
@@ -1421,11 +1717,83 @@ void run_v5(const char* name, const Gemm& g, bool large, int splits, cudaStream_
   else launch_v5<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
 }
 
+// v6 runs only where the device is a Hopper (compute capability 9.0) and this build holds the
+// sm_90a code (UNET_CUDA_ARCH with 90a): asked once per device with conv3x3_v6_probe, at the
+// first v6 launch (an eager one: a CUDA graph is captured after an eager step).
+bool v6_available() {
+#ifdef UNET_CPU_EMULATION
+  return true;  // the emulation has the instructions
+#else
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), "v6_tf32_wgmma");
+  int state = device >= 0 && device < kDevices ? known[device].load() : 0;
+  if (state == 0) {
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "v6_tf32_wgmma");
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+               "v6_tf32_wgmma");
+    int has = 0;
+    if (major == 9 && minor == 0) {
+      int* flag = nullptr;
+      CUDA_CHECK(cudaMalloc(&flag, sizeof(int)), "v6_tf32_wgmma probe");
+      conv3x3_v6_probe<<<1, 1>>>(flag);
+      const cudaError_t launched = cudaGetLastError();
+      const cudaError_t copied =
+          launched == cudaSuccess ? cudaMemcpy(&has, flag, sizeof(int), cudaMemcpyDeviceToHost)
+                                  : launched;
+      cudaFree(flag);
+      CUDA_CHECK(copied, "v6_tf32_wgmma probe");
+    }
+    state = has ? 1 : 2;
+    if (device >= 0 && device < kDevices) known[device].store(state);
+  }
+  return state == 1;
+#endif
+}
+
+void check_v6_available(const char* name) {
+  if (!v6_available())
+    throw std::runtime_error(std::string(name) +
+                             ": v6_tf32_wgmma needs a Hopper GPU (compute capability 9.0) and a "
+                             "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
+}
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
+  auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  check_v6_available(name);
+  constexpr int kDevices = 64;
+  static std::atomic<bool> configured[kDevices] = {};
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), name);
+  if (device < 0 || device >= kDevices || !configured[device].load()) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kSmem)),
+               name);
+    if (device >= 0 && device < kDevices) configured[device].store(true);
+  }
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
+                                 splits);
+  launch_kernel_smem(name, kernel, grid, dim3(kV6Threads), kSmem, stream, g);
+}
+
+// v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
+  if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
 template <class Gemm, bool VEC_A, bool VEC_B>
 void launch_tensor_core(const char* name, const Gemm& g, Conv3x3Version version, bool large,
                         int splits, cudaStream_t stream) {
   if (version == Conv3x3Version::kV4Tf32Mma) run_v4<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
-  else run_v5<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+  else if (version == Conv3x3Version::kV5Bf16Mma) run_v5<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+  else run_v6<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
 }
 
 // A GEMM view with a GEMM version (v3-v5), `splits` K slices: 16-byte copies of A (B) where the
@@ -1439,6 +1807,7 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
       return;
     case Conv3x3Version::kV4Tf32Mma:
     case Conv3x3Version::kV5Bf16Mma:
+    case Conv3x3Version::kV6Tf32Wgmma:
       if constexpr (Gemm::kVecA) {
         if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
       }
@@ -1459,6 +1828,10 @@ struct GemmTile {
 
 GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
+  if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
+    const bool wide = cols > 64;
+    return {wide, kV6BM, wide ? 128 : 64, kV6BK};
+  }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);
     return {large, large ? V3Large::kBM : V3Small::kBM, large ? V3Large::kBN : V3Small::kBN, kV3BK};
@@ -1561,7 +1934,8 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
     }
     case Conv3x3Version::kV3Igemm:
     case Conv3x3Version::kV4Tf32Mma:
-    case Conv3x3Version::kV5Bf16Mma: {
+    case Conv3x3Version::kV5Bf16Mma:
+    case Conv3x3Version::kV6Tf32Wgmma: {
       const GemmTile tile = gemm_tile(version, O, cols);
       plan.large = tile.large;
       const int64_t tiles = ceil_div<int64_t>(O, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
@@ -1650,15 +2024,19 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 void check_concat_version(const char* op, Conv3x3Version version) {
   if (!conv3x3_fuses_concat(version))
     throw std::runtime_error(std::string(op) + ": version " + version_name(version) +
-                             " cannot read a concatenated input; use v3_igemm, v4_tf32_mma or "
-                             "v5_bf16_mma, or crop_concat and conv3x3");
+                             " cannot read a concatenated input; use a GEMM version (v3-v6), or "
+                             "crop_concat and conv3x3");
 }
 
 }  // namespace
 
-bool conv3x3_fuses_concat(Conv3x3Version version) {
+bool conv3x3_version_available(Conv3x3Version version) {
+  return version != Conv3x3Version::kV6Tf32Wgmma || v6_available();
+}
+
+bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions
   return version == Conv3x3Version::kV3Igemm || version == Conv3x3Version::kV4Tf32Mma ||
-         version == Conv3x3Version::kV5Bf16Mma;
+         version == Conv3x3Version::kV5Bf16Mma || version == Conv3x3Version::kV6Tf32Wgmma;
 }
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {

@@ -21,9 +21,9 @@ namespace unet {
 // y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
 //
 // The kernel versions (docs/CONV3X3.md), one registry: the bindings turn a name into the enum
-// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4 in TF32, v5 in bf16 (all
-// with FP32 sums; every buffer stays float32).
-enum class Conv3x3Version { kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma };
+// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4 and v6 in TF32 (v6 only on
+// sm_90a: Hopper), v5 in bf16 (all with FP32 sums; every buffer stays float32).
+enum class Conv3x3Version { kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma };
 struct Conv3x3VersionName {
   const char* name;
   Conv3x3Version version;
@@ -34,7 +34,11 @@ inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
     {"v3_igemm", Conv3x3Version::kV3Igemm},
     {"v4_tf32_mma", Conv3x3Version::kV4Tf32Mma},
     {"v5_bf16_mma", Conv3x3Version::kV5Bf16Mma},
+    {"v6_tf32_wgmma", Conv3x3Version::kV6Tf32Wgmma},
 };
+// Whether `version` can run on the current device: v6 needs a Hopper GPU and a build with sm_90a
+// code (asked once per device); every other version runs on any GPU of the build.
+bool conv3x3_version_available(Conv3x3Version version);
 // The version the bindings use when none is named (unet_cuda.ops.cuda keeps its own setting).
 inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
 

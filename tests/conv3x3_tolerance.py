@@ -11,6 +11,9 @@ of the kernels (test_conv3x3_emulated.py).
   ``max |got - ref| <= 8u * sqrt(K) * max|A| * max|B|`` (several standard deviations of that sum).
 * bf16 (v5_bf16_mma): the same reasoning with bf16's 7-bit mantissa (``u = 2**-8``, rounded to
   nearest even): ``||got - ref|| / ||ref|| <= 2e-2`` and the same max bound with that ``u``.
+* TF32 by truncation (v6_tf32_wgmma: Hopper's wgmma reads the upper 19 bits of each float32, no
+  rounding): an operand is off by up to ``2**-10`` of its size, so ``u = 2**-10`` and a relative L2
+  bound of ``1e-2``.
 
 Outputs must be NaN exactly where the reference is (a NaN anywhere else is an element the kernel
 failed to write: the callers poison outputs with NaN first). The errors are printed before any
@@ -23,11 +26,12 @@ import math
 
 import numpy as np
 
-TF32_VERSIONS = frozenset({"v4_tf32_mma"})
+TF32_VERSIONS = frozenset({"v4_tf32_mma", "v6_tf32_wgmma"})
+TRUNCATING_VERSIONS = frozenset({"v6_tf32_wgmma"})  # TF32 by truncation, not rounding
 BF16_VERSIONS = frozenset({"v5_bf16_mma"})
 FP32_REL = 2e-5
 # Per reduced precision: (relative L2 bound, unit roundoff of the operands).
-REDUCED = {"tf32": (5e-3, 2.0 ** -11), "bf16": (2e-2, 2.0 ** -8)}
+REDUCED = {"tf32": (5e-3, 2.0 ** -11), "bf16": (2e-2, 2.0 ** -8), "tf32-truncated": (1e-2, 2.0 ** -10)}
 TF32_REL_L2, TF32_UNIT = REDUCED["tf32"]
 
 
@@ -57,7 +61,7 @@ def check_conv3x3(got, want, version: str, name: str, *, k: int, a_max: float, b
     rel_l2 = float(np.linalg.norm(np.where(nan_got | nan_want, 0.0, err))) / ref_norm if ref_norm else 0.0
     peak = _peak(want)
     stats = {"max_abs": max_abs, "rel_l2": rel_l2, "max_ref": peak}
-    mode = precision(version)
+    mode = "tf32-truncated" if version in TRUNCATING_VERSIONS else precision(version)
     if mode in REDUCED:
         rel_bound, unit = REDUCED[mode]
         bound = 8.0 * unit * math.sqrt(max(k, 1)) * a_max * b_max

@@ -218,7 +218,7 @@ def test_stream_is_keyword_only():
 # ------------------------------------------------------------------------------------------------
 
 CONV3X3_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
-CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 
 
 def module_constant(path, name):
@@ -674,7 +674,7 @@ CONCAT_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3
 
 
 def test_concat_versions_are_the_gemm_versions():
-    assert _C.CONV3X3_CONCAT_VERSIONS == ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+    assert _C.CONV3X3_CONCAT_VERSIONS == ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 
 
 @pytest.mark.parametrize("op", CONCAT_OPS)

@@ -38,7 +38,7 @@ OUTPUT_GUARD_VALUE = 1234.5
 
 
 def test_registry_is_read():
-    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +237,11 @@ def test_output_split_plans(lib):
         return getattr(lib, fn)(version.encode(), *shape)
 
     for version in GEMM_VERSIONS:
-        # b2 at batch 1 (28 x 28 outputs of 1024 channels from 1024): 208 tiles of 64 x 64 -> 2.
-        assert splits("emulated_conv3x3_forward_splits", version, (1, 1024, 30, 30, 1024)) == 2
-        assert splits("emulated_conv3x3_backward_data_splits", version, (1, 1024, 30, 30, 1024)) == 2
+        # b2 at batch 1 (28 x 28 outputs of 1024 channels from 1024): 208 tiles of 64 x 64 -> 2
+        # splits (v3-v5); v6's 56 tiles of 128 x 128 -> 5.
+        expected = 5 if version == "v6_tf32_wgmma" else 2
+        assert splits("emulated_conv3x3_forward_splits", version, (1, 1024, 30, 30, 1024)) == expected
+        assert splits("emulated_conv3x3_backward_data_splits", version, (1, 1024, 30, 30, 1024)) == expected
         # d1b and u4b (570 x 570 pixels): tiles enough, no split.
         assert splits("emulated_conv3x3_forward_splits", version, (1, 64, 570, 570, 64)) == 1
         assert splits("emulated_conv3x3_backward_data_splits", version, (1, 64, 570, 570, 64)) == 1
@@ -286,7 +288,7 @@ def test_empty_sums(lib, version):
 
 
 def test_precision_names():
-    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16"]
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def test_precision_names():
 # first convolution of each level): the GEMM versions read the two inputs directly.
 # ------------------------------------------------------------------------------------------------
 
-GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 # (N, Cu, Cs, H, W, Hs, Ws, O)
 CONCAT_SHAPES = [
     (1, 3, 2, 5, 7, 9, 11, 4),       # odd sizes, crop offsets (2, 2)

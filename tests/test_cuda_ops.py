@@ -190,12 +190,15 @@ try:
 
     CONV3X3_VERSIONS = tuple(_names.CONV3X3_VERSIONS)
 except ImportError:
-    CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma")
+    CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
 
 
 @pytest.fixture(params=CONV3X3_VERSIONS)
 def conv3x3_version(request):
-    """Runs the test with each kernel version of the 3x3 convolution in turn."""
+    """Runs the test with each kernel version of the 3x3 convolution in turn (v6 only where it
+    can run: a Hopper GPU and a build with sm_90a code)."""
+    if not cu.conv3x3_version_available(request.param):
+        pytest.skip(f"{request.param} cannot run on this GPU or build (it needs sm_90a)")
     with cu.use_conv3x3_version(request.param):
         yield request.param
 
@@ -339,7 +342,7 @@ def test_conv3x3_concat_equals_concat_then_conv_bitwise():
     rng = np.random.default_rng(8)
     up, skip = dev(rand(rng, 1, 5, 20, 18)), dev(rand(rng, 1, 6, 26, 22))
     wt, b, dy = dev(rand(rng, 7, 11, 3, 3, scale=0.1)), dev(rand(rng, 7)), dev(rand(rng, 1, 7, 18, 16))
-    for version in cu.CONV3X3_CONCAT_VERSIONS:
+    for version in filter(cu.conv3x3_version_available, cu.CONV3X3_CONCAT_VERSIONS):
         with cu.use_conv3x3_version(version):
             x = cu.crop_concat_forward(up, skip)
             assert bitwise_equal(cu.conv3x3_concat_forward(up, skip, wt, b, True),
@@ -625,7 +628,7 @@ def test_conv3x3_version_setting():
     with cu.use_conv3x3_version("v3_igemm"):
         assert cu.get_conv3x3_version() == "v3_igemm"
     assert cu.get_conv3x3_version() == previous
-    with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma', 'v5_bf16_mma'"):
+    with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma', 'v5_bf16_mma', 'v6_tf32_wgmma'"):
         cu.set_conv3x3_version("v9")
     assert cu.get_conv3x3_version() == previous
 

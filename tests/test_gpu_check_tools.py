@@ -613,11 +613,16 @@ def test_op_cases_cover_a_training_step():
 
 
 def test_conv3x3_versions_per_precision():
-    modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
-    assert [benchlib.conv3x3_precision(v, modes) for v in op_cases.CONV3X3_VERSIONS] == \
-        ["fp32", "fp32", "fp32", "tf32", "bf16"]
-    assert benchlib.conv3x3_precision("v5_bf16_mma", {"bf16": "v9_other"}) == "fp32"
+    # the table of unet_cuda.ops.cuda (it needs CuPy to import): read from its source
+    import ast  # noqa: PLC0415
+    tree = ast.parse((ROOT / "unet_cuda" / "ops" / "cuda.py").read_text())
+    table = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign)
+                 and getattr(node.target, "id", None) == "CONV3X3_VERSION_PRECISION")
+    assert [benchlib.conv3x3_precision(v, table) for v in op_cases.CONV3X3_VERSIONS] == \
+        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32"]
+    assert benchlib.conv3x3_precision("v9_other", table) == "fp32"
     assert tuple(benchlib.TORCH_SETTINGS) == benchlib.PRECISIONS == cr.PRECISIONS
+    modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
 
     cases = op_cases.op_cases(benchlib.network())
     expanded = op_cases.with_conv3x3_versions(cases, tuple(modes.values()))
@@ -629,7 +634,7 @@ def test_conv3x3_versions_per_precision():
     assert len({c.seed for c in d1b}) == 1              # every version (and the peer) sees one input
     assert all(c.version is None for c in expanded if not c.op.startswith("conv3x3_"))
     versions = op_cases.conv3x3_version_cases(benchlib.network())
-    assert len(versions) == 4 * 3 * 5 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
+    assert len(versions) == 4 * 3 * 6 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 
 
 def test_ceilings():

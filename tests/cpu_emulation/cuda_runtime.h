@@ -18,6 +18,9 @@
 //     multiplies the TF32 values (low 13 bits dropped) exactly, summing in double; likewise
 //     mma.sync.m16n8k16 (bf16 pairs, rounded to nearest even by pack_bf16x2);
 //   * dynamic shared memory (extern __shared__) is a per-launch buffer, NaN at each block's start;
+//   * wgmma.mma_async (TF32, operands in unswizzled K-major shared memory) is a warpgroup-wide
+//     rendezvous that records the product; wgmma.wait_group runs the retired products, reading
+//     shared memory then, so a tile overwritten before its wait shows;
 //   * cudaMallocAsync fills the new memory with NaN bytes, so unwritten workspace shows.
 // Only what conv3x3.cu and its includes use is provided.
 #pragma once
@@ -141,12 +144,30 @@ struct WarpExchange {
   double value[2][32];
 };
 
+// One wgmma.mma_async of a warpgroup, run when a wgmma.wait_group retires its group: the operands
+// are read from shared memory then (the latest moment the GPU may read them), so a kernel that
+// overwrites a tile before waiting for the products that read it gets wrong results here too.
+struct WgmmaOp {
+  uint64_t desc_a, desc_b;
+  int n;                  // the instruction's N (rows of B)
+  bool accumulate;        // scale-d: D = A B + D, or D = A B
+  float* d[128];          // each thread's accumulator registers (N/2 of them)
+};
+
+struct WarpgroupState {
+  Barrier barrier;
+  std::vector<WgmmaOp> open;                  // issued since the last commit
+  std::vector<std::vector<WgmmaOp>> groups;   // committed, not yet retired
+  WgmmaOp staged{};                           // filled by the 128 threads of one instruction
+};
+
 struct BlockState {
   dim3 grid, block;
   uint3 block_idx{};
   std::vector<Fiber> fibers;
   Barrier block_barrier;
   std::vector<WarpExchange> warps;
+  std::vector<WarpgroupState> warpgroups;
   int current = -1;
   ucontext_t scheduler;
   std::function<void()>* body = nullptr;
@@ -253,6 +274,101 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32
     for (int k = 0; k < 8; ++k) sum += A(rows[q], k) * B(k, cols[q]);
     d[q] = static_cast<float>(sum);
   }
+}
+
+// ---- Hopper's warpgroup MMA (wgmma), TF32 operands from shared memory ----
+
+// The shared-memory address of a pointer into the dynamic shared memory, as __cvta_generic_to_shared
+// gives it (here: the offset from the start of the dynamic shared memory).
+inline uint32_t shared_address(const void* p) {
+  const char* base = reinterpret_cast<const char*>(state()->dynamic_shared.data());
+  const std::ptrdiff_t offset = reinterpret_cast<const char*>(p) - base;
+  const std::ptrdiff_t size = static_cast<std::ptrdiff_t>(state()->dynamic_shared.size() * 16);
+  if (offset < 0 || offset >= size)
+    throw std::logic_error("shared_address: the pointer is not in the dynamic shared memory");
+  return static_cast<uint32_t>(offset);
+}
+
+inline WarpgroupState& my_warpgroup() { return state()->warpgroups[self().thread_idx.x / 128]; }
+
+// All threads of the warpgroup meet; the last to arrive runs `last` before the others go on.
+template <typename Last>
+inline void warpgroup_rendezvous(Last last) {
+  WarpgroupState& wg = my_warpgroup();
+  if (wg.barrier.expected != 128) throw std::logic_error("wgmma needs a full warpgroup of 128 threads");
+  const unsigned gen = wg.barrier.generation;
+  if (++wg.barrier.arrived == 128) {
+    last(wg);
+    wg.barrier.arrived = 0;
+    ++wg.barrier.generation;
+  } else {
+    wait(wg.barrier, gen);
+  }
+}
+
+inline void wgmma_fence() {}          // orders register accesses: nothing to do in one thread
+template <int R>
+inline void wgmma_fence_operands(float (&)[R]) {}  // a compiler barrier on the GPU
+inline void fence_proxy_async() {}    // makes shared-memory writes visible to the async proxy
+
+// The 32-bit element (row, k) of a K-major, unswizzled operand (PTX ISA: canonical layout
+// ((8,m),(T,2k)):((1T,SBO),(1,LBO)) with T = 4 32-bit elements): rows of a core matrix 16 bytes
+// apart, 8-row groups SBO bytes apart, 16-byte chunks of k LBO bytes apart.
+inline double wgmma_tf32_operand(uint64_t desc, int row, int k) {
+  if ((desc >> 62) != 0) throw std::logic_error("emulated wgmma: only the unswizzled layout is supported");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t byte = start + (row % 8) * 16 + (row / 8) * sbo + (k / 4) * lbo + (k % 4) * 4;
+  const size_t size = state()->dynamic_shared.size() * 16;
+  if (byte + 4 > size) throw std::logic_error("emulated wgmma reads past the dynamic shared memory");
+  uint32_t u;
+  std::memcpy(&u, reinterpret_cast<const char*>(state()->dynamic_shared.data()) + byte, 4);
+  return tf32_value(u);  // the tensor core reads the upper 19 bits (truncation)
+}
+
+inline void run_wgmma(const WgmmaOp& op) {
+  // D[m][n], m < 64, n < N: thread 32 (m / 16) + 4 (m % 8) + (n % 8) / 2, register
+  // 4 (n / 8) + 2 ((m % 16) / 8) + n % 2 (PTX ISA, "wgmma .m64nNk8" accumulator fragments).
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < op.n; ++n) {
+      const int thread = 32 * (m / 16) + 4 * (m % 8) + (n % 8) / 2;
+      float& d = op.d[thread][4 * (n / 8) + 2 * ((m % 16) / 8) + n % 2];
+      double sum = op.accumulate ? d : 0.0;
+      for (int k = 0; k < 8; ++k)
+        sum += wgmma_tf32_operand(op.desc_a, m, k) * wgmma_tf32_operand(op.desc_b, n, k);
+      d = static_cast<float>(sum);
+    }
+}
+
+template <int N>
+inline void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  const int t = static_cast<int>(self().thread_idx.x % 128);
+  my_warpgroup().staged.d[t] = d;
+  warpgroup_rendezvous([&](WarpgroupState& wg) {
+    wg.staged.desc_a = desc_a;
+    wg.staged.desc_b = desc_b;
+    wg.staged.n = N;
+    wg.staged.accumulate = accumulate;
+    wg.open.push_back(wg.staged);
+  });
+}
+
+inline void wgmma_commit() {
+  warpgroup_rendezvous([](WarpgroupState& wg) {
+    wg.groups.push_back(std::move(wg.open));
+    wg.open.clear();
+  });
+}
+
+template <int kPending>
+inline void wgmma_wait() {
+  warpgroup_rendezvous([](WarpgroupState& wg) {
+    while (static_cast<int>(wg.groups.size()) > kPending) {
+      for (const WgmmaOp& op : wg.groups.front()) run_wgmma(op);
+      wg.groups.erase(wg.groups.begin());
+    }
+  });
 }
 
 // Round to nearest even to bf16 (the upper 16 bits of a float32), as cvt.rn.bf16x2.f32 does.
@@ -375,6 +491,9 @@ inline void run_block(BlockState& s) {
   }
   if (s.block_barrier.arrived != 0)
     throw std::runtime_error("a kernel ended with threads still inside __syncthreads");
+  for (const WarpgroupState& wg : s.warpgroups)
+    if (!wg.open.empty() || !wg.groups.empty())
+      throw std::runtime_error("a kernel ended with wgmma products never waited for");
 }
 
 template <typename... Params>
@@ -396,6 +515,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_sha
   s.warps.resize((threads + 31) / 32);
   for (int w = 0; w < static_cast<int>(s.warps.size()); ++w)
     s.warps[w].barrier.expected = std::min(32, threads - 32 * w);
+  s.warpgroups.resize((threads + 127) / 128);
+  for (int g = 0; g < static_cast<int>(s.warpgroups.size()); ++g)
+    s.warpgroups[g].barrier.expected = std::min(128, threads - 128 * g);
   std::tuple<Params...> params(args...);
   std::function<void()> body = [&] { std::apply(kernel, params); };
   s.body = &body;

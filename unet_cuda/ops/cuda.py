@@ -91,6 +91,12 @@ _conv3x3_version = _valid_conv3x3_version(
 STARTUP_CONV3X3_VERSION = _conv3x3_version  # the setting at import (the default, or the variable's)
 
 
+def conv3x3_version_available(name: str) -> bool:
+    """Whether kernel version ``name`` runs on the current device: ``v6_tf32_wgmma`` needs a Hopper
+    GPU (compute capability 9.0) and a build with sm_90a code; the others run on any GPU."""
+    return bool(_C.conv3x3_version_available(_valid_conv3x3_version(name, "conv3x3_version_available")))
+
+
 def set_conv3x3_version(name: str) -> None:
     """Runs every later conv3x3 op of this backend with kernel version ``name``."""
     global _conv3x3_version
@@ -122,6 +128,11 @@ def use_conv3x3_version(name: str):
 # The other ops (1x1 and up-convolutions, pooling, loss, update) compute in FP32 in every mode.
 PRECISION_VERSIONS: dict[str, str] = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
 PRECISIONS: tuple[str, ...] = tuple(PRECISION_VERSIONS)
+# What every version computes in (v6_tf32_wgmma: TF32 on Hopper's warpgroup MMA, by truncation;
+# no mode names it until a GPU run has measured and verified it).
+CONV3X3_VERSION_PRECISION: dict[str, str] = {
+    "v1_direct": "fp32", "v2_smem": "fp32", "v3_igemm": "fp32", "v4_tf32_mma": "tf32",
+    "v5_bf16_mma": "bf16", "v6_tf32_wgmma": "tf32"}
 
 
 def _valid_precision(name, where: str) -> str:
@@ -138,12 +149,9 @@ def set_precision(name: str) -> None:
 
 
 def get_precision() -> str:
-    """What the conv3x3 ops compute in now: "tf32" for v4_tf32_mma, "bf16" for v5_bf16_mma, "fp32"
-    for the other versions (the default v1_direct included)."""
-    for precision, version in PRECISION_VERSIONS.items():
-        if version == _conv3x3_version:
-            return precision
-    return "fp32"
+    """What the conv3x3 ops compute in now (``CONV3X3_VERSION_PRECISION`` of the current version):
+    "tf32" for v4 and v6, "bf16" for v5, "fp32" for v1-v3 (the default v1_direct included)."""
+    return CONV3X3_VERSION_PRECISION.get(_conv3x3_version, "fp32")
 
 
 @contextlib.contextmanager
