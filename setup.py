@@ -4,7 +4,8 @@
   ``$CUDA_HOME/bin/nvcc`` or ``/usr/local/cuda/bin/nvcc``.
 * Target architectures: ``UNET_CUDA_ARCH`` (CMake syntax, e.g. ``80;90a``, ``90a``, ``native``);
   default ``80;90a`` (A100, and H100/H200 with Hopper's own instructions: the 3x3 convolution's
-  v6_tf32_wgmma needs ``90a``; a build for plain ``90`` runs every other version there).
+  v6_tf32_wgmma needs ``90a``; a build for plain ``90``, or ``native``/``all``, which CMake turns
+  into ``90``, runs every other version there).
 * Parallel build jobs: ``CMAKE_BUILD_PARALLEL_LEVEL`` (default: all cores).
 * Without a CUDA compiler the pure-Python package is installed, it runs on the CPU, and the build
   says so once.

@@ -1737,6 +1737,17 @@ bool v6_available() {
                "v6_tf32_wgmma");
     int has = 0;
     if (major == 9 && minor == 0) {
+      // The probe synchronises (cudaMalloc, cudaMemcpy): not allowed inside a stream capture.
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(cudaStreamLegacy, &capturing) != cudaSuccess ||
+          capturing != cudaStreamCaptureStatusNone) {
+        cudaGetLastError();
+        throw std::runtime_error(
+            "v6_tf32_wgmma: whether this GPU can run it is asked with a probe kernel at its first "
+            "use, which cannot happen inside a CUDA graph capture; run one eager step first (or "
+            "call conv3x3_version_available) before capturing");
+      }
+      cudaGetLastError();  // an earlier, unrelated error must not be taken for the probe's
       int* flag = nullptr;
       CUDA_CHECK(cudaMalloc(&flag, sizeof(int)), "v6_tf32_wgmma probe");
       conv3x3_v6_probe<<<1, 1>>>(flag);

@@ -86,6 +86,7 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 using cudaMemPool_t = struct CUmemPoolHandle_st*;
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0 };
 enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold = 4 };
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int) {
   *pool = nullptr;
@@ -159,6 +160,8 @@ struct WarpgroupState {
   std::vector<WgmmaOp> open;                  // issued since the last commit
   std::vector<std::vector<WgmmaOp>> groups;   // committed, not yet retired
   WgmmaOp staged{};                           // filled by the 128 threads of one instruction
+  uint64_t staged_desc[128][2];               // each thread's descriptors: they must agree
+  bool staged_accumulate[128];
 };
 
 struct BlockState {
@@ -344,8 +347,16 @@ inline void run_wgmma(const WgmmaOp& op) {
 template <int N>
 inline void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   const int t = static_cast<int>(self().thread_idx.x % 128);
-  my_warpgroup().staged.d[t] = d;
+  WarpgroupState& mine = my_warpgroup();
+  mine.staged.d[t] = d;
+  mine.staged_desc[t][0] = desc_a;
+  mine.staged_desc[t][1] = desc_b;
+  mine.staged_accumulate[t] = accumulate;
   warpgroup_rendezvous([&](WarpgroupState& wg) {
+    for (int i = 0; i < 128; ++i)  // .aligned: every thread issues the same instruction
+      if (wg.staged_desc[i][0] != desc_a || wg.staged_desc[i][1] != desc_b ||
+          wg.staged_accumulate[i] != accumulate)
+        throw std::logic_error("wgmma: the threads of a warpgroup passed different operands");
     wg.staged.desc_a = desc_a;
     wg.staged.desc_b = desc_b;
     wg.staged.n = N;
