@@ -707,3 +707,16 @@ def test_concat_shapes_must_agree():
                   dw=f32(5, 3, 3, 3))
     raises_naming(ValueError, "conv3x3_concat_backward_weight", "up", "needs H and W >= 3",
                   up=f32(2, 3, 2, 6), dy=f32(2, 5, 0, 4))
+
+
+def test_version_availability():
+    """Every version but v6 runs on any GPU of the build (no CUDA call is needed to say so); v6 asks
+    the device, which here may have no driver at all (then the error names v6)."""
+    for version in CONV3X3_VERSIONS[:-1]:
+        assert _C.conv3x3_version_available(version) is True
+    try:
+        assert _C.conv3x3_version_available("v6_tf32_wgmma") in (True, False)
+    except RuntimeError as exc:
+        assert "v6_tf32_wgmma" in str(exc)
+    with pytest.raises(ValueError, match="conv3x3_version_available: argument version must be one of"):
+        _C.conv3x3_version_available("v9")
