@@ -444,7 +444,10 @@ def test_gpu_out_of_memory_in_prediction(tmp_path, tiny_run, monkeypatch, capsys
                          "--output", str(tmp_path / "out.tif"), "--quiet", "--batch-size", "4"])
     assert code == 4
     message = error_message(capsys)
-    assert "out of memory with --tile 36 and --batch-size 4" in message
+    # the tile predict chose for a 30 x 30 image (at most the run's training tile, 36)
+    from unet_cuda.tiling import inference_tile
+    tile = inference_tile(30, 30, depth=2, max_tile=36)
+    assert f"out of memory with --tile {tile} and --batch-size 4" in message
     assert "try a smaller --tile or --batch-size 1" in message
     assert not (tmp_path / "out.tif").exists()
 
