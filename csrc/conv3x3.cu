@@ -1098,6 +1098,49 @@ struct V4Smem {
   }
 };
 
+// The cp.async side of v4-v6: the rows of A and B that one thread copies (decoded once), and its
+// copies of one K tile into a shared-memory tile laid out by ASmem / BSmem (their at(row, k)).
+// Elements that are zero (past an edge, outside dy) are stored directly: nothing to wait for.
+// VEC_A / VEC_B: 16-byte copies of four consecutive k.
+template <class Gemm, class ACopy, class BCopy, bool VEC_A, bool VEC_B>
+struct AsyncTileCopier {
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+
+  __device__ AsyncTileCopier(const Gemm& g, int64_t m0, int n0, int tid) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+  }
+
+  template <bool VEC>
+  __device__ static void copy(float* dst, const float* p) {
+    if constexpr (VEC) {
+      if (p) cp_async_16(dst, p);
+      else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else {
+      if (p) cp_async_4(dst, p);
+      else *dst = 0.0f;
+    }
+  }
+
+  // Issues this thread's copies of K tile `tile` (bk deep) into `as` and `bs`; commits nothing.
+  template <class ASmem, class BSmem>
+  __device__ void issue(const Gemm& g, int64_t tile, int bk, float* as, float* bs, int tid) const {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) {
+      const int k = ACopy::k(tid, r);
+      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], g.k_pos(tile, bk, k)));
+    }
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) {
+      const int k = BCopy::k(tid, r);
+      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], g.k_pos(tile, bk, k)));
+    }
+  }
+};
+
 // acc[i][j] = {C[gid][2tig], C[gid][2tig+1], C[gid+8][2tig], C[gid+8][2tig+1]} of mma tile
 // (i, j) (the layout of mma.m16n8k8 .tf32 and of mma.m16n8k16 .bf16): for a fixed register, the 8
 // lanes of a column group store 8 consecutive m.
@@ -1144,42 +1187,10 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  typename Gemm::ARow arow[ACopy::kPerThread];
-  typename Gemm::BRow brow[BCopy::kPerThread];
-#pragma unroll
-  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
-#pragma unroll
-  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
-
-  // Issues the copies of K tile `tile` into buffer `buf`; elements that are zero are written
-  // directly (no copy to wait for). One commit group per tile.
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // The copies of K tile `tile` into buffer `buf`, as one commit group.
   auto issue = [&](int64_t tile, int buf) {
-#pragma unroll
-    for (int r = 0; r < ACopy::kPerThread; ++r) {
-      const int k = ACopy::k(tid, r);
-      const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
-      float* dst = &As[buf][ASmem::at(ACopy::row(tid, r), k)];
-      if constexpr (VEC_A) {
-        if (p) cp_async_16(dst, p);
-        else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      } else {
-        if (p) cp_async_4(dst, p);
-        else *dst = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < BCopy::kPerThread; ++r) {
-      const int k = BCopy::k(tid, r);
-      const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
-      float* dst = &Bs[buf][BSmem::at(BCopy::row(tid, r), k)];
-      if constexpr (VEC_B) {
-        if (p) cp_async_16(dst, p);
-        else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      } else {
-        if (p) cp_async_4(dst, p);
-        else *dst = 0.0f;
-      }
-    }
+    copier.template issue<ASmem, BSmem>(g, tile, BK, As[buf], Bs[buf], tid);
     cp_async_commit();
   };
 
@@ -1301,47 +1312,12 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  typename Gemm::ARow arow[ACopy::kPerThread];
-  typename Gemm::BRow brow[BCopy::kPerThread];
-#pragma unroll
-  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
-#pragma unroll
-  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
-
-  // Issues the copies of K tile `tile` into stage `s` (zeros written directly), and commits them
-  // as one group. Past the end of this block's K range it commits an empty group, so that the
-  // count of groups in flight, and with it cp_async_wait<S - 2>, is the same every iteration.
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // The copies of K tile `tile` into stage `s`, as one commit group; past the end of this block's K
+  // range an empty group, so that the count of groups in flight, and with it cp_async_wait<S - 2>,
+  // is the same every iteration.
   auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) {
-      float* as = a_stage(s);
-      float* bs = b_stage(s);
-#pragma unroll
-      for (int r = 0; r < ACopy::kPerThread; ++r) {
-        const int k = ACopy::k(tid, r);
-        const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
-        float* dst = &as[ASmem::at(ACopy::row(tid, r), k)];
-        if constexpr (VEC_A) {
-          if (p) cp_async_16(dst, p);
-          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        } else {
-          if (p) cp_async_4(dst, p);
-          else *dst = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < BCopy::kPerThread; ++r) {
-        const int k = BCopy::k(tid, r);
-        const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
-        float* dst = &bs[BSmem::at(BCopy::row(tid, r), k)];
-        if constexpr (VEC_B) {
-          if (p) cp_async_16(dst, p);
-          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        } else {
-          if (p) cp_async_4(dst, p);
-          else *dst = 0.0f;
-        }
-      }
-    }
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
     cp_async_commit();
   };
 
@@ -1460,45 +1436,10 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  typename Gemm::ARow arow[ACopy::kPerThread];
-  typename Gemm::BRow brow[BCopy::kPerThread];
-#pragma unroll
-  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
-#pragma unroll
-  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
-
-  // v5's copies into this kernel's layout; an empty group past the end of the K range.
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // v5's copies, into this kernel's layout; an empty group past the end of the K range.
   auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) {
-      float* as = a_stage(s);
-      float* bs = b_stage(s);
-#pragma unroll
-      for (int r = 0; r < ACopy::kPerThread; ++r) {
-        const int k = ACopy::k(tid, r);
-        const float* p = g.a_src(arow[r], g.k_pos(tile, BK, k));
-        float* dst = &as[ASmem::at(ACopy::row(tid, r), k)];
-        if constexpr (VEC_A) {
-          if (p) cp_async_16(dst, p);
-          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        } else {
-          if (p) cp_async_4(dst, p);
-          else *dst = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < BCopy::kPerThread; ++r) {
-        const int k = BCopy::k(tid, r);
-        const float* p = g.b_src(brow[r], g.k_pos(tile, BK, k));
-        float* dst = &bs[BSmem::at(BCopy::row(tid, r), k)];
-        if constexpr (VEC_B) {
-          if (p) cp_async_16(dst, p);
-          else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        } else {
-          if (p) cp_async_4(dst, p);
-          else *dst = 0.0f;
-        }
-      }
-    }
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
     cp_async_commit();
   };
 
