@@ -411,12 +411,19 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["train_step_ratio"] = _ratios(torch_steps, ours_steps) or None
     summary["graphed_train_step_ms"] = graphed_steps or None
     summary["graphed_train_step_ratio"] = _ratios(torch_steps, graphed_steps) or None
+    # The tf32 step with the Hopper kernel (v6_tf32_wgmma) instead of v4, eager and graphed.
+    wgmma = {mode: _by_precision(records, "train_step", impl).get("tf32")
+             for mode, impl in (("eager", "ours_wgmma"), ("graph", "ours_wgmma_graph"))}
+    summary["wgmma_train_step_ms"] = wgmma if any(v is not None for v in wgmma.values()) else None
+    summary["wgmma_train_step_ratio"] = (
+        {mode: torch_steps["tf32"] / ms for mode, ms in wgmma.items() if ms and "tf32" in torch_steps}
+        or None)
     summary["infer_512_ms"] = ours_infer.get("bf16")      # the inference target's figure (bf16)
     summary["infer_512_ms_by_precision"] = ours_infer or None
     summary["torch_infer_512_ms"] = torch_infer or None
     summary["infer_512_ratio"] = _ratios(torch_infer, ours_infer) or None
 
-    for kind, impls, peers in (("train_step", ("ours", "ours_graph"), torch_steps),
+    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph"), torch_steps),
                                ("infer", ("ours",), torch_infer)):
         for rec in records:
             if rec.get("kind") == kind and rec.get("impl") in impls and _ms(rec) and peers:
@@ -434,7 +441,8 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary.update(ops_summary)
     versions = {}
     for rec in records:
-        if rec.get("kind") in ("train_step", "infer", "op") and rec.get("impl") != "torch" and rec.get("version"):
+        if (rec.get("kind") in ("train_step", "infer", "op") and rec.get("version")
+                and rec.get("impl") not in ("torch", "ours_wgmma", "ours_wgmma_graph")):
             versions.setdefault(rec.get("precision"), rec["version"])
     per: dict = {}
     for p in PRECISIONS:

@@ -317,6 +317,48 @@ def test_train_step_graphed(benchmark, env, data, initial_state, precision):
     assert np.isfinite(loss_after), f"our graphed {precision} step gave a non-finite loss {loss_after}"
 
 
+WGMMA = "v6_tf32_wgmma"
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_train_step_wgmma(benchmark, env, data, initial_state, mode):
+    """The tf32 step with the Hopper kernel (v6_tf32_wgmma) in place of v4, eager and as a CUDA
+    graph, where it can run: impl "ours_wgmma" / "ours_wgmma_graph", beside the tf32 figures (no
+    precision mode names v6 until a GPU run has verified it; this measures whether it should)."""
+    if not cu.conv3x3_version_available(WGMMA):
+        pytest.skip(f"{WGMMA} cannot run on this GPU or build (it needs sm_90a)")
+    if mode == "graph" and _GRAPH_SKIP:
+        pytest.skip(_GRAPH_SKIP)
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net, opt, (xa, labels, weights) = _our_training_setup(data, initial_state)
+    with cu.use_conv3x3_version(WGMMA):
+        if mode == "graph":
+            graphed = GraphedTrainStep(net, opt, xa.shape, labels.shape, weights.shape)
+
+            def step():
+                return graphed(xa, labels, weights, lr=LR)
+        else:
+            x = Tensor(xa)
+
+            def step():
+                opt.zero_grad()
+                loss = F.softmax_cross_entropy(net(x), labels, weights)
+                loss.backward()
+                opt.step()
+                return loss.data
+
+        timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
+                                   max_repeats=30, flush=False)
+        loss_after = float(step())
+        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    impl = "ours_wgmma" if mode == "eager" else "ours_wgmma_graph"
+    rec = _step_record(f"train_step/{impl}/tf32", impl, "tf32",
+                       f"unet_cuda train step, tf32 with {WGMMA} ({mode})", timing, env, loss_after)
+    rec["version"] = WGMMA
+    benchlib.record(benchmark, rec)
+    assert np.isfinite(loss_after), f"the {WGMMA} step ({mode}) gave a non-finite loss {loss_after}"
+
+
 @pytest.mark.parametrize("setting", TORCH_SETTINGS)
 def test_train_step_torch(benchmark, env, data, initial_state, setting):
     benchlib.skip_if_out_of_time(pytest, 20)

@@ -400,6 +400,24 @@ def test_collect_reads_the_op_by_op_profiles(tmp_path):
     assert "profile     fp32: step" in table
 
 
+def test_summary_of_the_wgmma_step():
+    """The tf32 step with v6_tf32_wgmma (impl ours_wgmma / ours_wgmma_graph) gets its own summary
+    figures and its ratio to PyTorch's tf32 step, and leaves the tf32 mode's figures and version
+    (v4) alone."""
+    records = _synthetic_records()
+    step = {"kind": "train_step", "shape": "x[1,1,572,572]", "flops": 902e9, "precision": "tf32",
+            "version": "v6_tf32_wgmma"}
+    records[:0] = [{**step, "id": "train_step/ours_wgmma/tf32", "impl": "ours_wgmma", "ms": 4.5},
+                   {**step, "id": "train_step/ours_wgmma_graph/tf32", "impl": "ours_wgmma_graph", "ms": 3.0}]
+    summary = cr.summarize(records, card=GPU)
+    assert summary["wgmma_train_step_ms"] == {"eager": 4.5, "graph": 3.0}
+    assert summary["wgmma_train_step_ratio"] == {"eager": 9.0 / 4.5, "graph": 9.0 / 3.0}
+    assert summary["train_step_ms"]["tf32"] == 6.0 and summary["per_precision"]["tf32"]["version"] == "v4_tf32_mma"
+    wgmma = next(r for r in records if r["id"] == "train_step/ours_wgmma/tf32")
+    assert wgmma["ratio"] == 9.0 / 4.5 and wgmma["peer_precision"] == "tf32"
+    assert cr.summarize(_synthetic_records(), card=GPU)["wgmma_train_step_ms"] is None
+
+
 def test_commit_given_where_the_checkout_has_no_git(tmp_path):
     (tmp_path / "meta.txt").write_text(f"commit={COMMIT}\ncommit_source=GPU_CHECK_COMMIT\n"
                                        "git_error=git rev-parse HEAD failed (see info.log)\n")
