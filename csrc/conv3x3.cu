@@ -1616,23 +1616,30 @@ void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream)
                 stream, g);
 }
 
-// v5 needs more than the 48 KB of shared memory a kernel gets by default: raised once per
-// instantiation and device (the attribute belongs to the kernel on a device, not to a launch; the
-// first launch, never a CUDA graph capture, which follows an eager step, pays for the call).
+// Per-device state of this file (attributes, the v6 probe) covers this many devices.
+constexpr int kMaxDevices = 64;
+
+// v5 and v6 need more than the 48 KB of shared memory a kernel gets by default: raised once per
+// kernel and device (the attribute belongs to the kernel on a device, not to a launch; the first
+// launch, never a CUDA graph capture, which follows an eager step, pays for the call).
+template <auto kKernel>
+void allow_dynamic_smem(size_t bytes, const char* name) {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), name);
+  const bool tracked = device >= 0 && device < kMaxDevices;
+  if (tracked && done[device].load()) return;
+  CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)),
+             name);
+  if (tracked) done[device].store(true);
+}
+
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 void launch_v5(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
   constexpr size_t kSmem = V5Layout<Gemm, Tile>::kSmemBytes;
-  auto kernel = conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>;
-  constexpr int kDevices = 64;
-  static std::atomic<bool> configured[kDevices] = {};
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device), name);
-  if (device < 0 || device >= kDevices || !configured[device].load()) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(kSmem)),
-               name);
-    if (device >= 0 && device < kDevices) configured[device].store(true);
-  }
+  constexpr auto kernel = conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>;
+  allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
                                  ceil_div<int64_t>(g.cols, Tile::kBN), splits);
   launch_kernel_smem(name, kernel, grid, dim3(Tile::kThreads), kSmem, stream, g);
@@ -1665,11 +1672,10 @@ bool v6_available() {
 #ifdef UNET_CPU_EMULATION
   return true;  // the emulation has the instructions
 #else
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices] = {};  // 0 unknown, 1 yes, 2 no
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device), "v6_tf32_wgmma");
-  int state = device >= 0 && device < kDevices ? known[device].load() : 0;
+  int state = device >= 0 && device < kMaxDevices ? known[device].load() : 0;
   if (state == 0) {
     int major = 0, minor = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
@@ -1700,7 +1706,7 @@ bool v6_available() {
       CUDA_CHECK(copied, "v6_tf32_wgmma probe");
     }
     state = has ? 1 : 2;
-    if (device >= 0 && device < kDevices) known[device].store(state);
+    if (device >= 0 && device < kMaxDevices) known[device].store(state);
   }
   return state == 1;
 #endif
@@ -1716,18 +1722,9 @@ void check_v6_available(const char* name) {
 template <class Gemm, int BN, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
   constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
-  auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
   check_v6_available(name);
-  constexpr int kDevices = 64;
-  static std::atomic<bool> configured[kDevices] = {};
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device), name);
-  if (device < 0 || device >= kDevices || !configured[device].load()) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(kSmem)),
-               name);
-    if (device >= 0 && device < kDevices) configured[device].store(true);
-  }
+  allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
                                  splits);
   launch_kernel_smem(name, kernel, grid, dim3(kV6Threads), kSmem, stream, g);
@@ -1822,10 +1819,9 @@ OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t 
 constexpr uint64_t kWorkspacePoolKeepBytes = uint64_t{1} << 30;
 
 void keep_workspace_memory() {
-  constexpr int kDevices = 64;
-  static std::atomic<bool> done[kDevices] = {};
+  static std::atomic<bool> done[kMaxDevices] = {};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
     cudaGetLastError();  // no device to configure: the allocation itself will report it
     return;
   }
