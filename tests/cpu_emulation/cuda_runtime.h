@@ -248,7 +248,13 @@ inline double tf32_value(uint32_t u) {
   return f;
 }
 
-inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// What every emulated mma.sync 16 x 8 x K has in common: the 32 lanes publish their fragments and
+// meet; then each lane sums its four elements of D = A B + D (rows g, g, g+8, g+8, columns 2t,
+// 2t+1, 2t, 2t+1, with g = lane / 4, t = lane % 4), reading A[r][k] and B[k][n] from the published
+// fragments through the instruction's layout, `a_of(fragments, r, k)` and `b_of(fragments, k, n)`.
+template <int K, typename AOf, typename BOf>
+inline void mma_sync_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], AOf a_of,
+                          BOf b_of) {
   WarpExchange& w = my_warp();
   if (w.barrier.expected != 32) throw std::logic_error("mma.sync needs a full warp");
   const int slot = w.slot;
@@ -263,20 +269,25 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32
   } else {
     wait(w.barrier, gen);
   }
-  // A[r][k]: lane 4*(r%8) + k%4 holds it, in register (r >= 8) + 2*(k >= 4).
-  // B[k][n]: lane 4*n + k%4, register (k >= 4).
-  auto A = [&](int r, int k) {
-    return tf32_value(w.a[slot][4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]);
-  };
-  auto B = [&](int k, int n) { return tf32_value(w.b[slot][4 * n + k % 4][k >= 4]); };
   const int g = lane / 4, t = lane % 4;
   const int rows[4] = {g, g, g + 8, g + 8};
   const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
   for (int q = 0; q < 4; ++q) {
     double sum = d[q];
-    for (int k = 0; k < 8; ++k) sum += A(rows[q], k) * B(k, cols[q]);
+    for (int k = 0; k < K; ++k) sum += a_of(w.a[slot], rows[q], k) * b_of(w.b[slot], k, cols[q]);
     d[q] = static_cast<float>(sum);
   }
+}
+
+// mma.sync.m16n8k8 .tf32. A[r][k]: lane 4*(r%8) + k%4 holds it, in register (r >= 8) + 2*(k >= 4);
+// B[k][n]: lane 4*n + k%4, register (k >= 4).
+inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_sync_16x8<8>(
+      d, a, b,
+      [](const uint32_t (*fa)[4], int r, int k) {
+        return tf32_value(fa[4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]);
+      },
+      [](const uint32_t (*fb)[2], int k, int n) { return tf32_value(fb[4 * n + k % 4][k >= 4]); });
 }
 
 // ---- Hopper's warpgroup MMA (wgmma), TF32 operands from shared memory ----
@@ -400,38 +411,20 @@ inline double bf16_value(uint32_t h) {
   return f;
 }
 
-// mma.sync.m16n8k16 .bf16: the fragments gathered by the PTX ISA layout (pairs of consecutive k
-// per register, the lower k in the low half), the bf16 products summed exactly in double.
+// mma.sync.m16n8k16 .bf16: pairs of consecutive k per register, the lower k in the low half, the
+// bf16 products summed exactly in double. A[r][k]: lane 4*(r%8) + (k%8)/2, register
+// (r >= 8) + 2*(k >= 8), half k%2; B[k][n]: lane 4*n + (k%8)/2, register (k >= 8), half k%2.
+inline double bf16_half(uint32_t reg, int k) { return bf16_value(k % 2 ? reg >> 16 : reg); }
+
 inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  WarpExchange& w = my_warp();
-  if (w.barrier.expected != 32) throw std::logic_error("mma.sync needs a full warp");
-  const int slot = w.slot;
-  const int lane = lane_id();
-  std::memcpy(w.a[slot][lane], a, sizeof a);
-  std::memcpy(w.b[slot][lane], b, sizeof b);
-  const unsigned gen = w.barrier.generation;
-  if (++w.barrier.arrived == 32) {
-    w.barrier.arrived = 0;
-    ++w.barrier.generation;
-    w.slot ^= 1;
-  } else {
-    wait(w.barrier, gen);
-  }
-  // A[r][k]: lane 4*(r%8) + (k%8)/2, register (r >= 8) + 2*(k >= 8), half k%2.
-  // B[k][n]: lane 4*n + (k%8)/2, register (k >= 8), half k%2.
-  auto half = [](uint32_t reg, int k) { return bf16_value(k % 2 ? reg >> 16 : reg); };
-  auto A = [&](int r, int k) {
-    return half(w.a[slot][4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k);
-  };
-  auto B = [&](int k, int n) { return half(w.b[slot][4 * n + (k % 8) / 2][k >= 8], k); };
-  const int g = lane / 4, t = lane % 4;
-  const int rows[4] = {g, g, g + 8, g + 8};
-  const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-  for (int q = 0; q < 4; ++q) {
-    double sum = d[q];
-    for (int k = 0; k < 16; ++k) sum += A(rows[q], k) * B(k, cols[q]);
-    d[q] = static_cast<float>(sum);
-  }
+  mma_sync_16x8<16>(
+      d, a, b,
+      [](const uint32_t (*fa)[4], int r, int k) {
+        return bf16_half(fa[4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k);
+      },
+      [](const uint32_t (*fb)[2], int k, int n) {
+        return bf16_half(fb[4 * n + (k % 8) / 2][k >= 8], k);
+      });
 }
 
 inline void cp_async_4(float* dst, const float* src) {
