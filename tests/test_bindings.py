@@ -530,6 +530,37 @@ def test_augment_warp_odd_turns_need_a_square_window():
 # Calls that pass every check meet the device-memory check: in a subprocess, to be safe
 # ------------------------------------------------------------------------------------------------
 
+def print_call_results(cases: dict) -> None:
+    """Calls the op named first in each case name; prints {name: [exception type, message]}."""
+    results = {}
+    for name, args in cases.items():
+        try:
+            call(name.split()[0], **args)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent test
+            results[name] = [type(exc).__name__, str(exc)]
+        else:
+            results[name] = ["no exception", ""]
+    print(json.dumps(results))
+
+
+def call_results_in_a_subprocess(reporter: str) -> dict:
+    """Runs ``test_bindings.<reporter>()`` in a fresh interpreter (a wrong check could crash it)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_bindings; test_bindings.{reporter}()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_each_met_the_device_memory_check(results: dict) -> None:
+    for name, (kind, message) in results.items():
+        op = name.split()[0]
+        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
+        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
+        assert host_memory or no_device, f"{name}: {kind}: {message}"
+        assert message.startswith(f"{op}: "), message
+
 def report_valid_calls():
     """Runs each op once with valid host-backed fakes; prints {op: [exception type, message]}."""
     cases = {op: make() for op, make in VALID.items()}
@@ -546,32 +577,13 @@ def report_valid_calls():
         image=f32(1, 1), labels=i32(1, 1), weights=f32(1, 1), coarse=f32(2, 1, 1), image_out=f32(1, 1),
         labels_out=i32(1, 1), weights_out=f32(1, 1), quarter_turns=3, flip_rows=False,
         flip_columns=True, gamma=1.0, contrast=-2.0, brightness=0.0)
-    results = {}
-    for name, args in cases.items():
-        op = name.split()[0]
-        try:
-            call(op, **args)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent test
-            results[name] = [type(exc).__name__, str(exc)]
-        else:
-            results[name] = ["no exception", ""]
-    print(json.dumps(results))
+    print_call_results(cases)
 
 
 def test_valid_calls_reach_the_device_memory_check():
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import test_bindings; test_bindings.report_valid_calls()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
-    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = call_results_in_a_subprocess("report_valid_calls")
     assert len(results) == len(VALID) + 5
-    for name, (kind, message) in results.items():
-        op = name.split()[0]
-        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
-        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
-        assert host_memory or no_device, f"{name}: {kind}: {message}"
-        assert message.startswith(f"{op}: "), message
+    assert_each_met_the_device_memory_check(results)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,31 +651,13 @@ def report_device_scalar_calls():
         "dropout_mask empty mask": dict(mask=u8(0, 4), p=0.5, seed=u64()),
         "sgd_momentum_update_": dict(VALID["sgd_momentum_update_"](), lr=f32()),
     }
-    results = {}
-    for name, args in cases.items():
-        try:
-            call(name.split()[0], **args)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent test
-            results[name] = [type(exc).__name__, str(exc)]
-        else:
-            results[name] = ["no exception", ""]
-    print(json.dumps(results))
+    print_call_results(cases)
 
 
 def test_valid_device_scalars_reach_the_device_memory_check():
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import test_bindings; test_bindings.report_device_scalar_calls()")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
-    assert proc.returncode == 0, f"the subprocess died (code {proc.returncode}): {proc.stderr}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = call_results_in_a_subprocess("report_device_scalar_calls")
     assert len(results) == 3
-    for name, (kind, message) in results.items():
-        op = name.split()[0]
-        host_memory = kind == "ValueError" and "is host memory" in message  # a GPU machine
-        no_device = kind == "RuntimeError" and "cannot check that argument" in message  # no driver
-        assert host_memory or no_device, f"{name}: {kind}: {message}"
-        assert message.startswith(f"{op}: "), message
+    assert_each_met_the_device_memory_check(results)
 
 
 # ------------------------------------------------------------------------------------------------
