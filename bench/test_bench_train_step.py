@@ -267,10 +267,8 @@ def _step_record(rec_id: str, impl: str, precision: str, name: str, timing, env,
     }
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_train_step_ours(benchmark, env, data, initial_state, precision):
-    benchlib.skip_if_out_of_time(pytest, 20)
-    net, opt, (xa, labels, weights) = _our_training_setup(data, initial_state)
+def _eager_step(net, opt, xa, labels, weights):
+    """One training step of ours, eagerly: forward, loss, backward, update; returns the 0-d loss."""
     x = Tensor(xa)
 
     def step():
@@ -278,12 +276,26 @@ def test_train_step_ours(benchmark, env, data, initial_state, precision):
         loss = F.softmax_cross_entropy(net(x), labels, weights)
         loss.backward()
         opt.step()
-        return loss
+        return loss.data
 
+    return step
+
+
+def _graphed_step(net, opt, x, labels, weights):
+    """The same step as a CUDA graph (captured at its second call); returns the graph and the step."""
+    graphed = GraphedTrainStep(net, opt, x.shape, labels.shape, weights.shape)
+    return graphed, lambda: graphed(x, labels, weights, lr=LR)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_train_step_ours(benchmark, env, data, initial_state, precision):
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net, opt, batch = _our_training_setup(data, initial_state)
+    step = _eager_step(net, opt, *batch)
     with cu.use_precision(precision):
         timing = benchlib.time_gpu(step, env["ours"], warmup=2, budget_ms=1500, min_repeats=5,
                                    max_repeats=20, flush=False)
-        loss_after = float(step().data)
+        loss_after = float(step())
         benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
     benchlib.record(benchmark, _step_record(f"train_step/ours/{precision}", "ours", precision,
                                             f"unet_cuda train step ({precision})", timing, env, loss_after))
@@ -297,13 +309,9 @@ def test_train_step_graphed(benchmark, env, data, initial_state, precision):
     if _GRAPH_SKIP:
         pytest.skip(_GRAPH_SKIP)
     benchlib.skip_if_out_of_time(pytest, 20)
-    net, opt, (x, labels, weights) = _our_training_setup(data, initial_state)
+    net, opt, batch = _our_training_setup(data, initial_state)
     with cu.use_precision(precision):
-        graphed = GraphedTrainStep(net, opt, x.shape, labels.shape, weights.shape)
-
-        def step():
-            return graphed(x, labels, weights, lr=LR)
-
+        graphed, step = _graphed_step(net, opt, *batch)
         # warm-up 3: the eager first step, the capture (and its first replay), one more replay
         timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
                                    max_repeats=30, flush=False)
@@ -330,23 +338,9 @@ def test_train_step_wgmma(benchmark, env, data, initial_state, mode):
     if mode == "graph" and _GRAPH_SKIP:
         pytest.skip(_GRAPH_SKIP)
     benchlib.skip_if_out_of_time(pytest, 20)
-    net, opt, (xa, labels, weights) = _our_training_setup(data, initial_state)
+    net, opt, batch = _our_training_setup(data, initial_state)
     with cu.use_conv3x3_version(WGMMA):
-        if mode == "graph":
-            graphed = GraphedTrainStep(net, opt, xa.shape, labels.shape, weights.shape)
-
-            def step():
-                return graphed(xa, labels, weights, lr=LR)
-        else:
-            x = Tensor(xa)
-
-            def step():
-                opt.zero_grad()
-                loss = F.softmax_cross_entropy(net(x), labels, weights)
-                loss.backward()
-                opt.step()
-                return loss.data
-
+        step = _graphed_step(net, opt, *batch)[1] if mode == "graph" else _eager_step(net, opt, *batch)
         timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
                                    max_repeats=30, flush=False)
         loss_after = float(step())
