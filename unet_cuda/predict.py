@@ -146,11 +146,8 @@ def _main(argv=None) -> int:
     if not 0 < args.threshold < 1 or not math.isfinite(args.threshold):
         return fail(f"--threshold must lie in (0, 1), got {args.threshold}")
     try:
-        why = ops.cuda_status()
-        if args.device == "cuda" and why is not None:
-            return fail(f"--device cuda was asked for but CUDA cannot run here: {why}. Use --device cpu.")
-        device = args.device or ("cuda" if why is None else "cpu")
-        precision = args.precision or ("tf32" if device == "cuda" else "fp32")
+        device = ops.choose_device(args.device)
+        precision = args.precision or ops.default_precision(device)
         try:
             ops.set_precision(precision, device)
         except ValueError as exc:

@@ -306,10 +306,10 @@ def _main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return code
 
-    why = ops.cuda_status()
-    if args.device == "cuda" and why is not None:
-        return fail(f"--device cuda was asked for but CUDA cannot run here: {why}. Use --device cpu.")
-    device = args.device or ("cuda" if why is None else "cpu")
+    try:
+        device = ops.choose_device(args.device)
+    except ops.CudaUnavailableError as exc:
+        return fail(str(exc))
     gpu = device == "cuda"
     base = args.base_channels if args.base_channels is not None else (64 if gpu else 8)
     depth = args.depth if args.depth is not None else (5 if gpu else 4)
@@ -322,7 +322,7 @@ def _main(argv=None) -> int:
         return fail(f"--depth {depth} / --base-channels {base}: this tool profiles networks up to depth 8 "
                     "and 256 base channels")
     try:
-        ops.set_precision(args.precision or ("tf32" if gpu else "fp32"), device)
+        ops.set_precision(args.precision or ops.default_precision(device), device)
         out = sizes.output_size(tile, depth)
     except ValueError as exc:  # IllegalSizeError is one
         return fail(f"--tile: {exc}" if isinstance(exc, sizes.IllegalSizeError) else f"--precision: {exc}")

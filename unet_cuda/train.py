@@ -168,18 +168,10 @@ def parameter_count(in_channels: int, num_classes: int, base_channels: int, dept
 
 
 def choose_device(requested: str | None) -> str:
-    if requested == "cpu":
-        return "cpu"
-    why = ops.cuda_status()
-    if requested == "cuda" and why is not None:
-        raise TrainingError(f"--device cuda was asked for but CUDA cannot run here: {why}. "
-                            "Use --device cpu to train on the CPU.")
-    return "cuda" if why is None else "cpu"
-
-
-def default_precision(device: str) -> str:
-    """TF32 tensor cores on the GPU (the default of cuDNN too); the CPU reference is FP32."""
-    return "tf32" if device == "cuda" else "fp32"
+    try:
+        return ops.choose_device(requested, hint="Use --device cpu to train on the CPU.")
+    except ops.CudaUnavailableError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def check_cuda_graph(cfg: dict) -> None:
@@ -212,7 +204,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
                      + ", ".join(reduced) + "). The paper's network is --base-channels 64 --depth 5 "
                      "--tile 572; pass options to override.")
     cfg["checkpoint_every"] = int(cfg["val_every"] if args.checkpoint_every is None else args.checkpoint_every)
-    cfg["precision"] = args.precision or default_precision(device)
+    cfg["precision"] = args.precision or ops.default_precision(device)
     validate_config(cfg)
     return cfg, notes
 

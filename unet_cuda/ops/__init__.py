@@ -21,7 +21,7 @@ from .reference import __all__ as OP_NAMES
 __all__ = list(OP_NAMES) + [
     "OP_NAMES", "backend_for", "cuda_status", "cuda_available", "array_module",
     "to_device", "to_numpy", "device_of", "CudaUnavailableError", "is_out_of_memory",
-    "PRECISIONS", "set_precision", "restoring_precision",
+    "PRECISIONS", "set_precision", "restoring_precision", "choose_device", "default_precision",
 ]
 
 # The precision modes of the CUDA backend (unet_cuda.ops.cuda.PRECISION_VERSIONS says which 3x3
@@ -69,6 +69,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def cuda_available() -> bool:
     return cuda_status() is None
+
+
+def choose_device(requested: str | None, hint: str = "Use --device cpu.") -> str:
+    """The device of a command line's ``--device``: "cpu" as asked, "cuda" as asked where CUDA can
+    run (else a CudaUnavailableError saying why, then ``hint``), or the GPU when there is one."""
+    if requested == "cpu":
+        return "cpu"
+    why = cuda_status()
+    if requested == "cuda" and why is not None:
+        raise CudaUnavailableError(f"--device cuda was asked for but CUDA cannot run here: {why}. {hint}")
+    return "cuda" if why is None else "cpu"
+
+
+def default_precision(device: str) -> str:
+    """TF32 tensor cores on the GPU (the default of cuDNN too); the CPU reference is FP32."""
+    return "tf32" if device == "cuda" else "fp32"
 
 
 @functools.lru_cache(maxsize=1)
