@@ -213,12 +213,9 @@ inline T* dynamic_shared() {
 inline int lane_id() { return static_cast<int>(self().thread_idx.x % 32); }
 inline WarpExchange& my_warp() { return state()->warps[self().thread_idx.x / 32]; }
 
-template <typename T>
-inline T shfl_down(T v, unsigned delta) {
-  WarpExchange& w = my_warp();
-  const int slot = w.slot;
-  const int lane = lane_id();
-  w.value[slot][lane] = static_cast<double>(v);
+// The lanes of a warp meet after each wrote its part into slot `w.slot` of the exchange; the last
+// to arrive flips the slot for the next exchange (the slot just written stays readable meanwhile).
+inline void warp_meet(WarpExchange& w) {
   const unsigned gen = w.barrier.generation;
   if (++w.barrier.arrived == w.barrier.expected) {
     w.barrier.arrived = 0;
@@ -227,6 +224,15 @@ inline T shfl_down(T v, unsigned delta) {
   } else {
     wait(w.barrier, gen);
   }
+}
+
+template <typename T>
+inline T shfl_down(T v, unsigned delta) {
+  WarpExchange& w = my_warp();
+  const int slot = w.slot;
+  const int lane = lane_id();
+  w.value[slot][lane] = static_cast<double>(v);
+  warp_meet(w);
   const int src = lane + static_cast<int>(delta);
   return src < w.barrier.expected ? static_cast<T>(w.value[slot][src]) : v;
 }
@@ -261,14 +267,7 @@ inline void mma_sync_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
   const int lane = lane_id();
   std::memcpy(w.a[slot][lane], a, sizeof a);
   std::memcpy(w.b[slot][lane], b, sizeof b);
-  const unsigned gen = w.barrier.generation;
-  if (++w.barrier.arrived == 32) {
-    w.barrier.arrived = 0;
-    ++w.barrier.generation;
-    w.slot ^= 1;
-  } else {
-    wait(w.barrier, gen);
-  }
+  warp_meet(w);  // expected is 32, checked above
   const int g = lane / 4, t = lane % 4;
   const int rows[4] = {g, g, g + 8, g + 8};
   const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
