@@ -24,8 +24,15 @@
 #                      what is left, and stages that no longer fit are skipped and recorded so
 #   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,profile,sanitizer,bench,isbi
 #                      (default: build,gpu-tests,sanitizer,bench)
+#   GPU_TESTS_WORKERS  pytest-xdist workers for gpu-tests where xdist is installed (default 6; 0: one
+#                      process). The NumPy references dominate their time, and they run on the CPU
+#   GPU_TESTS_LIMIT    seconds for gpu-tests (default 240)
+#   PROFILE_PRECISIONS the precisions of the profile stage (default "tf32 bf16 fp32")
+#   SANITIZER_LIMIT    seconds for the four sanitizers together (default 240; each at most 90)
+#   BENCH_LIMIT        seconds for the bench stage (default 420, or what the budget leaves)
 #   ISBI_DIR           folder with train-volume.tif and train-labels.tif, for the isbi stage
-#   ISBI_MINUTES       training minutes of the isbi stage (default 3)
+#   ISBI_MINUTES       training minutes of the isbi stage (default 3; "auto": what the budget leaves
+#                      after 60 s for start-up and the final validation)
 #   UNET_CUDA_ARCH     CUDA architectures to build (default: this GPU's, from nvidia-smi)
 #   UNET_BENCH_SCALE   multiplies the benchmarks' time budgets (default 1)
 #   GPU_CHECK_COMMIT   the full hash to record when the checkout has no usable .git (else unused)
@@ -162,8 +169,19 @@ log "env: $("$PY" -c 'import json,sys; print("unet_cuda CUDA backend:", json.loa
 # GPU tests
 # ---------------------------------------------------------------------------------------------
 if wanted gpu-tests; then
-  # every conv3x3 test runs for six kernel versions (plain and concatenated input): up to 240 s
-  run_stage gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/gpu-tests.xml"
+  # every conv3x3 test runs for six kernel versions (plain and concatenated input): up to 240 s in
+  # one process; their float64 NumPy references are CPU work, so spread them over xdist workers
+  workers="${GPU_TESTS_WORKERS:-6}"
+  parallel=()
+  if [[ "$workers" =~ ^[1-9][0-9]*$ ]] && "$PY" -c "import xdist" > /dev/null 2>&1; then
+    parallel=(-n "$workers")
+    threads=$(( $(nproc) / workers )); (( threads < 1 )) && threads=1
+    export OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+  fi
+  log "gpu-tests: ${parallel[*]:-one process}"
+  run_stage gpu-tests "${GPU_TESTS_LIMIT:-240}" "$PY" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
+    --junitxml="$OUTDIR/gpu-tests.xml"
+  unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
 else
   skip_stage gpu-tests "not in GPU_CHECK_STAGES"
 fi
@@ -172,7 +190,7 @@ fi
 # one training step of the paper's network op by op, in each precision (python -m unet_cuda.profile)
 # ---------------------------------------------------------------------------------------------
 if wanted profile; then
-  for precision in tf32 bf16 fp32; do
+  for precision in ${PROFILE_PRECISIONS:-tf32 bf16 fp32}; do
     run_stage "profile-$precision" 60 "$PY" -m unet_cuda.profile --precision "$precision" --top 0 \
       --json "$OUTDIR/profile-$precision.json"
   done
@@ -194,7 +212,7 @@ if wanted sanitizer; then
     SANITIZER=""
   fi
   # 90 s per tool, 240 s for the four together, so that one slow tool cannot starve the benchmarks
-  san_end=$(( $(date +%s) + 240 ))
+  san_end=$(( $(date +%s) + ${SANITIZER_LIMIT:-240} ))
   for tool in memcheck racecheck initcheck synccheck; do
     if [[ -z "$SANITIZER" ]]; then
       skip_stage "sanitizer-$tool" "compute-sanitizer not found"
@@ -202,7 +220,7 @@ if wanted sanitizer; then
     fi
     san_left=$(( san_end - $(date +%s) ))
     if (( san_left < 10 )); then
-      skip_stage "sanitizer-$tool" "the sanitizers' 240 s are spent"
+      skip_stage "sanitizer-$tool" "the sanitizers' ${SANITIZER_LIMIT:-240} s are spent"
       continue
     fi
     run_stage "sanitizer-$tool" $(( san_left < 90 ? san_left : 90 )) \
@@ -219,7 +237,8 @@ if wanted bench; then
   left=$(( DEADLINE - $(date +%s) - RESERVE ))
   # up to 420 s: the training step in three precisions (eager and as a CUDA graph) against PyTorch's
   # three settings, the prediction in each, then 282 per-op cases; whatever the budget leaves
-  bench_limit=$(( left < 420 ? left : 420 ))
+  bench_cap="${BENCH_LIMIT:-420}"
+  bench_limit=$(( left < bench_cap ? left : bench_cap ))
   # the benchmarks skip themselves 20 s before the limit so that pytest still writes its JSON
   export UNET_BENCH_DEADLINE=$(( $(date +%s) + bench_limit - 20 ))
   export UNET_BENCH_RECORD="$OUTDIR/bench-records.jsonl"
@@ -240,11 +259,17 @@ if wanted isbi; then
   else
     minutes="${ISBI_MINUTES:-3}"
     left=$(( DEADLINE - $(date +%s) - RESERVE ))
-    # training time plus two minutes for start-up, weight maps and the final validation
-    isbi_limit=$(( left < ${minutes%.*} * 60 + 120 ? left : ${minutes%.*} * 60 + 120 ))
-    if (( isbi_limit < 60 )); then
+    if [[ "$minutes" == auto ]]; then   # the training gets what is left after 60 s of overhead
+      minutes=$(awk -v s=$(( left - 60 )) 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }')
+      isbi_limit=$left
+    else
+      # training time plus two minutes for start-up, weight maps and the final validation
+      isbi_limit=$(( left < ${minutes%.*} * 60 + 120 ? left : ${minutes%.*} * 60 + 120 ))
+    fi
+    if (( isbi_limit < 90 )); then
       skip_stage isbi "only ${left} s of the budget left"
     else
+      log "isbi: ${minutes} min of training, limit ${isbi_limit} s"
       run_stage isbi "$isbi_limit" "$PY" bench/isbi_run.py --data "$ISBI_DIR" --out "$OUTDIR" --minutes "$minutes"
     fi
   fi
