@@ -35,7 +35,8 @@
 #                      after 60 s for start-up and the final validation)
 #   UNET_CUDA_ARCH     CUDA architectures to build (default: this GPU's, from nvidia-smi)
 #   UNET_BENCH_SCALE   multiplies the benchmarks' time budgets (default 1)
-#   GPU_CHECK_COMMIT   the full hash to record when the checkout has no usable .git (else unused)
+#   GPU_CHECK_COMMIT   the full hash the checkout was copied from: recorded in place of what git says
+#                      (a copied tree may come with a stale .git); dirty is then unknown (null)
 #
 # The results JSON is written into OUTDIR only; copying it to bench/results/ is done by hand.
 
@@ -119,15 +120,15 @@ git_() { git -c safe.directory="$ROOT" "$@"; }
   commit_source=git
   git_error=""
   dirty=""
-  if [[ -n "$commit" ]]; then
+  if [[ "${GPU_CHECK_COMMIT:-}" =~ ^[0-9a-f]{40}$ ]]; then
+    # the caller knows what the tree was copied from; git's HEAD (if any) is kept in info.log
+    [[ -n "$commit" ]] && echo "git HEAD here: $commit (GPU_CHECK_COMMIT given: $GPU_CHECK_COMMIT)" >> "$OUTDIR/info.log"
+    commit=$GPU_CHECK_COMMIT
+    commit_source=GPU_CHECK_COMMIT
+  elif [[ -n "$commit" ]]; then
     if [[ -n "$(git_ status --porcelain 2>/dev/null)" ]]; then dirty=true; else dirty=false; fi
   else
     git_error="git rev-parse HEAD failed (see info.log)"
-    # where the checkout came without .git, the commit it was copied from may be given
-    if [[ "${GPU_CHECK_COMMIT:-}" =~ ^[0-9a-f]{40}$ ]]; then
-      commit=$GPU_CHECK_COMMIT
-      commit_source=GPU_CHECK_COMMIT
-    fi
   fi
   {
     echo "commit=$commit"

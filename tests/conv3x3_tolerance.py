@@ -15,6 +15,10 @@ of the kernels (test_conv3x3_emulated.py).
   rounding): an operand is off by up to ``2**-10`` of its size, so ``u = 2**-10`` and a relative L2
   bound of ``1e-2``.
 
+The relative L2 bound is a statistic over many outputs: it applies from ``MIN_L2_ELEMENTS`` outputs
+on. Below that a single sum that cancels to a small value dominates it (one bf16 output of K = 9
+was seen 2.04e-2 off relatively, within a tenth of the max bound), and the max bound alone applies.
+
 Outputs must be NaN exactly where the reference is (a NaN anywhere else is an element the kernel
 failed to write: the callers poison outputs with NaN first). The errors are printed before any
 assertion (pytest shows them on failure, or with ``-s``).
@@ -30,6 +34,7 @@ TF32_VERSIONS = frozenset({"v4_tf32_mma", "v6_tf32_wgmma"})
 TRUNCATING_VERSIONS = frozenset({"v6_tf32_wgmma"})  # TF32 by truncation, not rounding
 BF16_VERSIONS = frozenset({"v5_bf16_mma"})
 FP32_REL = 2e-5
+MIN_L2_ELEMENTS = 64
 # Per reduced precision: (relative L2 bound, unit roundoff of the operands).
 REDUCED = {"tf32": (5e-3, 2.0 ** -11), "bf16": (2e-2, 2.0 ** -8), "tf32-truncated": (1e-2, 2.0 ** -10)}
 TF32_REL_L2, TF32_UNIT = REDUCED["tf32"]
@@ -74,7 +79,8 @@ def check_conv3x3(got, want, version: str, name: str, *, k: int, a_max: float, b
     assert not wrong_nan.any(), (f"{name} [{version}]: {int(wrong_nan.sum())} elements NaN in one and not "
                                  f"the other, first at {np.argwhere(wrong_nan)[0].tolist()}")
     if mode in REDUCED:
-        assert rel_l2 <= rel_bound, f"{name} [{version}]: relative L2 error {rel_l2:.3e} > {rel_bound}"
+        if np.count_nonzero(~nan_want) >= MIN_L2_ELEMENTS:
+            assert rel_l2 <= rel_bound, f"{name} [{version}]: relative L2 error {rel_l2:.3e} > {rel_bound}"
         bad = err > bound
     else:
         bad = err > FP32_REL * (peak + np.abs(want))
