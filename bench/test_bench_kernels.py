@@ -7,7 +7,8 @@ ceiling, and records everything in ``benchmark.extra_info`` (see bench/README.md
 pytest-benchmark's own statistics are the synchronised wall time of one call of ours.
 
 Precision: the 3x3 convolution runs, at every layer, the kernel version of each precision mode
-(``unet_cuda.ops.cuda.PRECISION_VERSIONS``: fp32 v3_igemm, tf32 v4_tf32_mma, bf16 v5_bf16_mma), and
+(``unet_cuda.ops.cuda.precision_version``: fp32 v3_igemm, tf32 v4_tf32_mma or on Hopper
+v6_tf32_wgmma, bf16 v5_bf16_mma), and
 each is measured against the ceiling of what it computes in (FP32 CUDA cores, TF32 or bf16 tensor
 cores). Every other op computes in FP32 in every mode. The peer of a convolution (3x3, 2x2 up, 1x1)
 runs in three settings, each timed once per op and layer and shared by the versions: cuDNN in true
@@ -47,8 +48,8 @@ from unet_cuda import ops  # noqa: E402
 from unet_cuda.ops import cuda as cu  # noqa: E402
 
 NET = benchlib.network()
-# The conv3x3 version of each precision mode, in the order of cu.PRECISIONS.
-MODE_VERSIONS = tuple(cu.PRECISION_VERSIONS[p] for p in cu.PRECISIONS)
+# The conv3x3 version of each precision mode on this GPU, in the order of cu.PRECISIONS.
+MODE_VERSIONS = tuple(cu.precision_version(p) for p in cu.PRECISIONS)
 CASES = op_cases.with_conv3x3_versions(op_cases.op_cases(NET), MODE_VERSIONS)
 VERSION_CASES = op_cases.conv3x3_version_cases(NET, cu.CONV3X3_VERSIONS)
 

@@ -2,11 +2,13 @@
 overlap-tile prediction of a 512x512 image, ours against a PyTorch U-Net of the same architecture
 (bench/torch_unet.py) with the same initial weights, data, loss and optimiser.
 
-Our precision modes (``unet_cuda.ops.cuda.PRECISIONS``, the conv3x3 kernel version each runs in
-``PRECISION_VERSIONS``) are each paired with one PyTorch setting (PERFORMANCE.md, "Peers"):
+Our precision modes (``unet_cuda.ops.cuda.PRECISIONS``, the conv3x3 kernel version each runs on
+this GPU from ``precision_version``) are each paired with one PyTorch setting (PERFORMANCE.md,
+"Peers"):
 
     ours fp32 (v3_igemm)     <->  PyTorch with TF32 off (true FP32)
-    ours tf32 (v4_tf32_mma)  <->  PyTorch's default (cuDNN convolutions in TF32)
+    ours tf32 (v4_tf32_mma;  <->  PyTorch's default (cuDNN convolutions in TF32)
+      v6_tf32_wgmma on Hopper)
     ours bf16 (v5_bf16_mma)  <->  PyTorch bf16 autocast + channels_last
 
 * ``test_loss_matches_torch_fp32`` (first, not timed): from the same weights and data, dropout
@@ -227,7 +229,7 @@ def test_loss_matches_torch_fp32(env, data):
     passed = rel_before <= LOSS_RTOL and rel_after <= LOSS_RTOL and update_errors[worst] <= UPDATE_RTOL
     benchlib.record(None, {
         "id": "check/loss_vs_torch_fp32", "kind": "check", "passed": passed, "precision": "fp32",
-        "version": cu.PRECISION_VERSIONS["fp32"],
+        "version": cu.precision_version("fp32"),
         "lr": CHECK_LR, "momentum": MOMENTUM, "loss_rtol": LOSS_RTOL, "update_rtol": UPDATE_RTOL,
         "ours_loss_before": ours_before, "torch_loss_before": torch_before, "rel_err_before": rel_before,
         "ours_loss_after": ours_after, "torch_loss_after": torch_after, "rel_err_after": rel_after,
@@ -259,7 +261,7 @@ def _our_training_setup(data, initial_state):
 def _step_record(rec_id: str, impl: str, precision: str, name: str, timing, env, loss_after: float) -> dict:
     return {
         "id": rec_id, "kind": "train_step", "impl": impl, "precision": precision,
-        "version": cu.PRECISION_VERSIONS[precision], "name": name, "shape": STEP_SHAPE, "flops": STEP_FLOPS,
+        "version": cu.precision_version(precision), "name": name, "shape": STEP_SHAPE, "flops": STEP_FLOPS,
         "torch_setting": benchlib.TORCH_SETTINGS[precision],
         **timing.as_dict(),
         **benchlib.figures(timing.median_ms, flops=STEP_FLOPS, ceilings=env["ceilings"], precision=precision),
@@ -331,8 +333,8 @@ WGMMA = "v6_tf32_wgmma"
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_train_step_wgmma(benchmark, env, data, initial_state, mode):
     """The tf32 step with the Hopper kernel (v6_tf32_wgmma) in place of v4, eager and as a CUDA
-    graph, where it can run: impl "ours_wgmma" / "ours_wgmma_graph", beside the tf32 figures (no
-    precision mode names v6 until a GPU run has verified it; this measures whether it should)."""
+    graph, where it can run: impl "ours_wgmma" / "ours_wgmma_graph". On Hopper the tf32 mode runs
+    v6 itself (it measured faster than v4 there); this keeps the figure under its own name."""
     if not cu.conv3x3_version_available(WGMMA):
         pytest.skip(f"{WGMMA} cannot run on this GPU or build (it needs sm_90a)")
     if mode == "graph" and _GRAPH_SKIP:
@@ -444,7 +446,7 @@ def test_infer_512_ours(benchmark, env, data, initial_state, precision):
         times = _time_wall(benchmark, predict)
     rec = _infer_record(f"infer_512/ours/{precision}", "ours", precision,
                         f"unet_cuda 512x512 overlap-tile prediction ({precision})", times)
-    rec.update(version=cu.PRECISION_VERSIONS[precision], how="unet_cuda.inference.predict_image")
+    rec.update(version=cu.precision_version(precision), how="unet_cuda.inference.predict_image")
     benchlib.record(benchmark, rec)
 
 

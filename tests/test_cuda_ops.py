@@ -636,9 +636,13 @@ def test_conv3x3_version_setting():
 def test_precision_modes_name_kernel_versions():
     assert cu.PRECISIONS == ops.PRECISIONS == ("fp32", "tf32", "bf16")
     previous = cu.get_conv3x3_version()
-    for precision, version in cu.PRECISION_VERSIONS.items():
+    hopper = cu.conv3x3_version_available("v6_tf32_wgmma")
+    assert cu.precision_version("tf32") == ("v6_tf32_wgmma" if hopper else "v4_tf32_mma")
+    assert cu.precision_version("fp32") == "v3_igemm" and cu.precision_version("bf16") == "v5_bf16_mma"
+    for precision in cu.PRECISIONS:
         with cu.use_precision(precision):
-            assert cu.get_conv3x3_version() == version and cu.get_precision() == precision
+            assert cu.get_conv3x3_version() == cu.precision_version(precision)
+            assert cu.get_precision() == precision
         assert cu.get_conv3x3_version() == previous
     with ops.restoring_precision():
         ops.set_precision("bf16", "cuda")
@@ -646,6 +650,8 @@ def test_precision_modes_name_kernel_versions():
     assert cu.get_conv3x3_version() == previous
     with pytest.raises(ValueError, match="'fp32', 'tf32', 'bf16'"):
         cu.set_precision("fp16")
+    with pytest.raises(ValueError, match="precision_version: the precision must be one of"):
+        cu.precision_version("fp64")
 
 
 @pytest.mark.parametrize("value,expected", [("v2_smem", "v2_smem"), ("v4_tf32_mma", "v4_tf32_mma"),

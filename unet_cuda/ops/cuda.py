@@ -126,10 +126,15 @@ def use_conv3x3_version(name: str):
 #   tf32  the tensor cores on operands rounded to TF32 (10-bit mantissa), FP32 sums (v4_tf32_mma),
 #   bf16  the tensor cores on operands rounded to bf16 (7-bit mantissa), FP32 sums (v5_bf16_mma).
 # The other ops (1x1 and up-convolutions, pooling, loss, update) compute in FP32 in every mode.
+# PRECISION_VERSIONS is what each mode runs on any GPU (sm_80 on); precision_version() picks the
+# version for the current GPU, which differs only where HOPPER_VERSIONS applies.
 PRECISION_VERSIONS: dict[str, str] = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
 PRECISIONS: tuple[str, ...] = tuple(PRECISION_VERSIONS)
-# What every version computes in (v6_tf32_wgmma: TF32 on Hopper's warpgroup MMA, by truncation;
-# no mode names it until a GPU run has measured and verified it).
+# On a Hopper GPU with a build holding sm_90a code, tf32 runs the warpgroup MMA (v6_tf32_wgmma,
+# TF32 by truncation): its training step took 38.9 ms against 47.0 ms with v4_tf32_mma on an H200
+# (bench/results/results-f04c9a5-h200.json), and every GPU test passed with it there.
+HOPPER_VERSIONS: dict[str, str] = {"tf32": "v6_tf32_wgmma"}
+# What every version computes in.
 CONV3X3_VERSION_PRECISION: dict[str, str] = {
     "v1_direct": "fp32", "v2_smem": "fp32", "v3_igemm": "fp32", "v4_tf32_mma": "tf32",
     "v5_bf16_mma": "bf16", "v6_tf32_wgmma": "tf32"}
@@ -142,10 +147,20 @@ def _valid_precision(name, where: str) -> str:
     return name
 
 
+def precision_version(name: str) -> str:
+    """The kernel version precision ``name`` runs on the current GPU: ``HOPPER_VERSIONS[name]``
+    where that version can run here, else ``PRECISION_VERSIONS[name]``."""
+    name = _valid_precision(name, "precision_version")
+    faster = HOPPER_VERSIONS.get(name)
+    if faster is not None and conv3x3_version_available(faster):
+        return faster
+    return PRECISION_VERSIONS[name]
+
+
 def set_precision(name: str) -> None:
     """Runs every later conv3x3 op in precision ``name`` ("fp32", "tf32" or "bf16"): sets the
-    kernel version of ``PRECISION_VERSIONS[name]``."""
-    set_conv3x3_version(PRECISION_VERSIONS[_valid_precision(name, "set_precision")])
+    kernel version ``precision_version(name)``."""
+    set_conv3x3_version(precision_version(_valid_precision(name, "set_precision")))
 
 
 def get_precision() -> str:
@@ -158,7 +173,7 @@ def get_precision() -> str:
 def use_precision(name: str):
     """``with use_precision("bf16"): ...`` runs the block in that precision, then restores the
     previous kernel version."""
-    with use_conv3x3_version(PRECISION_VERSIONS[_valid_precision(name, "use_precision")]):
+    with use_conv3x3_version(precision_version(_valid_precision(name, "use_precision"))):
         yield
 
 
