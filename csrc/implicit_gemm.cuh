@@ -1,0 +1,1249 @@
+// implicit_gemm.cuh: the implicit-GEMM engine that the 3x3 convolution (conv3x3.cu) and the 2x2
+// up-convolution (upconv.cu) share: kernels v3-v6, their tiles, copies and pipelines, split-K, and
+// the launch plumbing (tile choice, split plan, workspace, grid limits).
+//
+// An op is a set of GEMM *views*: small structs that say where A[m, k] and B[k, n] live in the op's
+// tensors and where C[m, n] goes (the interface is described below, before TileCopy). The kernels
+// never see a tensor shape; conv3x3.cu's views are the im2col of a 3x3 window, upconv.cu's the
+// four taps of a 2x2 stride-2 transposed convolution. The versions (launchers.h registry):
+//   v3_igemm       FP32 FFMA, 8x8 outputs per thread, double-buffered shared tiles
+//   v4_tf32_mma    TF32 mma.sync.m16n8k8, cp.async double buffer
+//   v5_bf16_mma    bf16 mma.sync.m16n8k16, a 4-stage cp.async pipeline in dynamic shared memory
+//   v6_tf32_wgmma  Hopper (sm_90a) wgmma.mma_async from shared-memory descriptors, v5's pipeline
+// (docs/CONV3X3.md explains each; the measured speeds are in the README).
+//
+// Everything here is a template, inline, or in an anonymous namespace: each .cu that includes this
+// file instantiates the kernels of its own views.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace unet {
+
+// =================================================================================================
+// Shared pieces: the one launch helper, the instructions written in PTX, the split-K partition
+// =================================================================================================
+
+// Every kernel of this file is launched here: on `stream`, with `smem` bytes of dynamic shared
+// memory, then the launch is checked.
+template <typename... Params, typename... Args>
+void launch_kernel_smem(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                        size_t smem, cudaStream_t stream, Args... args) {
+#ifdef UNET_CPU_EMULATION
+  // tests/cpu_emulation runs the kernels of this file on the CPU (tests/test_conv3x3_emulated.py).
+  (void)stream;
+  cpu_emulation::launch(kernel, grid, block, smem, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+#endif
+  CHECK_LAUNCH(name);
+}
+
+// The kernels with static shared memory only.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   cudaStream_t stream, Args... args) {
+  launch_kernel_smem(name, kernel, grid, block, 0, stream, args...);
+}
+
+#ifdef UNET_CPU_EMULATION
+using cpu_emulation::cp_async_16;
+using cpu_emulation::cp_async_4;
+using cpu_emulation::cp_async_commit;
+using cpu_emulation::cp_async_wait;
+using cpu_emulation::fence_proxy_async;
+using cpu_emulation::mma_bf16_m16n8k16;
+using cpu_emulation::mma_tf32_m16n8k8;
+using cpu_emulation::pack_bf16x2;
+using cpu_emulation::shared_address;
+using cpu_emulation::to_tf32;
+using cpu_emulation::wgmma_commit;
+using cpu_emulation::wgmma_fence;
+using cpu_emulation::wgmma_fence_operands;
+using cpu_emulation::wgmma_tf32;
+using cpu_emulation::wgmma_wait;
+#else
+// x rounded to TF32 (round to nearest, ties away from zero), as the tensor cores read it.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// d += a b for a 16x8 tile d, a 16x8 (m x k) and b 8x8 (k x n), spread over the 32 lanes of a
+// warp (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32): with g = lane / 4, t = lane % 4,
+//   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},
+//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}.
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats rounded to bf16 (round to nearest even) and packed into one register: `lo` in the
+// low 16 bits, `hi` in the high ones (cvt puts its first source in the high half).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// d += a b for a 16x8 tile d, a 16x16 (m x k) and b 16x8 (k x n) in bf16, FP32 accumulators (PTX
+// ISA, "Matrix Fragments for mma.m16n8k16", .bf16). Each register holds two bf16 of consecutive
+// k, the lower k in the low half; with g = lane / 4, t = lane % 4:
+//   a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]},
+//   b = {B[2t..2t+1][g], B[2t+8..2t+9][g]},  d as in mma.m16n8k8.
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Asynchronous copies global -> shared (sm_80+): issued now, complete at cp_async_wait.
+__device__ __forceinline__ void cp_async_4(float* dst, const float* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src));
+}
+// 16 bytes: dst and src 16-byte aligned.
+__device__ __forceinline__ void cp_async_16(float* dst, const float* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src));
+}
+// Closes the group of the copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Waits until at most `kPending` committed groups are still in flight (this thread's copies).
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+// ---- Hopper's warpgroup MMA (sm_90a only; UNET_WGMMA where this compilation targets it) ----
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define UNET_WGMMA 1
+#endif
+
+// The address of p in the shared-memory window (what matrix descriptors hold).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Orders this thread's earlier register writes before the wgmma that reads those registers.
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Makes this thread's writes to shared memory (st.shared, cp.async) visible to the async proxy
+// that wgmma reads shared memory through; a barrier then publishes them to the warpgroup.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef UNET_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving accesses to the accumulators across the asynchronous products
+// that write them (an empty asm that "reads and writes" every register of the array).
+template <int R>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Closes the group of the wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending committed wgmma groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef UNET_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// D (64 x N, FP32, in registers) = A (64 x 8) B (8 x N) + (accumulate ? D : 0), A and B TF32 in
+// shared memory described by desc_a and desc_b (K-major, unswizzled), over the 128 threads of a
+// warpgroup (PTX ISA, "wgmma.mma_async", .m64nNk8 .tf32). Register 4j + 2v + q of the thread
+// (warp w, lane 4g + t) holds D[16w + g + 8v][8j + 2t + q]. The tensor core reads the upper 19
+// bits of each float32 (TF32 by truncation).
+template <int N>
+__device__ __forceinline__ void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                           bool accumulate);
+template <>
+__device__ __forceinline__ void wgmma_tf32<64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wgmma_tf32<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
+}
+#endif
+
+// Slice `split` of `splits` of the range [0, units): balanced, in order, covering every unit.
+__host__ __device__ inline void split_range(int64_t units, int split, int splits, int64_t& begin,
+                                            int64_t& end) {
+  begin = units * split / splits;
+  end = units * (split + 1) / splits;
+}
+
+// =================================================================================================
+// GEMM views: what every kernel below asks of the op it computes. A view has the fields M (rows of
+// C), cols (columns of C) and, for run_output_gemm, K; and it answers:
+//   k_tiles(bk)           how many bk-deep slices of K there are,
+//   k_pos(tile, bk, kk)   what the kk-th k of slice `tile` is (decoded once, used by A and B),
+//   a_row(m) / b_row(n)   what a row of A (an m) or of B^T (an n) is, decoded once per thread,
+//   a_src / b_src         the address of A[m, k] / B[k, n], or nullptr where the element is zero
+//                         (past M, N or K, or outside dy in the backward-data view),
+//   c_row(m), store(...)  where C[m, n] goes, with the epilogue (bias, ReLU) applied.
+// The views: conv3x3.cu (Conv3x3*Gemm, three directions and their concatenated twins) and
+// upconv.cu (Upconv2x2*Gemm).
+// kARowsContiguous / kBRowsContiguous: consecutive m (n) are consecutive in memory, so the copy
+// of a tile gives consecutive threads consecutive rows; otherwise consecutive k are (the weights;
+// the pixels of the weight-gradient view), and consecutive threads take consecutive k.
+// kVecA / kVecB: four consecutive k of A (B) can be contiguous and 16-byte aligned, so that v4
+// and v5 may copy them at once (the launcher checks the sizes and the pointer).
+// =================================================================================================
+
+
+// Which element of a ROWS x BK operand tile the r-th copy of a thread moves, THREADS threads
+// copying VEC consecutive k at a time (see kARowsContiguous above). Both forms keep a thread's row
+// (ROW_FAST) or its k (otherwise) the same for all its copies, so it is decoded once.
+template <int ROWS, int BK, int THREADS, bool ROW_FAST, int VEC = 1>
+struct TileCopy {
+  static_assert(!ROW_FAST || VEC == 1, "vector copies run along k");
+  static_assert(ROW_FAST ? THREADS % ROWS == 0 : THREADS % (BK / VEC) == 0,
+                "each thread keeps one row (or one k) for all its copies");
+  static constexpr int kPerThread = ROWS * BK / (VEC * THREADS);
+  static_assert(kPerThread * VEC * THREADS == ROWS * BK, "the tile splits evenly over the threads");
+  static constexpr int kStep = ROW_FAST ? THREADS / ROWS : THREADS / (BK / VEC);
+  __device__ static int row(int tid, int r) {
+    return ROW_FAST ? tid % ROWS : tid / (BK / VEC) + r * kStep;
+  }
+  __device__ static int k(int tid, int r) {
+    return ROW_FAST ? tid / ROWS + r * kStep : (tid % (BK / VEC)) * VEC;
+  }
+};
+
+// Thread-block slice of the split-K partition: slices of K tiles [begin, end) for blockIdx.z.
+__device__ inline void k_tile_range(int64_t tiles, int64_t& begin, int64_t& end) {
+  split_range(tiles, blockIdx.z, gridDim.z, begin, end);
+}
+
+// =================================================================================================
+// v3: register-blocked implicit GEMM on the CUDA cores (FP32 FFMA)
+// =================================================================================================
+
+// Tile of a block: BM x BN outputs, TM x TN per thread (kept in registers), BK of K per step.
+template <int BM_, int BN_, int TM_, int TN_>
+struct V3Tile {
+  static constexpr int kBM = BM_, kBN = BN_, kTM = TM_, kTN = TN_;
+  static constexpr int kThreads = (BM_ / TM_) * (BN_ / TN_);
+};
+// 128 x 128 outputs, 8 x 8 per thread, 256 threads: per k each thread reads 8 + 8 values from
+// shared memory (four 16-byte loads) for 64 FFMAs, and the block reads 128 + 128 values from
+// global memory per 16384 FFMAs.
+using V3Large = V3Tile<128, 128, 8, 8>;
+// 64 x 64, 8 x 8 per thread, 64 threads: for GEMMs too small to give the GPU enough large tiles
+// (the deep layers at batch 1, the 64-channel side of the weight gradients).
+using V3Small = V3Tile<64, 64, 8, 8>;
+constexpr int kV3BK = 8;   // 2 x 8 x (128+4) floats for A and B each: 17 KB, double-buffered
+constexpr int kV3Pad = 4;  // row padding: keeps 16-byte alignment, spreads the k-fast copies of
+                           // a warp over all 32 banks
+
+template <class Gemm, class Tile>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, TM = Tile::kTM, TN = Tile::kTN, BK = kV3BK;
+  constexpr int kThreads = Tile::kThreads;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous>;
+  // k-major tiles: the TM (TN) values a thread needs for one k are contiguous: float4 reads.
+  __shared__ __align__(16) float As[2][BK][BM + kV3Pad];
+  __shared__ __align__(16) float Bs[2][BK][BN + kV3Pad];
+
+  const int tid = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+#pragma unroll
+  for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+  for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+
+  // Global -> registers (the next tile, while the current one is multiplied), registers -> shared.
+  float a_next[ACopy::kPerThread], b_next[BCopy::kPerThread];
+  auto fetch = [&](int64_t tile) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) {
+      const float* p = g.a_src(arow[r], g.k_pos(tile, BK, ACopy::k(tid, r)));
+      a_next[r] = p ? __ldg(p) : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) {
+      const float* p = g.b_src(brow[r], g.k_pos(tile, BK, BCopy::k(tid, r)));
+      b_next[r] = p ? __ldg(p) : 0.0f;
+    }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r)
+      As[buf][ACopy::k(tid, r)][ACopy::row(tid, r)] = a_next[r];
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r)
+      Bs[buf][BCopy::k(tid, r)][BCopy::row(tid, r)] = b_next[r];
+  };
+
+  // Thread (tr, tc) owns rows tr*TM .. +TM and columns tc*TN .. +TN of the block's tile.
+  // Consecutive threads take consecutive row blocks: outputs are contiguous along m (NCHW).
+  const int tr = tid % (BM / TM), tc = tid / (BM / TM);
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  if (t_begin < t_end) {
+    fetch(t_begin);
+    stash(0);
+  }
+  __syncthreads();
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int buf = static_cast<int>((t - t_begin) & 1);
+    if (t + 1 < t_end) fetch(t + 1);  // in flight during the FFMAs below
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&As[buf][k][tr * TM + i]);
+        a[i] = v.x, a[i + 1] = v.y, a[i + 2] = v.z, a[i + 3] = v.w;
+      }
+#pragma unroll
+      for (int j = 0; j < TN; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][k][tc * TN + j]);
+        b[j] = v.x, b[j + 1] = v.y, b[j + 2] = v.z, b[j + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    // The other buffer was last read before the previous barrier: safe to overwrite.
+    if (t + 1 < t_end) stash(buf ^ 1);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + tr * TM + i;
+    if (m >= g.M) break;
+    const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int n = n0 + tc * TN + j;
+      if (n < g.cols) g.store(row, n, acc[i][j]);
+    }
+  }
+}
+
+// =================================================================================================
+// v4: the same GEMMs on TF32 tensor cores (mma.sync.m16n8k8), tiles staged with cp.async into
+// two shared buffers: the copies of tile t+1 are in flight while the warps multiply tile t.
+// =================================================================================================
+
+// Block tile BM x BN over WARPS_M x WARPS_N warps; each warp owns a (BM/WARPS_M) x (BN/WARPS_N)
+// piece made of 16 x 8 mma tiles, its accumulators in registers.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_>
+struct V4Tile {
+  static constexpr int kBM = BM_, kBN = BN_, kWarpsM = WARPS_M_, kWarpsN = WARPS_N_;
+  static constexpr int kThreads = WARPS_M_ * WARPS_N_ * 32;
+  static constexpr int kWM = BM_ / WARPS_M_, kWN = BN_ / WARPS_N_;
+  static constexpr int kMmaM = kWM / 16, kMmaN = kWN / 8;  // mma tiles per warp
+  static_assert(kMmaM * 16 == kWM && kMmaN * 8 == kWN, "warp tiles are whole mma tiles");
+};
+// 128 x 128, 8 warps of 64 x 32 (4 x 4 mma tiles, 64 accumulators per thread): each fragment of
+// A feeds 4 mma, each of B 4.
+using V4Large = V4Tile<128, 128, 2, 4>;
+// 64 x 64, 4 warps of 32 x 32 (2 x 4 mma tiles): more blocks for small GEMMs.
+using V4Small = V4Tile<64, 64, 2, 2>;
+constexpr int kV4BK = 16;  // two k8 steps per stage; 2 stages of A and B take at most 40 KB, under
+                           // the 48 KB of static shared memory
+
+// A ROWS x BK operand tile in shared memory. K_MAJOR ([k][ROWS + 8]) when the copies run along
+// the rows, else row-major ([row][BK + 4]) so that 16-byte copies land on 4 consecutive k. Both
+// paddings make the fragment reads of a warp (8 rows x 4 k) hit 32 different banks:
+// (t*(ROWS+8) + g) % 32 and (g*(BK+4) + t) % 32 are distinct for g < 8, t < 4.
+template <int ROWS, bool K_MAJOR>
+struct V4Smem {
+  static constexpr int kSize = K_MAJOR ? kV4BK * (ROWS + 8) : ROWS * (kV4BK + 4);
+  __device__ static int at(int row, int k) {
+    return K_MAJOR ? k * (ROWS + 8) + row : row * (kV4BK + 4) + k;
+  }
+};
+
+// The cp.async side of v4-v6: the rows of A and B that one thread copies (decoded once), and its
+// copies of one K tile into a shared-memory tile laid out by ASmem / BSmem (their at(row, k)).
+// Elements that are zero (past an edge, outside dy) are stored directly: nothing to wait for.
+// VEC_A / VEC_B: 16-byte copies of four consecutive k.
+template <class Gemm, class ACopy, class BCopy, bool VEC_A, bool VEC_B>
+struct AsyncTileCopier {
+  typename Gemm::ARow arow[ACopy::kPerThread];
+  typename Gemm::BRow brow[BCopy::kPerThread];
+
+  __device__ AsyncTileCopier(const Gemm& g, int64_t m0, int n0, int tid) {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+  }
+
+  template <bool VEC>
+  __device__ static void copy(float* dst, const float* p) {
+    if constexpr (VEC) {
+      if (p) cp_async_16(dst, p);
+      else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else {
+      if (p) cp_async_4(dst, p);
+      else *dst = 0.0f;
+    }
+  }
+
+  // Issues this thread's copies of K tile `tile` (bk deep) into `as` and `bs`; commits nothing.
+  template <class ASmem, class BSmem>
+  __device__ void issue(const Gemm& g, int64_t tile, int bk, float* as, float* bs, int tid) const {
+#pragma unroll
+    for (int r = 0; r < ACopy::kPerThread; ++r) {
+      const int k = ACopy::k(tid, r);
+      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], g.k_pos(tile, bk, k)));
+    }
+#pragma unroll
+    for (int r = 0; r < BCopy::kPerThread; ++r) {
+      const int k = BCopy::k(tid, r);
+      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], g.k_pos(tile, bk, k)));
+    }
+  }
+};
+
+// acc[i][j] = {C[gid][2tig], C[gid][2tig+1], C[gid+8][2tig], C[gid+8][2tig+1]} of mma tile
+// (i, j) (the layout of mma.m16n8k8 .tf32 and of mma.m16n8k16 .bf16): for a fixed register, the 8
+// lanes of a column group store 8 consecutive m.
+template <class Tile, class Gemm>
+__device__ __forceinline__ void store_mma_accumulators(
+    const Gemm& g, const float (&acc)[Tile::kMmaM][Tile::kMmaN][4], int64_t m0, int n0, int wm,
+    int wn, int gid, int tig) {
+#pragma unroll
+  for (int i = 0; i < Tile::kMmaM; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t m = m0 + wm * Tile::kWM + i * 16 + gid + 8 * half;
+      if (m >= g.M) continue;
+      const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+      for (int j = 0; j < Tile::kMmaN; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + wn * Tile::kWN + j * 8 + 2 * tig + q;
+          if (n < g.cols) g.store(row, n, acc[i][j][2 * half + q]);
+        }
+      }
+    }
+  }
+}
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV4BK, kThreads = Tile::kThreads;
+  constexpr int MT = Tile::kMmaM, NT = Tile::kMmaN;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+  using ASmem = V4Smem<BM, Gemm::kARowsContiguous>;
+  using BSmem = V4Smem<BN, Gemm::kBRowsContiguous>;
+  __shared__ __align__(16) float As[2][ASmem::kSize];
+  __shared__ __align__(16) float Bs[2][BSmem::kSize];
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % Tile::kWarpsM, wn = warp / Tile::kWarpsM;
+  const int gid = lane / 4, tig = lane % 4;  // the mma fragment coordinates of this lane
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // The copies of K tile `tile` into buffer `buf`, as one commit group.
+  auto issue = [&](int64_t tile, int buf) {
+    copier.template issue<ASmem, BSmem>(g, tile, BK, As[buf], Bs[buf], tid);
+    cp_async_commit();
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  if (t_begin < t_end) issue(t_begin, 0);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int buf = static_cast<int>((t - t_begin) & 1);
+    if (t + 1 < t_end) {
+      issue(t + 1, buf ^ 1);  // the other buffer was last read before the previous barrier
+      cp_async_wait<1>();     // tile t has landed (tile t+1 may still be in flight)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... for every thread's copies
+    const float* as = As[buf];
+    const float* bs = Bs[buf];
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+      uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int r = wm * Tile::kWM + i * 16 + gid;
+        a[i][0] = to_tf32(as[ASmem::at(r, kk + tig)]);
+        a[i][1] = to_tf32(as[ASmem::at(r + 8, kk + tig)]);
+        a[i][2] = to_tf32(as[ASmem::at(r, kk + tig + 4)]);
+        a[i][3] = to_tf32(as[ASmem::at(r + 8, kk + tig + 4)]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int c = wn * Tile::kWN + j * 8 + gid;
+        b[j][0] = to_tf32(bs[BSmem::at(c, kk + tig)]);
+        b[j][1] = to_tf32(bs[BSmem::at(c, kk + tig + 4)]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_tf32_m16n8k8(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();  // everyone is done with `buf` before the next iteration refills it
+  }
+
+  store_mma_accumulators<Tile>(g, acc, m0, n0, wm, wn, gid, tig);
+}
+
+// =================================================================================================
+// v5: bf16 tensor cores (mma.sync.m16n8k16, FP32 accumulators), a deeper cp.async pipeline.
+// Two changes over v4, each for a measured reason on paper (PERFORMANCE.md): the bf16 mma does
+// twice the FLOPs of the TF32 one per instruction, so v4's double buffer would leave the tensor
+// cores waiting on memory; here kV5Stages tiles are in flight, in dynamic shared memory (four
+// stages of the large tile pass the 48 KB of static shared memory).
+// The buffers stay float32 (so every op around the convolution is unchanged): the tiles are
+// copied as float32 and rounded to bf16 (round to nearest even) when the fragments are built.
+// =================================================================================================
+
+constexpr int kV5BK = 16;     // one k16 mma step per stage
+constexpr int kV5Stages = 4;  // tiles in flight: the one multiplied and three being copied
+
+// A ROWS x kV5BK float32 operand tile. The fragments read two consecutive k per register, so the
+// paddings differ from v4's: K_MAJOR ([k][ROWS + 4]): the lane (g, t) reads k = 2t (and 2t+1) of
+// row g: bank (8t + g) % 32, all 32 distinct; row-major ([row][BK + 8]): 8-byte reads of k = 2t,
+// 2t+1 at row*24 + 2t: each half warp (the unit of an 8-byte shared load) hits 32 banks once.
+template <int ROWS, bool K_MAJOR>
+struct V5Smem {
+  static constexpr int kSize = K_MAJOR ? kV5BK * (ROWS + 4) : ROWS * (kV5BK + 8);
+  static_assert(kSize % 4 == 0, "every stage starts 16-byte aligned");
+  __device__ static int at(int row, int k) {
+    return K_MAJOR ? k * (ROWS + 4) + row : row * (kV5BK + 8) + k;
+  }
+  // Elements (row, k) and (row, k + 1), k even, rounded and packed into one bf16x2 register.
+  __device__ static uint32_t pair(const float* tile, int row, int k) {
+    if constexpr (K_MAJOR) {
+      return pack_bf16x2(tile[at(row, k)], tile[at(row, k + 1)]);
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(&tile[at(row, k)]);
+      return pack_bf16x2(v.x, v.y);
+    }
+  }
+};
+
+template <class Gemm, class Tile>
+struct V5Layout {
+  using ASmem = V5Smem<Tile::kBM, Gemm::kARowsContiguous>;
+  using BSmem = V5Smem<Tile::kBN, Gemm::kBRowsContiguous>;
+  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
+  static constexpr size_t kSmemBytes = sizeof(float) * kV5Stages * kStageFloats;
+};
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm g) {
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV5BK, S = kV5Stages;
+  constexpr int kThreads = Tile::kThreads, MT = Tile::kMmaM, NT = Tile::kMmaN;
+  using Layout = V5Layout<Gemm, Tile>;
+  using ASmem = typename Layout::ASmem;
+  using BSmem = typename Layout::BSmem;
+  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+  // Stage s: A at smem + s * kStageFloats, B right after it.
+#ifdef UNET_CPU_EMULATION
+  float* smem = cpu_emulation::dynamic_shared<float>();
+#else
+  extern __shared__ __align__(16) float smem[];
+#endif
+  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
+  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % Tile::kWarpsM, wn = warp / Tile::kWarpsM;
+  const int gid = lane / 4, tig = lane % 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // The copies of K tile `tile` into stage `s`, as one commit group; past the end of this block's K
+  // range an empty group, so that the count of groups in flight, and with it cp_async_wait<S - 2>,
+  // is the same every iteration.
+  auto issue = [&](int64_t tile, int s) {
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
+    cp_async_commit();
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  // Prologue: tiles t_begin .. t_begin + S - 2 in flight.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(t_begin + s, s);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    cp_async_wait<S - 2>();  // this thread's copies of tile t have landed ...
+    __syncthreads();         // ... and everyone's; and everyone is done with tile t - 1
+    const int s = static_cast<int>((t - t_begin) % S);
+    // Refill the stage of tile t - 1 (free since the barrier) with tile t + S - 1.
+    issue(t + S - 1, (s + S - 1) % S);
+    const float* as = a_stage(s);
+    const float* bs = b_stage(s);
+    uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int r = wm * Tile::kWM + i * 16 + gid;
+      a[i][0] = ASmem::pair(as, r, 2 * tig);
+      a[i][1] = ASmem::pair(as, r + 8, 2 * tig);
+      a[i][2] = ASmem::pair(as, r, 2 * tig + 8);
+      a[i][3] = ASmem::pair(as, r + 8, 2 * tig + 8);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = wn * Tile::kWN + j * 8 + gid;
+      b[j][0] = BSmem::pair(bs, c, 2 * tig);
+      b[j][1] = BSmem::pair(bs, c, 2 * tig + 8);
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mma_bf16_m16n8k16(acc[i][j], a[i], b[j]);
+  }
+  cp_async_wait<0>();  // only empty groups are left; retire them all the same
+
+  store_mma_accumulators<Tile>(g, acc, m0, n0, wm, wn, gid, tig);  // v4's layout
+}
+
+// =================================================================================================
+// v6: Hopper's warpgroup MMA (wgmma, sm_90a). v4 multiplies 16 x 8 x 8 per warp-wide mma.sync,
+// each warp first loading its fragments from shared memory into registers. Here four warps (a
+// warpgroup, 128 threads) issue one asynchronous 64 x N x 8 product that reads both operands
+// straight from shared memory, described by 64-bit matrix descriptors: no fragment loads, no
+// conversions (the tensor core reads the upper 19 bits of each float32: TF32 by truncation), and
+// the math runs while the same threads issue the next tile's copies. Tiles are laid out as the
+// descriptors expect (K-major, unswizzled: 8-row x 16-byte core matrices), filled by v5's
+// kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning 64 of its 128 rows.
+// =================================================================================================
+
+constexpr int kV6BM = 128;     // two warpgroups of 64 rows
+constexpr int kV6BK = 32;      // four k8 products per stage
+constexpr int kV6Stages = 4;   // two tiles being copied while one is multiplied and one retires
+constexpr int kV6Threads = 256;
+
+// Element (row, k) of a ROWS x kV6BK operand tile in the canonical K-major unswizzled layout
+// (PTX ISA, "Shared Memory Matrix Layout": ((8,m),(T,2k)):((1T,SBO),(1,LBO)), T = 4 floats): for
+// each k8 step a ROWS x 8 block; in it, core matrices of 8 rows x 4 floats (16 bytes per row),
+// the two k-halves of a row group 32 floats apart (LBO = 128 bytes), row groups 64 floats apart
+// (SBO = 256 bytes).
+template <int ROWS>
+struct V6Smem {
+  static constexpr int kSize = ROWS * kV6BK;
+  static constexpr uint32_t kLeadingBytes = 128, kStrideBytes = 256;
+  __device__ static int at(int row, int k) {
+    return (k / 8) * ROWS * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
+  }
+};
+
+// A matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading and stride
+// byte offsets (each encoded as (x & 0x3FFFF) >> 4), base offset 0, no swizzle.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32);
+}
+
+template <class Gemm, int BN>
+struct V6Layout {
+  using ASmem = V6Smem<kV6BM>;
+  using BSmem = V6Smem<BN>;
+  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
+  static constexpr size_t kSmemBytes = sizeof(float) * kV6Stages * kStageFloats;
+};
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
+  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
+  static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
+  using Layout = V6Layout<Gemm, BN>;
+  using ASmem = typename Layout::ASmem;
+  using BSmem = typename Layout::BSmem;
+  using ACopy = TileCopy<BM, BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
+  using BCopy = TileCopy<BN, BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
+#ifdef UNET_CPU_EMULATION
+  float* smem = cpu_emulation::dynamic_shared<float>();
+#else
+  extern __shared__ __align__(16) float smem[];
+#endif
+  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
+  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  int64_t t_begin, t_end;
+  k_tile_range(g.k_tiles(BK), t_begin, t_end);
+
+  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  // v5's copies, into this kernel's layout; an empty group past the end of the K range.
+  auto issue = [&](int64_t tile, int s) {
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
+    cp_async_commit();
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  wgmma_fence_operands(acc);
+
+  // Tile t lives in stage (t - t_begin) % S. At iteration t the products of tile t are issued and
+  // those of tile t - 1 are waited for (wgmma_wait<1>), so at the barrier of iteration t every
+  // warpgroup is done with tile t - 2: its stage takes tile t + S - 2.
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) issue(t_begin + s, s);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int s = static_cast<int>((t - t_begin) % S);
+    cp_async_wait<S - 3>();  // this thread's copies of tile t have landed ...
+    fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
+    __syncthreads();         // ... for every thread's copies; and tile t - 2 is retired
+    issue(t + S - 2, (s + S - 2) % S);
+    const uint32_t a_base = shared_address(a_stage(s)) +
+                            sizeof(float) * (warpgroup * 64 / 8) * 64;  // this warpgroup's rows
+    const uint32_t b_base = shared_address(b_stage(s));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 8; ++ks) {
+      const uint64_t da = wgmma_descriptor(a_base + sizeof(float) * ks * BM * 8,
+                                           ASmem::kLeadingBytes, ASmem::kStrideBytes);
+      const uint64_t db = wgmma_descriptor(b_base + sizeof(float) * ks * BN * 8,
+                                           BSmem::kLeadingBytes, BSmem::kStrideBytes);
+      wgmma_tf32<BN>(acc, da, db, true);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+  cp_async_wait<0>();  // only empty groups are left
+
+  // acc[4j + 2v + q] = D[16w + g + 8v][8j + 2t + q] of this warpgroup's 64 rows.
+  const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const int64_t m = m0 + warpgroup * 64 + 16 * w + gid + 8 * v;
+    if (m >= g.M) continue;
+    const typename Gemm::CRow row = g.c_row(m);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int n = n0 + 8 * j + 2 * tig + q;
+        if (n < g.cols) g.store(row, n, acc[4 * j + 2 * v + q]);
+      }
+    }
+  }
+}
+
+#ifndef UNET_CPU_EMULATION  // the emulation has the instructions and never asks
+namespace {  // one copy per translation unit that includes this file
+
+// Whether this build holds the sm_90a code of v6 for the current device: a kernel compiled with
+// the wgmma instructions answers 1, any other build of it 0 (its body would trap).
+__global__ void conv3x3_v6_probe(int* has_wgmma) {
+#ifdef UNET_WGMMA
+  *has_wgmma = 1;
+#else
+  *has_wgmma = 0;
+#endif
+}
+
+}  // namespace
+#endif
+
+// =================================================================================================
+// Split-K of the forward and backward-data GEMMs: when the output tiles alone cannot fill the GPU
+// (the 1024-channel layers at batch 1: b2's forward makes 13 x 16 tiles of 64 x 64), K is split
+// too. Each split writes its partial C (no epilogue) through SplitPartialGemm into a workspace
+// [splits, cols, M]; conv3x3_split_k_epilogue adds the partials in split order and stores the sum
+// through the view's own epilogue (bias and ReLU; or the concatenated view's two outputs).
+// =================================================================================================
+
+template <class Gemm>
+struct SplitPartialGemm : Gemm {
+  float* part;  // [splits, cols, M]: consecutive m, as the mma and FFMA stores write them
+
+  struct CRow {
+    float* p;  // &part[split, 0, m]
+  };
+  __device__ CRow c_row(int64_t m) const {
+    return {part + static_cast<int64_t>(blockIdx.z) * this->cols * this->M + m};
+  }
+  __device__ void store(const CRow& r, int n, float v) const {
+    r.p[static_cast<int64_t>(n) * this->M] = v;
+  }
+};
+
+template <class Gemm>
+__global__ void conv3x3_split_k_epilogue(const Gemm g, const float* __restrict__ part, int splits) {
+  const int64_t count = g.M * g.cols;
+  for (int64_t e = global_thread(); e < count; e += grid_stride()) {
+    const int n = static_cast<int>(e / g.M);
+    const int64_t m = e - n * g.M;
+    float sum = part[e];
+    for (int s = 1; s < splits; ++s) sum += part[s * count + e];
+    g.store(g.c_row(m), n, sum);
+  }
+}
+
+// =================================================================================================
+// Split-K reduction of the weight gradient: dw[e] = sum over s = 0 .. splits-1 of part[s][e], in
+// that order (deterministic).
+// =================================================================================================
+
+namespace {  // one copy per translation unit that includes this file
+
+__global__ void conv3x3_split_k_reduce(const float* __restrict__ part, float* __restrict__ dw,
+                                       int64_t count, int splits) {
+  for (int64_t e = global_thread(); e < count; e += grid_stride()) {
+    float sum = part[e];
+    for (int s = 1; s < splits; ++s) sum += part[s * count + e];
+    dw[e] = sum;
+  }
+}
+
+}  // namespace
+
+// =================================================================================================
+// Launchers: version dispatch, tile choice, split-K plan, grid limits
+// =================================================================================================
+
+namespace {
+
+// Blocks wanted in flight: two waves of an H100's 132 SMs. A constant rather than the device's
+// SM count, so that every GPU picks the same tiles and splits and computes the same bits.
+constexpr int64_t kTargetBlocks = 264;
+// A split of the weight gradient sums at least this many pixels: its partial tile costs a write
+// and a read of 4 x BM x BN bytes, worth it only over enough pixels.
+constexpr int64_t kMinSplitPixels = 1024;
+constexpr int64_t kMaxSplits = 128;
+// Cap on the partials workspace (the deep layers need no split; the 64-channel ones need little).
+constexpr int64_t kMaxSplitWorkspaceBytes = int64_t{256} << 20;
+
+constexpr int64_t kMaxGridX = INT32_MAX, kMaxGridYZ = 65535;
+
+dim3 checked_grid(const char* kernel, int64_t gx, int64_t gy, int64_t gz) {
+  if (gx > kMaxGridX || gy > kMaxGridYZ || gz > kMaxGridYZ)
+    throw std::runtime_error(std::string(kernel) + ": grid (" + std::to_string(gx) + ", " +
+                             std::to_string(gy) + ", " + std::to_string(gz) +
+                             ") exceeds the CUDA grid limits; use version v1_direct");
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+}
+
+// The large tile when it alone makes enough blocks and the N side fills it; else the small one.
+template <class Large, class Small>
+bool use_large_tile(int64_t M, int64_t cols) {
+  return cols > Small::kBN &&
+         ceil_div<int64_t>(M, Large::kBM) * ceil_div<int64_t>(cols, Large::kBN) >= kTargetBlocks;
+}
+
+// Splits of a K made of `units` pieces of `unit_pixels` pixels each, for `tiles` output tiles.
+int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t floats_per_split) {
+  if (tiles <= 0 || units <= 1) return 1;
+  int64_t s = ceil_div(kTargetBlocks, tiles);
+  s = std::min(s, units * unit_pixels / kMinSplitPixels);
+  s = std::min(s, kMaxSplits);
+  s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(floats_per_split, 1)));
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// Launch of one GEMM view with version v3 or v4, for `splits` K slices.
+template <class Gemm, class Tile>
+void launch_v3(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel(name, conv3x3_v3_igemm<Gemm, Tile>, grid, dim3(Tile::kThreads), stream, g);
+}
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel(name, conv3x3_v4_tf32_mma<Gemm, Tile, VEC_A, VEC_B>, grid, dim3(Tile::kThreads),
+                stream, g);
+}
+
+// Per-device state of this file (attributes, the v6 probe) covers this many devices.
+constexpr int kMaxDevices = 64;
+
+// v5 and v6 need more than the 48 KB of shared memory a kernel gets by default: raised once per
+// kernel and device (the attribute belongs to the kernel on a device, not to a launch; the first
+// launch, never a CUDA graph capture, which follows an eager step, pays for the call).
+template <auto kKernel>
+void allow_dynamic_smem(size_t bytes, const char* name) {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), name);
+  const bool tracked = device >= 0 && device < kMaxDevices;
+  if (tracked && done[device].load()) return;
+  CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)),
+             name);
+  if (tracked) done[device].store(true);
+}
+
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
+void launch_v5(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  constexpr size_t kSmem = V5Layout<Gemm, Tile>::kSmemBytes;
+  constexpr auto kernel = conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>;
+  allow_dynamic_smem<kernel>(kSmem, name);
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
+  launch_kernel_smem(name, kernel, grid, dim3(Tile::kThreads), kSmem, stream, g);
+}
+
+template <class Gemm>
+void run_v3(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v3<Gemm, V3Large>(name, g, splits, stream);
+  else launch_v3<Gemm, V3Small>(name, g, splits, stream);
+}
+
+// VEC_A / VEC_B are template arguments: the caller instantiates only what its view can use.
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v4(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v4<Gemm, V4Large, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v4<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
+// v5 takes v4's tiles (the same warps and mma tile counts; only the mma's k differs).
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v5(const char* name, const Gemm& g, bool large, int splits, cudaStream_t stream) {
+  if (large) launch_v5<Gemm, V4Large, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v5<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
+// v6 runs only where the device is a Hopper (compute capability 9.0) and this build holds the
+// sm_90a code (UNET_CUDA_ARCH with 90a): asked once per device with conv3x3_v6_probe, at the
+// first v6 launch (an eager one: a CUDA graph is captured after an eager step).
+bool v6_available() {
+#ifdef UNET_CPU_EMULATION
+  return true;  // the emulation has the instructions
+#else
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), "v6_tf32_wgmma");
+  int state = device >= 0 && device < kMaxDevices ? known[device].load() : 0;
+  if (state == 0) {
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "v6_tf32_wgmma");
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+               "v6_tf32_wgmma");
+    int has = 0;
+    if (major == 9 && minor == 0) {
+      // The probe synchronises (cudaMalloc, cudaMemcpy): not allowed inside a stream capture.
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(cudaStreamLegacy, &capturing) != cudaSuccess ||
+          capturing != cudaStreamCaptureStatusNone) {
+        cudaGetLastError();
+        throw std::runtime_error(
+            "v6_tf32_wgmma: whether this GPU can run it is asked with a probe kernel at its first "
+            "use, which cannot happen inside a CUDA graph capture; run one eager step first (or "
+            "call conv3x3_version_available) before capturing");
+      }
+      cudaGetLastError();  // an earlier, unrelated error must not be taken for the probe's
+      int* flag = nullptr;
+      CUDA_CHECK(cudaMalloc(&flag, sizeof(int)), "v6_tf32_wgmma probe");
+      conv3x3_v6_probe<<<1, 1>>>(flag);
+      const cudaError_t launched = cudaGetLastError();
+      const cudaError_t copied =
+          launched == cudaSuccess ? cudaMemcpy(&has, flag, sizeof(int), cudaMemcpyDeviceToHost)
+                                  : launched;
+      cudaFree(flag);
+      CUDA_CHECK(copied, "v6_tf32_wgmma probe");
+    }
+    state = has ? 1 : 2;
+    if (device >= 0 && device < kMaxDevices) known[device].store(state);
+  }
+  return state == 1;
+#endif
+}
+
+void check_v6_available(const char* name) {
+  if (!v6_available())
+    throw std::runtime_error(std::string(name) +
+                             ": v6_tf32_wgmma needs a Hopper GPU (compute capability 9.0) and a "
+                             "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
+}
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
+  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  check_v6_available(name);
+  allow_dynamic_smem<kernel>(kSmem, name);
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
+                                 splits);
+  launch_kernel_smem(name, kernel, grid, dim3(kV6Threads), kSmem, stream, g);
+}
+
+// v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
+  if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
+}
+
+template <class Gemm, bool VEC_A, bool VEC_B>
+void launch_tensor_core(const char* name, const Gemm& g, Conv3x3Version version, bool large,
+                        int splits, cudaStream_t stream) {
+  if (version == Conv3x3Version::kV4Tf32Mma) run_v4<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+  else if (version == Conv3x3Version::kV5Bf16Mma) run_v5<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+  else run_v6<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
+}
+
+// A GEMM view with a GEMM version (v3-v5), `splits` K slices: 16-byte copies of A (B) where the
+// view allows them (Gemm::kVecA, kVecB) and the caller found the sizes and pointer aligned.
+template <class Gemm>
+void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version, bool large,
+                 int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
+  switch (version) {
+    case Conv3x3Version::kV3Igemm:
+      run_v3(name.c_str(), g, large, splits, stream);
+      return;
+    case Conv3x3Version::kV4Tf32Mma:
+    case Conv3x3Version::kV5Bf16Mma:
+    case Conv3x3Version::kV6Tf32Wgmma:
+      if constexpr (Gemm::kVecA) {
+        if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
+      }
+      if constexpr (Gemm::kVecB) {
+        if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+      }
+      return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, large, splits, stream);
+    default:
+      throw std::logic_error(name + ": not a GEMM version");
+  }
+}
+
+// The block tile a GEMM version takes for an M x cols output, and its K step.
+struct GemmTile {
+  bool large;
+  int bm, bn, bk;
+};
+
+GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
+  static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
+  if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
+    const bool wide = cols > 64;
+    return {wide, kV6BM, wide ? 128 : 64, kV6BK};
+  }
+  if (version == Conv3x3Version::kV3Igemm) {
+    const bool large = use_large_tile<V3Large, V3Small>(M, cols);
+    return {large, large ? V3Large::kBM : V3Small::kBM, large ? V3Large::kBN : V3Small::kBN, kV3BK};
+  }
+  const bool large = use_large_tile<V4Large, V4Small>(M, cols);
+  return {large, large ? V4Large::kBM : V4Small::kBM, large ? V4Large::kBN : V4Small::kBN, kV4BK};
+}
+
+// A split of the forward's or the backward data's K sums at least this many k: its partial tile
+// costs a write and a read of 4 x BM x BN bytes.
+constexpr int64_t kMinSplitK = 512;
+
+// Forward and backward data: the tile, and K split only where the output tiles are too few.
+struct OutputPlan {
+  GemmTile tile;
+  int splits;
+};
+
+OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t K) {
+  OutputPlan plan{gemm_tile(version, M, cols), 1};
+  const int64_t tiles = ceil_div<int64_t>(M, plan.tile.bm) * ceil_div<int64_t>(cols, plan.tile.bn);
+  if (tiles > 0 && tiles < kTargetBlocks) {
+    int64_t s = ceil_div(kTargetBlocks, tiles);
+    s = std::min(s, K / kMinSplitK);
+    s = std::min(s, kMaxSplits);
+    s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * cols, 1)));
+    plan.splits = static_cast<int>(std::max<int64_t>(s, 1));
+  }
+  return plan;
+}
+
+// The device's default memory pool (where cudaMallocAsync takes the workspaces) gives freed memory
+// back to the system at every synchronisation unless told to keep some: the trainer synchronises
+// every step (it reads the loss), so each step would map its workspaces anew. Keep up to 1 GiB,
+// set once per device at the first workspace, an eager step (a CUDA graph is captured after one).
+constexpr uint64_t kWorkspacePoolKeepBytes = uint64_t{1} << 30;
+
+void keep_workspace_memory() {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();  // no device to configure: the allocation itself will report it
+    return;
+  }
+  if (done[device].load()) return;
+  cudaMemPool_t pool;
+  uint64_t keep = kWorkspacePoolKeepBytes;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess ||
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess)
+    cudaGetLastError();  // only a speed matter: leave no error behind for the next launch check
+  done[device].store(true);
+}
+
+// Device memory for the split partials, allocated and freed in stream order.
+class Workspace {
+ public:
+  Workspace(int64_t floats, cudaStream_t stream) : stream_(stream) {
+    if (floats <= 0) return;
+    keep_workspace_memory();
+    const cudaError_t err =
+        cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream);
+    if (err != cudaSuccess) {
+      ptr_ = nullptr;
+      cudaGetLastError();  // the error is thrown here, not left for the next op's launch check
+      throw_cuda_error(err, "conv3x3 split-K workspace", "cudaMallocAsync", __FILE__, __LINE__);
+    }
+  }
+  ~Workspace() {
+    if (ptr_ != nullptr && cudaFreeAsync(ptr_, stream_) != cudaSuccess) cudaGetLastError();
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  float* data() const { return static_cast<float*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+const char* version_name(Conv3x3Version version) {
+  for (const Conv3x3VersionName& v : kConv3x3Versions)
+    if (v.version == version) return v.name;
+  return "unknown";
+}
+
+// Forward or backward data through a GEMM version (v3-v5), for the plain view or its concatenated
+// twin. `op` and the version name make the kernel's name in errors, e.g.
+// "conv3x3_forward_v4_tf32_mma". K is split (plan_output) only where the output tiles are too few.
+template <class Gemm>
+void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version version, bool vec_b,
+                     cudaStream_t stream) {
+  const std::string name = op + "_" + version_name(version);
+  const OutputPlan plan = plan_output(version, g.M, g.cols, g.K);
+  if (plan.splits == 1) {
+    launch_gemm(name, g, version, plan.tile.large, 1, false, vec_b, stream);
+    return;
+  }
+  const int64_t count = g.M * g.cols;
+  Workspace workspace(plan.splits * count, stream);
+  const SplitPartialGemm<Gemm> partial{g, workspace.data()};
+  launch_gemm(name, partial, version, plan.tile.large, plan.splits, false, vec_b, stream);
+  const std::string epilogue = op + "_split_k_epilogue";
+  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
+                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),
+                plan.splits);
+}
+
+}  // namespace
+
+}  // namespace unet
