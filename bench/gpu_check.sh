@@ -237,7 +237,7 @@ fi
 if wanted bench; then
   left=$(( DEADLINE - $(date +%s) - RESERVE ))
   # up to 420 s: the training step in three precisions (eager and as a CUDA graph) against PyTorch's
-  # three settings, the prediction in each, then 282 per-op cases; whatever the budget leaves
+  # three settings, the prediction in each, then 318 per-op cases; whatever the budget leaves
   bench_cap="${BENCH_LIMIT:-420}"
   bench_limit=$(( left < bench_cap ? left : bench_cap ))
   # the benchmarks skip themselves 20 s before the limit so that pytest still writes its JSON

@@ -143,12 +143,17 @@ def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,
     return cases
 
 
+# The ops that run the conv3x3 kernel version of the precision mode: the 3x3 convolutions, and the
+# up-convolutions (the GEMM versions v3-v6 run them on the same engine, csrc/implicit_gemm.cuh).
+VERSIONED_OPS = ("conv3x3_", "upconv2x2_")
+
+
 def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
-    """``cases`` with each 3x3 convolution case once per version in ``versions`` (in that order,
-    side by side); the other cases as they are."""
+    """``cases`` with each case of a VERSIONED_OPS op once per version in ``versions`` (in that
+    order, side by side); the other cases as they are."""
     out: list[OpCase] = []
     for case in cases:
-        if case.op.startswith("conv3x3_"):
+        if case.op.startswith(VERSIONED_OPS):
             out += [replace(case, version=v) for v in versions]
         else:
             out.append(case)

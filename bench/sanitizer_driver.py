@@ -11,8 +11,8 @@ array is its own cudaMalloc): inside a pooled block an overrun lands in a neighb
 memcheck cannot see it. Inputs are drawn on the host with a fixed seed and copied over, so the run
 is deterministic and runs no random-number kernels of its own.
 
-On the GPU the 3x3 convolutions (plain and on a concatenation) run once per kernel version of
-``unet_cuda.ops.cuda.CONV3X3_VERSIONS``: each version is kernels of its own.
+On the GPU the 3x3 convolutions (plain and on a concatenation) and the up-convolutions run once
+per kernel version of ``unet_cuda.ops.cuda.CONV3X3_VERSIONS``: each version is kernels of its own.
 
 After each call the device is synchronised, so an error is reported at the op that caused it. A
 call that raises is reported and the run goes on. The last line is
@@ -152,10 +152,14 @@ class Driver:
             wt = self.normal(o, c, 2, 2, std=0.3)
             b = self.normal(o)
             dy = self.normal(n, o, 2 * h, 2 * w)
-            tag = f"{n}x{c}x{h}x{w}->{o}"
-            self.call(f"upconv2x2_forward {tag}", lambda: ops.upconv2x2_forward(x, wt, b))
-            self.call(f"upconv2x2_backward_data {tag}", lambda: ops.upconv2x2_backward_data(dy, wt))
-            self.call(f"upconv2x2_backward_weight {tag}", lambda: ops.upconv2x2_backward_weight(x, dy))
+            # the up-convolution follows the conv3x3 version: v3-v6 run it on their GEMM kernels
+            for version, using in self.conv3x3_versions():
+                tag = f"{n}x{c}x{h}x{w}->{o}{version}"
+                with using():
+                    self.call(f"upconv2x2_forward {tag}", lambda: ops.upconv2x2_forward(x, wt, b))
+                    self.call(f"upconv2x2_backward_data {tag}", lambda: ops.upconv2x2_backward_data(dy, wt))
+                    self.call(f"upconv2x2_backward_weight {tag}",
+                              lambda: ops.upconv2x2_backward_weight(x, dy))
 
     def pooling_and_concat(self) -> None:
         ops = self.ops

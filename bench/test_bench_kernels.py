@@ -6,11 +6,11 @@ before every repeat, median), turns the time into TFLOP/s or GB/s and a percenta
 ceiling, and records everything in ``benchmark.extra_info`` (see bench/README.md for the fields).
 pytest-benchmark's own statistics are the synchronised wall time of one call of ours.
 
-Precision: the 3x3 convolution runs, at every layer, the kernel version of each precision mode
-(``unet_cuda.ops.cuda.precision_version``: fp32 v3_igemm, tf32 v4_tf32_mma or on Hopper
-v6_tf32_wgmma, bf16 v5_bf16_mma), and
-each is measured against the ceiling of what it computes in (FP32 CUDA cores, TF32 or bf16 tensor
-cores). Every other op computes in FP32 in every mode. The peer of a convolution (3x3, 2x2 up, 1x1)
+Precision: the 3x3 convolution and the 2x2 up-convolution (the same GEMM kernels) run, at every
+layer, the kernel version of each precision mode (``unet_cuda.ops.cuda.precision_version``: fp32
+v3_igemm, tf32 v4_tf32_mma or on Hopper v6_tf32_wgmma, bf16 v5_bf16_mma), and each is measured
+against the ceiling of what it computes in (FP32 CUDA cores, TF32 or bf16 tensor cores). Every
+other op computes in FP32 in every mode. The peer of a convolution (3x3, 2x2 up, 1x1)
 runs in three settings, each timed once per op and layer and shared by the versions: cuDNN in true
 FP32 (``allow_tf32 = False``), in TF32 (PyTorch's default) and in bf16 (bf16 tensors, channels_last).
 ``peer_ms`` and ``ratio = peer_ms / ms`` are against the peer of the record's own precision

@@ -371,14 +371,10 @@ void conv_forward(const ConvFamily& f, Launch launch, bool relu, py::handle x_ob
          d.C, d.H, d.W, d.O, relu, as_stream(stream));
 }
 
-// conv1x1 and upconv2x2 have no fused ReLU: these give their forward launchers conv3x3's signature.
+// conv1x1 has no fused ReLU: this gives its forward launcher conv3x3's signature.
 void conv1x1_forward_launch(const float* x, const float* w, const float* b, float* y, int N, int C,
                             int H, int W, int O, bool /*relu*/, cudaStream_t stream) {
   launch_conv1x1_forward(x, w, b, y, N, C, H, W, O, stream);
-}
-void upconv2x2_forward_launch(const float* x, const float* w, const float* b, float* y, int N,
-                              int C, int H, int W, int O, bool /*relu*/, cudaStream_t stream) {
-  launch_upconv2x2_forward(x, w, b, y, N, C, H, W, O, stream);
 }
 
 template <typename Launch>
@@ -979,27 +975,56 @@ PYBIND11_MODULE(_C, m) {
       },
       arg("x"), arg("dy"), arg("dw"), arg("db"), py::kw_only(), arg("stream"),
       "dw[O,C,1,1] and db[O] from x[N,C,H,W] and dy[N,O,H,W] (deterministic).");
+  // upconv2x2 takes conv3x3's keyword `version` too: the GEMM versions (v3-v6) run it as a GEMM
+  // with the same kernels, v1 and v2 with its direct kernels.
   m.def(
       "upconv2x2_forward",
-      [](py::handle x, py::handle w, py::handle b, py::handle y, std::uintptr_t stream) {
-        conv_forward(kUpconv2x2, &upconv2x2_forward_launch, false, x, w, b, y, stream);
+      [](py::handle x, py::handle w, py::handle b, py::handle y, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("upconv2x2_forward", version);
+        conv_forward(
+            kUpconv2x2,
+            [v](const float* x, const float* w, const float* b, float* y, int N, int C, int H,
+                int W, int O, bool /*relu*/, cudaStream_t s) {
+              launch_upconv2x2_forward(x, w, b, y, N, C, H, W, O, v, s);
+            },
+            false, x, w, b, y, stream);
       },
       arg("x"), arg("w"), arg("b"), arg("y"), py::kw_only(), arg("stream"),
-      "y[N,O,2H,2W] = 2x2 stride-2 transposed conv of x[N,C,H,W] with w[O,C,2,2] plus b[O].");
+      arg("version") = kConv3x3DefaultVersion,
+      "y[N,O,2H,2W] = 2x2 stride-2 transposed conv of x[N,C,H,W] with w[O,C,2,2] plus b[O]; "
+      "`version`: a conv3x3 version (CONV3X3_VERSIONS), v3-v6 run it as a GEMM.");
   m.def(
       "upconv2x2_backward_data",
-      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream) {
-        conv_backward_data(kUpconv2x2, &launch_upconv2x2_backward_data, dy, w, dx, stream);
+      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("upconv2x2_backward_data", version);
+        conv_backward_data(
+            kUpconv2x2,
+            [v](const float* dy, const float* w, float* dx, int N, int C, int H, int W, int O,
+                cudaStream_t s) { launch_upconv2x2_backward_data(dy, w, dx, N, C, H, W, O, v, s); },
+            dy, w, dx, stream);
       },
       arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"),
-      "dx[N,C,H,W] from dy[N,O,2H,2W] and w[O,C,2,2].");
+      arg("version") = kConv3x3DefaultVersion,
+      "dx[N,C,H,W] from dy[N,O,2H,2W] and w[O,C,2,2]; `version` as for upconv2x2_forward.");
   m.def(
       "upconv2x2_backward_weight",
-      [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream) {
-        conv_backward_weight(kUpconv2x2, &launch_upconv2x2_backward_weight, x, dy, dw, db, stream);
+      [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream,
+         const std::string& version) {
+        const Conv3x3Version v = conv3x3_version_arg("upconv2x2_backward_weight", version);
+        conv_backward_weight(
+            kUpconv2x2,
+            [v](const float* x, const float* dy, float* dw, float* db, int N, int C, int H, int W,
+                int O, cudaStream_t s) {
+              launch_upconv2x2_backward_weight(x, dy, dw, db, N, C, H, W, O, v, s);
+            },
+            x, dy, dw, db, stream);
       },
       arg("x"), arg("dy"), arg("dw"), arg("db"), py::kw_only(), arg("stream"),
-      "dw[O,C,2,2] and db[O] from x[N,C,H,W] and dy[N,O,2H,2W] (deterministic).");
+      arg("version") = kConv3x3DefaultVersion,
+      "dw[O,C,2,2] and db[O] from x[N,C,H,W] and dy[N,O,2H,2W] (deterministic); `version` as "
+      "for upconv2x2_forward.");
 
   // Pooling, skip connections, element-wise ops.
   m.def("maxpool2x2_forward", &maxpool2x2_forward, arg("x"), arg("y"), arg("argmax"),

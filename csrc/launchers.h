@@ -90,13 +90,16 @@ void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, 
                                     int C, int H, int W, int O, cudaStream_t stream);
 
 // upconv.cu: 2x2 stride-2 transposed convolution. x[N,C,H,W], w[O,C,2,2], b[O],
-// y and dy [N,O,2H,2W]. H and W are the input's size.
+// y and dy [N,O,2H,2W]. H and W are the input's size. `version`: the conv3x3 version of the
+// precision mode; the GEMM versions (v3-v6) run upconv as a GEMM too, v1 and v2 the direct kernels.
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
-                              int C, int H, int W, int O, cudaStream_t stream);
+                              int C, int H, int W, int O, Conv3x3Version version,
+                              cudaStream_t stream);
 void launch_upconv2x2_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                    int W, int O, cudaStream_t stream);
+                                    int W, int O, Conv3x3Version version, cudaStream_t stream);
 void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
-                                      int C, int H, int W, int O, cudaStream_t stream);
+                                      int C, int H, int W, int O, Conv3x3Version version,
+                                      cudaStream_t stream);
 
 // maxpool.cu: 2x2 stride-2 max-pool. x and dx [N,C,H,W] with H, W even; y, dy, argmax
 // [N,C,H/2,W/2]; argmax = 2*dy + dx of the window element taken (first maximum wins).

@@ -9,6 +9,15 @@
 //   dy  [N, O, 2H, 2W]     gradient of the output; dx [N, C, H, W] gradient of the input
 //   dw  [O, C, 2, 2], db [O]   gradients of the weights and the bias
 //
+// The three directions as matrix products, with tap t = 2ky + kx:
+//   forward          y[m, (o,t)]  = sum_c x[n,c,i,j] w[o,c,t]         M = N*H*W input pixels
+//                    m = (n, i, j); column (o, t) = 4o + t is y[n, o, 2i+ky, 2j+kx]; K = C
+//   backward data    dx[m, c]     = sum_(o,t) dy[n,o,2i+ky,2j+kx] w[o,c,t]    M = N*H*W, K = 4O
+//   backward weight  dw[c, (o,t)] = sum_(n,i,j) x[n,c,i,j] dy[n,o,2i+ky,2j+kx]  M = C, K = N*H*W
+// The GEMM versions of the 3x3 convolution (v3-v6, implicit_gemm.cuh) run them through the views
+// Upconv2x2*Gemm below, with the version the conv3x3 ops run (the precision mode): the same
+// kernels, tiles, split-K and determinism. v1_direct and v2_smem run the direct kernels:
+//
 // Kernels:
 //   upconv2x2_forward_v1_direct: one thread per output element y[n,o,Y,X]; the tap is
 //     (ky, kx) = (Y%2, X%2) at input pixel (Y/2, X/2); sums over c.
@@ -18,6 +27,7 @@
 //     sums over a fixed strided share of the N*H*W input pixels, then four fixed-order block sums
 //     give dw[o,c,:,:]. db comes from launch_bias_backward over the 4*H*W output pixels.
 #include "common.cuh"
+#include "implicit_gemm.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
 
@@ -98,33 +108,274 @@ __global__ void upconv2x2_backward_weight_v1_block_per_oc(const float* __restric
   }
 }
 
+// =================================================================================================
+// GEMM views (the interface: implicit_gemm.cuh)
+// =================================================================================================
+
+// y[m, (o,t)]: A = x (consecutive m are consecutive pixels of a plane), B[c, (o,t)] = w[o,c,t].
+struct Upconv2x2ForwardGemm {
+  static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :, t], stride 4 in k
+  static constexpr bool kVecA = false, kVecB = false;
+  const float* x;
+  const float* w;
+  const float* b;
+  float* y;
+  int C, H, W, O;
+  int64_t M;  // N*H*W
+  int cols;   // 4O
+  int K;      // C
+
+  struct KPos {
+    int c;
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &x[n, 0, i, j]
+    bool valid;
+  };
+  struct BRow {
+    const float* p;  // &w[o, 0, t]
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &y[n, 0, 2i, 2j]
+  };
+
+  __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int c = static_cast<int>(tile) * bk + kk;
+    return {c, c < K};
+  }
+  __device__ ARow a_row(int64_t m) const {
+    if (m >= M) return {x, false};
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    return {x + n * C * hw + (m - n * hw), true};
+  }
+  __device__ BRow b_row(int col) const {
+    return {w + static_cast<int64_t>(col >> 2) * C * 4 + (col & 3), col < cols};
+  }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + static_cast<int64_t>(kp.c) * H * W : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + static_cast<int64_t>(kp.c) * 4 : nullptr;
+  }
+  __device__ CRow c_row(int64_t m) const {
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    const int pix = static_cast<int>(m - n * hw), i = pix / W, j = pix - i * W;
+    return {y + n * O * 4 * hw + static_cast<int64_t>(2 * i) * (2 * W) + 2 * j};
+  }
+  __device__ void store(const CRow& r, int col, float v) const {
+    const int o = col >> 2, t = col & 3;
+    r.p[static_cast<int64_t>(o) * 4 * H * W + (t >> 1) * (2 * W) + (t & 1)] = v + b[o];
+  }
+};
+
+// dx[m, c]: A[m, (o,t)] = dy[n, o, 2i+ky, 2j+kx], B[(o,t), c] = w[o, c, t]: for a fixed c, four
+// consecutive k (the taps of one o) are contiguous and 16-byte aligned when w is.
+struct Upconv2x2BackwardDataGemm {
+  static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx (dy read 2 apart)
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: w[:, c, :], contiguous in t
+  static constexpr bool kVecA = false, kVecB = true;
+  const float* dy;
+  const float* w;
+  float* dx;
+  int C, H, W, O;
+  int64_t M;  // N*H*W
+  int cols;   // C
+  int K;      // 4O
+
+  struct KPos {
+    int64_t dy_offset;  // o*4HW + ky*2W + kx
+    int w_offset;       // o*4C + t (times one c: + 4c)
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &dy[n, 0, 2i, 2j]
+    bool valid;
+  };
+  struct BRow {
+    const float* p;  // &w[0, c, 0]
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &dx[n, 0, i, j]
+  };
+
+  __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int k = static_cast<int>(tile) * bk + kk;
+    const int o = k >> 2, t = k & 3;
+    return {static_cast<int64_t>(o) * 4 * H * W + (t >> 1) * (2 * W) + (t & 1), o * 4 * C + t,
+            k < K};
+  }
+  __device__ ARow a_row(int64_t m) const {
+    if (m >= M) return {dy, false};
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    const int pix = static_cast<int>(m - n * hw), i = pix / W, j = pix - i * W;
+    return {dy + n * O * 4 * hw + static_cast<int64_t>(2 * i) * (2 * W) + 2 * j, true};
+  }
+  __device__ BRow b_row(int c) const { return {w + static_cast<int64_t>(c) * 4, c < cols}; }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.dy_offset : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.w_offset : nullptr;
+  }
+  __device__ CRow c_row(int64_t m) const {
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    const int64_t n = m / hw;
+    return {dx + n * C * hw + (m - n * hw)};
+  }
+  __device__ void store(const CRow& r, int c, float v) const {
+    r.p[static_cast<int64_t>(c) * H * W] = v;
+  }
+};
+
+// dw[c, (o,t)]: A[c, k] = x[n, c, pixel k] (contiguous in k), B[k, (o,t)] = dy[n, o, 2i+ky, 2j+kx].
+// K is walked image by image in slices of bk pixels that never straddle two images (as in
+// Conv3x3BackwardWeightGemm); `out` is dw, or the split partials [splits, O, C, 4].
+struct Upconv2x2BackwardWeightGemm {
+  static constexpr bool kARowsContiguous = false;  // A rows: x[:, c, :, :], contiguous in k
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: dy[:, o, ky::2, kx::2]
+  static constexpr bool kVecA = true, kVecB = false;
+  const float* x;
+  const float* dy;
+  float* out;
+  int C, H, W, O;
+  int64_t M;             // C
+  int cols;              // 4O
+  int64_t split_stride;  // O*C*4: the distance between two splits' partials
+  int64_t images;        // N
+
+  struct KPos {
+    int64_t x_offset;   // n*C*HW + pix
+    int64_t dy_offset;  // n*O*4HW + 2i*2W + 2j
+    bool valid;
+  };
+  struct ARow {
+    const float* p;  // &x[0, c, 0, 0]
+    bool valid;
+  };
+  struct BRow {
+    int64_t offset;  // o*4HW + ky*2W + kx
+    bool valid;
+  };
+  struct CRow {
+    float* p;  // &out[split, 0, c, 0]
+  };
+
+  __host__ __device__ int64_t tiles_per_image(int bk) const {
+    return ceil_div(static_cast<int64_t>(H) * W, static_cast<int64_t>(bk));
+  }
+  __host__ __device__ int64_t k_tiles(int bk) const { return images * tiles_per_image(bk); }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const int64_t per_image = tiles_per_image(bk);
+    const int64_t n = tile / per_image;
+    const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    const int i = pix / W, j = pix - i * W;
+    const int64_t hw = static_cast<int64_t>(H) * W;
+    return {n * C * hw + pix, n * O * 4 * hw + static_cast<int64_t>(2 * i) * (2 * W) + 2 * j,
+            pix < hw};
+  }
+  __device__ ARow a_row(int64_t c) const {
+    return {x + c * H * W, c < M};
+  }
+  __device__ BRow b_row(int col) const {
+    const int o = col >> 2, t = col & 3;
+    return {static_cast<int64_t>(o) * 4 * H * W + (t >> 1) * (2 * W) + (t & 1), col < cols};
+  }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? r.p + kp.x_offset : nullptr;
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
+    return r.valid && kp.valid ? dy + kp.dy_offset + r.offset : nullptr;
+  }
+  __device__ CRow c_row(int64_t c) const {
+    return {out + static_cast<int64_t>(blockIdx.z) * split_stride + c * 4};
+  }
+  __device__ void store(const CRow& r, int col, float v) const {
+    r.p[static_cast<int64_t>(col >> 2) * M * 4 + (col & 3)] = v;
+  }
+};
+
+// =================================================================================================
+// Launchers
+// =================================================================================================
+
+namespace {
+
+bool upconv_uses_gemm(Conv3x3Version version) { return conv3x3_fuses_concat(version); }  // v3-v6
+
+// The weight gradient's split of its pixel sum, from the shapes alone (as for conv3x3).
+int upconv_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  const GemmTile tile = gemm_tile(version, C, int64_t{4} * O);
+  const int64_t tiles = ceil_div<int64_t>(C, tile.bm) * ceil_div<int64_t>(int64_t{4} * O, tile.bn);
+  const int64_t units = N * ceil_div<int64_t>(static_cast<int64_t>(H) * W, tile.bk);
+  return plan_splits(tiles, units, tile.bk, int64_t{4} * O * C);
+}
+
+}  // namespace
+
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
-                              int C, int H, int W, int O, cudaStream_t stream) {
+                              int C, int H, int W, int O, Conv3x3Version version,
+                              cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(N) * O * 4 * H * W;
   if (total == 0) return;
-  upconv2x2_forward_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(x, w, b, y, N, C, H, W, O);
-  CHECK_LAUNCH("upconv2x2_forward_v1_direct");
+  if (upconv_uses_gemm(version)) {
+    const Upconv2x2ForwardGemm g{x, w, b, y, C, H, W, O, static_cast<int64_t>(N) * H * W, 4 * O, C};
+    run_output_gemm("upconv2x2_forward", g, version, false, stream);
+    return;
+  }
+  launch_kernel("upconv2x2_forward_v1_direct", upconv2x2_forward_v1_direct, dim3(grid_1d(total)),
+                dim3(kBlock1d), stream, x, w, b, y, N, C, H, W, O);
 }
 
 void launch_upconv2x2_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                    int W, int O, cudaStream_t stream) {
+                                    int W, int O, Conv3x3Version version, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(N) * C * H * W;
   if (total == 0) return;
-  upconv2x2_backward_data_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(dy, w, dx, N, C, H,
-                                                                              W, O);
-  CHECK_LAUNCH("upconv2x2_backward_data_v1_direct");
+  if (upconv_uses_gemm(version)) {
+    const Upconv2x2BackwardDataGemm g{dy, w, dx, C, H, W, O, static_cast<int64_t>(N) * H * W, C,
+                                      4 * O};
+    // 16-byte copies of B = w[o, c, 0:4]: every such group is aligned when w is
+    run_output_gemm("upconv2x2_backward_data", g, version, aligned16(w), stream);
+    return;
+  }
+  launch_kernel("upconv2x2_backward_data_v1_direct", upconv2x2_backward_data_v1_direct,
+                dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, dx, N, C, H, W, O);
 }
 
 void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
-                                      int C, int H, int W, int O, cudaStream_t stream) {
-  const int64_t blocks = static_cast<int64_t>(O) * C;
-  if (blocks > 0) {
+                                      int C, int H, int W, int O, Conv3x3Version version,
+                                      cudaStream_t stream) {
+  const int64_t count = static_cast<int64_t>(O) * C * 4;  // elements of dw
+  if (upconv_uses_gemm(version) && count > 0) {
+    const std::string name = std::string("upconv2x2_backward_weight_") + version_name(version);
+    const int splits = upconv_backward_weight_splits(version, N, C, H, W, O);
+    const GemmTile tile = gemm_tile(version, C, int64_t{4} * O);
+    Workspace workspace(splits > 1 ? splits * count : 0, stream);
+    const Upconv2x2BackwardWeightGemm g{x, dy, splits > 1 ? workspace.data() : dw, C, H, W, O, C,
+                                        4 * O, count, N};
+    // 16-byte copies of A = x[n, c, pixels] when every plane is a whole number of them
+    const bool vec_a = (static_cast<int64_t>(H) * W) % 4 == 0 && aligned16(x);
+    launch_gemm(name, g, version, tile.large, splits, vec_a, false, stream);
+    if (splits > 1)
+      launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
+                    dim3(kBlock1d), stream, static_cast<const float*>(workspace.data()), dw, count,
+                    splits);
+  } else if (count > 0) {
+    const int64_t blocks = static_cast<int64_t>(O) * C;
     if (blocks > INT32_MAX)
       throw std::runtime_error("upconv2x2_backward_weight: O*C = " + std::to_string(blocks) +
                                " exceeds the grid limit");
-    upconv2x2_backward_weight_v1_block_per_oc<<<static_cast<unsigned int>(blocks), kReduceBlock,
-                                                0, stream>>>(x, dy, dw, N, C, H, W, O);
-    CHECK_LAUNCH("upconv2x2_backward_weight_v1_block_per_oc");
+    launch_kernel("upconv2x2_backward_weight_v1_block_per_oc",
+                  upconv2x2_backward_weight_v1_block_per_oc, dim3(static_cast<unsigned>(blocks)),
+                  dim3(kReduceBlock), stream, x, dy, dw, N, C, H, W, O);
   }
   launch_bias_backward(dy, db, N, O, static_cast<int64_t>(4) * H * W, stream);
 }

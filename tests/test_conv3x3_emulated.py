@@ -1,5 +1,6 @@
 """The 3x3 convolution kernels of csrc/conv3x3.cu, every version, run on the CPU and compared with
-the NumPy reference: no GPU needed.
+the NumPy reference: no GPU needed. The 2x2 up-convolution (csrc/upconv.cu) runs the same GEMM
+engine (csrc/implicit_gemm.cuh) through views of its own: it is checked here too, at the end.
 
 g++ compiles csrc/conv3x3.cu unchanged against tests/cpu_emulation/cuda_runtime.h, a stand-in for
 the CUDA runtime that runs each block's threads as fibers (the header says how: barriers, the
@@ -49,7 +50,7 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv3x3_emulated") / "libconv3x3_emulated.so"
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
-           str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
+           str(ROOT / "csrc" / "upconv.cu"), str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
     assert "warning" not in proc.stderr, proc.stderr[-6000:]
@@ -376,3 +377,73 @@ def test_concat_needs_a_gemm_version(lib, version):
         y.ctypes.data_as(ctypes.c_void_p), 1, 2, 2, 5, 5, 7, 7, 3, 1, error, len(error))
     assert rc == -1
     assert f"version {version} cannot read a concatenated input" in error.value.decode()
+
+
+# ------------------------------------------------------------------------------------------------
+# The 2x2 up-convolution: its direct kernels (v1, v2) and its GEMM views on the engine (v3-v6)
+# ------------------------------------------------------------------------------------------------
+
+def upconv_inputs(rng, n, c, h, w, o):
+    x = rng.uniform(-1.0, 1.0, (n, c, h, w)).astype(np.float32)
+    wt = (rng.uniform(-1.0, 1.0, (o, c, 2, 2)) / np.sqrt(max(c, 1))).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, o).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, 2 * h, 2 * w)).astype(np.float32)
+    return x, wt, b, dy
+
+
+def check_upconv(lib, version, shape, seed=0):
+    """All three directions of upconv2x2 against the float64 reference (guards checked)."""
+    from unet_cuda.ops import reference as ref
+
+    n, c, h, w, o = shape
+    x, wt, b, dy = upconv_inputs(np.random.default_rng(seed), *shape)
+    name = f"upconv2x2{list(shape)}"
+
+    gx, gw, gb = Guarded(x), Guarded(wt), Guarded(b)
+    y = Guarded(shape=(n, o, 2 * h, 2 * w), output=True)
+    call(lib, "emulated_upconv2x2_forward", version, gx.ptr, gw.ptr, gb.ptr, y.ptr, n, c, h, w, o)
+    y.check_guards(f"{name} forward")
+    check_conv3x3(y.array, ref.upconv2x2_forward(f64(x), f64(wt), f64(b)), version, f"{name} forward",
+                  k=c, a_max=amax(x), b_max=amax(wt))
+
+    gdy = Guarded(dy)
+    dx = Guarded(shape=(n, c, h, w), output=True)
+    call(lib, "emulated_upconv2x2_backward_data", version, gdy.ptr, gw.ptr, dx.ptr, n, c, h, w, o)
+    dx.check_guards(f"{name} backward_data")
+    check_conv3x3(dx.array, ref.upconv2x2_backward_data(f64(dy), f64(wt)), version,
+                  f"{name} backward_data", k=4 * o, a_max=amax(dy), b_max=amax(wt))
+
+    dw, db = Guarded(shape=(o, c, 2, 2), output=True), Guarded(shape=(o,), output=True)
+    call(lib, "emulated_upconv2x2_backward_weight", version, gx.ptr, gdy.ptr, dw.ptr, db.ptr, n, c, h, w, o)
+    dw.check_guards(f"{name} backward_weight dw")
+    dw_ref, db_ref = ref.upconv2x2_backward_weight(f64(x), f64(dy))
+    check_conv3x3(dw.array, dw_ref, version, f"{name} backward_weight dw", k=n * h * w,
+                  a_max=amax(dy), b_max=amax(x))
+    np.testing.assert_allclose(db.array, db_ref, rtol=1e-5, atol=1e-5)
+
+
+# (N, C, H, W, O): sizes 1..9 and odd, channel counts off every multiple, then the paths: a plane
+# of a multiple of 4 pixels (16-byte copies of x in the weight gradient), many pixels over few
+# channels (the weight gradient splits K), more than 64 and 128 columns (4O), and a deep, small
+# layer (the forward and backward data split K: few output tiles, K >= 1024).
+UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 33, 3, 1, 2), (1, 4, 6, 6, 3),
+                 (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", UPCONV_SHAPES, ids=str)
+def test_upconv2x2_every_direction(lib, version, shape):
+    check_upconv(lib, version, shape, seed=sum(shape))
+
+
+def test_upconv2x2_weight_gradient_is_deterministic(lib):
+    """Two runs of the split weight gradient give the same bits (fixed-order split-K)."""
+    n, c, h, w, o = 2, 3, 24, 22, 2
+    x, _, _, dy = upconv_inputs(np.random.default_rng(5), n, c, h, w, o)
+    runs = []
+    for _ in range(2):
+        dw, db = Guarded(shape=(o, c, 2, 2), output=True), Guarded(shape=(o,), output=True)
+        call(lib, "emulated_upconv2x2_backward_weight", "v4_tf32_mma", Guarded(x).ptr, Guarded(dy).ptr,
+             dw.ptr, db.ptr, n, c, h, w, o)
+        runs.append(dw.array.copy())
+    assert np.array_equal(runs[0], runs[1])

@@ -644,13 +644,16 @@ def test_conv3x3_versions_per_precision():
 
     cases = op_cases.op_cases(benchlib.network())
     expanded = op_cases.with_conv3x3_versions(cases, tuple(modes.values()))
-    conv = [c for c in cases if c.op.startswith("conv3x3_")]
+    conv = [c for c in cases if c.op.startswith(("conv3x3_", "upconv2x2_"))]
+    assert len(conv) == (3 * 14 - 1) + 3 * 4 + 3 * 4   # 3x3 (d1a: no dx), concatenated, up-convolutions
     assert len(expanded) == len(cases) + 2 * len(conv)
     d1b = [c for c in expanded if c.op == "conv3x3_forward" and c.layer == "d1b"]
     assert [c.version for c in d1b] == list(modes.values())
     assert [c.id for c in d1b] == [f"conv3x3_forward-d1b-{v}" for v in modes.values()]
     assert len({c.seed for c in d1b}) == 1              # every version (and the peer) sees one input
-    assert all(c.version is None for c in expanded if not c.op.startswith("conv3x3_"))
+    up1 = [c for c in expanded if c.op == "upconv2x2_backward_weight" and c.layer == "up1"]
+    assert [c.version for c in up1] == list(modes.values())
+    assert all(c.version is None for c in expanded if not c.op.startswith(("conv3x3_", "upconv2x2_")))
     versions = op_cases.conv3x3_version_cases(benchlib.network())
     assert len(versions) == 4 * 3 * 6 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 

@@ -1,6 +1,7 @@
-// conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu built for the CPU
-// emulation (cuda_runtime.h beside this file), called through ctypes by
-// tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the error message in `error`.
+// conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
+// two users of csrc/implicit_gemm.cuh) built for the CPU emulation (cuda_runtime.h beside this
+// file), called through ctypes by tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the
+// error message in `error`.
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -10,7 +11,8 @@
 #include "launchers.h"
 
 // The bias gradient is bias_backward.cu's (not emulated here): a host loop stands in for it so
-// that launch_conv3x3_backward_weight links; the GPU tests check db.
+// that launch_conv3x3_backward_weight and launch_upconv2x2_backward_weight link; the GPU tests
+// check db.
 namespace unet {
 void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW, cudaStream_t) {
   for (int o = 0; o < O; ++o) {
@@ -122,6 +124,30 @@ int emulated_conv3x3_backward_data_splits(const char* version, int N, int C, int
   unet::Conv3x3Version v;
   if (!parse_version(version, &v)) return -1;
   return unet::conv3x3_backward_data_splits(v, N, C, H, W, O);
+}
+
+int emulated_upconv2x2_forward(const char* version, const float* x, const float* w, const float* b,
+                               float* y, int N, int C, int H, int W, int O, char* error,
+                               int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_upconv2x2_forward(x, w, b, y, N, C, H, W, O, v, nullptr);
+  });
+}
+
+int emulated_upconv2x2_backward_data(const char* version, const float* dy, const float* w,
+                                     float* dx, int N, int C, int H, int W, int O, char* error,
+                                     int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_upconv2x2_backward_data(dy, w, dx, N, C, H, W, O, v, nullptr);
+  });
+}
+
+int emulated_upconv2x2_backward_weight(const char* version, const float* x, const float* dy,
+                                       float* dw, float* db, int N, int C, int H, int W, int O,
+                                       char* error, int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::launch_upconv2x2_backward_weight(x, dy, dw, db, N, C, H, W, O, v, nullptr);
+  });
 }
 
 }  // extern "C"

@@ -125,7 +125,9 @@ def use_conv3x3_version(name: str):
 #   fp32  FP32 on the CUDA cores (v3_igemm, the fastest FP32 version),
 #   tf32  the tensor cores on operands rounded to TF32 (10-bit mantissa), FP32 sums (v4_tf32_mma),
 #   bf16  the tensor cores on operands rounded to bf16 (7-bit mantissa), FP32 sums (v5_bf16_mma).
-# The other ops (1x1 and up-convolutions, pooling, loss, update) compute in FP32 in every mode.
+# The 2x2 up-convolutions run the same version (v3-v6 run them on the same GEMM kernels,
+# csrc/implicit_gemm.cuh); the other ops (1x1 convolution, pooling, loss, update) compute in FP32
+# in every mode.
 # PRECISION_VERSIONS is what each mode runs on any GPU (sm_80 on); precision_version() picks the
 # version for the current GPU, which differs only where HOPPER_VERSIONS applies.
 PRECISION_VERSIONS: dict[str, str] = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
@@ -270,7 +272,7 @@ def upconv2x2_forward(x, w, b):
     n, _, h, width = _shape("upconv2x2_forward", "x", x, 4)
     o = _shape("upconv2x2_forward", "w", w, 4)[0]
     y = _empty((n, o, 2 * h, 2 * width))
-    _C.upconv2x2_forward(x, w, b, y, stream=_stream())
+    _C.upconv2x2_forward(x, w, b, y, stream=_stream(), version=_conv3x3_version)
     return y
 
 
@@ -278,7 +280,7 @@ def upconv2x2_backward_data(dy, w):
     n, _, h2, w2 = _shape("upconv2x2_backward_data", "dy", dy, 4)
     c = _shape("upconv2x2_backward_data", "w", w, 4)[1]
     dx = _empty((n, c, h2 // 2, w2 // 2))
-    _C.upconv2x2_backward_data(dy, w, dx, stream=_stream())
+    _C.upconv2x2_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version)
     return dx
 
 
@@ -287,7 +289,7 @@ def upconv2x2_backward_weight(x, dy):
     o = _shape("upconv2x2_backward_weight", "dy", dy, 4)[1]
     dw = _empty((o, c, 2, 2))
     db = _empty((o,))
-    _C.upconv2x2_backward_weight(x, dy, dw, db, stream=_stream())
+    _C.upconv2x2_backward_weight(x, dy, dw, db, stream=_stream(), version=_conv3x3_version)
     return dw, db
 
 
