@@ -542,7 +542,85 @@ def collect(outdir: Path) -> dict:
     profiles = read_profiles(outdir)
     if profiles:
         results["profile"] = profiles
+    ncu = read_ncu(outdir)
+    if ncu is not None:
+        results["ncu"] = ncu
     return results
+
+
+# The figures of each profiled kernel that the short table prints (ncu's metric names).
+NCU_HEADLINE = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "Registers Per Thread",
+                "Achieved Occupancy", "Issue Slots Busy", "Warp Cycles Per Issued Instruction")
+
+
+def _ncu_value(text: str):
+    text = (text or "").strip().replace(",", "")
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text or None
+
+
+def read_ncu(outdir: Path) -> dict | None:
+    """``ncu-details.csv`` (``ncu --import ... --csv --page details``) with ``ncu-cases.json`` (the
+    driver's cases in launch order): per case, its kernels and every metric ncu reported, as
+    ``"<section>: <metric> [<unit>]": value``. The k-th kernel whose name holds ``conv3x3_v`` is the
+    k-th case's GEMM; the kernels after it (split-K, bias gradient) belong to the same case."""
+    csv_path, cases_path = outdir / "ncu-details.csv", outdir / "ncu-cases.json"
+    if not csv_path.is_file():
+        return None
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    text = csv_path.read_text(errors="replace")
+    start = text.find('"ID"')
+    if start < 0:
+        return {"reason": "ncu-details.csv holds no CSV header (see ncu.log)"}
+    kernels: dict[str, dict] = {}
+    for row in csv.DictReader(io.StringIO(text[start:])):
+        kid = row.get("ID")
+        if kid is None or not row.get("Metric Name"):
+            continue
+        entry = kernels.setdefault(kid, {"kernel": row.get("Kernel Name", ""), "metrics": {}})
+        unit = (row.get("Metric Unit") or "").strip()
+        key = f"{row.get('Section Name', '')}: {row['Metric Name']}" + (f" [{unit}]" if unit else "")
+        entry["metrics"][key] = _ncu_value(row.get("Metric Value"))
+    cases, reason = read_json(cases_path)
+    cases = cases if isinstance(cases, list) else []
+    out_cases = [dict(case, kernels=[]) for case in cases]
+    unmatched = []
+    index = -1
+    for kid in sorted(kernels, key=lambda k: int(k) if str(k).isdigit() else 0):
+        entry = kernels[kid]
+        full = entry["kernel"]
+        entry["kernel"] = full.split("(")[0].split("<")[0].strip() or full
+        if "conv3x3_v" in full:
+            index += 1
+            entry["template"] = full.split("(")[0][:300]
+        if 0 <= index < len(out_cases):
+            out_cases[index]["kernels"].append(entry)
+        else:
+            unmatched.append(entry)
+    result = {"cases": out_cases, "kernels_profiled": len(kernels)}
+    if unmatched:
+        result["unmatched_kernels"] = unmatched
+    if not cases:
+        result["reason"] = f"ncu-cases.json: {reason}"
+    return result
+
+
+def _ncu_headline(metrics: dict) -> dict:
+    """The NCU_HEADLINE figures of one kernel: {short name: "value unit"}."""
+    out = {}
+    for name in NCU_HEADLINE:
+        for key, value in metrics.items():
+            if key.split(": ", 1)[-1].split(" [")[0] == name:
+                unit = key.rsplit(" [", 1)[1].rstrip("]") if " [" in key else ""
+                out[name] = f"{_fmt(value) if isinstance(value, float) else value}{(' ' + unit) if unit else ''}"
+                break
+    return out
 
 
 PROFILE_ROWS = 40  # the largest rows of each op-by-op profile that the results JSON keeps
@@ -657,6 +735,12 @@ def format_table(results: dict) -> str:
                      f"{_fmt_sci(check.get('rel_err_before'))}  after {_fmt_sci(check.get('rel_err_after'))}")
     if results.get("isbi") is not None:
         lines.append("isbi        " + json.dumps(results["isbi"])[:100])
+    for case in (results.get("ncu") or {}).get("cases") or []:
+        gemm = next((k for k in case.get("kernels") or [] if "template" in k), None)
+        if gemm is not None:
+            figures = _ncu_headline(gemm.get("metrics") or {})
+            lines.append(f"ncu         {case.get('op')}/{case.get('layer')}/{case.get('version')}: "
+                         + ", ".join(f"{k} {v}" for k, v in figures.items()))
     for name, prof in (results.get("profile") or {}).items():
         lines.append(f"profile     {name}: step {_fmt(prof.get('step_ms'))} ms, ops on the GPU "
                      f"{_fmt(prof.get('gpu_ms'))} ms, host {_fmt(prof.get('host_ms'))} ms"

@@ -14,6 +14,8 @@
 #   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
+#   ncu         Nsight Compute over bench/ncu_driver.py (the GEMM kernels of three conv3x3 layers and
+#               one up-convolution, each precision's version): OUTDIR/ncu-details.csv, ncu-cases.json
 #   isbi        (only when named in GPU_CHECK_STAGES and ISBI_DIR is set) trains the paper's network
 #               on ISBI 2012 for ISBI_MINUTES (default 3) with bench/isbi_run.py -> OUTDIR/isbi.json
 #   collect     bench/collect_results.py writes OUTDIR/results-<commit>-<gpu>.json and prints the
@@ -22,14 +24,15 @@
 # Environment (all optional):
 #   GPU_CHECK_BUDGET   seconds the whole run may take (default 540); each stage's limit is cut to
 #                      what is left, and stages that no longer fit are skipped and recorded so
-#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,profile,sanitizer,bench,isbi
-#                      (default: build,gpu-tests,sanitizer,bench)
+#   GPU_CHECK_STAGES   comma-separated subset of: build,gpu-tests,profile,sanitizer,bench,ncu,isbi
+#                      (default: build,gpu-tests,profile,sanitizer,bench,ncu)
 #   GPU_TESTS_WORKERS  pytest-xdist workers for gpu-tests where xdist is installed (default 6; 0: one
 #                      process). The NumPy references dominate their time, and they run on the CPU
 #   GPU_TESTS_LIMIT    seconds for gpu-tests (default 240)
 #   PROFILE_PRECISIONS the precisions of the profile stage (default "tf32 bf16 fp32")
 #   SANITIZER_LIMIT    seconds for the four sanitizers together (default 240; each at most 90)
 #   BENCH_LIMIT        seconds for the bench stage (default 420, or what the budget leaves)
+#   NCU_LIMIT          seconds for the ncu stage (default 150)
 #   ISBI_DIR           folder with train-volume.tif and train-labels.tif, for the isbi stage
 #   ISBI_MINUTES       training minutes of the isbi stage (default 3; "auto": what the budget leaves
 #                      after 60 s for start-up and the final validation)
@@ -59,7 +62,7 @@ cd "$ROOT" || exit 2
 
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,profile,sanitizer,bench}"
+STAGES="${GPU_CHECK_STAGES:-build,gpu-tests,profile,sanitizer,bench,ncu}"
 RESERVE=25                       # seconds kept back for collect and the table
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -249,6 +252,28 @@ if wanted bench; then
   gpu_info "$OUTDIR/gpu-info-after.csv"
 else
   skip_stage bench "not in GPU_CHECK_STAGES"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Nsight Compute: why the GEMM kernels run at the speed they do (throughputs, occupancy, stalls)
+# ---------------------------------------------------------------------------------------------
+if wanted ncu; then
+  NCU=$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [[ -z "$NCU" ]]; then
+    skip_stage ncu "ncu not found"
+  else
+    # only the kernels between the driver's cudaProfilerStart and Stop; clocks left as they are
+    run_stage ncu "${NCU_LIMIT:-150}" "$NCU" --profile-from-start off --clock-control none \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --export "$OUTDIR/ncu" --force-overwrite \
+      "$PY" bench/ncu_driver.py "$OUTDIR/ncu-cases.json"
+    if [[ -f "$OUTDIR/ncu.ncu-rep" ]]; then
+      timeout 60 "$NCU" --import "$OUTDIR/ncu.ncu-rep" --csv --page details > "$OUTDIR/ncu-details.csv" \
+        2>> "$OUTDIR/ncu.log" || log "ncu: the report could not be read back as CSV (see ncu.log)"
+    fi
+  fi
+else
+  skip_stage ncu "not in GPU_CHECK_STAGES"
 fi
 
 # ---------------------------------------------------------------------------------------------

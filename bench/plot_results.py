@@ -377,7 +377,37 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
             lines.append(f"| {r.get('op')} | {r.get('layer')} | {precision} | {r.get('shape', '')} "
                          f"| {_cell(r.get('ms'), 3)} | {rate} | {_cell(r.get('pct_of_ceiling'), 1)} "
                          f"| {_cell(r.get('peer_ms'), 3)} | {_cell(r.get('ratio'))} | {settings} |")
+    lines += ncu_table(results)
     return "\n".join(lines) + "\n"
+
+
+# Nsight Compute's figures of each profiled GEMM kernel that the table shows (metric names as ncu
+# reports them in its details page; bench/collect_results.py keeps every metric in "ncu").
+NCU_COLUMNS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "Registers Per Thread",
+               "Achieved Occupancy", "Issue Slots Busy", "Warp Cycles Per Issued Instruction")
+
+
+def ncu_table(results: dict) -> list[str]:
+    """One row per profiled GEMM kernel (the run's "ncu" entry): where its time goes."""
+    cases = (results.get("ncu") or {}).get("cases") or []
+    rows = []
+    for case in cases:
+        gemm = next((k for k in case.get("kernels") or [] if "template" in k), None)
+        if gemm is None:
+            continue
+        by_name = {key.split(": ", 1)[-1].split(" [")[0]: (value, key.rsplit(" [", 1)[1].rstrip("]")
+                                                            if " [" in key else "")
+                   for key, value in (gemm.get("metrics") or {}).items()}
+        cells = []
+        for name in NCU_COLUMNS:
+            value, unit = by_name.get(name, (None, ""))
+            cells.append("-" if value is None else f"{_cell(value)} {unit}".strip())
+        rows.append(f"| {case.get('op')} | {case.get('layer')} | {case.get('version')} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Nsight Compute, the GEMM kernels (bench/ncu_driver.py):", "",
+            "| op | layer | version | " + " | ".join(NCU_COLUMNS) + " |",
+            "|---|---|---|" + "---|" * len(NCU_COLUMNS)] + rows
 
 
 def render_readme_section(results: dict | None, source: Path | None = None,

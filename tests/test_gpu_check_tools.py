@@ -400,6 +400,80 @@ def test_collect_reads_the_op_by_op_profiles(tmp_path):
     assert "profile     fp32: step" in table
 
 
+NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value","Rule Name",'
+              '"Rule Type","Rule Description"')
+
+
+def _ncu_row(kid, kernel, section, metric, unit, value):
+    return (f'"{kid}","77","python3","host","{kernel}","1","7","(256, 1, 1)","(132, 2, 1)","0","9.0",'
+            f'"{section}","{metric}","{unit}","{value}","","",""')
+
+
+def test_collect_reads_the_ncu_report(tmp_path):
+    """ncu-details.csv (ncu --import --csv --page details, with ncu's own lines before the header)
+    and ncu-cases.json: every kernel's metrics land under its case, in launch order, the kernels
+    after a GEMM (split reduction, bias gradient) with it; the short table names each GEMM's
+    headline figures."""
+    gemm1 = "void unet::conv3x3_v4_tf32_mma<unet::Conv3x3ForwardGemm, unet::V4Tile<128, 128, 2, 4>, false, true>(T1)"
+    gemm2 = "void unet::conv3x3_v6_tf32_wgmma<unet::Conv3x3BackwardWeightGemm, 128, true, false>(T1)"
+    rows = [
+        _ncu_row(0, gemm1, "GPU Speed Of Light Throughput", "Duration", "usecond", "683.49"),
+        _ncu_row(0, gemm1, "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "41.20"),
+        _ncu_row(0, gemm1, "Launch Statistics", "Registers Per Thread", "register/thread", "168"),
+        _ncu_row(0, gemm1, "Occupancy", "Achieved Occupancy", "%", "12.41"),
+        _ncu_row(1, gemm2, "GPU Speed Of Light Throughput", "Duration", "usecond", "1,349.00"),
+        _ncu_row(2, "void unet::{anonymous}::conv3x3_split_k_reduce(const float *, float *, long, int)",
+                 "GPU Speed Of Light Throughput", "Duration", "usecond", "12.10"),
+        _ncu_row(3, "bias_backward_v1_block_per_channel(const float *, float *, int, int, long)",
+                 "GPU Speed Of Light Throughput", "Duration", "usecond", "30.00"),
+    ]
+    (tmp_path / "ncu-details.csv").write_text("==PROF== Connected to process 77\n" + NCU_HEADER + "\n"
+                                              + "\n".join(rows) + "\n")
+    cases = [{"op": "conv3x3_forward", "layer": "d1b", "precision": "tf32", "version": "v4_tf32_mma"},
+             {"op": "conv3x3_backward_weight", "layer": "d1b", "precision": "tf32", "version": "v6_tf32_wgmma"}]
+    (tmp_path / "ncu-cases.json").write_text(json.dumps(cases))
+    ncu = cr.collect(tmp_path)["ncu"]
+    assert ncu["kernels_profiled"] == 4 and "unmatched_kernels" not in ncu
+    first, second = ncu["cases"]
+    assert [k["kernel"] for k in first["kernels"]] == ["void unet::conv3x3_v4_tf32_mma"]
+    assert first["kernels"][0]["metrics"]["Occupancy: Achieved Occupancy [%]"] == 12.41
+    assert first["kernels"][0]["metrics"]["Launch Statistics: Registers Per Thread [register/thread]"] == 168
+    assert len(second["kernels"]) == 3
+    assert second["kernels"][0]["metrics"]["GPU Speed Of Light Throughput: Duration [usecond]"] == 1349.0
+    assert second["kernels"][1]["kernel"] == "void unet::{anonymous}::conv3x3_split_k_reduce"
+    table = cr.format_table(cr.collect(tmp_path))
+    assert "ncu         conv3x3_forward/d1b/v4_tf32_mma: Duration 683.49 usecond, Compute (SM) Throughput 41.20 %" in table
+    markdown = plot_results.render_markdown(cr.collect(tmp_path))
+    assert "| conv3x3_forward | d1b | v4_tf32_mma | 683.49 usecond | 41.20 % | - | 168 register/thread | 12.41 % |" in markdown
+
+
+def test_collect_ncu_without_a_header_gives_the_reason(tmp_path):
+    (tmp_path / "ncu-details.csv").write_text("==ERROR== The application returned an error code (1).\n")
+    assert "no CSV header" in cr.collect(tmp_path)["ncu"]["reason"]
+    assert "ncu" not in cr.collect(tmp_path / "nothing-here")
+
+
+def test_ncu_driver_profiles_each_mode_and_v4_beside_a_faster_tf32():
+    import ncu_driver  # noqa: PLC0415
+
+    class Hopper:
+        PRECISIONS = ("fp32", "tf32", "bf16")
+
+        @staticmethod
+        def precision_version(p):
+            return {"fp32": "v3_igemm", "tf32": "v6_tf32_wgmma", "bf16": "v5_bf16_mma"}[p]
+
+    class Ampere(Hopper):
+        @staticmethod
+        def precision_version(p):
+            return {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}[p]
+
+    assert ncu_driver.profiled_versions(Hopper) == [("fp32", "v3_igemm"), ("tf32", "v6_tf32_wgmma"),
+                                                    ("bf16", "v5_bf16_mma"), ("tf32", "v4_tf32_mma")]
+    assert [v for _, v in ncu_driver.profiled_versions(Ampere)] == ["v3_igemm", "v4_tf32_mma", "v5_bf16_mma"]
+
+
 def test_summary_of_the_wgmma_step():
     """The tf32 step with v6_tf32_wgmma (impl ours_wgmma / ours_wgmma_graph) gets its own summary
     figures and its ratio to PyTorch's tf32 step, and leaves the tf32 mode's figures and version
