@@ -17,7 +17,8 @@
 //   backward data    dx[m, c]  = sum_k A[m, k] B[k, c]   M = N*H*W pixels, N_gemm = C, K = 9O
 //                    A[m, k]   = dy[n, o, yy-2+ry, xx-2+rx] (zero outside dy) for m = (n, yy, xx),
 //                    k = (o, ry, rx), B[k, c] = w[o, c, 2-ry, 2-rx]: a full correlation with the
-//                    flipped kernel
+//                    flipped kernel. The GEMM versions read B from wf[c, k] (conv3x3_flip_weights,
+//                    into a workspace): rows contiguous in k, copied 16 bytes at a time
 //   backward weight  dw[o, j]  = sum_k A[o, k] B[k, j]   M = O, N_gemm = 9C, K = N*P*Q pixels
 //                    A[o, k]   = dy[n, o, i, jj] for k = (n, i, jj), B[k, (c, ky, kx)] =
 //                    x[n, c, i+ky, jj+kx]
@@ -66,6 +67,7 @@
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
 //   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
+//   conv3x3_flip_weights: wf[c, o, j] = w[o, c, 8-j], the backward data's B for the GEMM versions.
 //
 // The concatenated input. The decoder's first convolution of each level reads [up, centre crop of
 // skip] (csrc/crop_concat.cu): the Conv3x3Concat*Gemm views let the GEMM versions (v3-v5) read
@@ -402,6 +404,19 @@ __global__ void __launch_bounds__(kV2WThreads, 1)
   for (int tap = 0; tap < 9; ++tap) dst[tap] = acc[tap];
 }
 
+// wf[c, o, j] = w[o, c, 8 - j]: the backward data's B (a correlation with the flipped kernel) with
+// its rows, one per input channel c, contiguous in k = 9o + j.
+__global__ void conv3x3_flip_weights(const float* __restrict__ w, float* __restrict__ wf, int C,
+                                     int O) {
+  const int64_t total = int64_t{9} * O * C;
+  for (int64_t e = global_thread(); e < total; e += grid_stride()) {
+    const int j = static_cast<int>(e % 9);
+    const int64_t co = e / 9;  // c * O + o
+    const int o = static_cast<int>(co % O), c = static_cast<int>(co / O);
+    wf[e] = w[(static_cast<int64_t>(o) * C + c) * 9 + (8 - j)];
+  }
+}
+
 // =================================================================================================
 // The GEMM views of the three directions (the interface: implicit_gemm.cuh). kARowsContiguous /
 // kBRowsContiguous: consecutive m (n) are consecutive in memory. kVecA / kVecB: four consecutive k
@@ -472,10 +487,10 @@ struct Conv3x3ForwardGemm {
 
 struct Conv3x3BackwardDataGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx, read from dy
-  static constexpr bool kBRowsContiguous = false;  // B^T rows: w[:, c, :, :], k = (o, tap)
-  static constexpr bool kVecA = false, kVecB = false;  // no four consecutive k are contiguous
+  static constexpr bool kBRowsContiguous = false;  // B^T rows: wf[c, :], contiguous in k
+  static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (wf rows)
   const float* dy;
-  const float* w;
+  const float* wf;  // the flipped weights [C, O, 9]: wf[c, o, 3ry+rx] = w[o, c, 2-ry, 2-rx]
   float* dx;
   int C, H, W, O, P, Q;
   int64_t M;  // N*H*W
@@ -483,7 +498,7 @@ struct Conv3x3BackwardDataGemm {
   int K;      // 9O
 
   struct KPos {
-    int o, ry, rx;  // k = 9o + 3ry + rx reads dy[o, yy-2+ry, xx-2+rx] and w[o, c, 2-ry, 2-rx]
+    int k, o, ry, rx;  // k = 9o + 3ry + rx reads dy[o, yy-2+ry, xx-2+rx] and wf[c, k]
     bool valid;
   };
   struct ARow {
@@ -492,7 +507,7 @@ struct Conv3x3BackwardDataGemm {
     bool valid;
   };
   struct BRow {
-    const float* p;  // &w[0, c, 0, 0]
+    const float* p;  // &wf[c, 0]
     bool valid;
   };
   struct CRow {
@@ -503,7 +518,7 @@ struct Conv3x3BackwardDataGemm {
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int k = static_cast<int>(tile) * bk + kk;
     const int o = k / 9, tap = k - 9 * o, ry = tap / 3;
-    return {o, ry, tap - 3 * ry, k < K};
+    return {k, o, ry, tap - 3 * ry, k < K};
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {dy, 0, 0, false};
@@ -512,7 +527,7 @@ struct Conv3x3BackwardDataGemm {
     const int pix = static_cast<int>(m - n * hw), yy = pix / W;
     return {dy + n * O * P * Q, yy, pix - yy * W, true};
   }
-  __device__ BRow b_row(int n) const { return {w + static_cast<int64_t>(n) * 9, n < cols}; }
+  __device__ BRow b_row(int n) const { return {wf + static_cast<int64_t>(n) * K, n < cols}; }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
     const int i = r.yy - 2 + kp.ry, j = r.xx - 2 + kp.rx;
     const bool inside = i >= 0 && i < P && j >= 0 && j < Q;
@@ -521,9 +536,7 @@ struct Conv3x3BackwardDataGemm {
                : nullptr;
   }
   __device__ const float* b_src(const BRow& r, const KPos& kp) const {
-    return r.valid && kp.valid
-               ? r.p + static_cast<int64_t>(kp.o) * C * 9 + (8 - 3 * kp.ry - kp.rx)
-               : nullptr;
+    return r.valid && kp.valid ? r.p + kp.k : nullptr;
   }
   __device__ CRow c_row(int64_t m) const {
     const int64_t hw = static_cast<int64_t>(H) * W;
@@ -735,10 +748,29 @@ Conv3x3ForwardGemm forward_gemm(const float* x, const float* w, const float* b, 
   return {x, w, b, y, C, H, W, O, P, Q, relu, static_cast<int64_t>(N) * P * Q, O, 9 * C};
 }
 
-Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* w, float* dx, int N,
+Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* wf, float* dx, int N,
                                            int C, int H, int W, int O) {
-  return {dy, w, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
+  return {dy, wf, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
 }
+
+// The weights of the backward-data GEMMs, flipped and transposed (conv3x3_flip_weights) into a
+// workspace, so that B's rows are contiguous in k: 16-byte copies where every row starts aligned
+// (9O % 4 == 0, i.e. O % 4 == 0; the workspace itself is aligned).
+class FlippedWeights {
+ public:
+  FlippedWeights(const float* w, int C, int O, cudaStream_t stream)
+      : count_(int64_t{9} * O * C), workspace_(count_, stream) {
+    if (count_ > 0)
+      launch_kernel("conv3x3_flip_weights", conv3x3_flip_weights, dim3(grid_1d(count_)),
+                    dim3(kBlock1d), stream, w, workspace_.data(), C, O);
+  }
+  const float* data() const { return workspace_.data(); }
+  bool vec(int O) const { return O % 4 == 0 && aligned16(workspace_.data()); }
+
+ private:
+  int64_t count_;
+  Workspace workspace_;
+};
 
 Conv3x3BackwardWeightGemm backward_weight_gemm(const float* x, const float* dy, int N, int C,
                                                int H, int W, int O) {
@@ -849,9 +881,11 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, in
                     dy, w, dx, N, C, H, W, O);
       return;
     }
-    default:
-      run_output_gemm("conv3x3_backward_data", backward_data_gemm(dy, w, dx, N, C, H, W, O),
-                      version, false, stream);
+    default: {
+      const FlippedWeights wf(w, C, O, stream);
+      run_output_gemm("conv3x3_backward_data", backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O),
+                      version, wf.vec(O), stream);
+    }
   }
 }
 
@@ -925,9 +959,10 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float*
                   dim3(grid_1d(skip_total)), dim3(kBlock1d), stream, dskip,
                   static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
   if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
-  const Conv3x3ConcatBackwardDataGemm g{backward_data_gemm(dy, w, dup, N, Cu + Cs, H, W, O), dskip,
-                                        Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
-  run_output_gemm("conv3x3_concat_backward_data", g, version, false, stream);
+  const FlippedWeights wf(w, Cu + Cs, O, stream);
+  const Conv3x3ConcatBackwardDataGemm g{backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O),
+                                        dskip, Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+  run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(O), stream);
 }
 
 void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, const float* dy,
