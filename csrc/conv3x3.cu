@@ -25,13 +25,15 @@
 //
 // Versions, selected by name (the registry is kConv3x3Versions in launchers.h; Python:
 // unet_cuda.ops.cuda.set_conv3x3_version). Each changes one idea over the one before:
-//   version      what it changes, and why                                         measured
-//   v1_direct    one thread per output; operands straight from global memory      not measured yet
-//   v2_smem      input tile + halo and weight slice staged in shared memory once   not measured yet
-//   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs  not measured yet
-//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer not measured yet
-//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline  not measured yet
-//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA from shared-memory descriptors   not measured yet
+//   version      what it changes, and why                                    TFLOP/s on an H200
+//   v1_direct    one thread per output; operands straight from global memory       4.1-6.4
+//   v2_smem      input tile + halo and weight slice staged in shared memory once    8.5-10.2
+//   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs   17.0-19.4
+//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer  23.6-28.2
+//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline   30.3-36.5
+//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA from shared-memory descriptors    23.9-40.1
+// (forward and both gradients together at layers d1b, d3b, d4b and b2; commit f04c9a5,
+// bench/results/results-f04c9a5-h200.json; the table per layer: docs/CONV3X3.md).
 // v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
 // accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
 // (7-bit mantissa, round to nearest even), FP32 sums: relative errors around 1e-2. The precision
