@@ -5,15 +5,18 @@
 //   db[o] = sum over n and p of dy[n, o, p]
 //
 // Kernels:
-//   bias_backward_v1_block_per_channel: one block per o; each thread adds a fixed strided share of
-//     the N*HW values, then one fixed-order block sum (deterministic, no atomics).
+//   bias_backward_v2_block_per_channel: one block of kWideReduceBlock threads per o; each thread
+//     adds a fixed strided share of every image's HW values in kReduceIlp independent partial sums
+//     (strided_sum: that many loads in flight), then one fixed-order block sum (deterministic, no
+//     atomics). (v1 kept one running sum per thread: one memory latency per element, about 0.4 ms
+//     for a 568x568 layer on an H200.)
 #include "common.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
 
 namespace unet {
 
-__global__ void bias_backward_v1_block_per_channel(const float* __restrict__ dy,
+__global__ void bias_backward_v2_block_per_channel(const float* __restrict__ dy,
                                                    float* __restrict__ db, int N, int O,
                                                    int64_t HW) {
   __shared__ float scratch[kWarp];
@@ -21,7 +24,7 @@ __global__ void bias_backward_v1_block_per_channel(const float* __restrict__ dy,
   float acc = 0.0f;
   for (int n = 0; n < N; ++n) {
     const float* dyp = dy + (static_cast<int64_t>(n) * O + o) * HW;  // dy[n, o, 0]
-    for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) acc += dyp[p];
+    acc += strided_sum<kReduceIlp>(threadIdx.x, HW, blockDim.x, [&](int64_t p) { return dyp[p]; });
   }
   const float sum = block_sum(acc, scratch);
   if (threadIdx.x == 0) db[o] = sum;
@@ -30,8 +33,8 @@ __global__ void bias_backward_v1_block_per_channel(const float* __restrict__ dy,
 void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
                           cudaStream_t stream) {
   if (O == 0) return;
-  bias_backward_v1_block_per_channel<<<O, kReduceBlock, 0, stream>>>(dy, db, N, O, HW);
-  CHECK_LAUNCH("bias_backward_v1_block_per_channel");
+  launch_kernel("bias_backward_v2_block_per_channel", bias_backward_v2_block_per_channel, dim3(O),
+                dim3(kWideReduceBlock), stream, dy, db, N, O, HW);
 }
 
 }  // namespace unet

@@ -5,6 +5,8 @@
 // * CHECK_LAUNCH(kernel): after every <<<...>>>, reports a bad launch configuration (and any
 //   error left by earlier asynchronous work) as a std::runtime_error naming the kernel.
 // * ceil_div, and the grid of the one-thread-per-element kernels (grid_1d + grid-stride loops).
+// * launch_kernel / launch_kernel_smem: launch on a stream and check the launch (in .cu files; in
+//   the CPU emulation of tests/cpu_emulation they run the kernel there).
 //
 // Sizes are int per dimension (every dimension of a U-Net tensor fits), but every flat index and
 // every product of dimensions is int64_t: a batch of 572x572 tiles with 64 channels passes 2^31
@@ -58,5 +60,28 @@ __device__ inline int64_t global_thread() {
 __device__ inline int64_t grid_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
+
+#if defined(__CUDACC__) || defined(UNET_CPU_EMULATION)
+// Launches `kernel` on `stream` with `smem` bytes of dynamic shared memory, then checks the launch.
+template <typename... Params, typename... Args>
+void launch_kernel_smem(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                        size_t smem, cudaStream_t stream, Args... args) {
+#ifdef UNET_CPU_EMULATION
+  // tests/cpu_emulation runs the kernel on the CPU (tests/test_conv3x3_emulated.py).
+  (void)stream;
+  cpu_emulation::launch(kernel, grid, block, smem, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+#endif
+  CHECK_LAUNCH(name);
+}
+
+// The kernels with static shared memory only.
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                   cudaStream_t stream, Args... args) {
+  launch_kernel_smem(name, kernel, grid, block, 0, stream, args...);
+}
+#endif
 
 }  // namespace unet

@@ -64,7 +64,8 @@ __global__ void conv1x1_backward_weight_v1_block_per_oc(const float* __restrict_
   for (int n = 0; n < N; ++n) {
     const float* dyp = dy + (static_cast<int64_t>(n) * O + o) * HW;  // dy[n, o, 0]
     const float* xp = x + (static_cast<int64_t>(n) * C + c) * HW;    // x[n, c, 0]
-    for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) acc += dyp[p] * xp[p];
+    acc += strided_sum<kReduceIlp>(threadIdx.x, HW, blockDim.x,
+                                   [&](int64_t p) { return dyp[p] * xp[p]; });
   }
   const float sum = block_sum(acc, scratch);
   if (threadIdx.x == 0) dw[blockIdx.x] = sum;

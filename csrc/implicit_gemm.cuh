@@ -28,30 +28,9 @@
 namespace unet {
 
 // =================================================================================================
-// Shared pieces: the one launch helper, the instructions written in PTX, the split-K partition
+// Shared pieces: the instructions written in PTX, the split-K partition (kernels are launched with
+// common.cuh's launch_kernel)
 // =================================================================================================
-
-// Every kernel of this file is launched here: on `stream`, with `smem` bytes of dynamic shared
-// memory, then the launch is checked.
-template <typename... Params, typename... Args>
-void launch_kernel_smem(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
-                        size_t smem, cudaStream_t stream, Args... args) {
-#ifdef UNET_CPU_EMULATION
-  // tests/cpu_emulation runs the kernels of this file on the CPU (tests/test_conv3x3_emulated.py).
-  (void)stream;
-  cpu_emulation::launch(kernel, grid, block, smem, static_cast<Params>(args)...);
-#else
-  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
-#endif
-  CHECK_LAUNCH(name);
-}
-
-// The kernels with static shared memory only.
-template <typename... Params, typename... Args>
-void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
-                   cudaStream_t stream, Args... args) {
-  launch_kernel_smem(name, kernel, grid, block, 0, stream, args...);
-}
 
 #ifdef UNET_CPU_EMULATION
 using cpu_emulation::cp_async_16;

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace unet {
 
 constexpr int kWarp = 32;
@@ -18,6 +20,35 @@ __device__ inline T warp_sum(T v) {
     v += __shfl_down_sync(0xffffffffu, v, offset);
   return v;
 }
+
+// Sum of f(p) over p = begin, begin + stride, ... below end, kept in kIlp independent partial sums
+// (added together in a fixed order at the end). One running sum would make every load wait for
+// the add before it: a full memory latency per element, a few GB/s per SM. kIlp sums keep kIlp
+// loads in flight per thread. Deterministic: the order depends on (begin, end, stride) only.
+template <int kIlp, typename F>
+__device__ inline float strided_sum(int64_t begin, int64_t end, int64_t stride, F f) {
+  float acc[kIlp];
+#pragma unroll
+  for (int j = 0; j < kIlp; ++j) acc[j] = 0.0f;
+  int64_t p = begin;
+  for (; p + (kIlp - 1) * stride < end; p += kIlp * stride) {
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) acc[j] += f(p + j * stride);
+  }
+#pragma unroll
+  for (int j = 0; j < kIlp - 1; ++j)  // fewer than kIlp elements are left
+    if (p + j * stride < end) acc[j] += f(p + j * stride);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kIlp; ++j) sum += acc[j];
+  return sum;
+}
+
+// Independent loads in flight per thread in the reduction kernels (strided_sum).
+constexpr int kReduceIlp = 8;
+// Threads per block of the reductions that run one block per output channel: few blocks (64 for
+// the 64-channel layers, 2 for the output layer) must each keep many loads in flight.
+constexpr int kWideReduceBlock = 1024;
 
 // Sum of v over the whole block; the result is valid in thread 0. Every thread of the block must
 // call it (it synchronises), blockDim.x must be a multiple of 32, and `scratch` is __shared__ space

@@ -50,7 +50,8 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv3x3_emulated") / "libconv3x3_emulated.so"
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
-           str(ROOT / "csrc" / "upconv.cu"), str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
+           str(ROOT / "csrc" / "upconv.cu"), str(ROOT / "csrc" / "bias_backward.cu"),
+           str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
     assert "warning" not in proc.stderr, proc.stderr[-6000:]
@@ -123,7 +124,8 @@ def run_backward_weight(lib, version, x, dy):
     dw, db = Guarded(shape=(o, c, 3, 3), output=True), Guarded(shape=(o,), output=True)
     call(lib, "emulated_conv3x3_backward_weight", version, gx.ptr, gdy.ptr, dw.ptr, db.ptr, n, c, h, w, o)
     dw.check_guards("conv3x3_backward_weight dw")
-    return dw.array.copy()
+    db.check_guards("conv3x3_backward_weight db")
+    return dw.array.copy(), db.array.copy()
 
 
 def f64(a):
@@ -153,11 +155,13 @@ def check_backward_weight(lib, version, shape, seed=0):
     from unet_cuda.ops import reference as ref
 
     x, _, _, dy = make_inputs(np.random.default_rng(seed), *shape)
-    got = run_backward_weight(lib, version, x, dy)
+    got, db = run_backward_weight(lib, version, x, dy)
     n, _, h, w, _ = shape
-    check_conv3x3(got, ref.conv3x3_backward_weight(f64(x), f64(dy))[0], version,
-                  f"conv3x3_backward_weight{list(shape)} dw", k=n * (h - 2) * (w - 2),
+    dw_ref, db_ref = ref.conv3x3_backward_weight(f64(x), f64(dy))
+    check_conv3x3(got, dw_ref, version, f"conv3x3_backward_weight{list(shape)} dw", k=n * (h - 2) * (w - 2),
                   a_max=amax(dy), b_max=amax(x))
+    # db: csrc/bias_backward.cu (FP32 in every version); a sum of n*p*q values of size <= 1
+    np.testing.assert_allclose(db, db_ref, rtol=1e-5, atol=1e-6 * np.sqrt(dy[:, 0].size))
 
 
 # (N, C, H, W, O): the awkward shapes of the GPU tests, then the shapes that reach each path.
@@ -261,8 +265,10 @@ def test_small_integers_exact(lib, version):
     np.testing.assert_array_equal(run_forward(lib, version, x, wt, b, True),
                                   ref.conv3x3_forward(x, wt, b, relu=True))
     np.testing.assert_array_equal(run_backward_data(lib, version, dy, wt), ref.conv3x3_backward_data(dy, wt))
-    np.testing.assert_array_equal(run_backward_weight(lib, version, x, dy),
-                                  ref.conv3x3_backward_weight(x, dy)[0])
+    dw, db = run_backward_weight(lib, version, x, dy)
+    dw_ref, db_ref = ref.conv3x3_backward_weight(x, dy)
+    np.testing.assert_array_equal(dw, dw_ref)
+    np.testing.assert_array_equal(db, db_ref)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -284,8 +290,9 @@ def test_empty_sums(lib, version):
     np.testing.assert_array_equal(y, np.broadcast_to(b[None, :, None, None], y.shape))
     dx = run_backward_data(lib, version, zeros(2, 0, 3, 4), zeros(0, 3, 3, 3))
     np.testing.assert_array_equal(dx, 0.0)
-    dw = run_backward_weight(lib, version, zeros(0, 3, 5, 5), zeros(0, 2, 3, 3))
+    dw, db = run_backward_weight(lib, version, zeros(0, 3, 5, 5), zeros(0, 2, 3, 3))
     np.testing.assert_array_equal(dw, 0.0)
+    np.testing.assert_array_equal(db, 0.0)
 
 
 def test_precision_names():

@@ -1,5 +1,6 @@
 // conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
-// two users of csrc/implicit_gemm.cuh) built for the CPU emulation (cuda_runtime.h beside this
+// two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu) built for
+// the CPU emulation (cuda_runtime.h beside this
 // file), called through ctypes by tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the
 // error message in `error`.
 #include <cstdint>
@@ -9,20 +10,6 @@
 #include <string>
 
 #include "launchers.h"
-
-// The bias gradient is bias_backward.cu's (not emulated here): a host loop stands in for it so
-// that launch_conv3x3_backward_weight and launch_upconv2x2_backward_weight link; the GPU tests
-// check db.
-namespace unet {
-void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW, cudaStream_t) {
-  for (int o = 0; o < O; ++o) {
-    double sum = 0.0;
-    for (int n = 0; n < N; ++n)
-      for (int64_t p = 0; p < HW; ++p) sum += dy[(static_cast<int64_t>(n) * O + o) * HW + p];
-    db[o] = static_cast<float>(sum);
-  }
-}
-}  // namespace unet
 
 namespace {
 
