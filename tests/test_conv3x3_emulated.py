@@ -1,6 +1,7 @@
 """The 3x3 convolution kernels of csrc/conv3x3.cu, every version, run on the CPU and compared with
 the NumPy reference: no GPU needed. The 2x2 up-convolution (csrc/upconv.cu) runs the same GEMM
-engine (csrc/implicit_gemm.cuh) through views of its own: it is checked here too, at the end.
+engine (csrc/implicit_gemm.cuh) through views of its own: it is checked here too, near the end,
+and so are the element-wise ops and the max-pool (their vector and index-width paths).
 
 g++ compiles csrc/conv3x3.cu unchanged against tests/cpu_emulation/cuda_runtime.h, a stand-in for
 the CUDA runtime that runs each block's threads as fibers (the header says how: barriers, the
@@ -51,6 +52,7 @@ def lib(tmp_path_factory):
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
            str(ROOT / "csrc" / "upconv.cu"), str(ROOT / "csrc" / "bias_backward.cu"),
+           str(ROOT / "csrc" / "elementwise.cu"), str(ROOT / "csrc" / "maxpool.cu"),
            str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
@@ -454,3 +456,64 @@ def test_upconv2x2_weight_gradient_is_deterministic(lib):
              dw.ptr, db.ptr, n, c, h, w, o)
         runs.append(dw.array.copy())
     assert np.array_equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Element-wise ops (16-byte path where aligned, scalar otherwise) and the max-pool
+# ------------------------------------------------------------------------------------------------
+
+def plain_call(lib, fn, *args):
+    error = ctypes.create_string_buffer(1024)
+    rc = getattr(lib, fn)(*args, error, len(error))
+    assert rc == 0, f"{fn}: {error.value.decode()}"
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 1029, 4096 + 2])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_relu_backward_and_accumulate(lib, n, shift):
+    from unet_cuda.ops import reference as ref
+
+    rng = np.random.default_rng(n + shift)
+    y = np.maximum(rng.uniform(-1, 1, n), 0).astype(np.float32)   # exact zeros included
+    dy = rng.uniform(-1, 1, n).astype(np.float32)
+    gy, gdy = Guarded(np.concatenate([np.zeros(shift, np.float32), y])), \
+        Guarded(np.concatenate([np.zeros(shift, np.float32), dy]))
+    gdx = Guarded(shape=(n + shift,), output=True)
+    ptr = lambda g: ctypes.c_void_p(g.buffer[GUARD + shift:].ctypes.data)  # noqa: E731
+    plain_call(lib, "emulated_relu_backward", ptr(gy), ptr(gdy), ptr(gdx), ctypes.c_int64(n))
+    np.testing.assert_array_equal(gdx.array[shift:], ref.relu_backward(y, dy))
+    gdx.check_guards("relu_backward")
+
+    dst, src = rng.uniform(-1, 1, n).astype(np.float32), rng.uniform(-1, 1, n).astype(np.float32)
+    gdst = Guarded(np.concatenate([np.zeros(shift, np.float32), dst]))
+    gsrc = Guarded(np.concatenate([np.zeros(shift, np.float32), src]))
+    plain_call(lib, "emulated_accumulate", ptr(gdst), ptr(gsrc), ctypes.c_int64(n))
+    np.testing.assert_array_equal(gdst.array[shift:], dst + src)
+    assert np.isnan(gdst.buffer[:GUARD]).all() and np.isnan(gdst.buffer[-GUARD:]).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (2, 3, 4, 6), (1, 5, 8, 2), (2, 7, 10, 14), (1, 3, 18, 22)],
+                         ids=str)
+def test_maxpool2x2(lib, shape):
+    from unet_cuda.ops import reference as ref
+
+    n, c, h, w = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(-3, 4, size=shape).astype(np.float32)   # ties: the first maximum must win
+    gx = Guarded(x)
+    y = Guarded(shape=(n, c, h // 2, w // 2), output=True)
+    argmax = np.full(n * c * (h // 2) * (w // 2) + 2 * GUARD, 77, np.uint8)
+    arg = argmax[GUARD:GUARD + n * c * (h // 2) * (w // 2)]
+    plain_call(lib, "emulated_maxpool2x2_forward", gx.ptr, y.ptr, ctypes.c_void_p(arg.ctypes.data), n, c, h, w)
+    y_ref, arg_ref = ref.maxpool2x2_forward(x)
+    np.testing.assert_array_equal(y.array, y_ref)
+    np.testing.assert_array_equal(arg.reshape(arg_ref.shape), arg_ref)
+    assert (argmax[:GUARD] == 77).all() and (argmax[-GUARD:] == 77).all()
+    y.check_guards("maxpool2x2_forward")
+
+    dy = rng.uniform(-1, 1, y_ref.shape).astype(np.float32)
+    dx = Guarded(shape=shape, output=True)
+    plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(arg.ctypes.data), dx.ptr,
+               n, c, h, w)
+    np.testing.assert_array_equal(dx.array, ref.maxpool2x2_backward(dy, arg_ref))
+    dx.check_guards("maxpool2x2_backward")

@@ -1,6 +1,6 @@
 // conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
-// two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu) built for
-// the CPU emulation (cuda_runtime.h beside this
+// two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu), and of
+// csrc/elementwise.cu and csrc/maxpool.cu, built for the CPU emulation (cuda_runtime.h beside this
 // file), called through ctypes by tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the
 // error message in `error`.
 #include <cstdint>
@@ -29,6 +29,17 @@ int guarded(const char* version_name, char* error, int error_size, Call call) {
     if (!parse_version(version_name, &version))
       throw std::runtime_error(std::string("unknown version ") + version_name);
     call(version);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return -1;
+  }
+}
+
+template <typename Call>
+int guarded_plain(char* error, int error_size, Call call) {
+  try {
+    call();
     return 0;
   } catch (const std::exception& e) {
     std::snprintf(error, error_size, "%s", e.what());
@@ -135,6 +146,27 @@ int emulated_upconv2x2_backward_weight(const char* version, const float* x, cons
   return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
     unet::launch_upconv2x2_backward_weight(x, dy, dw, db, N, C, H, W, O, v, nullptr);
   });
+}
+
+int emulated_relu_backward(const float* y, const float* dy, float* dx, int64_t n, char* error,
+                           int error_size) {
+  return guarded_plain(error, error_size, [&] { unet::launch_relu_backward(y, dy, dx, n, nullptr); });
+}
+
+int emulated_accumulate(float* dst, const float* src, int64_t n, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] { unet::launch_accumulate(dst, src, n, nullptr); });
+}
+
+int emulated_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N, int C, int H, int W,
+                                char* error, int error_size) {
+  return guarded_plain(error, error_size,
+                       [&] { unet::launch_maxpool2x2_forward(x, y, argmax, N, C, H, W, nullptr); });
+}
+
+int emulated_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
+                                 int H, int W, char* error, int error_size) {
+  return guarded_plain(error, error_size,
+                       [&] { unet::launch_maxpool2x2_backward(dy, argmax, dx, N, C, H, W, nullptr); });
 }
 
 }  // extern "C"
