@@ -70,6 +70,8 @@
 //     order.
 //   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
 //   conv3x3_flip_weights: wf[c, o, j] = w[o, c, 8-j], the backward data's B for the GEMM versions.
+//   conv3x3_backward_weight_few_channels: the weight gradient of a layer with C <= 2 input channels
+//     (the first layer) in the GEMM versions: one block per (o, pixel slice), 9C sums per thread.
 //
 // The concatenated input. The decoder's first convolution of each level reads [up, centre crop of
 // skip] (csrc/crop_concat.cu): the Conv3x3Concat*Gemm views let the GEMM versions (v3-v5) read
@@ -406,6 +408,57 @@ __global__ void __launch_bounds__(kV2WThreads, 1)
   for (int tap = 0; tap < 9; ++tap) dst[tap] = acc[tap];
 }
 
+// =================================================================================================
+// The weight gradient of a layer with few input channels (the network's first layer: 1 for
+// grayscale microscopy). As a GEMM its output O x 9C is a sliver of one tile (9 of 64 columns at
+// C = 1) and nearly all of the tile's work is wasted: 0.65 ms for d1a with v4 on an H200, for
+// 0.4 GFLOP. Here each block takes one o and one slice of the N*P*Q pixels (fixed by the shapes);
+// its threads keep 9C sums over a strided share of the slice, then 9C fixed-order block sums give
+// the slice's partial dw[o], and conv3x3_split_k_reduce adds the slices in order. FP32 in every
+// version (a more precise result than the tensor-core modes promise).
+// =================================================================================================
+
+constexpr int kFewChannels = 2;        // C up to this takes the kernel below in the GEMM versions
+constexpr int kFewChannelsBlock = 256;
+constexpr int64_t kFewChannelsMinPixelsPerThread = 16;
+
+__global__ void __launch_bounds__(kFewChannelsBlock)
+conv3x3_backward_weight_few_channels(const float* __restrict__ x, const float* __restrict__ dy,
+                                     float* __restrict__ out, int N, int C, int H, int W, int O) {
+  __shared__ float scratch[kWarp];
+  const int o = blockIdx.x;
+  const int P = H - 2, Q = W - 2;
+  const int64_t PQ = static_cast<int64_t>(P) * Q;
+  int64_t begin, end;  // this block's slice of the flattened (n, pixel) range
+  split_range(N * PQ, blockIdx.y, gridDim.y, begin, end);
+  float acc[9 * kFewChannels];
+#pragma unroll
+  for (int t = 0; t < 9 * kFewChannels; ++t) acc[t] = 0.0f;
+  for (int64_t n = begin / PQ; n < N && n * PQ < end; ++n) {
+    const int lo = static_cast<int>(begin > n * PQ ? begin - n * PQ : 0);
+    const int hi = static_cast<int>(end < (n + 1) * PQ ? end - n * PQ : PQ);
+    const float* dyn = dy + (n * O + o) * PQ;  // dy[n, o, 0, 0]
+    for (int pix = lo + static_cast<int>(threadIdx.x); pix < hi; pix += blockDim.x) {
+      const int i = pix / Q, j = pix - i * Q;
+      const float g = dyn[pix];
+#pragma unroll
+      for (int c = 0; c < kFewChannels; ++c) {
+        if (c >= C) break;
+        const float* xw = x + ((n * C + c) * H + i) * static_cast<int64_t>(W) + j;  // x[n, c, i, j]
+#pragma unroll
+        for (int tap = 0; tap < 9; ++tap) acc[9 * c + tap] = fmaf(g, xw[(tap / 3) * W + tap % 3], acc[9 * c + tap]);
+      }
+    }
+  }
+  float* dst = out + (static_cast<int64_t>(blockIdx.y) * O + o) * 9 * C;  // this slice's dw[o]
+#pragma unroll
+  for (int t = 0; t < 9 * kFewChannels; ++t) {
+    if (t >= 9 * C) break;  // uniform across the block: every thread reaches the same block sums
+    const float sum = block_sum(acc[t], scratch);
+    if (threadIdx.x == 0) dst[t] = sum;
+  }
+}
+
 // wf[c, o, j] = w[o, c, 8 - j]: the backward data's B (a correlation with the flipped kernel) with
 // its rows, one per input channel c, contiguous in k = 9o + j.
 __global__ void conv3x3_flip_weights(const float* __restrict__ w, float* __restrict__ wf, int C,
@@ -715,6 +768,21 @@ struct BackwardWeightPlan {
   int splits = 1;
 };
 
+// The GEMM versions hand a layer with few input channels to conv3x3_backward_weight_few_channels.
+bool few_input_channels(Conv3x3Version version, int C) {
+  return conv3x3_fuses_concat(version) && C <= kFewChannels;  // conv3x3_fuses_concat: v3-v6
+}
+
+// Its slices: two waves of blocks over the O channels, at least kFewChannelsMinPixelsPerThread
+// pixels per thread and at most kMaxSplits slices.
+int few_channels_splits(int N, int H, int W, int O) {
+  const int64_t pixels = static_cast<int64_t>(N) * (H - 2) * (W - 2);
+  int64_t s = ceil_div<int64_t>(2 * kTargetBlocks, std::max(O, 1));
+  s = std::min(s, pixels / (kFewChannelsBlock * kFewChannelsMinPixelsPerThread));
+  s = std::min(s, kMaxSplits);
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
 BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, int H, int W,
                                         int O) {
   const int64_t P = H - 2, Q = W - 2, cols = int64_t{9} * C;
@@ -733,6 +801,10 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
     case Conv3x3Version::kV4Tf32Mma:
     case Conv3x3Version::kV5Bf16Mma:
     case Conv3x3Version::kV6Tf32Wgmma: {
+      if (few_input_channels(version, C)) {
+        plan.splits = few_channels_splits(N, H, W, O);
+        break;
+      }
       const GemmTile tile = gemm_tile(version, O, cols);
       plan.large = tile.large;
       const int64_t tiles = ceil_div<int64_t>(O, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
@@ -917,6 +989,16 @@ void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, 
         launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
                       dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count,
                       plan.splits);
+    } else if (few_input_channels(version, C)) {
+      const int splits = few_channels_splits(N, H, W, O);
+      Workspace workspace(splits > 1 ? splits * count : 0, stream);
+      float* out = splits > 1 ? workspace.data() : dw;
+      const char* name = "conv3x3_backward_weight_few_channels";
+      launch_kernel(name, conv3x3_backward_weight_few_channels, checked_grid(name, O, splits, 1),
+                    dim3(kFewChannelsBlock), stream, x, dy, out, N, C, H, W, O);
+      if (splits > 1)
+        launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
+                      dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count, splits);
     } else {
       run_backward_weight_gemm("conv3x3_backward_weight",
                                backward_weight_gemm(x, dy, N, C, H, W, O), dw, N, version, stream);

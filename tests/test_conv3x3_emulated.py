@@ -217,6 +217,21 @@ def test_split_k_plans(lib):
     for version in TILED:
         assert splits(version, (1, 64, 570, 570, 64)) > 8, version
         assert splits(version, (1, 1024, 30, 30, 1024)) == 1, version
+    # The first layer (C = 1) in the GEMM versions: conv3x3_backward_weight_few_channels, two waves
+    # of (o, slice) blocks; too few pixels for a second slice: one.
+    for version in TILED[1:]:
+        assert splits(version, (1, 1, 572, 572, 64)) == 9, version
+        assert splits(version, (1, 2, 40, 40, 5)) == 1, version
+
+
+# The weight gradient of one or two input channels (the first layer) in the GEMM versions: a block
+# per (o, slice of the pixels), slices added in order; against v1 and the reference.
+@pytest.mark.parametrize("version", TILED[1:])
+@pytest.mark.parametrize("shape", [(1, 1, 130, 70, 3), (2, 2, 70, 67, 2), (3, 1, 5, 1000, 1)], ids=str)
+def test_few_input_channels_weight_gradient(lib, version, shape):
+    n, c, h, w, o = shape
+    assert lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape) > 1
+    check_backward_weight(lib, version, shape, seed=sum(shape))
 
 
 # Few output tiles and a long K: the GEMM versions split the forward's and the backward data's K
