@@ -450,18 +450,29 @@ struct AsyncTileCopier {
     }
   }
 
-  // Issues this thread's copies of K tile `tile` (bk deep) into `as` and `bs`; commits nothing.
+  // The k positions of K tile `tile`, decoded once per block: threads 0 .. bk-1 write kps[0 .. bk)
+  // (a barrier must follow before `issue` reads them). Decoding a k (divisions by 9 and 3 in the
+  // convolutions' views, by the pixels per image in the weight gradients') for each of a thread's
+  // copies took most of the instructions of the copy phase.
+  __device__ static void decode(const Gemm& g, int64_t tile, int bk, typename Gemm::KPos* kps,
+                                int tid) {
+    if (tid < bk) kps[tid] = g.k_pos(tile, bk, tid);
+  }
+
+  // Issues this thread's copies of the K tile whose positions `decode` put in `kps` into `as` and
+  // `bs`; commits nothing.
   template <class ASmem, class BSmem>
-  __device__ void issue(const Gemm& g, int64_t tile, int bk, float* as, float* bs, int tid) const {
+  __device__ void issue(const Gemm& g, const typename Gemm::KPos* kps, float* as, float* bs,
+                        int tid) const {
 #pragma unroll
     for (int r = 0; r < ACopy::kPerThread; ++r) {
       const int k = ACopy::k(tid, r);
-      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], g.k_pos(tile, bk, k)));
+      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], kps[k]));
     }
 #pragma unroll
     for (int r = 0; r < BCopy::kPerThread; ++r) {
       const int k = BCopy::k(tid, r);
-      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], g.k_pos(tile, bk, k)));
+      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], kps[k]));
     }
   }
 };
@@ -502,6 +513,9 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
   using BSmem = V4Smem<BN, Gemm::kBRowsContiguous>;
   __shared__ __align__(16) float As[2][ASmem::kSize];
   __shared__ __align__(16) float Bs[2][BSmem::kSize];
+  // The k positions of tile u in kps[(u - t_begin) % 3]: three sets, since a set is rewritten
+  // before the barrier of the iteration that follows its last reader's.
+  __shared__ typename Gemm::KPos kps[3][BK];
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
@@ -512,10 +526,12 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
+  const Copier copier(g, m0, n0, tid);
+  auto set = [&](int64_t tile) { return static_cast<int>((tile - t_begin) % 3); };
   // The copies of K tile `tile` into buffer `buf`, as one commit group.
   auto issue = [&](int64_t tile, int buf) {
-    copier.template issue<ASmem, BSmem>(g, tile, BK, As[buf], Bs[buf], tid);
+    copier.template issue<ASmem, BSmem>(g, kps[set(tile)], As[buf], Bs[buf], tid);
     cp_async_commit();
   };
 
@@ -527,9 +543,16 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
+  // Tile t + 2's k positions are decoded in iteration t, before its barrier, which publishes them
+  // for issue(t + 2) in iteration t + 1. They go to the set of tile t - 1, whose last reader,
+  // issue(t - 1) in iteration t - 2, came before the barrier of iteration t - 2.
+  if (t_begin < t_end) Copier::decode(g, t_begin, BK, kps[0], tid);
+  if (t_begin + 1 < t_end) Copier::decode(g, t_begin + 1, BK, kps[1], tid);
+  __syncthreads();
   if (t_begin < t_end) issue(t_begin, 0);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int buf = static_cast<int>((t - t_begin) & 1);
+    if (t + 2 < t_end) Copier::decode(g, t + 2, BK, kps[set(t + 2)], tid);
     if (t + 1 < t_end) {
       issue(t + 1, buf ^ 1);  // the other buffer was last read before the previous barrier
       cp_async_wait<1>();     // tile t has landed (tile t+1 may still be in flight)
@@ -607,7 +630,9 @@ struct V5Layout {
   using ASmem = V5Smem<Tile::kBM, Gemm::kARowsContiguous>;
   using BSmem = V5Smem<Tile::kBN, Gemm::kBRowsContiguous>;
   static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
-  static constexpr size_t kSmemBytes = sizeof(float) * kV5Stages * kStageFloats;
+  // the stages, then the k positions of each stage's tile (Gemm::KPos, kV5BK per stage)
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * kV5Stages * kStageFloats + sizeof(typename Gemm::KPos) * kV5Stages * kV5BK;
 };
 
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
@@ -637,12 +662,17 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
+  const Copier copier(g, m0, n0, tid);
+  // The k positions of the tile in stage s: BK entries after the S stages.
+  auto kps = [&](int s) {
+    return reinterpret_cast<typename Gemm::KPos*>(smem + S * Layout::kStageFloats) + s * BK;
+  };
   // The copies of K tile `tile` into stage `s`, as one commit group; past the end of this block's K
   // range an empty group, so that the count of groups in flight, and with it cp_async_wait<S - 2>,
   // is the same every iteration.
   auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
     cp_async_commit();
   };
 
@@ -654,13 +684,20 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-  // Prologue: tiles t_begin .. t_begin + S - 2 in flight.
+  // Prologue: the k positions of tiles t_begin .. t_begin + S - 1, then tiles t_begin ..
+  // t_begin + S - 2 in flight. Iteration t decodes tile t + S (issued in iteration t + 1, after
+  // the next barrier) into the entries of tile t, which issue(t) read S - 1 iterations before.
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    if (t_begin + s < t_end) Copier::decode(g, t_begin + s, BK, kps(s), tid);
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue(t_begin + s, s);
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_async_wait<S - 2>();  // this thread's copies of tile t have landed ...
     __syncthreads();         // ... and everyone's; and everyone is done with tile t - 1
     const int s = static_cast<int>((t - t_begin) % S);
+    if (t + S < t_end) Copier::decode(g, t + S, BK, kps(s), tid);
     // Refill the stage of tile t - 1 (free since the barrier) with tile t + S - 1.
     issue(t + S - 1, (s + S - 1) % S);
     const float* as = a_stage(s);
@@ -734,7 +771,9 @@ struct V6Layout {
   using ASmem = V6Smem<kV6BM>;
   using BSmem = V6Smem<BN>;
   static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
-  static constexpr size_t kSmemBytes = sizeof(float) * kV6Stages * kStageFloats;
+  // the stages, then the k positions of each stage's tile (Gemm::KPos, kV6BK per stage)
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * kV6Stages * kStageFloats + sizeof(typename Gemm::KPos) * kV6Stages * kV6BK;
 };
 
 template <class Gemm, int BN, bool VEC_A, bool VEC_B>
@@ -761,10 +800,15 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  const AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B> copier(g, m0, n0, tid);
+  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
+  const Copier copier(g, m0, n0, tid);
+  // The k positions of the tile in stage s: BK entries after the S stages.
+  auto kps = [&](int s) {
+    return reinterpret_cast<typename Gemm::KPos*>(smem + S * Layout::kStageFloats) + s * BK;
+  };
   // v5's copies, into this kernel's layout; an empty group past the end of the K range.
   auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, tile, BK, a_stage(s), b_stage(s), tid);
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
     cp_async_commit();
   };
 
@@ -776,6 +820,13 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   // Tile t lives in stage (t - t_begin) % S. At iteration t the products of tile t are issued and
   // those of tile t - 1 are waited for (wgmma_wait<1>), so at the barrier of iteration t every
   // warpgroup is done with tile t - 2: its stage takes tile t + S - 2.
+  // The k positions of tiles t_begin .. t_begin + S - 2 first. Iteration t decodes tile t + S - 1
+  // (issued in iteration t + 1, after the next barrier) into the entries of tile t - 1, which
+  // issue(t - 1) read S - 2 iterations before.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s)
+    if (t_begin + s < t_end) Copier::decode(g, t_begin + s, BK, kps(s), tid);
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < S - 2; ++s) issue(t_begin + s, s);
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -784,6 +835,7 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
     fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
     __syncthreads();         // ... for every thread's copies; and tile t - 2 is retired
     issue(t + S - 2, (s + S - 2) % S);
+    if (t + S - 1 < t_end) Copier::decode(g, t + S - 1, BK, kps((s + S - 1) % S), tid);
     const uint32_t a_base = shared_address(a_stage(s)) +
                             sizeof(float) * (warpgroup * 64 / 8) * 64;  // this warpgroup's rows
     const uint32_t b_base = shared_address(b_stage(s));
