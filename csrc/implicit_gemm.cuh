@@ -34,7 +34,9 @@ namespace unet {
 
 #ifdef UNET_CPU_EMULATION
 using cpu_emulation::cp_async_16;
+using cpu_emulation::cp_async_16_or_zero;
 using cpu_emulation::cp_async_4;
+using cpu_emulation::cp_async_4_or_zero;
 using cpu_emulation::cp_async_commit;
 using cpu_emulation::cp_async_wait;
 using cpu_emulation::fence_proxy_async;
@@ -100,6 +102,16 @@ __device__ __forceinline__ void cp_async_4(float* dst, const float* src) {
 __device__ __forceinline__ void cp_async_16(float* dst, const float* src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src));
+}
+// The same with a source size: `copy` false copies no byte and fills dst with zeros (the
+// zero-filling form of cp.async: no branch around the copy, no separate store of the zero).
+__device__ __forceinline__ void cp_async_4_or_zero(float* dst, const float* src, bool copy) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(copy ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_16_or_zero(float* dst, const float* src, bool copy) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(copy ? 16 : 0));
 }
 // Closes the group of the copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
@@ -423,6 +435,11 @@ struct V4Smem {
   }
 };
 
+namespace {
+// A valid, 16-byte aligned global address for the zero-filling copies that read nothing.
+__device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+}  // namespace
+
 // The cp.async side of v4-v6: the rows of A and B that one thread copies (decoded once), and its
 // copies of one K tile into a shared-memory tile laid out by ASmem / BSmem (their at(row, k)).
 // Elements that are zero (past an edge, outside dy) are stored directly: nothing to wait for.
@@ -439,15 +456,13 @@ struct AsyncTileCopier {
     for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
   }
 
+  // One copy, or zeros where p is null (past an edge): the zero-filling cp.async, whose source
+  // must still be a valid address: kZeroSource then.
   template <bool VEC>
   __device__ static void copy(float* dst, const float* p) {
-    if constexpr (VEC) {
-      if (p) cp_async_16(dst, p);
-      else reinterpret_cast<float4*>(dst)[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    } else {
-      if (p) cp_async_4(dst, p);
-      else *dst = 0.0f;
-    }
+    const float* src = p ? p : kZeroSource;
+    if constexpr (VEC) cp_async_16_or_zero(dst, src, p != nullptr);
+    else cp_async_4_or_zero(dst, src, p != nullptr);
   }
 
   // The k positions of K tile `tile`, decoded once per block: threads 0 .. bk-1 write kps[0 .. bk)

@@ -434,6 +434,20 @@ inline void cp_async_16(float* dst, const float* src) {
     throw std::logic_error("cp.async of 16 bytes needs 16-byte aligned addresses");
   self().copy_groups.back().push_back({dst, src, 16});
 }
+// The zero-filling forms: `copy` false reads nothing (src must still be given) and, like a copy,
+// writes the zeros only when the group is waited for.
+inline void cp_async_4_or_zero(float* dst, const float* src, bool copy) {
+  static const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (src == nullptr) throw std::logic_error("cp.async needs a source address even when it copies none");
+  self().copy_groups.back().push_back({dst, copy ? static_cast<const void*>(src) : zeros, 4});
+}
+inline void cp_async_16_or_zero(float* dst, const float* src, bool copy) {
+  static const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (src == nullptr) throw std::logic_error("cp.async needs a source address even when it copies none");
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || (copy && reinterpret_cast<std::uintptr_t>(src) % 16))
+    throw std::logic_error("cp.async of 16 bytes needs 16-byte aligned addresses");
+  self().copy_groups.back().push_back({dst, copy ? static_cast<const void*>(src) : zeros, 16});
+}
 inline void cp_async_commit() { self().copy_groups.emplace_back(); }
 template <int kPending>
 inline void cp_async_wait() {
