@@ -517,10 +517,8 @@ struct Conv3x3ForwardGemm {
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {x, false};
-    const int64_t pq = static_cast<int64_t>(P) * Q;
-    const int64_t n = m / pq;
-    const int pix = static_cast<int>(m - n * pq), i = pix / Q, j = pix - i * Q;
-    return {x + n * C * H * W + static_cast<int64_t>(i) * W + j, true};
+    const PixelIndex p = pixel_index(m, P, Q);
+    return {x + p.n * C * H * W + static_cast<int64_t>(p.i) * W + p.j, true};
   }
   __device__ BRow b_row(int n) const { return {w + static_cast<int64_t>(n) * K, n < cols}; }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
@@ -530,9 +528,8 @@ struct Conv3x3ForwardGemm {
     return r.valid && kp.valid ? r.p + kp.k : nullptr;
   }
   __device__ CRow c_row(int64_t m) const {
-    const int64_t pq = static_cast<int64_t>(P) * Q;
-    const int64_t n = m / pq;
-    return {y + n * O * pq + (m - n * pq)};
+    const PixelIndex p = pixel_index(m, P, Q);
+    return {y + p.n * O * P * Q + p.pix};
   }
   __device__ void store(const CRow& r, int o, float v) const {
     v += b[o];
@@ -577,10 +574,8 @@ struct Conv3x3BackwardDataGemm {
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {dy, 0, 0, false};
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    const int pix = static_cast<int>(m - n * hw), yy = pix / W;
-    return {dy + n * O * P * Q, yy, pix - yy * W, true};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {dy + p.n * O * P * Q, p.i, p.j, true};
   }
   __device__ BRow b_row(int n) const { return {wf + static_cast<int64_t>(n) * K, n < cols}; }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
@@ -594,9 +589,8 @@ struct Conv3x3BackwardDataGemm {
     return r.valid && kp.valid ? r.p + kp.k : nullptr;
   }
   __device__ CRow c_row(int64_t m) const {
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    return {dx + n * C * hw + (m - n * hw)};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {dx + p.n * C * H * W + p.pix};
   }
   __device__ void store(const CRow& r, int c, float v) const {
     r.p[static_cast<int64_t>(c) * H * W] = v;
@@ -693,11 +687,9 @@ struct Conv3x3ConcatForwardGemm : Conv3x3ForwardGemm {
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {x, skip, false};
-    const int64_t pq = static_cast<int64_t>(P) * Q;
-    const int64_t n = m / pq;
-    const int pix = static_cast<int>(m - n * pq), i = pix / Q, j = pix - i * Q;
-    return {x + n * Cu * H * W + static_cast<int64_t>(i) * W + j,
-            skip + n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox), true};
+    const PixelIndex p = pixel_index(m, P, Q);
+    return {x + p.n * Cu * H * W + static_cast<int64_t>(p.i) * W + p.j,
+            skip + p.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox), true};
   }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
     return r.valid && kp.valid ? (kp.in_skip ? r.skip_p : r.up_p) + kp.x_offset : nullptr;
@@ -716,11 +708,9 @@ struct Conv3x3ConcatBackwardDataGemm : Conv3x3BackwardDataGemm {
   };
 
   __device__ CRow c_row(int64_t m) const {
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    const int pix = static_cast<int>(m - n * hw), yy = pix / W, xx = pix - yy * W;
-    return {dx + n * Cu * hw + pix,
-            dskip + n * (C - Cu) * Hs * Ws + static_cast<int64_t>(yy + oy) * Ws + (xx + ox)};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {dx + p.n * Cu * H * W + p.pix,
+            dskip + p.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox)};
   }
   __device__ void store(const CRow& r, int c, float v) const {
     if (c < Cu) r.up_p[static_cast<int64_t>(c) * H * W] = v;

@@ -275,6 +275,20 @@ struct TileCopy {
   }
 };
 
+// Where flat pixel index m = (n, i, j) of images of rows x cols pixels lies: the image, the row and
+// the column, and the pixel within its image (i * cols + j). What the views' a_row and c_row start
+// from.
+struct PixelIndex {
+  int64_t n;
+  int pix, i, j;
+};
+__device__ inline PixelIndex pixel_index(int64_t m, int rows, int cols) {
+  const int64_t plane = static_cast<int64_t>(rows) * cols;
+  const int64_t n = m / plane;
+  const int pix = static_cast<int>(m - n * plane), i = pix / cols;
+  return {n, pix, i, pix - i * cols};
+}
+
 // Thread-block slice of the split-K partition: slices of K tiles [begin, end) for blockIdx.z.
 __device__ inline void k_tile_range(int64_t tiles, int64_t& begin, int64_t& end) {
   split_range(tiles, blockIdx.z, gridDim.z, begin, end);
@@ -622,6 +636,40 @@ constexpr int kV5Stages = 4;  // tiles in flight: the one multiplied and three b
 // paddings differ from v4's: K_MAJOR ([k][ROWS + 4]): the lane (g, t) reads k = 2t (and 2t+1) of
 // row g: bank (8t + g) % 32, all 32 distinct; row-major ([row][BK + 8]): 8-byte reads of k = 2t,
 // 2t+1 at row*24 + 2t: each half warp (the unit of an 8-byte shared load) hits 32 banks once.
+// The dynamic shared memory of v5 and v6: S stages of A (ASmem) then B (BSmem) tiles, then BK k
+// positions per stage; and the copies into it. Stage s holds K tile t_begin + s modulo S.
+template <class Gemm, class ASmem, class BSmem, class ACopy, class BCopy, bool VEC_A, bool VEC_B,
+          int S, int BK>
+struct StagedCopies {
+  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * S * kStageFloats + sizeof(typename Gemm::KPos) * S * BK;
+  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
+
+  float* smem;
+  Copier copier;
+  int64_t t_end;
+  int tid;
+
+  __device__ StagedCopies(float* smem_, const Gemm& g, int64_t m0, int n0, int64_t t_end_, int tid_)
+      : smem(smem_), copier(g, m0, n0, tid_), t_end(t_end_), tid(tid_) {}
+  __device__ float* a_stage(int s) const { return smem + s * kStageFloats; }
+  __device__ float* b_stage(int s) const { return smem + s * kStageFloats + ASmem::kSize; }
+  __device__ typename Gemm::KPos* kps(int s) const {
+    return reinterpret_cast<typename Gemm::KPos*>(smem + S * kStageFloats) + s * BK;
+  }
+  // The k positions of tile `tile` into stage s's entries (a barrier must come before `issue`).
+  __device__ void decode(const Gemm& g, int64_t tile, int s) const {
+    if (tile < t_end) Copier::decode(g, tile, BK, kps(s), tid);
+  }
+  // The copies of K tile `tile` into stage s, as one commit group; past the end of this block's K
+  // range an empty group, so that the count of groups in flight is the same every iteration.
+  __device__ void issue(const Gemm& g, int64_t tile, int s) const {
+    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
+    cp_async_commit();
+  }
+};
+
 template <int ROWS, bool K_MAJOR>
 struct V5Smem {
   static constexpr int kSize = K_MAJOR ? kV5BK * (ROWS + 4) : ROWS * (kV5BK + 8);
@@ -644,29 +692,28 @@ template <class Gemm, class Tile>
 struct V5Layout {
   using ASmem = V5Smem<Tile::kBM, Gemm::kARowsContiguous>;
   using BSmem = V5Smem<Tile::kBN, Gemm::kBRowsContiguous>;
-  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
-  // the stages, then the k positions of each stage's tile (Gemm::KPos, kV5BK per stage)
-  static constexpr size_t kSmemBytes =
-      sizeof(float) * kV5Stages * kStageFloats + sizeof(typename Gemm::KPos) * kV5Stages * kV5BK;
+  template <bool VEC_A, bool VEC_B>
+  using Staged =
+      StagedCopies<Gemm, ASmem, BSmem,
+                   TileCopy<Tile::kBM, kV5BK, Tile::kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
+                   TileCopy<Tile::kBN, kV5BK, Tile::kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>,
+                   VEC_A, VEC_B, kV5Stages, kV5BK>;
+  // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
+  static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm g) {
   constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = kV5BK, S = kV5Stages;
-  constexpr int kThreads = Tile::kThreads, MT = Tile::kMmaM, NT = Tile::kMmaN;
+  constexpr int MT = Tile::kMmaM, NT = Tile::kMmaN;
   using Layout = V5Layout<Gemm, Tile>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
-  using ACopy = TileCopy<BM, BK, kThreads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
-  using BCopy = TileCopy<BN, BK, kThreads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
-  // Stage s: A at smem + s * kStageFloats, B right after it.
 #ifdef UNET_CPU_EMULATION
   float* smem = cpu_emulation::dynamic_shared<float>();
 #else
   extern __shared__ __align__(16) float smem[];
 #endif
-  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
-  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
@@ -677,19 +724,7 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
-  const Copier copier(g, m0, n0, tid);
-  // The k positions of the tile in stage s: BK entries after the S stages.
-  auto kps = [&](int s) {
-    return reinterpret_cast<typename Gemm::KPos*>(smem + S * Layout::kStageFloats) + s * BK;
-  };
-  // The copies of K tile `tile` into stage `s`, as one commit group; past the end of this block's K
-  // range an empty group, so that the count of groups in flight, and with it cp_async_wait<S - 2>,
-  // is the same every iteration.
-  auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
-    cp_async_commit();
-  };
+  const typename Layout::template Staged<VEC_A, VEC_B> stages(smem, g, m0, n0, t_end, tid);
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -703,20 +738,19 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
   // t_begin + S - 2 in flight. Iteration t decodes tile t + S (issued in iteration t + 1, after
   // the next barrier) into the entries of tile t, which issue(t) read S - 1 iterations before.
 #pragma unroll
-  for (int s = 0; s < S; ++s)
-    if (t_begin + s < t_end) Copier::decode(g, t_begin + s, BK, kps(s), tid);
+  for (int s = 0; s < S; ++s) stages.decode(g, t_begin + s, s);
   __syncthreads();
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s) issue(t_begin + s, s);
+  for (int s = 0; s < S - 1; ++s) stages.issue(g, t_begin + s, s);
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_async_wait<S - 2>();  // this thread's copies of tile t have landed ...
     __syncthreads();         // ... and everyone's; and everyone is done with tile t - 1
     const int s = static_cast<int>((t - t_begin) % S);
-    if (t + S < t_end) Copier::decode(g, t + S, BK, kps(s), tid);
+    stages.decode(g, t + S, s);
     // Refill the stage of tile t - 1 (free since the barrier) with tile t + S - 1.
-    issue(t + S - 1, (s + S - 1) % S);
-    const float* as = a_stage(s);
-    const float* bs = b_stage(s);
+    stages.issue(g, t + S - 1, (s + S - 1) % S);
+    const float* as = stages.a_stage(s);
+    const float* bs = stages.b_stage(s);
     uint32_t a[MT][4], b[NT][2];
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
@@ -785,10 +819,14 @@ template <class Gemm, int BN>
 struct V6Layout {
   using ASmem = V6Smem<kV6BM>;
   using BSmem = V6Smem<BN>;
-  static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
-  // the stages, then the k positions of each stage's tile (Gemm::KPos, kV6BK per stage)
-  static constexpr size_t kSmemBytes =
-      sizeof(float) * kV6Stages * kStageFloats + sizeof(typename Gemm::KPos) * kV6Stages * kV6BK;
+  template <bool VEC_A, bool VEC_B>
+  using Staged =
+      StagedCopies<Gemm, ASmem, BSmem,
+                   TileCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
+                   TileCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
+                   VEC_B, kV6Stages, kV6BK>;
+  // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
+  static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
 template <class Gemm, int BN, bool VEC_A, bool VEC_B>
@@ -798,15 +836,11 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   using Layout = V6Layout<Gemm, BN>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
-  using ACopy = TileCopy<BM, BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>;
-  using BCopy = TileCopy<BN, BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>;
 #ifdef UNET_CPU_EMULATION
   float* smem = cpu_emulation::dynamic_shared<float>();
 #else
   extern __shared__ __align__(16) float smem[];
 #endif
-  auto a_stage = [&](int s) { return smem + s * Layout::kStageFloats; };
-  auto b_stage = [&](int s) { return smem + s * Layout::kStageFloats + ASmem::kSize; };
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -815,17 +849,8 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   int64_t t_begin, t_end;
   k_tile_range(g.k_tiles(BK), t_begin, t_end);
 
-  using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
-  const Copier copier(g, m0, n0, tid);
-  // The k positions of the tile in stage s: BK entries after the S stages.
-  auto kps = [&](int s) {
-    return reinterpret_cast<typename Gemm::KPos*>(smem + S * Layout::kStageFloats) + s * BK;
-  };
-  // v5's copies, into this kernel's layout; an empty group past the end of the K range.
-  auto issue = [&](int64_t tile, int s) {
-    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
-    cp_async_commit();
-  };
+  // v5's staged copies, into this kernel's layout
+  const typename Layout::template Staged<VEC_A, VEC_B> stages(smem, g, m0, n0, t_end, tid);
 
   float acc[BN / 2];
 #pragma unroll
@@ -839,21 +864,20 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   // (issued in iteration t + 1, after the next barrier) into the entries of tile t - 1, which
   // issue(t - 1) read S - 2 iterations before.
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s)
-    if (t_begin + s < t_end) Copier::decode(g, t_begin + s, BK, kps(s), tid);
+  for (int s = 0; s < S - 1; ++s) stages.decode(g, t_begin + s, s);
   __syncthreads();
 #pragma unroll
-  for (int s = 0; s < S - 2; ++s) issue(t_begin + s, s);
+  for (int s = 0; s < S - 2; ++s) stages.issue(g, t_begin + s, s);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int s = static_cast<int>((t - t_begin) % S);
     cp_async_wait<S - 3>();  // this thread's copies of tile t have landed ...
     fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
     __syncthreads();         // ... for every thread's copies; and tile t - 2 is retired
-    issue(t + S - 2, (s + S - 2) % S);
-    if (t + S - 1 < t_end) Copier::decode(g, t + S - 1, BK, kps((s + S - 1) % S), tid);
-    const uint32_t a_base = shared_address(a_stage(s)) +
+    stages.issue(g, t + S - 2, (s + S - 2) % S);
+    stages.decode(g, t + S - 1, (s + S - 1) % S);
+    const uint32_t a_base = shared_address(stages.a_stage(s)) +
                             sizeof(float) * (warpgroup * 64 / 8) * 64;  // this warpgroup's rows
-    const uint32_t b_base = shared_address(b_stage(s));
+    const uint32_t b_base = shared_address(stages.b_stage(s));
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 8; ++ks) {

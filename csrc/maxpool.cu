@@ -71,10 +71,12 @@ __global__ void maxpool2x2_backward_v2_window(const float* __restrict__ dy,
   }
 }
 
-// Whether every flat index of `count` elements, and the grid-stride step past the last one, fits
-// an int32_t.
-bool fits_int32(int64_t count) {
-  return count + int64_t{kMaxGrid1d} * kBlock1d < INT32_MAX;
+// Calls f(int32_t{}) where every flat index of `count` elements, and the grid-stride step past the
+// last one, fits an int32_t; f(int64_t{}) otherwise.
+template <class F>
+void with_index_type(int64_t count, F f) {
+  if (count + int64_t{kMaxGrid1d} * kBlock1d < INT32_MAX) f(int32_t{});
+  else f(int64_t{});
 }
 
 void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N, int C, int H,
@@ -82,13 +84,12 @@ void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N,
   const int64_t planes = static_cast<int64_t>(N) * C;
   const int64_t outputs = planes * (H / 2) * (W / 2);
   if (outputs == 0) return;
-  const char* name = "maxpool2x2_forward_v2_direct";
-  if (fits_int32(planes * H * W))
-    launch_kernel(name, maxpool2x2_forward_v2_direct<int32_t>, dim3(grid_1d(outputs)),
-                  dim3(kBlock1d), stream, x, y, argmax, static_cast<int32_t>(planes), H, W);
-  else
-    launch_kernel(name, maxpool2x2_forward_v2_direct<int64_t>, dim3(grid_1d(outputs)),
-                  dim3(kBlock1d), stream, x, y, argmax, planes, H, W);
+  with_index_type(planes * H * W, [&](auto index) {
+    using Index = decltype(index);
+    launch_kernel("maxpool2x2_forward_v2_direct", maxpool2x2_forward_v2_direct<Index>,
+                  dim3(grid_1d(outputs)), dim3(kBlock1d), stream, x, y, argmax,
+                  static_cast<Index>(planes), H, W);
+  });
 }
 
 void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
@@ -96,13 +97,12 @@ void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* d
   const int64_t planes = static_cast<int64_t>(N) * C;
   const int64_t outputs = planes * (H / 2) * (W / 2);
   if (outputs == 0) return;
-  const char* name = "maxpool2x2_backward_v2_window";
-  if (fits_int32(planes * H * W))
-    launch_kernel(name, maxpool2x2_backward_v2_window<int32_t>, dim3(grid_1d(outputs)),
-                  dim3(kBlock1d), stream, dy, argmax, dx, static_cast<int32_t>(planes), H, W);
-  else
-    launch_kernel(name, maxpool2x2_backward_v2_window<int64_t>, dim3(grid_1d(outputs)),
-                  dim3(kBlock1d), stream, dy, argmax, dx, planes, H, W);
+  with_index_type(planes * H * W, [&](auto index) {
+    using Index = decltype(index);
+    launch_kernel("maxpool2x2_backward_v2_window", maxpool2x2_backward_v2_window<Index>,
+                  dim3(grid_1d(outputs)), dim3(kBlock1d), stream, dy, argmax, dx,
+                  static_cast<Index>(planes), H, W);
+  });
 }
 
 }  // namespace unet

@@ -149,9 +149,8 @@ struct Upconv2x2ForwardGemm {
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {x, false};
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    return {x + n * C * hw + (m - n * hw), true};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {x + p.n * C * H * W + p.pix, true};
   }
   __device__ BRow b_row(int col) const {
     return {w + static_cast<int64_t>(col >> 2) * C * 4 + (col & 3), col < cols};
@@ -163,10 +162,8 @@ struct Upconv2x2ForwardGemm {
     return r.valid && kp.valid ? r.p + static_cast<int64_t>(kp.c) * 4 : nullptr;
   }
   __device__ CRow c_row(int64_t m) const {
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    const int pix = static_cast<int>(m - n * hw), i = pix / W, j = pix - i * W;
-    return {y + n * O * 4 * hw + static_cast<int64_t>(2 * i) * (2 * W) + 2 * j};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {y + p.n * O * 4 * H * W + static_cast<int64_t>(2 * p.i) * (2 * W) + 2 * p.j};
   }
   __device__ void store(const CRow& r, int col, float v) const {
     const int o = col >> 2, t = col & 3;
@@ -214,10 +211,8 @@ struct Upconv2x2BackwardDataGemm {
   }
   __device__ ARow a_row(int64_t m) const {
     if (m >= M) return {dy, false};
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    const int pix = static_cast<int>(m - n * hw), i = pix / W, j = pix - i * W;
-    return {dy + n * O * 4 * hw + static_cast<int64_t>(2 * i) * (2 * W) + 2 * j, true};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {dy + p.n * O * 4 * H * W + static_cast<int64_t>(2 * p.i) * (2 * W) + 2 * p.j, true};
   }
   __device__ BRow b_row(int c) const { return {w + static_cast<int64_t>(c) * 4, c < cols}; }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
@@ -227,9 +222,8 @@ struct Upconv2x2BackwardDataGemm {
     return r.valid && kp.valid ? r.p + kp.w_offset : nullptr;
   }
   __device__ CRow c_row(int64_t m) const {
-    const int64_t hw = static_cast<int64_t>(H) * W;
-    const int64_t n = m / hw;
-    return {dx + n * C * hw + (m - n * hw)};
+    const PixelIndex p = pixel_index(m, H, W);
+    return {dx + p.n * C * H * W + p.pix};
   }
   __device__ void store(const CRow& r, int c, float v) const {
     r.p[static_cast<int64_t>(c) * H * W] = v;
