@@ -496,12 +496,14 @@ struct AsyncTileCopier {
 #pragma unroll
     for (int r = 0; r < ACopy::kPerThread; ++r) {
       const int k = ACopy::k(tid, r);
-      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], kps[k]));
+      const typename Gemm::KPos kp = kps[k];  // all of it at once (no load behind a branch)
+      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], kp));
     }
 #pragma unroll
     for (int r = 0; r < BCopy::kPerThread; ++r) {
       const int k = BCopy::k(tid, r);
-      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], kps[k]));
+      const typename Gemm::KPos kp = kps[k];
+      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], kp));
     }
   }
 };
