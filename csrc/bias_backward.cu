@@ -16,9 +16,9 @@
 
 namespace unet {
 
-__global__ void bias_backward_v2_block_per_channel(const float* __restrict__ dy,
-                                                   float* __restrict__ db, int N, int O,
-                                                   int64_t HW) {
+__global__ void __launch_bounds__(kWideReduceBlock)
+bias_backward_v2_block_per_channel(const float* __restrict__ dy, float* __restrict__ db, int N,
+                                   int O, int64_t HW) {
   __shared__ float scratch[kWarp];
   const int o = blockIdx.x;
   float acc = 0.0f;
