@@ -622,7 +622,8 @@ def test_sgd_momentum_update(shape):
 # Determinism
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(2, 16, 130, 130, 24), (1, 3, 66, 66, 5), (1, 64, 66, 66, 64)],
+@pytest.mark.parametrize("shape", [(2, 16, 130, 130, 24), (1, 3, 66, 66, 5), (1, 64, 66, 66, 64),
+                                   (1, 1, 150, 150, 16)],  # the first layer's own kernel, 5 slices
                          ids=str)
 def test_conv3x3_weight_gradient_is_bitwise_reproducible(conv3x3_version, shape):
     n, c, h, w, o = shape
