@@ -773,8 +773,10 @@ int few_channels_splits(int N, int H, int W, int O) {
   return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
-BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, int H, int W,
-                                        int O) {
+// `gemm_only`: the plan of the GEMM itself, for the concatenated input, which never takes the
+// few-channels kernel.
+BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, int H, int W, int O,
+                                        bool gemm_only = false) {
   const int64_t P = H - 2, Q = W - 2, cols = int64_t{9} * C;
   const int64_t floats = static_cast<int64_t>(O) * cols;
   BackwardWeightPlan plan;
@@ -791,7 +793,7 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
     case Conv3x3Version::kV4Tf32Mma:
     case Conv3x3Version::kV5Bf16Mma:
     case Conv3x3Version::kV6Tf32Wgmma: {
-      if (few_input_channels(version, C)) {
+      if (!gemm_only && few_input_channels(version, C)) {
         plan.splits = few_channels_splits(N, H, W, O);
         break;
       }
@@ -856,7 +858,7 @@ template <class Gemm>  // Conv3x3BackwardWeightGemm or Conv3x3ConcatBackwardWeig
 void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                               Conv3x3Version version, cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
-  const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O);
+  const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
   const int64_t count = g.split_stride;  // elements of dw
   Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
   g.out = plan.splits > 1 ? workspace.data() : dw;
@@ -879,6 +881,70 @@ void check_concat_version(const char* op, Conv3x3Version version) {
 }
 
 }  // namespace
+
+#ifndef UNET_CPU_EMULATION  // the emulation has the instructions and never asks
+namespace {
+
+// Whether this build holds the sm_90a code of v6 for the current device: a kernel compiled with
+// the wgmma instructions answers 1, any other build of it 0 (its body would trap).
+__global__ void conv3x3_v6_probe(int* has_wgmma) {
+#ifdef UNET_WGMMA
+  *has_wgmma = 1;
+#else
+  *has_wgmma = 0;
+#endif
+}
+
+}  // namespace
+#endif
+
+// v6 runs only where the device is a Hopper (compute capability 9.0) and this build holds the
+// sm_90a code (UNET_CUDA_ARCH with 90a): asked once per device with conv3x3_v6_probe, at the
+// first v6 launch of any op (an eager one: a CUDA graph is captured after an eager step), or by
+// conv3x3_version_available. The launch's own stream is checked for a capture.
+bool v6_available(cudaStream_t stream) {
+#ifdef UNET_CPU_EMULATION
+  return true;  // the emulation has the instructions
+#else
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device), "v6_tf32_wgmma");
+  int state = device >= 0 && device < kMaxDevices ? known[device].load() : 0;
+  if (state == 0) {
+    int major = 0, minor = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "v6_tf32_wgmma");
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+               "v6_tf32_wgmma");
+    int has = 0;
+    if (major == 9 && minor == 0) {
+      // The probe synchronises (cudaMalloc, cudaMemcpy): not allowed inside a stream capture.
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
+          capturing != cudaStreamCaptureStatusNone) {
+        cudaGetLastError();
+        throw std::runtime_error(
+            "v6_tf32_wgmma: whether this GPU can run it is asked with a probe kernel at its first "
+            "use, which cannot happen inside a CUDA graph capture; run one eager step first (or "
+            "call conv3x3_version_available) before capturing");
+      }
+      cudaGetLastError();  // an earlier, unrelated error must not be taken for the probe's
+      int* flag = nullptr;
+      CUDA_CHECK(cudaMalloc(&flag, sizeof(int)), "v6_tf32_wgmma probe");
+      conv3x3_v6_probe<<<1, 1>>>(flag);
+      const cudaError_t launched = cudaGetLastError();
+      const cudaError_t copied =
+          launched == cudaSuccess ? cudaMemcpy(&has, flag, sizeof(int), cudaMemcpyDeviceToHost)
+                                  : launched;
+      cudaFree(flag);
+      CUDA_CHECK(copied, "v6_tf32_wgmma probe");
+    }
+    state = has ? 1 : 2;
+    if (device >= 0 && device < kMaxDevices) known[device].store(state);
+  }
+  return state == 1;
+#endif
+}
 
 bool conv3x3_version_available(Conv3x3Version version) {
   return version != Conv3x3Version::kV6Tf32Wgmma || v6_available();

@@ -456,8 +456,9 @@ __device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
 // The cp.async side of v4-v6: the rows of A and B that one thread copies (decoded once), and its
 // copies of one K tile into a shared-memory tile laid out by ASmem / BSmem (their at(row, k)).
-// Elements that are zero (past an edge, outside dy) are stored directly: nothing to wait for.
-// VEC_A / VEC_B: 16-byte copies of four consecutive k.
+// Elements that are zero (past an edge, outside dy) are zero-filled by cp.async itself (a source
+// size of 0), so they too land only at the wait. VEC_A / VEC_B: 16-byte copies of four
+// consecutive k.
 template <class Gemm, class ACopy, class BCopy, bool VEC_A, bool VEC_B>
 struct AsyncTileCopier {
   typename Gemm::ARow arow[ACopy::kPerThread];
@@ -634,10 +635,6 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
 constexpr int kV5BK = 16;     // one k16 mma step per stage
 constexpr int kV5Stages = 4;  // tiles in flight: the one multiplied and three being copied
 
-// A ROWS x kV5BK float32 operand tile. The fragments read two consecutive k per register, so the
-// paddings differ from v4's: K_MAJOR ([k][ROWS + 4]): the lane (g, t) reads k = 2t (and 2t+1) of
-// row g: bank (8t + g) % 32, all 32 distinct; row-major ([row][BK + 8]): 8-byte reads of k = 2t,
-// 2t+1 at row*24 + 2t: each half warp (the unit of an 8-byte shared load) hits 32 banks once.
 // The dynamic shared memory of v5 and v6: S stages of A (ASmem) then B (BSmem) tiles, then BK k
 // positions per stage; and the copies into it. Stage s holds K tile t_begin + s modulo S.
 template <class Gemm, class ASmem, class BSmem, class ACopy, class BCopy, bool VEC_A, bool VEC_B,
@@ -646,6 +643,8 @@ struct StagedCopies {
   static constexpr int kStageFloats = ASmem::kSize + BSmem::kSize;
   static constexpr size_t kSmemBytes =
       sizeof(float) * S * kStageFloats + sizeof(typename Gemm::KPos) * S * BK;
+  static_assert(sizeof(float) * S * kStageFloats % alignof(typename Gemm::KPos) == 0,
+                "the k positions after the stages are aligned");
   using Copier = AsyncTileCopier<Gemm, ACopy, BCopy, VEC_A, VEC_B>;
 
   float* smem;
@@ -672,6 +671,10 @@ struct StagedCopies {
   }
 };
 
+// A ROWS x kV5BK float32 operand tile. The fragments read two consecutive k per register, so the
+// paddings differ from v4's: K_MAJOR ([k][ROWS + 4]): the lane (g, t) reads k = 2t (and 2t+1) of
+// row g: bank (8t + g) % 32, all 32 distinct; row-major ([row][BK + 8]): 8-byte reads of k = 2t,
+// 2t+1 at row*24 + 2t: each half warp (the unit of an 8-byte shared load) hits 32 banks once.
 template <int ROWS, bool K_MAJOR>
 struct V5Smem {
   static constexpr int kSize = K_MAJOR ? kV5BK * (ROWS + 4) : ROWS * (kV5BK + 8);
@@ -914,21 +917,6 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   }
 }
 
-#ifndef UNET_CPU_EMULATION  // the emulation has the instructions and never asks
-namespace {  // one copy per translation unit that includes this file
-
-// Whether this build holds the sm_90a code of v6 for the current device: a kernel compiled with
-// the wgmma instructions answers 1, any other build of it 0 (its body would trap).
-__global__ void conv3x3_v6_probe(int* has_wgmma) {
-#ifdef UNET_WGMMA
-  *has_wgmma = 1;
-#else
-  *has_wgmma = 0;
-#endif
-}
-
-}  // namespace
-#endif
 
 // =================================================================================================
 // Split-K of the forward and backward-data GEMMs: when the output tiles alone cannot fill the GPU
@@ -1093,55 +1081,17 @@ void run_v5(const char* name, const Gemm& g, bool large, int splits, cudaStream_
   else launch_v5<Gemm, V4Small, VEC_A, VEC_B>(name, g, splits, stream);
 }
 
-// v6 runs only where the device is a Hopper (compute capability 9.0) and this build holds the
-// sm_90a code (UNET_CUDA_ARCH with 90a): asked once per device with conv3x3_v6_probe, at the
-// first v6 launch (an eager one: a CUDA graph is captured after an eager step).
-bool v6_available() {
-#ifdef UNET_CPU_EMULATION
-  return true;  // the emulation has the instructions
-#else
-  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device), "v6_tf32_wgmma");
-  int state = device >= 0 && device < kMaxDevices ? known[device].load() : 0;
-  if (state == 0) {
-    int major = 0, minor = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-               "v6_tf32_wgmma");
-    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-               "v6_tf32_wgmma");
-    int has = 0;
-    if (major == 9 && minor == 0) {
-      // The probe synchronises (cudaMalloc, cudaMemcpy): not allowed inside a stream capture.
-      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-      if (cudaStreamIsCapturing(cudaStreamLegacy, &capturing) != cudaSuccess ||
-          capturing != cudaStreamCaptureStatusNone) {
-        cudaGetLastError();
-        throw std::runtime_error(
-            "v6_tf32_wgmma: whether this GPU can run it is asked with a probe kernel at its first "
-            "use, which cannot happen inside a CUDA graph capture; run one eager step first (or "
-            "call conv3x3_version_available) before capturing");
-      }
-      cudaGetLastError();  // an earlier, unrelated error must not be taken for the probe's
-      int* flag = nullptr;
-      CUDA_CHECK(cudaMalloc(&flag, sizeof(int)), "v6_tf32_wgmma probe");
-      conv3x3_v6_probe<<<1, 1>>>(flag);
-      const cudaError_t launched = cudaGetLastError();
-      const cudaError_t copied =
-          launched == cudaSuccess ? cudaMemcpy(&has, flag, sizeof(int), cudaMemcpyDeviceToHost)
-                                  : launched;
-      cudaFree(flag);
-      CUDA_CHECK(copied, "v6_tf32_wgmma probe");
-    }
-    state = has ? 1 : 2;
-    if (device >= 0 && device < kMaxDevices) known[device].store(state);
-  }
-  return state == 1;
-#endif
-}
+}  // namespace
 
-void check_v6_available(const char* name) {
-  if (!v6_available())
+// Whether v6 can run on the current device: a Hopper GPU and a build holding its sm_90a code. One
+// answer per device for the whole module (conv3x3.cu defines it); `stream` is the stream of the
+// launch that asks, which must not be capturing a CUDA graph at the first question.
+bool v6_available(cudaStream_t stream = nullptr);
+
+namespace {
+
+void check_v6_available(const char* name, cudaStream_t stream) {
+  if (!v6_available(stream))
     throw std::runtime_error(std::string(name) +
                              ": v6_tf32_wgmma needs a Hopper GPU (compute capability 9.0) and a "
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
@@ -1151,7 +1101,7 @@ template <class Gemm, int BN, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
   constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
   constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
-  check_v6_available(name);
+  check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
                                  splits);
