@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops, sizes
+from .cli import fail, restores_precision
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, read_image
 from .inference import predict_image
@@ -125,18 +126,8 @@ def write_output(path: Path, maps: np.ndarray, as_mask: bool, threshold: float, 
 GPU_MAX_TILE = 1052
 
 
-def main(argv=None) -> int:
-    """The command line; returns the exit code. The precision it selects ends with it."""
-    with ops.restoring_precision():
-        return _main(argv)
-
-
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def fail(message: str, code: int = 2) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return code
 
     output = Path(args.output)
     if output.suffix.lower() not in (".tif", ".tiff", ".png"):
@@ -207,6 +198,9 @@ def _main(argv=None) -> int:
           f"({model.config['base_channels']} base channels, depth {model.depth}, tile {tile}, {device}, "
           f"{precision}{', flip TTA' if args.tta else ''})")
     return 0
+
+
+main = restores_precision(_main)
 
 
 if __name__ == "__main__":

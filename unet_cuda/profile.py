@@ -40,6 +40,7 @@ import numpy as np
 
 from . import functional as F
 from . import ops, sizes
+from .cli import fail, restores_precision
 from .model import UNet
 from .optim import SGD
 
@@ -293,18 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    """The command line; returns the exit code. The precision it selects ends with it."""
-    with ops.restoring_precision():
-        return _main(argv)
-
-
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def fail(message: str, code: int = 2) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return code
 
     try:
         device = ops.choose_device(args.device)
@@ -348,6 +339,9 @@ def _main(argv=None) -> int:
         except OSError as exc:
             return fail(f"--json {args.json}: cannot write it ({exc.strerror or exc})")
     return 0
+
+
+main = restores_precision(_main)
 
 
 if __name__ == "__main__":

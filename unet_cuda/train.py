@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops, sizes
+from .cli import fail, restores_precision
 from .augment import Augmenter
 from .augment_gpu import GpuAugmenter
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomically
@@ -480,19 +481,9 @@ def load_resume_checkpoint(args, out_dir: Path) -> dict:
     return checkpoint
 
 
-def main(argv=None) -> int:
-    """The command line; returns the exit code. The precision it selects ends with it."""
-    with ops.restoring_precision():
-        return _main(argv)
-
-
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out)
-
-    def fail(message: str, code: int = 2) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return code
 
     try:
         if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
@@ -607,6 +598,9 @@ def _main(argv=None) -> int:
         summary += "; figures " + ", ".join(str(f) for f in figures)
     print(summary)
     return 0
+
+
+main = restores_precision(_main)
 
 
 if __name__ == "__main__":
