@@ -53,6 +53,9 @@ inline unsigned int grid_1d(int64_t n, int block = kBlock1d) {
   return static_cast<unsigned int>(blocks < kMaxGrid1d ? blocks : kMaxGrid1d);
 }
 
+// Whether p is 16-byte aligned (a float4 load, a 16-byte cp.async).
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 // Grid-stride loop: for (int64_t e = global_thread(); e < n; e += grid_stride()) ...
 __device__ inline int64_t global_thread() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

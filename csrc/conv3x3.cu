@@ -797,11 +797,9 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
         plan.splits = few_channels_splits(N, H, W, O);
         break;
       }
-      const GemmTile tile = gemm_tile(version, O, cols);
-      plan.large = tile.large;
-      const int64_t tiles = ceil_div<int64_t>(O, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
-      const int64_t units = N * ceil_div<int64_t>(P * Q, tile.bk);
-      plan.splits = plan_splits(tiles, units, tile.bk, floats);
+      const WeightGemmPlan gemm = plan_weight_gemm(version, O, cols, N, P * Q);
+      plan.large = gemm.large;
+      plan.splits = gemm.splits;
       break;
     }
   }
@@ -859,17 +857,13 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                               Conv3x3Version version, cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
   const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
-  const int64_t count = g.split_stride;  // elements of dw
-  Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
-  g.out = plan.splits > 1 ? workspace.data() : dw;
   // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
   // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.
   const bool vec_a = (static_cast<int64_t>(g.P) * g.Q) % 4 == 0 && aligned16(g.dy);
-  launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
-  if (plan.splits > 1)
-    launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
-                  dim3(kBlock1d), stream, static_cast<const float*>(g.out), dw, count,
-                  plan.splits);
+  with_split_partials(dw, g.split_stride, plan.splits, stream, [&](float* out) {
+    g.out = out;
+    launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
+  });
 }
 
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
@@ -1033,28 +1027,20 @@ void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, 
                     conv3x3_backward_weight_v1_block_per_oc, dim3(static_cast<unsigned>(blocks)),
                     dim3(kReduceBlock), stream, x, dy, dw, N, C, H, W, O);
     } else if (version == Conv3x3Version::kV2Smem) {
-      const BackwardWeightPlan plan = plan_backward_weight(version, N, C, H, W, O);
-      Workspace workspace(plan.splits > 1 ? plan.splits * count : 0, stream);
-      float* out = plan.splits > 1 ? workspace.data() : dw;
-      const char* name = "conv3x3_backward_weight_v2_smem";
-      const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
-      launch_kernel(name, conv3x3_backward_weight_v2_smem,
-                    checked_grid(name, tiles, plan.splits, 1), dim3(kV2WThreads), stream, x, dy,
-                    out, N, C, H, W, O);
-      if (plan.splits > 1)
-        launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
-                      dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count,
-                      plan.splits);
+      const int splits = plan_backward_weight(version, N, C, H, W, O).splits;
+      with_split_partials(dw, count, splits, stream, [&](float* out) {
+        const char* name = "conv3x3_backward_weight_v2_smem";
+        const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
+        launch_kernel(name, conv3x3_backward_weight_v2_smem, checked_grid(name, tiles, splits, 1),
+                      dim3(kV2WThreads), stream, x, dy, out, N, C, H, W, O);
+      });
     } else if (few_input_channels(version, C)) {
       const int splits = few_channels_splits(N, H, W, O);
-      Workspace workspace(splits > 1 ? splits * count : 0, stream);
-      float* out = splits > 1 ? workspace.data() : dw;
-      const char* name = "conv3x3_backward_weight_few_channels";
-      launch_kernel(name, conv3x3_backward_weight_few_channels, checked_grid(name, O, splits, 1),
-                    dim3(kFewChannelsBlock), stream, x, dy, out, N, C, H, W, O);
-      if (splits > 1)
-        launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
-                      dim3(kBlock1d), stream, static_cast<const float*>(out), dw, count, splits);
+      with_split_partials(dw, count, splits, stream, [&](float* out) {
+        const char* name = "conv3x3_backward_weight_few_channels";
+        launch_kernel(name, conv3x3_backward_weight_few_channels, checked_grid(name, O, splits, 1),
+                      dim3(kFewChannelsBlock), stream, x, dy, out, N, C, H, W, O);
+      });
     } else {
       run_backward_weight_gemm("conv3x3_backward_weight",
                                backward_weight_gemm(x, dy, N, C, H, W, O), dw, N, version, stream);

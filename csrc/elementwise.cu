@@ -56,12 +56,6 @@ __global__ void accumulate_v1(float* __restrict__ dst, const float* __restrict__
   for (int64_t e = global_thread(); e < n; e += grid_stride()) dst[e] += src[e];
 }
 
-namespace {
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-}  // namespace
-
 void launch_relu_backward(const float* y, const float* dy, float* dx, int64_t n,
                           cudaStream_t stream) {
   if (n == 0) return;

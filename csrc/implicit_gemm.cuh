@@ -1014,7 +1014,6 @@ int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t float
   return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // Launch of one GEMM view with version v3 or v4, for `splits` K slices.
 template <class Gemm, class Tile>
@@ -1237,6 +1236,34 @@ class Workspace {
   void* ptr_ = nullptr;
   cudaStream_t stream_;
 };
+
+// A weight gradient summed in `splits` slices of K: launch(out) with out = dw itself for one slice,
+// else a workspace of the slices' partials [splits, count], which conv3x3_split_k_reduce then adds
+// into dw in slice order (deterministic).
+template <class Launch>
+void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stream, Launch launch) {
+  Workspace workspace(splits > 1 ? splits * count : 0, stream);
+  launch(splits > 1 ? workspace.data() : dw);
+  if (splits > 1)
+    launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
+                  dim3(kBlock1d), stream, static_cast<const float*>(workspace.data()), dw, count,
+                  splits);
+}
+
+// The plan of a weight-gradient GEMM (M x cols outputs, K = images x pixels per image, walked in
+// slices of the tile's bk that never straddle two images): the tile, and how many slices of K.
+struct WeightGemmPlan {
+  bool large;
+  int splits;
+};
+
+WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols, int64_t images,
+                                int64_t pixels) {
+  const GemmTile tile = gemm_tile(version, M, cols);
+  const int64_t tiles = ceil_div<int64_t>(M, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
+  const int64_t units = images * ceil_div<int64_t>(pixels, tile.bk);
+  return {tile.large, plan_splits(tiles, units, tile.bk, M * cols)};
+}
 
 const char* version_name(Conv3x3Version version) {
   for (const Conv3x3VersionName& v : kConv3x3Versions)

@@ -305,14 +305,6 @@ namespace {
 
 bool upconv_uses_gemm(Conv3x3Version version) { return conv3x3_fuses_concat(version); }  // v3-v6
 
-// The weight gradient's split of its pixel sum, from the shapes alone (as for conv3x3).
-int upconv_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
-  const GemmTile tile = gemm_tile(version, C, int64_t{4} * O);
-  const int64_t tiles = ceil_div<int64_t>(C, tile.bm) * ceil_div<int64_t>(int64_t{4} * O, tile.bn);
-  const int64_t units = N * ceil_div<int64_t>(static_cast<int64_t>(H) * W, tile.bk);
-  return plan_splits(tiles, units, tile.bk, int64_t{4} * O * C);
-}
-
 }  // namespace
 
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
@@ -350,18 +342,15 @@ void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw
   const int64_t count = static_cast<int64_t>(O) * C * 4;  // elements of dw
   if (upconv_uses_gemm(version) && count > 0) {
     const std::string name = std::string("upconv2x2_backward_weight_") + version_name(version);
-    const int splits = upconv_backward_weight_splits(version, N, C, H, W, O);
-    const GemmTile tile = gemm_tile(version, C, int64_t{4} * O);
-    Workspace workspace(splits > 1 ? splits * count : 0, stream);
-    const Upconv2x2BackwardWeightGemm g{x, dy, splits > 1 ? workspace.data() : dw, C, H, W, O, C,
-                                        4 * O, count, N};
+    // The split of the pixel sum, from the shapes alone (as for conv3x3)
+    const WeightGemmPlan plan =
+        plan_weight_gemm(version, C, int64_t{4} * O, N, static_cast<int64_t>(H) * W);
     // 16-byte copies of A = x[n, c, pixels] when every plane is a whole number of them
     const bool vec_a = (static_cast<int64_t>(H) * W) % 4 == 0 && aligned16(x);
-    launch_gemm(name, g, version, tile.large, splits, vec_a, false, stream);
-    if (splits > 1)
-      launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
-                    dim3(kBlock1d), stream, static_cast<const float*>(workspace.data()), dw, count,
-                    splits);
+    with_split_partials(dw, count, plan.splits, stream, [&](float* out) {
+      const Upconv2x2BackwardWeightGemm g{x, dy, out, C, H, W, O, C, 4 * O, count, N};
+      launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
+    });
   } else if (count > 0) {
     const int64_t blocks = static_cast<int64_t>(O) * C;
     if (blocks > INT32_MAX)
