@@ -472,6 +472,32 @@ __global__ void conv3x3_flip_weights(const float* __restrict__ w, float* __restr
   }
 }
 
+// wt[o, tap, c] = w[o, c, tap]: the forward's B in tap-major K order (Conv3x3ForwardTapGemm),
+// k = tap * C + c.
+__global__ void conv3x3_tap_major_weights(const float* __restrict__ w, float* __restrict__ wt,
+                                          int C, int O) {
+  const int64_t total = int64_t{9} * O * C;
+  for (int64_t e = global_thread(); e < total; e += grid_stride()) {
+    const int64_t ot = e / C;  // o * 9 + tap
+    const int c = static_cast<int>(e - ot * C), tap = static_cast<int>(ot % 9);
+    const int64_t o = ot / 9;
+    wt[e] = w[(o * C + c) * 9 + tap];
+  }
+}
+
+// wf[c, tap, o] = w[o, c, 8 - tap]: the backward data's B in tap-major K order
+// (TapMajorBackwardData), k = tap * O + o.
+__global__ void conv3x3_flip_weights_tap_major(const float* __restrict__ w, float* __restrict__ wf,
+                                               int C, int O) {
+  const int64_t total = int64_t{9} * O * C;
+  for (int64_t e = global_thread(); e < total; e += grid_stride()) {
+    const int64_t ct = e / O;  // c * 9 + tap
+    const int o = static_cast<int>(e - ct * O), tap = static_cast<int>(ct % 9);
+    const int64_t c = ct / 9;
+    wf[e] = w[(o * static_cast<int64_t>(C) + c) * 9 + (8 - tap)];
+  }
+}
+
 // =================================================================================================
 // The GEMM views of the three directions (the interface: implicit_gemm.cuh). kARowsContiguous /
 // kBRowsContiguous: consecutive m (n) are consecutive in memory. kVecA / kVecB: four consecutive k
@@ -482,6 +508,7 @@ struct Conv3x3ForwardGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :], contiguous in k
   static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (w rows)
+  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* x;
   const float* w;
   const float* b;
@@ -541,6 +568,7 @@ struct Conv3x3BackwardDataGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx, read from dy
   static constexpr bool kBRowsContiguous = false;  // B^T rows: wf[c, :], contiguous in k
   static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (wf rows)
+  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* dy;
   const float* wf;  // the flipped weights [C, O, 9]: wf[c, o, 3ry+rx] = w[o, c, 2-ry, 2-rx]
   float* dx;
@@ -603,6 +631,7 @@ struct Conv3x3BackwardWeightGemm {
   static constexpr bool kARowsContiguous = false;  // A rows: dy[:, o, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: x[:, c, ky:, kx:], contiguous in k
   static constexpr bool kVecA = true, kVecB = false;  // 16-byte copies possible: of A (dy pixels)
+  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* x;
   const float* dy;
   float* out;             // dw, or the workspace of the split partials [splits, O, 9C]
@@ -750,6 +779,80 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
   }
 };
 
+// -------------------------------------------------------------------------------------------------
+// Tap-major views (v4-v6). The views above walk K in the weights' own order, k = 9c + tap: the k of
+// a tile are all different (channel, tap) pairs, so every copy decodes its k (through the table of
+// k positions) and adds its own offset. Ordered k = tap * C + c instead, a K tile of bk k is one
+// tap and bk consecutive channels wherever C % bk == 0: A[m, k] of a tile is the row's pointer,
+// plus one offset per tile, plus kk planes; B's rows are the weights rearranged to [O, 9, C]
+// (conv3x3_tap_major_weights; for the backward data [C, 9, O], conv3x3_flip_weights_tap_major),
+// contiguous and aligned in k. The kernels see kTapMajor and ask k_tile(tile, bk) once per tile,
+// then a_src(row, tile, kk) and b_src(row, tile, kk) for each copy: no table, no per-copy decode.
+// The launchers take them where every K tile of every version is one tap (kTapMajorChannels).
+// -------------------------------------------------------------------------------------------------
+
+struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights [O, 9, C]
+  static constexpr bool kTapMajor = true;
+  struct KTile {
+    int64_t x_offset;  // c0*H*W + ky*W + kx
+    int k;             // tap * C + c0: the tile's first column of w
+  };
+  __device__ KTile k_tile(int64_t tile, int bk) const {
+    const int k = static_cast<int>(tile) * bk, tap = k / C, c0 = k - tap * C, ky = tap / 3;
+    return {static_cast<int64_t>(c0) * H * W + ky * W + (tap - 3 * ky), k};
+  }
+  __device__ TapRow a_tile(const ARow& r, const KTile& t) const { return {r.p + t.x_offset, r.valid}; }
+  __device__ int a_k_step(const KTile&) const { return H * W; }  // one channel further
+  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+};
+
+// The concatenated input: a tile's channels all come from up or all from skip (Cu % bk == 0).
+struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9, Cu + Cs]
+  static constexpr bool kTapMajor = true;
+  struct KTile {
+    int64_t offset;  // of channel c0 and the tap, in up or in skip
+    int k;
+    bool in_skip;
+  };
+  __device__ KTile k_tile(int64_t tile, int bk) const {
+    const int k = static_cast<int>(tile) * bk, tap = k / C, c0 = k - tap * C, ky = tap / 3;
+    const int kx = tap - 3 * ky;
+    if (c0 < Cu) return {static_cast<int64_t>(c0) * H * W + ky * W + kx, k, false};
+    return {static_cast<int64_t>(c0 - Cu) * Hs * Ws + ky * Ws + kx, k, true};
+  }
+  __device__ TapRow a_tile(const ARow& r, const KTile& t) const {
+    return {(t.in_skip ? r.skip_p : r.up_p) + t.offset, r.valid};
+  }
+  __device__ int a_k_step(const KTile& t) const { return t.in_skip ? Hs * Ws : H * W; }
+  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+};
+
+// The backward data, plain (Conv3x3BackwardDataGemm) or into the concatenation's two parts
+// (Conv3x3ConcatBackwardDataGemm): K runs over dy's O channels, so O % bk == 0. wf: [C, 9, O].
+template <class Base>
+struct TapMajorBackwardData : Base {
+  static constexpr bool kTapMajor = true;
+  using typename Base::ARow;
+  using typename Base::BRow;
+  struct KTile {
+    int o0, ry, rx;
+    int k;  // tap * O + o0
+  };
+  __device__ KTile k_tile(int64_t tile, int bk) const {
+    const int k = static_cast<int>(tile) * bk, tap = k / this->O, ry = tap / 3;
+    return {k - tap * this->O, ry, tap - 3 * ry, k};
+  }
+  __device__ TapRow a_tile(const ARow& r, const KTile& t) const {
+    const int P = this->P, Q = this->Q;
+    const int i = r.yy - 2 + t.ry, j = r.xx - 2 + t.rx;
+    const bool inside = i >= 0 && i < P && j >= 0 && j < Q;
+    return {r.p + static_cast<int64_t>(t.o0) * P * Q + static_cast<int64_t>(i) * Q + j,
+            r.valid && inside};
+  }
+  __device__ int a_k_step(const KTile&) const { return this->P * this->Q; }
+  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+};
+
 namespace {
 
 // The weight-gradient plan of a version: tile size and splits, from the shapes alone.
@@ -817,24 +920,46 @@ Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* wf, flo
   return {dy, wf, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
 }
 
-// The weights of the backward-data GEMMs, flipped and transposed (conv3x3_flip_weights) into a
-// workspace, so that B's rows are contiguous in k: 16-byte copies where every row starts aligned
-// (9O % 4 == 0, i.e. O % 4 == 0; the workspace itself is aligned).
-class FlippedWeights {
+// The weights rearranged into a workspace by one of conv3x3_flip_weights (the backward data's B,
+// [C, O, 9]), conv3x3_tap_major_weights ([O, 9, C]) or conv3x3_flip_weights_tap_major
+// ([C, 9, O]), so that B's rows are contiguous in k: 16-byte copies where every row starts aligned
+// (the row length a multiple of 4; the workspace itself is aligned).
+class RearrangedWeights {
  public:
-  FlippedWeights(const float* w, int C, int O, cudaStream_t stream)
+  using Kernel = void (*)(const float*, float*, int, int);
+  RearrangedWeights(const char* name, Kernel kernel, const float* w, int C, int O,
+                    cudaStream_t stream)
       : count_(int64_t{9} * O * C), workspace_(count_, stream) {
     if (count_ > 0)
-      launch_kernel("conv3x3_flip_weights", conv3x3_flip_weights, dim3(grid_1d(count_)),
-                    dim3(kBlock1d), stream, w, workspace_.data(), C, O);
+      launch_kernel(name, kernel, dim3(grid_1d(count_)), dim3(kBlock1d), stream, w,
+                    workspace_.data(), C, O);
   }
   const float* data() const { return workspace_.data(); }
-  bool vec(int O) const { return O % 4 == 0 && aligned16(workspace_.data()); }
+  bool vec(int64_t row_length) const { return row_length % 4 == 0 && aligned16(workspace_.data()); }
 
  private:
   int64_t count_;
   Workspace workspace_;
 };
+
+RearrangedWeights flipped_weights(const float* w, int C, int O, cudaStream_t stream) {
+  return {"conv3x3_flip_weights", conv3x3_flip_weights, w, C, O, stream};
+}
+
+// The tap-major views (Conv3x3ForwardTapGemm above) serve v4-v6 where the channels K runs over
+// (C for the forward, both parts of a concatenation; O for the backward data) are a multiple of
+// this: every K tile of every one of these versions (bk = 8, 16, 32) is then one tap.
+constexpr int kTapMajorChannels = 32;
+static_assert(kTapMajorChannels % kV4BK == 0 && kTapMajorChannels % kV5BK == 0 &&
+                  kTapMajorChannels % kV6BK == 0,
+              "every K tile lies within one tap");
+
+// `plane`: the pixels of one channel of the tensor A reads (a_k_step is an int).
+bool tap_major(Conv3x3Version version, int channels, int64_t plane) {
+  return (version == Conv3x3Version::kV4Tf32Mma || version == Conv3x3Version::kV5Bf16Mma ||
+          version == Conv3x3Version::kV6Tf32Wgmma) &&
+         channels > 0 && channels % kTapMajorChannels == 0 && plane <= INT32_MAX;
+}
 
 Conv3x3BackwardWeightGemm backward_weight_gemm(const float* x, const float* dy, int N, int C,
                                                int H, int W, int O) {
@@ -953,6 +1078,10 @@ int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, 
   return plan_backward_weight(version, N, C, H, W, O).splits;
 }
 
+bool conv3x3_tap_major(Conv3x3Version version, int channels) {
+  return tap_major(version, channels, 0);
+}
+
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;  // v1, v2: no split
   return plan_output(version, static_cast<int64_t>(N) * (H - 2) * (W - 2), O, int64_t{9} * C).splits;
@@ -983,6 +1112,13 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
       return;
     }
     default:
+      if (tap_major(version, C, int64_t{H} * W)) {
+        const RearrangedWeights wt("conv3x3_tap_major_weights", conv3x3_tap_major_weights, w, C, O,
+                                   stream);
+        const Conv3x3ForwardTapGemm g{forward_gemm(x, wt.data(), b, y, N, C, H, W, O, relu)};
+        run_output_gemm("conv3x3_forward", g, version, wt.vec(C), stream);
+        return;
+      }
       run_forward_gemm("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu), version,
                        stream);
   }
@@ -1006,9 +1142,17 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, in
       return;
     }
     default: {
-      const FlippedWeights wf(w, C, O, stream);
+      if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
+        const RearrangedWeights wf("conv3x3_flip_weights_tap_major",
+                                   conv3x3_flip_weights_tap_major, w, C, O, stream);
+        const TapMajorBackwardData<Conv3x3BackwardDataGemm> g{
+            backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O)};
+        run_output_gemm("conv3x3_backward_data", g, version, wf.vec(O), stream);
+        return;
+      }
+      const RearrangedWeights wf = flipped_weights(w, C, O, stream);
       run_output_gemm("conv3x3_backward_data", backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O),
-                      version, wf.vec(O), stream);
+                      version, wf.vec(9 * O), stream);
     }
   }
 }
@@ -1070,6 +1214,15 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
                                    cudaStream_t stream) {
   check_concat_version("conv3x3_concat_forward", version);
   if (static_cast<int64_t>(N) * O * (H - 2) * (W - 2) == 0) return;
+  if (tap_major(version, Cu, int64_t{H} * W) && tap_major(version, Cs, int64_t{Hs} * Ws)) {
+    const RearrangedWeights wt("conv3x3_tap_major_weights", conv3x3_tap_major_weights, w, Cu + Cs,
+                               O, stream);
+    const Conv3x3ConcatForwardTapGemm g{
+        {forward_gemm(up, wt.data(), b, y, N, Cu + Cs, H, W, O, relu), skip, Cu, Hs, Ws,
+         (Hs - H) / 2, (Ws - W) / 2}};
+    run_output_gemm("conv3x3_concat_forward", g, version, wt.vec(Cu + Cs), stream);
+    return;
+  }
   const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip, Cu,
                                    Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
   run_forward_gemm("conv3x3_concat_forward", g, version, stream);
@@ -1085,10 +1238,19 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float*
                   dim3(grid_1d(skip_total)), dim3(kBlock1d), stream, dskip,
                   static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
   if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
-  const FlippedWeights wf(w, Cu + Cs, O, stream);
+  if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
+    const RearrangedWeights wf("conv3x3_flip_weights_tap_major", conv3x3_flip_weights_tap_major, w,
+                               Cu + Cs, O, stream);
+    const TapMajorBackwardData<Conv3x3ConcatBackwardDataGemm> g{
+        {backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
+         (Hs - H) / 2, (Ws - W) / 2}};
+    run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(O), stream);
+    return;
+  }
+  const RearrangedWeights wf = flipped_weights(w, Cu + Cs, O, stream);
   const Conv3x3ConcatBackwardDataGemm g{backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O),
                                         dskip, Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
-  run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(O), stream);
+  run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(9 * O), stream);
 }
 
 void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, const float* dy,

@@ -264,15 +264,28 @@ struct TileCopy {
   static_assert(!ROW_FAST || VEC == 1, "vector copies run along k");
   static_assert(ROW_FAST ? THREADS % ROWS == 0 : THREADS % (BK / VEC) == 0,
                 "each thread keeps one row (or one k) for all its copies");
+  static constexpr int kThreads = THREADS;
   static constexpr int kPerThread = ROWS * BK / (VEC * THREADS);
   static_assert(kPerThread * VEC * THREADS == ROWS * BK, "the tile splits evenly over the threads");
   static constexpr int kStep = ROW_FAST ? THREADS / ROWS : THREADS / (BK / VEC);
-  __device__ static int row(int tid, int r) {
+  // The distinct rows of a thread ("slots"): ROW_FAST, one for all its copies; else one per copy.
+  static constexpr int kRowSlots = ROW_FAST ? 1 : kPerThread;
+  __host__ __device__ static constexpr int row_slot(int r) { return ROW_FAST ? 0 : r; }
+  __host__ __device__ static constexpr int row(int tid, int r) {
     return ROW_FAST ? tid % ROWS : tid / (BK / VEC) + r * kStep;
   }
-  __device__ static int k(int tid, int r) {
+  __host__ __device__ static constexpr int k(int tid, int r) {
     return ROW_FAST ? tid / ROWS + r * kStep : (tid % (BK / VEC)) * VEC;
   }
+};
+
+// A tap-major view (kTapMajor, conv3x3.cu) answers per tile k_tile(tile, bk), then per row of A
+// (B) a_tile (b_tile): where the row's first k of the tile is, and whether the row reads anything
+// (past M, or outside dy in the backward data: zeros); the row's k-th element of the tile lies
+// k * a_k_step(tile) further (B: k further).
+struct TapRow {
+  const float* p;
+  bool valid;
 };
 
 // Where flat pixel index m = (n, i, j) of images of rows x cols pixels lies: the image, the row and
@@ -444,7 +457,7 @@ constexpr int kV4BK = 16;  // two k8 steps per stage; 2 stages of A and B take a
 template <int ROWS, bool K_MAJOR>
 struct V4Smem {
   static constexpr int kSize = K_MAJOR ? kV4BK * (ROWS + 8) : ROWS * (kV4BK + 4);
-  __device__ static int at(int row, int k) {
+  __host__ __device__ static constexpr int at(int row, int k) {
     return K_MAJOR ? k * (ROWS + 8) + row : row * (kV4BK + 4) + k;
   }
 };
@@ -454,6 +467,37 @@ namespace {
 __device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 }  // namespace
 
+// Where copy r of a thread lands (Smem::at) and which k it takes, relative to its copy 0, as
+// thread 0 has them; constant_offsets: every thread has the same (so they are compile-time
+// constants: TileCopy's and CoreMatrixCopy's mappings into their layouts are, and this checks it).
+template <class Copy, class Smem>
+__host__ __device__ constexpr int smem_offset(int r) {
+  return Smem::at(Copy::row(0, r), Copy::k(0, r)) - Smem::at(Copy::row(0, 0), Copy::k(0, 0));
+}
+template <class Copy>
+__host__ __device__ constexpr int k_offset(int r) {
+  return Copy::k(0, r) - Copy::k(0, 0);
+}
+// The copies of a row slot (Copy::row_slot) all take the same row, in every thread.
+template <class Copy>
+constexpr bool slots_share_rows() {
+  for (int tid = 0; tid < Copy::kThreads; ++tid)
+    for (int r = 1; r < Copy::kPerThread; ++r)
+      if (Copy::row_slot(r) == Copy::row_slot(r - 1) && Copy::row(tid, r) != Copy::row(tid, r - 1))
+        return false;
+  return true;
+}
+template <class Copy, class Smem>
+constexpr bool constant_offsets() {
+  for (int tid = 0; tid < Copy::kThreads; ++tid)
+    for (int r = 0; r < Copy::kPerThread; ++r)
+      if (Smem::at(Copy::row(tid, r), Copy::k(tid, r)) -
+                  Smem::at(Copy::row(tid, 0), Copy::k(tid, 0)) != smem_offset<Copy, Smem>(r) ||
+          Copy::k(tid, r) - Copy::k(tid, 0) != k_offset<Copy>(r))
+        return false;
+  return true;
+}
+
 // The cp.async side of v4-v6: the rows of A and B that one thread copies (decoded once), and its
 // copies of one K tile into a shared-memory tile laid out by ASmem / BSmem (their at(row, k)).
 // Elements that are zero (past an edge, outside dy) are zero-filled by cp.async itself (a source
@@ -461,50 +505,92 @@ __device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 // consecutive k.
 template <class Gemm, class ACopy, class BCopy, bool VEC_A, bool VEC_B>
 struct AsyncTileCopier {
-  typename Gemm::ARow arow[ACopy::kPerThread];
-  typename Gemm::BRow brow[BCopy::kPerThread];
+  static_assert(slots_share_rows<ACopy>() && slots_share_rows<BCopy>(), "a slot is one row");
+  // One decoded row per slot (Copy::row_slot(r): the copies of a slot share its row).
+  typename Gemm::ARow arow[ACopy::kRowSlots];
+  typename Gemm::BRow brow[BCopy::kRowSlots];
 
   __device__ AsyncTileCopier(const Gemm& g, int64_t m0, int n0, int tid) {
 #pragma unroll
-    for (int r = 0; r < ACopy::kPerThread; ++r) arow[r] = g.a_row(m0 + ACopy::row(tid, r));
+    for (int r = 0; r < ACopy::kPerThread; ++r)
+      if (r == 0 || ACopy::row_slot(r) != ACopy::row_slot(r - 1))  // the slot's first copy
+        arow[ACopy::row_slot(r)] = g.a_row(m0 + ACopy::row(tid, r));
 #pragma unroll
-    for (int r = 0; r < BCopy::kPerThread; ++r) brow[r] = g.b_row(n0 + BCopy::row(tid, r));
+    for (int r = 0; r < BCopy::kPerThread; ++r)
+      if (r == 0 || BCopy::row_slot(r) != BCopy::row_slot(r - 1))
+        brow[BCopy::row_slot(r)] = g.b_row(n0 + BCopy::row(tid, r));
   }
 
   // One copy, or zeros where p is null (past an edge): the zero-filling cp.async, whose source
   // must still be a valid address: kZeroSource then.
   template <bool VEC>
   __device__ static void copy(float* dst, const float* p) {
-    const float* src = p ? p : kZeroSource;
-    if constexpr (VEC) cp_async_16_or_zero(dst, src, p != nullptr);
-    else cp_async_4_or_zero(dst, src, p != nullptr);
+    copy_or_zero<VEC>(dst, p, p != nullptr);
+  }
+  template <bool VEC>
+  __device__ static void copy_or_zero(float* dst, const float* p, bool valid) {
+    const float* src = valid ? p : kZeroSource;
+    if constexpr (VEC) cp_async_16_or_zero(dst, src, valid);
+    else cp_async_4_or_zero(dst, src, valid);
   }
 
   // The k positions of K tile `tile`, decoded once per block: threads 0 .. bk-1 write kps[0 .. bk)
   // (a barrier must follow before `issue` reads them). Decoding a k (divisions by 9 and 3 in the
   // convolutions' views, by the pixels per image in the weight gradients') for each of a thread's
   // copies took most of the instructions of the copy phase.
+  // A tap-major view (conv3x3.cu) needs no table.
   __device__ static void decode(const Gemm& g, int64_t tile, int bk, typename Gemm::KPos* kps,
                                 int tid) {
-    if (tid < bk) kps[tid] = g.k_pos(tile, bk, tid);
+    if constexpr (!Gemm::kTapMajor) {
+      if (tid < bk) kps[tid] = g.k_pos(tile, bk, tid);
+    }
   }
 
-  // Issues this thread's copies of the K tile whose positions `decode` put in `kps` into `as` and
-  // `bs`; commits nothing.
+  // Issues this thread's copies of K tile `tile` into `as` and `bs`; commits nothing. The k
+  // positions come from `kps` (what `decode` put there), or for a tap-major view from one
+  // k_tile per tile.
   template <class ASmem, class BSmem>
-  __device__ void issue(const Gemm& g, const typename Gemm::KPos* kps, float* as, float* bs,
-                        int tid) const {
+  __device__ void issue(const Gemm& g, int64_t tile, int bk, const typename Gemm::KPos* kps,
+                        float* as, float* bs, int tid) const {
+    if constexpr (Gemm::kTapMajor) {
+      // One k_tile per tile, one a_tile / b_tile per row (a row's copies share it). Copy r of a
+      // thread lands a constant distance from its copy 0, in shared memory and in k (checked at
+      // compile time, for every thread): an immediate offset, and a constant number of k steps.
+      static_assert(constant_offsets<ACopy, ASmem>() && constant_offsets<BCopy, BSmem>(),
+                    "copy r of every thread lies as far from its copy 0");
+      const typename Gemm::KTile kt = g.k_tile(tile, bk);
+      const int64_t a_step = g.a_k_step(kt);
+      const int a_k0 = ACopy::k(tid, 0), b_k0 = BCopy::k(tid, 0);
+      float* const a_dst = as + ASmem::at(ACopy::row(tid, 0), a_k0);
+      float* const b_dst = bs + BSmem::at(BCopy::row(tid, 0), b_k0);
 #pragma unroll
-    for (int r = 0; r < ACopy::kPerThread; ++r) {
-      const int k = ACopy::k(tid, r);
-      const typename Gemm::KPos kp = kps[k];  // all of it at once (no load behind a branch)
-      copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[r], kp));
-    }
+      for (int r = 0; r < ACopy::kPerThread; ++r) {
+        const TapRow a = g.a_tile(arow[ACopy::row_slot(r)], kt);
+        // a row past an edge reads kZeroSource (nothing: the copies zero-fill) at every k
+        const float* src = a.valid ? a.p + a_step * a_k0 : kZeroSource;
+        const int64_t step = a.valid ? a_step : 0;
+        copy_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
+                            src + step * k_offset<ACopy>(r), a.valid);
+      }
 #pragma unroll
-    for (int r = 0; r < BCopy::kPerThread; ++r) {
-      const int k = BCopy::k(tid, r);
-      const typename Gemm::KPos kp = kps[k];
-      copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[r], kp));
+      for (int r = 0; r < BCopy::kPerThread; ++r) {
+        const TapRow b = g.b_tile(brow[BCopy::row_slot(r)], kt);
+        copy_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
+                            b.p + b_k0 + k_offset<BCopy>(r), b.valid);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < ACopy::kPerThread; ++r) {
+        const int k = ACopy::k(tid, r);
+        const typename Gemm::KPos kp = kps[k];  // all of it at once (no load behind a branch)
+        copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[ACopy::row_slot(r)], kp));
+      }
+#pragma unroll
+      for (int r = 0; r < BCopy::kPerThread; ++r) {
+        const int k = BCopy::k(tid, r);
+        const typename Gemm::KPos kp = kps[k];
+        copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[BCopy::row_slot(r)], kp));
+      }
     }
   }
 };
@@ -563,7 +649,7 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v4_tf32_mma(const Gemm
   auto set = [&](int64_t tile) { return static_cast<int>((tile - t_begin) % 3); };
   // The copies of K tile `tile` into buffer `buf`, as one commit group.
   auto issue = [&](int64_t tile, int buf) {
-    copier.template issue<ASmem, BSmem>(g, kps[set(tile)], As[buf], Bs[buf], tid);
+    copier.template issue<ASmem, BSmem>(g, tile, BK, kps[set(tile)], As[buf], Bs[buf], tid);
     cp_async_commit();
   };
 
@@ -666,7 +752,8 @@ struct StagedCopies {
   // The copies of K tile `tile` into stage s, as one commit group; past the end of this block's K
   // range an empty group, so that the count of groups in flight is the same every iteration.
   __device__ void issue(const Gemm& g, int64_t tile, int s) const {
-    if (tile < t_end) copier.template issue<ASmem, BSmem>(g, kps(s), a_stage(s), b_stage(s), tid);
+    if (tile < t_end)
+      copier.template issue<ASmem, BSmem>(g, tile, BK, kps(s), a_stage(s), b_stage(s), tid);
     cp_async_commit();
   }
 };
@@ -679,7 +766,7 @@ template <int ROWS, bool K_MAJOR>
 struct V5Smem {
   static constexpr int kSize = K_MAJOR ? kV5BK * (ROWS + 4) : ROWS * (kV5BK + 8);
   static_assert(kSize % 4 == 0, "every stage starts 16-byte aligned");
-  __device__ static int at(int row, int k) {
+  __host__ __device__ static constexpr int at(int row, int k) {
     return K_MAJOR ? k * (ROWS + 4) + row : row * (kV5BK + 8) + k;
   }
   // Elements (row, k) and (row, k + 1), k even, rounded and packed into one bf16x2 register.
@@ -806,7 +893,7 @@ template <int ROWS>
 struct V6Smem {
   static constexpr int kSize = ROWS * kV6BK;
   static constexpr uint32_t kLeadingBytes = 128, kStrideBytes = 256;
-  __device__ static int at(int row, int k) {
+  __host__ __device__ static constexpr int at(int row, int k) {
     return (k / 8) * ROWS * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
   }
 };
@@ -820,6 +907,52 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address, uint32_t 
          (static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32);
 }
 
+// Which element of a ROWS x kV6BK tile (V6Smem) the r-th copy of a thread moves, THREADS threads
+// copying VEC consecutive k (a "unit") at a time. TileCopy gives a warp 32 rows at one k (or one
+// row's 32 k), which in V6Smem's 8-row core matrices land on 8 (or 4) banks: 4- to 8-way conflicts
+// on every copy. Here each copy of a warp covers 8 rows x 4 units, lane = 8 * unit + row: the 8
+// rows of a core matrix and 4 units of k, which fill the 32 banks once (4-byte copies: bank
+// 4 * row + k % 4; 16-byte ones: each quarter warp 8 rows of 16 bytes). As in TileCopy, a thread
+// keeps its rows (ROW_FAST: A of the output GEMMs, rows contiguous in memory) or its k (otherwise)
+// for all its copies: its rows are decoded once, or its k position read once per tile.
+template <int ROWS, int BK, int THREADS, bool ROW_FAST, int VEC = 1>
+struct CoreMatrixCopy {
+  static constexpr int kThreads = THREADS;
+  static constexpr int kUnits = BK / VEC;
+  static constexpr int kWarps = THREADS / 32;
+  static constexpr int kRowGroups = ROWS / 8, kUnitGroups = kUnits / 4;
+  static_assert(ROWS % 8 == 0 && kUnits % 4 == 0, "whole 8-row x 4-unit pieces");
+  // the groups a warp keeps (rows when ROW_FAST, units otherwise) and the groups it walks
+  static constexpr int kKept = ROW_FAST ? kRowGroups : kUnitGroups;
+  static constexpr int kWalked = ROW_FAST ? kUnitGroups : kRowGroups;
+  static_assert(kKept % kWarps == 0 || kWarps % kKept == 0, "the kept groups split over warps");
+  static constexpr int kKeptPerWarp = kKept >= kWarps ? kKept / kWarps : 1;
+  static constexpr int kWarpsPerKept = kKept >= kWarps ? 1 : kWarps / kKept;
+  static_assert(kWalked % kWarpsPerKept == 0, "the walked groups split over a kept group's warps");
+  static constexpr int kWalkedPerWarp = kWalked / kWarpsPerKept;
+  static constexpr int kPerThread = kKeptPerWarp * kWalkedPerWarp;
+  // The distinct rows of a thread ("slots"): ROW_FAST, one per kept group; else one per copy.
+  static constexpr int kRowSlots = ROW_FAST ? kKeptPerWarp : kPerThread;
+  __host__ __device__ static constexpr int row_slot(int r) { return ROW_FAST ? r / kWalkedPerWarp : r; }
+  static_assert(kPerThread * 32 * kWarps == kRowGroups * kUnitGroups * 32, "every piece once");
+
+  // copy r = h * kWalkedPerWarp + j: kept group h of the warp's, walked group j of the warp's
+  __host__ __device__ static constexpr int kept(int tid, int r) {
+    const int w = tid / 32;
+    return kKept >= kWarps ? w + kWarps * (r / kWalkedPerWarp) : w % kKept;
+  }
+  __host__ __device__ static constexpr int walked(int tid, int r) {
+    const int w = tid / 32;
+    return kKept >= kWarps ? r % kWalkedPerWarp : w / kKept + kWarpsPerKept * (r % kWalkedPerWarp);
+  }
+  __host__ __device__ static constexpr int row(int tid, int r) {
+    return 8 * (ROW_FAST ? kept(tid, r) : walked(tid, r)) + tid % 8;
+  }
+  __host__ __device__ static constexpr int k(int tid, int r) {
+    return VEC * (4 * (ROW_FAST ? walked(tid, r) : kept(tid, r)) + (tid % 32) / 8);
+  }
+};
+
 template <class Gemm, int BN>
 struct V6Layout {
   using ASmem = V6Smem<kV6BM>;
@@ -827,8 +960,8 @@ struct V6Layout {
   template <bool VEC_A, bool VEC_B>
   using Staged =
       StagedCopies<Gemm, ASmem, BSmem,
-                   TileCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
-                   TileCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
+                   CoreMatrixCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
+                   CoreMatrixCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
                    VEC_B, kV6Stages, kV6BK>;
   // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
@@ -1129,18 +1262,27 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
                  int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
   switch (version) {
     case Conv3x3Version::kV3Igemm:
-      run_v3(name.c_str(), g, large, splits, stream);
-      return;
+      if constexpr (Gemm::kTapMajor) {
+        throw std::logic_error(name + ": the tap-major views serve v4-v6 only");
+      } else {
+        run_v3(name.c_str(), g, large, splits, stream);
+        return;
+      }
     case Conv3x3Version::kV4Tf32Mma:
     case Conv3x3Version::kV5Bf16Mma:
     case Conv3x3Version::kV6Tf32Wgmma:
-      if constexpr (Gemm::kVecA) {
-        if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
+      if constexpr (Gemm::kTapMajor) {  // B: rearranged weights, rows a multiple of 32 floats
+        if (!vec_b) throw std::logic_error(name + ": the tap-major weights are not aligned");
+        return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+      } else {
+        if constexpr (Gemm::kVecA) {
+          if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
+        }
+        if constexpr (Gemm::kVecB) {
+          if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+        }
+        return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, large, splits, stream);
       }
-      if constexpr (Gemm::kVecB) {
-        if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
-      }
-      return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, large, splits, stream);
     default:
       throw std::logic_error(name + ": not a GEMM version");
   }

@@ -75,6 +75,9 @@ int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, 
 // and v2. The concatenated-input ops plan as the plain ones with C = Cu + Cs.
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
+// Whether a GEMM of `version` summing over `channels` channels (C for the forward, O for the
+// backward data) walks K tap by tap (the tap-major views of conv3x3.cu; planes under 2^31 pixels).
+bool conv3x3_tap_major(Conv3x3Version version, int channels);
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
 // the backward_weight launchers of every convolution.

@@ -254,6 +254,31 @@ def test_split_forward_and_backward_data(lib, version, shape):
     check_backward_data(lib, version, shape)
 
 
+# The tap-major views (k = tap * C + c, the weights rearranged): v4-v6 take them where the channels
+# summed are a multiple of 32, with every tile then one tap. Partial pixel tiles, dy's zero border
+# (backward data), a split K (forward of C = 128, backward data of O = 128) and two column tiles.
+TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),
+                    (1, 32, 20, 21, 70)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
+def test_tap_major_views(lib, version, shape):
+    n, c, h, w, o = shape
+    tensor_core = version in ("v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+    assert lib.emulated_conv3x3_tap_major(version.encode(), c) == int(tensor_core)
+    assert lib.emulated_conv3x3_tap_major(version.encode(), o) == int(tensor_core and o % 32 == 0)
+    check_forward(lib, version, shape, relu=True, seed=sum(shape))
+    check_backward_data(lib, version, shape, seed=sum(shape) + 1)
+
+
+def test_tap_major_needs_whole_tiles(lib):
+    for channels in (1, 3, 16, 48, 100):
+        assert lib.emulated_conv3x3_tap_major(b"v6_tf32_wgmma", channels) == 0, channels
+    assert lib.emulated_conv3x3_tap_major(b"v6_tf32_wgmma", 0) == 0
+    assert lib.emulated_conv3x3_tap_major(b"v3_igemm", 64) == 0
+
+
 def test_output_split_plans(lib):
     def splits(fn, version, shape):
         return getattr(lib, fn)(version.encode(), *shape)
@@ -331,6 +356,8 @@ CONCAT_SHAPES = [
     (1, 0, 3, 6, 6, 6, 6, 2),        # no up channels: everything from skip
     (1, 3, 0, 6, 6, 10, 10, 2),      # no skip channels
     (1, 60, 64, 6, 6, 8, 8, 130),    # long K both ways: the forward and backward data split K
+    (1, 32, 32, 6, 7, 10, 9, 32),    # tap-major (v4-v6): a tile's channels from up or from skip
+    (1, 64, 32, 5, 5, 7, 9, 128),    # tap-major, K split in the backward data
 ]
 
 
