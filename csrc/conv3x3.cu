@@ -25,15 +25,16 @@
 //
 // Versions, selected by name (the registry is kConv3x3Versions in launchers.h; Python:
 // unet_cuda.ops.cuda.set_conv3x3_version). Each changes one idea over the one before:
-//   version      what it changes, and why                                    TFLOP/s on an H200
-//   v1_direct    one thread per output; operands straight from global memory       4.1-6.4
-//   v2_smem      input tile + halo and weight slice staged in shared memory once    8.5-10.2
-//   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs   17.0-19.4
-//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer  23.6-28.2
-//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline   30.3-36.5
-//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA from shared-memory descriptors    23.9-40.1
-// (forward and both gradients together at layers d1b, d3b, d4b and b2; commit f04c9a5,
-// bench/results/results-f04c9a5-h200.json; the table per layer: docs/CONV3X3.md).
+//   version      what it changes, and why                                    TFLOP/s on an H100
+//   v1_direct    one thread per output; operands straight from global memory       4.1-6.5
+//   v2_smem      input tile + halo and weight slice staged in shared memory once    8.6-10.3
+//   v3_igemm     implicit GEMM; 8x8 outputs per thread: 16 shared loads, 64 FFMAs   17.4-19.4
+//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async double buffer  36.4-39.6
+//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), a 4-stage cp.async pipeline   43.9-48.4
+//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA from shared-memory descriptors    36.5-54.1
+// (forward and both gradients together at layers d1b, d3b, d4b and b2; commit 82e8d82,
+// bench/results/results-82e8d82-h100-80gb-hbm3.json; the table per layer: docs/CONV3X3.md).
+// v4-v6 walk K tap by tap where the channels allow (the tap-major views below).
 // v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
 // accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
 // (7-bit mantissa, round to nearest even), FP32 sums: relative errors around 1e-2. The precision
@@ -70,6 +71,8 @@
 //     order.
 //   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
 //   conv3x3_flip_weights: wf[c, o, j] = w[o, c, 8-j], the backward data's B for the GEMM versions.
+//   conv3x3_tap_major_weights / conv3x3_flip_weights_tap_major: the forward's and the backward
+//     data's B in tap-major K order ([O, 9, C] and [C, 9, O]) for the tap-major views (v4-v6).
 //   conv3x3_backward_weight_few_channels: the weight gradient of a layer with C <= 2 input channels
 //     (the first layer) in the GEMM versions: one block per (o, pixel slice), 9C sums per thread.
 //
