@@ -271,6 +271,9 @@ struct TileCopy {
   // The distinct rows of a thread ("slots"): ROW_FAST, one for all its copies; else one per copy.
   static constexpr int kRowSlots = ROW_FAST ? 1 : kPerThread;
   __host__ __device__ static constexpr int row_slot(int r) { return ROW_FAST ? 0 : r; }
+  // Its distinct k ("k slots"): one per copy when ROW_FAST; else one for all.
+  static constexpr int kKSlots = ROW_FAST ? kPerThread : 1;
+  __host__ __device__ static constexpr int k_slot(int r) { return ROW_FAST ? r : 0; }
   __host__ __device__ static constexpr int row(int tid, int r) {
     return ROW_FAST ? tid % ROWS : tid / (BK / VEC) + r * kStep;
   }
@@ -478,15 +481,49 @@ template <class Copy>
 __host__ __device__ constexpr int k_offset(int r) {
   return Copy::k(0, r) - Copy::k(0, 0);
 }
-// The copies of a row slot (Copy::row_slot) all take the same row, in every thread.
+// The copies of a row slot (Copy::row_slot) all take the same row, and those of a k slot
+// (Copy::k_slot) the same k, in every thread.
 template <class Copy>
 constexpr bool slots_share_rows() {
   for (int tid = 0; tid < Copy::kThreads; ++tid)
-    for (int r = 1; r < Copy::kPerThread; ++r)
-      if (Copy::row_slot(r) == Copy::row_slot(r - 1) && Copy::row(tid, r) != Copy::row(tid, r - 1))
-        return false;
+    for (int r = 0; r < Copy::kPerThread; ++r)
+      for (int q = 0; q < r; ++q)
+        if ((Copy::row_slot(q) == Copy::row_slot(r) && Copy::row(tid, q) != Copy::row(tid, r)) ||
+            (Copy::k_slot(q) == Copy::k_slot(r) && Copy::k(tid, q) != Copy::k(tid, r)))
+          return false;
   return true;
 }
+// Whether copy r is the first of its k slot.
+template <class Copy>
+__host__ __device__ constexpr bool first_of_k_slot(int r) {
+  for (int q = 0; q < r; ++q)
+    if (Copy::k_slot(q) == Copy::k_slot(r)) return false;
+  return true;
+}
+// The k positions (from the block's table) of a thread's copies of one tile. A load from the
+// table after a cp.async is not merged with the same load before it (the compiler keeps
+// shared-memory loads after the asm), so a thread with at most kMaxKSlotsHeld distinct k (k slots:
+// the weight gradients' copies have one k per thread) reads them all before its first copy; with
+// more, copy by copy (held, they would take too many registers).
+constexpr int kMaxKSlotsHeld = 2;
+template <class Copy, class KPos>
+struct KPosOfCopies {
+  static constexpr bool kHeld = Copy::kKSlots <= kMaxKSlotsHeld;
+  KPos held[kHeld ? Copy::kKSlots : 1];
+
+  __device__ KPosOfCopies(const KPos* kps, int tid) {
+    if constexpr (kHeld) {
+#pragma unroll
+      for (int r = 0; r < Copy::kPerThread; ++r)
+        if (first_of_k_slot<Copy>(r)) held[Copy::k_slot(r)] = kps[Copy::k(tid, r)];
+    }
+  }
+  // copy r's k position
+  __device__ KPos of(const KPos* kps, int tid, int r) const {
+    if constexpr (kHeld) return held[Copy::k_slot(r)];
+    else return kps[Copy::k(tid, r)];
+  }
+};
 template <class Copy, class Smem>
 constexpr bool constant_offsets() {
   for (int tid = 0; tid < Copy::kThreads; ++tid)
@@ -505,7 +542,7 @@ constexpr bool constant_offsets() {
 // consecutive k.
 template <class Gemm, class ACopy, class BCopy, bool VEC_A, bool VEC_B>
 struct AsyncTileCopier {
-  static_assert(slots_share_rows<ACopy>() && slots_share_rows<BCopy>(), "a slot is one row");
+  static_assert(slots_share_rows<ACopy>() && slots_share_rows<BCopy>(), "a slot is one row or k");
   // One decoded row per slot (Copy::row_slot(r): the copies of a slot share its row).
   typename Gemm::ARow arow[ACopy::kRowSlots];
   typename Gemm::BRow brow[BCopy::kRowSlots];
@@ -552,17 +589,18 @@ struct AsyncTileCopier {
   template <class ASmem, class BSmem>
   __device__ void issue(const Gemm& g, int64_t tile, int bk, const typename Gemm::KPos* kps,
                         float* as, float* bs, int tid) const {
+    // Copy r of a thread lands a constant distance from its copy 0, in shared memory and in k
+    // (checked at compile time, for every thread): an immediate offset in the copy instruction.
+    static_assert(constant_offsets<ACopy, ASmem>() && constant_offsets<BCopy, BSmem>(),
+                  "copy r of every thread lies as far from its copy 0");
+    const int a_k0 = ACopy::k(tid, 0), b_k0 = BCopy::k(tid, 0);
+    float* const a_dst = as + ASmem::at(ACopy::row(tid, 0), a_k0);
+    float* const b_dst = bs + BSmem::at(BCopy::row(tid, 0), b_k0);
     if constexpr (Gemm::kTapMajor) {
-      // One k_tile per tile, one a_tile / b_tile per row (a row's copies share it). Copy r of a
-      // thread lands a constant distance from its copy 0, in shared memory and in k (checked at
-      // compile time, for every thread): an immediate offset, and a constant number of k steps.
-      static_assert(constant_offsets<ACopy, ASmem>() && constant_offsets<BCopy, BSmem>(),
-                    "copy r of every thread lies as far from its copy 0");
+      // One k_tile per tile, one a_tile / b_tile per row (a row's copies share it); each copy
+      // adds a constant number of k steps to its row's pointer (constant_offsets).
       const typename Gemm::KTile kt = g.k_tile(tile, bk);
       const int64_t a_step = g.a_k_step(kt);
-      const int a_k0 = ACopy::k(tid, 0), b_k0 = BCopy::k(tid, 0);
-      float* const a_dst = as + ASmem::at(ACopy::row(tid, 0), a_k0);
-      float* const b_dst = bs + BSmem::at(BCopy::row(tid, 0), b_k0);
 #pragma unroll
       for (int r = 0; r < ACopy::kPerThread; ++r) {
         const TapRow a = g.a_tile(arow[ACopy::row_slot(r)], kt);
@@ -579,18 +617,17 @@ struct AsyncTileCopier {
                             b.p + b_k0 + k_offset<BCopy>(r), b.valid);
       }
     } else {
+      // The k positions, each read whole (no load behind a branch); see KPosOfCopies.
+      const KPosOfCopies<ACopy, typename Gemm::KPos> a_kps(kps, tid);
+      const KPosOfCopies<BCopy, typename Gemm::KPos> b_kps(kps, tid);
 #pragma unroll
-      for (int r = 0; r < ACopy::kPerThread; ++r) {
-        const int k = ACopy::k(tid, r);
-        const typename Gemm::KPos kp = kps[k];  // all of it at once (no load behind a branch)
-        copy<VEC_A>(&as[ASmem::at(ACopy::row(tid, r), k)], g.a_src(arow[ACopy::row_slot(r)], kp));
-      }
+      for (int r = 0; r < ACopy::kPerThread; ++r)
+        copy<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
+                    g.a_src(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r)));
 #pragma unroll
-      for (int r = 0; r < BCopy::kPerThread; ++r) {
-        const int k = BCopy::k(tid, r);
-        const typename Gemm::KPos kp = kps[k];
-        copy<VEC_B>(&bs[BSmem::at(BCopy::row(tid, r), k)], g.b_src(brow[BCopy::row_slot(r)], kp));
-      }
+      for (int r = 0; r < BCopy::kPerThread; ++r)
+        copy<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
+                    g.b_src(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r)));
     }
   }
 };
@@ -934,6 +971,11 @@ struct CoreMatrixCopy {
   // The distinct rows of a thread ("slots"): ROW_FAST, one per kept group; else one per copy.
   static constexpr int kRowSlots = ROW_FAST ? kKeptPerWarp : kPerThread;
   __host__ __device__ static constexpr int row_slot(int r) { return ROW_FAST ? r / kWalkedPerWarp : r; }
+  // Its distinct k ("k slots"): ROW_FAST, one per walked group; else one per kept group.
+  static constexpr int kKSlots = ROW_FAST ? kWalkedPerWarp : kKeptPerWarp;
+  __host__ __device__ static constexpr int k_slot(int r) {
+    return ROW_FAST ? r % kWalkedPerWarp : r / kWalkedPerWarp;
+  }
   static_assert(kPerThread * 32 * kWarps == kRowGroups * kUnitGroups * 32, "every piece once");
 
   // copy r = h * kWalkedPerWarp + j: kept group h of the warp's, walked group j of the warp's
