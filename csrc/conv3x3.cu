@@ -665,26 +665,37 @@ struct Conv3x3BackwardWeightGemm {
     return ceil_div(static_cast<int64_t>(P) * Q, static_cast<int64_t>(bk));
   }
   __host__ __device__ int64_t k_tiles(int bk) const { return images * tiles_per_image(bk); }
+  // Past the image's pixels (or past O, or 9C) the offsets are 0: a_copy / b_copy then still
+  // address an element of dy / x (CopySource), which the copy does not read.
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    if (pix >= static_cast<int64_t>(P) * Q) return {0, 0, false};
     const int i = pix / Q, j = pix - i * Q;
-    return {n * O * P * Q + pix, n * C * H * W + static_cast<int64_t>(i) * W + j,
-            pix < static_cast<int64_t>(P) * Q};
+    return {n * O * P * Q + pix, n * C * H * W + static_cast<int64_t>(i) * W + j, true};
   }
   __device__ ARow a_row(int64_t o) const {
-    return {dy + o * P * Q, o < M};
+    return o < M ? ARow{dy + o * P * Q, true} : ARow{dy, false};
   }
   __device__ BRow b_row(int col) const {
+    if (col >= cols) return {0, false};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    return {static_cast<int64_t>(c) * H * W + ky * W + kx, col < cols};
+    return {static_cast<int64_t>(c) * H * W + ky * W + kx, true};
   }
-  __device__ const float* a_src(const ARow& r, const KPos& kp) const {
-    return r.valid && kp.valid ? r.p + kp.dy_offset : nullptr;
+  __device__ CopySource a_copy(const ARow& r, const KPos& kp) const {
+    return {r.p + kp.dy_offset, r.valid && kp.valid};
+  }
+  __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
+    return {x + kp.x_offset + r.offset, r.valid && kp.valid};
+  }
+  __device__ const float* a_src(const ARow& r, const KPos& kp) const {  // v3
+    const CopySource s = a_copy(r, kp);
+    return s.valid ? s.p : nullptr;
   }
   __device__ const float* b_src(const BRow& r, const KPos& kp) const {
-    return r.valid && kp.valid ? x + kp.x_offset + r.offset : nullptr;
+    const CopySource s = b_copy(r, kp);
+    return s.valid ? s.p : nullptr;
   }
   __device__ CRow c_row(int64_t o) const {
     return {out + static_cast<int64_t>(blockIdx.z) * split_stride + o * cols};
@@ -762,23 +773,30 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
     bool in_skip;
   };
 
+  // As in the base view, the offsets of what is not read are 0; a row past 9C reads from the
+  // part that has channels (up may have none).
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    if (pix >= static_cast<int64_t>(P) * Q) return {{0, 0, false}, 0};
     const int i = pix / Q, j = pix - i * Q;
-    return {{n * O * P * Q + pix, n * Cu * H * W + static_cast<int64_t>(i) * W + j,
-             pix < static_cast<int64_t>(P) * Q},
+    return {{n * O * P * Q + pix, n * Cu * H * W + static_cast<int64_t>(i) * W + j, true},
             n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
   }
   __device__ BRow b_row(int col) const {
+    if (col >= cols) return {{0, false}, Cu == 0};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    if (c < Cu) return {{static_cast<int64_t>(c) * H * W + ky * W + kx, col < cols}, false};
-    return {{static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, col < cols}, true};
+    if (c < Cu) return {{static_cast<int64_t>(c) * H * W + ky * W + kx, true}, false};
+    return {{static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, true}, true};
   }
-  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
-    if (!(r.valid && kp.valid)) return nullptr;
-    return r.in_skip ? skip + kp.skip_offset + r.offset : x + kp.x_offset + r.offset;
+  __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
+    return {r.in_skip ? skip + kp.skip_offset + r.offset : x + kp.x_offset + r.offset,
+            r.valid && kp.valid};
+  }
+  __device__ const float* b_src(const BRow& r, const KPos& kp) const {  // v3
+    const CopySource s = b_copy(r, kp);
+    return s.valid ? s.p : nullptr;
   }
 };
 

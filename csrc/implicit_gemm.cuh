@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -290,6 +291,20 @@ struct TapRow {
   const float* p;
   bool valid;
 };
+
+// A view may answer a_copy(row, kpos) / b_copy(row, kpos) in place of a_src / b_src: the element's
+// address, valid memory even where the element is zero (the view clamps it into its tensor), and
+// whether it is read at all. A copy then needs no test of its own: the zero-filling cp.async
+// takes the address as it is (the weight gradients, whose copies are the most numerous).
+struct CopySource {
+  const float* p;  // dereferenceable: the element, or somewhere inside the same tensor
+  bool valid;      // false: the element is zero
+};
+template <class Gemm, class = void>
+struct AnswersCopySources : std::false_type {};
+template <class Gemm>
+struct AnswersCopySources<Gemm, std::void_t<decltype(&Gemm::a_copy), decltype(&Gemm::b_copy)>>
+    : std::true_type {};
 
 // Where flat pixel index m = (n, i, j) of images of rows x cols pixels lies: the image, the row and
 // the column, and the pixel within its image (i * cols + j). What the views' a_row and c_row start
@@ -566,9 +581,13 @@ struct AsyncTileCopier {
   }
   template <bool VEC>
   __device__ static void copy_or_zero(float* dst, const float* p, bool valid) {
-    const float* src = valid ? p : kZeroSource;
-    if constexpr (VEC) cp_async_16_or_zero(dst, src, valid);
-    else cp_async_4_or_zero(dst, src, valid);
+    cp_async_or_zero<VEC>(dst, valid ? p : kZeroSource, valid);
+  }
+  // src: a valid address whether or not `copy`.
+  template <bool VEC>
+  __device__ static void cp_async_or_zero(float* dst, const float* src, bool copy) {
+    if constexpr (VEC) cp_async_16_or_zero(dst, src, copy);
+    else cp_async_4_or_zero(dst, src, copy);
   }
 
   // The k positions of K tile `tile`, decoded once per block: threads 0 .. bk-1 write kps[0 .. bk)
@@ -620,14 +639,27 @@ struct AsyncTileCopier {
       // The k positions, each read whole (no load behind a branch); see KPosOfCopies.
       const KPosOfCopies<ACopy, typename Gemm::KPos> a_kps(kps, tid);
       const KPosOfCopies<BCopy, typename Gemm::KPos> b_kps(kps, tid);
+      if constexpr (AnswersCopySources<Gemm>::value) {
 #pragma unroll
-      for (int r = 0; r < ACopy::kPerThread; ++r)
-        copy<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
-                    g.a_src(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r)));
+        for (int r = 0; r < ACopy::kPerThread; ++r) {
+          const CopySource a = g.a_copy(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r));
+          cp_async_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r), a.p, a.valid);
+        }
 #pragma unroll
-      for (int r = 0; r < BCopy::kPerThread; ++r)
-        copy<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
-                    g.b_src(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r)));
+        for (int r = 0; r < BCopy::kPerThread; ++r) {
+          const CopySource b = g.b_copy(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r));
+          cp_async_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r), b.p, b.valid);
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < ACopy::kPerThread; ++r)
+          copy<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
+                      g.a_src(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r)));
+#pragma unroll
+        for (int r = 0; r < BCopy::kPerThread; ++r)
+          copy<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
+                      g.b_src(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r)));
+      }
     }
   }
 };
