@@ -550,7 +550,9 @@ struct Conv3x3ForwardGemm {
     const PixelIndex p = pixel_index(m, P, Q);
     return {x + p.n * C * H * W + static_cast<int64_t>(p.i) * W + p.j, true};
   }
-  __device__ BRow b_row(int n) const { return {w + static_cast<int64_t>(n) * K, n < cols}; }
+  __device__ BRow b_row(int n) const {  // past the columns: w itself (CopySource)
+    return n < cols ? BRow{w + static_cast<int64_t>(n) * K, true} : BRow{w, false};
+  }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
     return r.valid && kp.valid ? r.p + kp.x_offset : nullptr;
   }
@@ -608,7 +610,9 @@ struct Conv3x3BackwardDataGemm {
     const PixelIndex p = pixel_index(m, H, W);
     return {dy + p.n * O * P * Q, p.i, p.j, true};
   }
-  __device__ BRow b_row(int n) const { return {wf + static_cast<int64_t>(n) * K, n < cols}; }
+  __device__ BRow b_row(int n) const {  // past the columns: wf itself (CopySource)
+    return n < cols ? BRow{wf + static_cast<int64_t>(n) * K, true} : BRow{wf, false};
+  }
   __device__ const float* a_src(const ARow& r, const KPos& kp) const {
     const int i = r.yy - 2 + kp.ry, j = r.xx - 2 + kp.rx;
     const bool inside = i >= 0 && i < P && j >= 0 && j < Q;
@@ -822,9 +826,9 @@ struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights
     const int k = static_cast<int>(tile) * bk, tap = k / C, c0 = k - tap * C, ky = tap / 3;
     return {static_cast<int64_t>(c0) * H * W + ky * W + (tap - 3 * ky), k};
   }
-  __device__ TapRow a_tile(const ARow& r, const KTile& t) const { return {r.p + t.x_offset, r.valid}; }
+  __device__ CopySource a_tile(const ARow& r, const KTile& t) const { return {r.p + t.x_offset, r.valid}; }
   __device__ int a_k_step(const KTile&) const { return H * W; }  // one channel further
-  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+  __device__ CopySource b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
 };
 
 // The concatenated input: a tile's channels all come from up or all from skip (Cu % bk == 0).
@@ -841,11 +845,11 @@ struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9, Cu
     if (c0 < Cu) return {static_cast<int64_t>(c0) * H * W + ky * W + kx, k, false};
     return {static_cast<int64_t>(c0 - Cu) * Hs * Ws + ky * Ws + kx, k, true};
   }
-  __device__ TapRow a_tile(const ARow& r, const KTile& t) const {
+  __device__ CopySource a_tile(const ARow& r, const KTile& t) const {
     return {(t.in_skip ? r.skip_p : r.up_p) + t.offset, r.valid};
   }
   __device__ int a_k_step(const KTile& t) const { return t.in_skip ? Hs * Ws : H * W; }
-  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+  __device__ CopySource b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
 };
 
 // The backward data, plain (Conv3x3BackwardDataGemm) or into the concatenation's two parts
@@ -863,15 +867,16 @@ struct TapMajorBackwardData : Base {
     const int k = static_cast<int>(tile) * bk, tap = k / this->O, ry = tap / 3;
     return {k - tap * this->O, ry, tap - 3 * ry, k};
   }
-  __device__ TapRow a_tile(const ARow& r, const KTile& t) const {
+  __device__ CopySource a_tile(const ARow& r, const KTile& t) const {
     const int P = this->P, Q = this->Q;
     const int i = r.yy - 2 + t.ry, j = r.xx - 2 + t.rx;
-    const bool inside = i >= 0 && i < P && j >= 0 && j < Q;
-    return {r.p + static_cast<int64_t>(t.o0) * P * Q + static_cast<int64_t>(i) * Q + j,
-            r.valid && inside};
+    const bool valid = r.valid && i >= 0 && i < P && j >= 0 && j < Q;
+    // outside dy: the tile's first plane of the row's image (or of image 0), read by nothing
+    const float* plane = r.p + static_cast<int64_t>(t.o0) * P * Q;
+    return {valid ? plane + static_cast<int64_t>(i) * Q + j : plane, valid};
   }
   __device__ int a_k_step(const KTile&) const { return this->P * this->Q; }
-  __device__ TapRow b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
+  __device__ CopySource b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
 };
 
 namespace {

@@ -283,23 +283,22 @@ struct TileCopy {
   }
 };
 
-// A tap-major view (kTapMajor, conv3x3.cu) answers per tile k_tile(tile, bk), then per row of A
-// (B) a_tile (b_tile): where the row's first k of the tile is, and whether the row reads anything
-// (past M, or outside dy in the backward data: zeros); the row's k-th element of the tile lies
-// k * a_k_step(tile) further (B: k further).
-struct TapRow {
-  const float* p;
-  bool valid;
-};
-
-// A view may answer a_copy(row, kpos) / b_copy(row, kpos) in place of a_src / b_src: the element's
-// address, valid memory even where the element is zero (the view clamps it into its tensor), and
-// whether it is read at all. A copy then needs no test of its own: the zero-filling cp.async
-// takes the address as it is (the weight gradients, whose copies are the most numerous).
+// Where a copy reads, and whether it reads at all (else it zero-fills): `p` is valid memory even
+// where the element is zero (the view clamps it into its tensor), so that the zero-filling
+// cp.async takes it as it is, with no test of the copy's own.
 struct CopySource {
   const float* p;  // dereferenceable: the element, or somewhere inside the same tensor
   bool valid;      // false: the element is zero
 };
+
+// A tap-major view (kTapMajor, conv3x3.cu) answers per tile k_tile(tile, bk), then per row of A
+// (B) a_tile (b_tile): a CopySource for the row's first k of the tile, whose k-th element lies
+// k * a_k_step(tile) further (B: k further), dereferenceable for every k of the tile; `valid`
+// false where the row reads nothing (past M or the columns, or outside dy in the backward data).
+//
+// Any other view answers a_src / b_src (the element's address, or nullptr where it is zero), or
+// a_copy(row, kpos) / b_copy(row, kpos) in their place: CopySources (the weight gradients, whose
+// copies are the most numerous).
 template <class Gemm, class = void>
 struct AnswersCopySources : std::false_type {};
 template <class Gemm>
@@ -622,18 +621,15 @@ struct AsyncTileCopier {
       const int64_t a_step = g.a_k_step(kt);
 #pragma unroll
       for (int r = 0; r < ACopy::kPerThread; ++r) {
-        const TapRow a = g.a_tile(arow[ACopy::row_slot(r)], kt);
-        // a row past an edge reads kZeroSource (nothing: the copies zero-fill) at every k
-        const float* src = a.valid ? a.p + a_step * a_k0 : kZeroSource;
-        const int64_t step = a.valid ? a_step : 0;
-        copy_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
-                            src + step * k_offset<ACopy>(r), a.valid);
+        const CopySource a = g.a_tile(arow[ACopy::row_slot(r)], kt);
+        cp_async_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
+                                a.p + a_step * a_k0 + a_step * k_offset<ACopy>(r), a.valid);
       }
 #pragma unroll
       for (int r = 0; r < BCopy::kPerThread; ++r) {
-        const TapRow b = g.b_tile(brow[BCopy::row_slot(r)], kt);
-        copy_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
-                            b.p + b_k0 + k_offset<BCopy>(r), b.valid);
+        const CopySource b = g.b_tile(brow[BCopy::row_slot(r)], kt);
+        cp_async_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
+                                b.p + b_k0 + k_offset<BCopy>(r), b.valid);
       }
     } else {
       // The k positions, each read whole (no load behind a branch); see KPosOfCopies.
