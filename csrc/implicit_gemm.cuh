@@ -1023,7 +1023,7 @@ struct CoreMatrixCopy {
   }
 };
 
-template <class Gemm, int BN>
+template <class Gemm, int BN, int S = kV6Stages>
 struct V6Layout {
   using ASmem = V6Smem<kV6BM>;
   using BSmem = V6Smem<BN>;
@@ -1032,16 +1032,24 @@ struct V6Layout {
       StagedCopies<Gemm, ASmem, BSmem,
                    CoreMatrixCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
                    CoreMatrixCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
-                   VEC_B, kV6Stages, kV6BK>;
+                   VEC_B, S, kV6BK>;
   // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
-__global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
+// An experiment on v6's occupancy, off by default: v6 holds one block (8 warps) per SM, limited
+// by its registers and shared memory, and the first profile showed each scheduler issuing only
+// every ~3 cycles. With set_v6_blocks_per_sm(2) (Python: UNET_V6_BLOCKS_PER_SM=2), the tap-major
+// views run kV6TwoBlockStages stages under __launch_bounds__(256, 2) (128 registers: a few bytes
+// spill) so that two blocks share an SM. Not yet measured; the other views keep one block.
+constexpr int kV6TwoBlockStages = 3;  // v6_blocks_per_sm(): launchers.h
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages, int MIN_BLOCKS = 1>
+__global__ void __launch_bounds__(kV6Threads, MIN_BLOCKS) conv3x3_v6_tf32_wgmma(const Gemm g) {
+  constexpr int BM = kV6BM, BK = kV6BK;
   static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
-  using Layout = V6Layout<Gemm, BN>;
+  static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
+  using Layout = V6Layout<Gemm, BN, S>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1299,10 +1307,10 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages, int MIN_BLOCKS = 1>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  constexpr size_t kSmem = V6Layout<Gemm, BN, S>::kSmemBytes;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B, S, MIN_BLOCKS>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
@@ -1313,6 +1321,14 @@ void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 // v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
+  if constexpr (Gemm::kTapMajor) {
+    if (v6_blocks_per_sm() == 2) {
+      constexpr int S = kV6TwoBlockStages;
+      if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B, S, 2>(name, g, splits, stream);
+      else launch_v6<Gemm, 64, VEC_A, VEC_B, S, 2>(name, g, splits, stream);
+      return;
+    }
+  }
   if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
   else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }

@@ -249,6 +249,38 @@ def test_conv3x3_real_layer_shapes(conv3x3_version, layer):
     check_conv3x3(conv3x3_version, *real_conv3x3_case(layer), relu=True, seed=layer[1])
 
 
+# Channels in whole multiples of 32 (C for the forward, O for the backward data): the tap-major
+# views of v4-v6 (k = tap * C + c, conv3x3_tap_major), which the scaled-down real layers above do
+# not reach. Partial pixel tiles, the backward data's zero border, split K (C = 128 forward, O = 128
+# backward data), two column tiles, and one plane of a real decoder layer's size.
+TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),
+                    (1, 32, 20, 21, 70), (1, 64, 100, 100, 64)]
+
+
+@pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
+def test_conv3x3_tap_major_shapes(conv3x3_version, shape):
+    n, c, h, w, o = shape
+    tensor_core = conv3x3_version in ("v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+    assert cu.conv3x3_tap_major(conv3x3_version, c) == tensor_core
+    check_conv3x3(conv3x3_version, *shape, relu=True, seed=sum(shape))
+
+
+# The occupancy experiment (cu.set_v6_blocks_per_sm(2)): v6's tap-major convolutions with three
+# stages and two blocks per SM.
+@pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
+def test_v6_two_blocks_per_sm(shape):
+    if not cu.conv3x3_version_available("v6_tf32_wgmma"):
+        pytest.skip("v6_tf32_wgmma cannot run on this GPU or build (it needs sm_90a)")
+    cu.set_v6_blocks_per_sm(2)
+    try:
+        with cu.use_conv3x3_version("v6_tf32_wgmma"):
+            check_conv3x3("v6_tf32_wgmma", *shape, relu=True, seed=sum(shape) + 1)
+    finally:
+        cu.set_v6_blocks_per_sm(1)
+    with pytest.raises(ValueError, match="1 or 2 blocks per SM"):
+        cu.set_v6_blocks_per_sm(3)
+
+
 def test_conv3x3_small_integers_exact(conv3x3_version):
     # Small integers are exact in TF32 too, and so are their float32 sums: v4 matches exactly.
     rng = np.random.default_rng(3)
@@ -335,6 +367,13 @@ def test_conv3x3_concat_awkward_shapes(conv3x3_version, shape):
 @pytest.mark.parametrize("crop", REAL_CONCAT, ids=lambda crop: f"u{crop[0]}a")
 def test_conv3x3_concat_real_layer_shapes(conv3x3_version, crop):
     check_conv3x3_concat(conv3x3_version, *real_concat_case(crop), seed=crop[1])
+
+
+# Both parts' channels multiples of 32: the concatenated tap-major views (a tile from up or skip).
+@pytest.mark.parametrize("shape", [(1, 32, 32, 6, 7, 10, 9, 32), (1, 64, 32, 5, 5, 7, 9, 128),
+                                   (1, 64, 64, 40, 40, 56, 56, 64)], ids=str)
+def test_conv3x3_concat_tap_major_shapes(conv3x3_version, shape):
+    check_conv3x3_concat(conv3x3_version, *shape, seed=sum(shape))
 
 
 def test_conv3x3_concat_equals_concat_then_conv_bitwise():
