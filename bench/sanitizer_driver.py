@@ -5,7 +5,9 @@ runs (memcheck, racecheck, initcheck, synccheck) in bench/gpu_check.sh.
     python3 bench/sanitizer_driver.py --device cpu      # the same calls on the NumPy reference
 
 Shapes are odd and not multiples of any tile (13x17 maps, 3 -> 5 channels, one case with 67 -> 65
-channels for the tiled paths), so that every bounds guard is exercised; each output's byte size is
+channels for the tiled paths; one with 64 -> 32 and a concatenation of 32 + 32 channels, whose
+multiples of 32 take the tap-major views of v4-v6 and their clamped addresses), so that every
+bounds guard is exercised; each output's byte size is
 no multiple of 512, so an overrun leaves its allocation. CuPy's memory pool is switched off (every
 array is its own cudaMalloc): inside a pooled block an overrun lands in a neighbour's memory and
 memcheck cannot see it. Inputs are drawn on the host with a fixed seed and copied over, so the run
@@ -106,7 +108,8 @@ class Driver:
 
     def convolutions(self) -> None:
         ops = self.ops
-        for n, c, o, h, w in ((2, 3, 5, 13, 17), (1, 1, 8, 9, 11), (1, 67, 65, 20, 19)):
+        for n, c, o, h, w in ((2, 3, 5, 13, 17), (1, 1, 8, 9, 11), (1, 67, 65, 20, 19),
+                              (1, 64, 32, 13, 17)):
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 3, 3, std=0.2)
             b = self.normal(o)
@@ -123,7 +126,9 @@ class Driver:
                 tag = f"{n}x{c}x{h}x{w}->{o}"
                 self.call(f"relu_backward {tag}", lambda: ops.relu_backward(y, dy))
         # the convolution of [up, centre crop of skip]: odd maps, channels split unevenly
-        for (n, cu, h, w), (cs, hs, ws), o in (((2, 3, 9, 11), (4, 13, 15), 5), ((1, 33, 12, 12), (34, 16, 18), 65)):
+        for (n, cu, h, w), (cs, hs, ws), o in (((2, 3, 9, 11), (4, 13, 15), 5),
+                                               ((1, 33, 12, 12), (34, 16, 18), 65),
+                                               ((1, 32, 9, 11), (32, 13, 15), 32)):
             up, skip = self.normal(n, cu, h, w), self.normal(n, cs, hs, ws)
             wt = self.normal(o, cu + cs, 3, 3, std=0.2)
             b = self.normal(o)
