@@ -812,7 +812,7 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
 // plus one offset per tile, plus kk planes; B's rows are the weights rearranged to [O, 9, C]
 // (conv3x3_tap_major_weights; for the backward data [C, 9, O], conv3x3_flip_weights_tap_major),
 // contiguous and aligned in k. The kernels see kTapMajor and ask k_tile(tile, bk) once per tile,
-// then a_src(row, tile, kk) and b_src(row, tile, kk) for each copy: no table, no per-copy decode.
+// then a_tile / b_tile once per row (implicit_gemm.cuh, CopySource): no table, no per-copy decode.
 // The launchers take them where every K tile of every version is one tap (kTapMajorChannels).
 // -------------------------------------------------------------------------------------------------
 
@@ -970,6 +970,12 @@ class RearrangedWeights {
 
 RearrangedWeights flipped_weights(const float* w, int C, int O, cudaStream_t stream) {
   return {"conv3x3_flip_weights", conv3x3_flip_weights, w, C, O, stream};
+}
+RearrangedWeights tap_major_weights(const float* w, int C, int O, cudaStream_t stream) {
+  return {"conv3x3_tap_major_weights", conv3x3_tap_major_weights, w, C, O, stream};
+}
+RearrangedWeights flipped_tap_major_weights(const float* w, int C, int O, cudaStream_t stream) {
+  return {"conv3x3_flip_weights_tap_major", conv3x3_flip_weights_tap_major, w, C, O, stream};
 }
 
 // The tap-major views (Conv3x3ForwardTapGemm above) serve v4-v6 where the channels K runs over
@@ -1152,10 +1158,9 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
     }
     default:
       if (tap_major(version, C, int64_t{H} * W)) {
-        const RearrangedWeights wt("conv3x3_tap_major_weights", conv3x3_tap_major_weights, w, C, O,
-                                   stream);
+        const RearrangedWeights wt = tap_major_weights(w, C, O, stream);
         const Conv3x3ForwardTapGemm g{forward_gemm(x, wt.data(), b, y, N, C, H, W, O, relu)};
-        run_output_gemm("conv3x3_forward", g, version, wt.vec(C), stream);
+        run_output_gemm("conv3x3_forward", g, version, wt.vec(9 * C), stream);
         return;
       }
       run_forward_gemm("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu), version,
@@ -1182,11 +1187,10 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, in
     }
     default: {
       if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
-        const RearrangedWeights wf("conv3x3_flip_weights_tap_major",
-                                   conv3x3_flip_weights_tap_major, w, C, O, stream);
+        const RearrangedWeights wf = flipped_tap_major_weights(w, C, O, stream);
         const TapMajorBackwardData<Conv3x3BackwardDataGemm> g{
             backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O)};
-        run_output_gemm("conv3x3_backward_data", g, version, wf.vec(O), stream);
+        run_output_gemm("conv3x3_backward_data", g, version, wf.vec(9 * O), stream);
         return;
       }
       const RearrangedWeights wf = flipped_weights(w, C, O, stream);
@@ -1254,12 +1258,11 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
   check_concat_version("conv3x3_concat_forward", version);
   if (static_cast<int64_t>(N) * O * (H - 2) * (W - 2) == 0) return;
   if (tap_major(version, Cu, int64_t{H} * W) && tap_major(version, Cs, int64_t{Hs} * Ws)) {
-    const RearrangedWeights wt("conv3x3_tap_major_weights", conv3x3_tap_major_weights, w, Cu + Cs,
-                               O, stream);
+    const RearrangedWeights wt = tap_major_weights(w, Cu + Cs, O, stream);
     const Conv3x3ConcatForwardTapGemm g{
         {forward_gemm(up, wt.data(), b, y, N, Cu + Cs, H, W, O, relu), skip, Cu, Hs, Ws,
          (Hs - H) / 2, (Ws - W) / 2}};
-    run_output_gemm("conv3x3_concat_forward", g, version, wt.vec(Cu + Cs), stream);
+    run_output_gemm("conv3x3_concat_forward", g, version, wt.vec(9 * (Cu + Cs)), stream);
     return;
   }
   const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip, Cu,
@@ -1278,12 +1281,11 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float*
                   static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
   if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
   if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
-    const RearrangedWeights wf("conv3x3_flip_weights_tap_major", conv3x3_flip_weights_tap_major, w,
-                               Cu + Cs, O, stream);
+    const RearrangedWeights wf = flipped_tap_major_weights(w, Cu + Cs, O, stream);
     const TapMajorBackwardData<Conv3x3ConcatBackwardDataGemm> g{
         {backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
          (Hs - H) / 2, (Ws - W) / 2}};
-    run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(O), stream);
+    run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(9 * O), stream);
     return;
   }
   const RearrangedWeights wf = flipped_weights(w, Cu + Cs, O, stream);

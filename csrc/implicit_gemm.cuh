@@ -507,7 +507,14 @@ constexpr bool slots_share_rows() {
           return false;
   return true;
 }
-// Whether copy r is the first of its k slot.
+// Whether copy r is the first of its row slot (its k slot): the one that decodes the row (reads
+// the k position).
+template <class Copy>
+__host__ __device__ constexpr bool first_of_row_slot(int r) {
+  for (int q = 0; q < r; ++q)
+    if (Copy::row_slot(q) == Copy::row_slot(r)) return false;
+  return true;
+}
 template <class Copy>
 __host__ __device__ constexpr bool first_of_k_slot(int r) {
   for (int q = 0; q < r; ++q)
@@ -564,23 +571,17 @@ struct AsyncTileCopier {
   __device__ AsyncTileCopier(const Gemm& g, int64_t m0, int n0, int tid) {
 #pragma unroll
     for (int r = 0; r < ACopy::kPerThread; ++r)
-      if (r == 0 || ACopy::row_slot(r) != ACopy::row_slot(r - 1))  // the slot's first copy
-        arow[ACopy::row_slot(r)] = g.a_row(m0 + ACopy::row(tid, r));
+      if (first_of_row_slot<ACopy>(r)) arow[ACopy::row_slot(r)] = g.a_row(m0 + ACopy::row(tid, r));
 #pragma unroll
     for (int r = 0; r < BCopy::kPerThread; ++r)
-      if (r == 0 || BCopy::row_slot(r) != BCopy::row_slot(r - 1))
-        brow[BCopy::row_slot(r)] = g.b_row(n0 + BCopy::row(tid, r));
+      if (first_of_row_slot<BCopy>(r)) brow[BCopy::row_slot(r)] = g.b_row(n0 + BCopy::row(tid, r));
   }
 
   // One copy, or zeros where p is null (past an edge): the zero-filling cp.async, whose source
   // must still be a valid address: kZeroSource then.
   template <bool VEC>
   __device__ static void copy(float* dst, const float* p) {
-    copy_or_zero<VEC>(dst, p, p != nullptr);
-  }
-  template <bool VEC>
-  __device__ static void copy_or_zero(float* dst, const float* p, bool valid) {
-    cp_async_or_zero<VEC>(dst, valid ? p : kZeroSource, valid);
+    cp_async_or_zero<VEC>(dst, p ? p : kZeroSource, p != nullptr);
   }
   // src: a valid address whether or not `copy`.
   template <bool VEC>
