@@ -948,7 +948,7 @@ PYBIND11_MODULE(_C, m) {
         return conv3x3_tap_major(conv3x3_version_arg("conv3x3_tap_major", version), channels);
       },
       arg("version"), arg("channels"),
-      "Whether the version walks K tap by tap (k = tap * C + c) for a convolution summing over "
+      "Whether the version walks K tap by tap (within chunks of 32 channels) for a convolution summing over "
       "`channels` channels (C for the forward, O for the backward data): v4-v6 where it is a "
       "multiple of 32.");
   m.def("set_v6_blocks_per_sm", &set_v6_blocks_per_sm, arg("blocks"),

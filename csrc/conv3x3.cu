@@ -72,7 +72,7 @@
 //   conv3x3_concat_zero_skip_border: zeros dskip outside the crop window (below).
 //   conv3x3_flip_weights: wf[c, o, j] = w[o, c, 8-j], the backward data's B for the GEMM versions.
 //   conv3x3_tap_major_weights / conv3x3_flip_weights_tap_major: the forward's and the backward
-//     data's B in tap-major K order ([O, 9, C] and [C, 9, O]) for the tap-major views (v4-v6).
+//     data's B in tap-major K order (tap_major_k: [O, 9C] and [C, 9O]) for the tap-major views.
 //   conv3x3_backward_weight_few_channels: the weight gradient of a layer with C <= 2 input channels
 //     (the first layer) in the GEMM versions: one block per (o, pixel slice), 9C sums per thread.
 //
@@ -475,29 +475,45 @@ __global__ void conv3x3_flip_weights(const float* __restrict__ w, float* __restr
   }
 }
 
-// wt[o, tap, c] = w[o, c, tap]: the forward's B in tap-major K order (Conv3x3ForwardTapGemm),
-// k = tap * C + c.
+// The tap-major K order (the views below): k = (chunk * 9 + tap) * kTapMajorChannels + ci for
+// channel c = chunk * kTapMajorChannels + ci. The 9 taps of one chunk of channels are consecutive
+// K tiles, which read nearly the same input rows: the later taps find them in L1.
+constexpr int kTapMajorChannels = 32;
+
+// The column of channel c at `tap` in the tap-major K order, and back.
+__host__ __device__ constexpr int64_t tap_major_k(int c, int tap) {
+  return (int64_t{c / kTapMajorChannels} * 9 + tap) * kTapMajorChannels + c % kTapMajorChannels;
+}
+struct TapMajorColumn {
+  int c, tap;
+  __host__ __device__ explicit TapMajorColumn(int64_t k) {
+    const int64_t group = k / kTapMajorChannels;  // chunk * 9 + tap
+    tap = static_cast<int>(group % 9);
+    c = static_cast<int>((group / 9) * kTapMajorChannels + k % kTapMajorChannels);
+  }
+};
+
+// wt[o, tap_major_k(c, tap)] = w[o, c, tap]: the forward's B in tap-major K order
+// (Conv3x3ForwardTapGemm), C a multiple of kTapMajorChannels.
 __global__ void conv3x3_tap_major_weights(const float* __restrict__ w, float* __restrict__ wt,
                                           int C, int O) {
-  const int64_t total = int64_t{9} * O * C;
+  const int64_t row = int64_t{9} * C, total = O * row;
   for (int64_t e = global_thread(); e < total; e += grid_stride()) {
-    const int64_t ot = e / C;  // o * 9 + tap
-    const int c = static_cast<int>(e - ot * C), tap = static_cast<int>(ot % 9);
-    const int64_t o = ot / 9;
-    wt[e] = w[(o * C + c) * 9 + tap];
+    const int64_t o = e / row;
+    const TapMajorColumn k(e - o * row);
+    wt[e] = w[(o * C + k.c) * 9 + k.tap];
   }
 }
 
-// wf[c, tap, o] = w[o, c, 8 - tap]: the backward data's B in tap-major K order
-// (TapMajorBackwardData), k = tap * O + o.
+// wf[c, tap_major_k(o, tap)] = w[o, c, 8 - tap]: the backward data's B in tap-major K order
+// (TapMajorBackwardData), O a multiple of kTapMajorChannels.
 __global__ void conv3x3_flip_weights_tap_major(const float* __restrict__ w, float* __restrict__ wf,
                                                int C, int O) {
-  const int64_t total = int64_t{9} * O * C;
+  const int64_t row = int64_t{9} * O, total = C * row;
   for (int64_t e = global_thread(); e < total; e += grid_stride()) {
-    const int64_t ct = e / O;  // c * 9 + tap
-    const int o = static_cast<int>(e - ct * O), tap = static_cast<int>(ct % 9);
-    const int64_t c = ct / 9;
-    wf[e] = w[(o * static_cast<int64_t>(C) + c) * 9 + (8 - tap)];
+    const int64_t c = e / row;
+    const TapMajorColumn k(e - c * row);  // k.c: the output channel o
+    wf[e] = w[(static_cast<int64_t>(k.c) * C + c) * 9 + (8 - k.tap)];
   }
 }
 
@@ -807,24 +823,37 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
 // -------------------------------------------------------------------------------------------------
 // Tap-major views (v4-v6). The views above walk K in the weights' own order, k = 9c + tap: the k of
 // a tile are all different (channel, tap) pairs, so every copy decodes its k (through the table of
-// k positions) and adds its own offset. Ordered k = tap * C + c instead, a K tile of bk k is one
-// tap and bk consecutive channels wherever C % bk == 0: A[m, k] of a tile is the row's pointer,
-// plus one offset per tile, plus kk planes; B's rows are the weights rearranged to [O, 9, C]
-// (conv3x3_tap_major_weights; for the backward data [C, 9, O], conv3x3_flip_weights_tap_major),
-// contiguous and aligned in k. The kernels see kTapMajor and ask k_tile(tile, bk) once per tile,
+// k positions) and adds its own offset. Ordered by tap within chunks of kTapMajorChannels channels
+// instead (tap_major_k: k = (chunk * 9 + tap) * 32 + ci), a K tile of bk k is one tap and bk
+// consecutive channels: A[m, k] of a tile is the row's pointer, plus one offset per tile, plus kk
+// planes; B's rows are the weights rearranged into that order (conv3x3_tap_major_weights; for the
+// backward data, conv3x3_flip_weights_tap_major), contiguous and aligned in k. The nine tiles of a
+// chunk read the same channels at nine shifts: most of each tile's A is already in L1 (the 4-byte
+// copies are cp.async.ca). The kernels see kTapMajor and ask k_tile(tile, bk) once per tile,
 // then a_tile / b_tile once per row (implicit_gemm.cuh, CopySource): no table, no per-copy decode.
 // The launchers take them where every K tile of every version is one tap (kTapMajorChannels).
 // -------------------------------------------------------------------------------------------------
 
-struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights [O, 9, C]
+// A K tile's first k in the tap-major order (tap_major_k): its tap and first channel.
+struct TapMajorK {
+  int k, c0, ky, kx;
+  __device__ explicit TapMajorK(int k_) : k(k_) {
+    const TapMajorColumn column(k);
+    c0 = column.c;
+    ky = column.tap / 3;
+    kx = column.tap - 3 * ky;
+  }
+};
+
+struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights [O, 9C]
   static constexpr bool kTapMajor = true;
   struct KTile {
     int64_t x_offset;  // c0*H*W + ky*W + kx
-    int k;             // tap * C + c0: the tile's first column of w
+    int k;             // tap_major_k(c0, tap): the tile's first column of w
   };
   __device__ KTile k_tile(int64_t tile, int bk) const {
-    const int k = static_cast<int>(tile) * bk, tap = k / C, c0 = k - tap * C, ky = tap / 3;
-    return {static_cast<int64_t>(c0) * H * W + ky * W + (tap - 3 * ky), k};
+    const TapMajorK t(static_cast<int>(tile) * bk);
+    return {static_cast<int64_t>(t.c0) * H * W + t.ky * W + t.kx, t.k};
   }
   __device__ CopySource a_tile(const ARow& r, const KTile& t) const { return {r.p + t.x_offset, r.valid}; }
   __device__ int a_k_step(const KTile&) const { return H * W; }  // one channel further
@@ -832,7 +861,7 @@ struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights
 };
 
 // The concatenated input: a tile's channels all come from up or all from skip (Cu % bk == 0).
-struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9, Cu + Cs]
+struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9 (Cu + Cs)]
   static constexpr bool kTapMajor = true;
   struct KTile {
     int64_t offset;  // of channel c0 and the tap, in up or in skip
@@ -840,10 +869,9 @@ struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9, Cu
     bool in_skip;
   };
   __device__ KTile k_tile(int64_t tile, int bk) const {
-    const int k = static_cast<int>(tile) * bk, tap = k / C, c0 = k - tap * C, ky = tap / 3;
-    const int kx = tap - 3 * ky;
-    if (c0 < Cu) return {static_cast<int64_t>(c0) * H * W + ky * W + kx, k, false};
-    return {static_cast<int64_t>(c0 - Cu) * Hs * Ws + ky * Ws + kx, k, true};
+    const TapMajorK t(static_cast<int>(tile) * bk);
+    if (t.c0 < Cu) return {static_cast<int64_t>(t.c0) * H * W + t.ky * W + t.kx, t.k, false};
+    return {static_cast<int64_t>(t.c0 - Cu) * Hs * Ws + t.ky * Ws + t.kx, t.k, true};
   }
   __device__ CopySource a_tile(const ARow& r, const KTile& t) const {
     return {(t.in_skip ? r.skip_p : r.up_p) + t.offset, r.valid};
@@ -853,7 +881,7 @@ struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9, Cu
 };
 
 // The backward data, plain (Conv3x3BackwardDataGemm) or into the concatenation's two parts
-// (Conv3x3ConcatBackwardDataGemm): K runs over dy's O channels, so O % bk == 0. wf: [C, 9, O].
+// (Conv3x3ConcatBackwardDataGemm): K runs over dy's O channels (tap_major_k(o, tap)). wf: [C, 9O].
 template <class Base>
 struct TapMajorBackwardData : Base {
   static constexpr bool kTapMajor = true;
@@ -861,11 +889,11 @@ struct TapMajorBackwardData : Base {
   using typename Base::BRow;
   struct KTile {
     int o0, ry, rx;
-    int k;  // tap * O + o0
+    int k;  // tap_major_k(o0, tap)
   };
   __device__ KTile k_tile(int64_t tile, int bk) const {
-    const int k = static_cast<int>(tile) * bk, tap = k / this->O, ry = tap / 3;
-    return {k - tap * this->O, ry, tap - 3 * ry, k};
+    const TapMajorK t(static_cast<int>(tile) * bk);
+    return {t.c0, t.ky, t.kx, t.k};
   }
   __device__ CopySource a_tile(const ARow& r, const KTile& t) const {
     const int P = this->P, Q = this->Q;
@@ -947,8 +975,8 @@ Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* wf, flo
 }
 
 // The weights rearranged into a workspace by one of conv3x3_flip_weights (the backward data's B,
-// [C, O, 9]), conv3x3_tap_major_weights ([O, 9, C]) or conv3x3_flip_weights_tap_major
-// ([C, 9, O]), so that B's rows are contiguous in k: 16-byte copies where every row starts aligned
+// [C, O, 9]), conv3x3_tap_major_weights ([O, 9C]) or conv3x3_flip_weights_tap_major ([C, 9O]),
+// so that B's rows are contiguous in k: 16-byte copies where every row starts aligned
 // (the row length a multiple of 4; the workspace itself is aligned).
 class RearrangedWeights {
  public:
@@ -980,8 +1008,7 @@ RearrangedWeights flipped_tap_major_weights(const float* w, int C, int O, cudaSt
 
 // The tap-major views (Conv3x3ForwardTapGemm above) serve v4-v6 where the channels K runs over
 // (C for the forward, both parts of a concatenation; O for the backward data) are a multiple of
-// this: every K tile of every one of these versions (bk = 8, 16, 32) is then one tap.
-constexpr int kTapMajorChannels = 32;
+// kTapMajorChannels: every K tile of every one of these versions (bk = 8, 16, 32) is then one tap.
 static_assert(kTapMajorChannels % kV4BK == 0 && kTapMajorChannels % kV5BK == 0 &&
                   kTapMajorChannels % kV6BK == 0,
               "every K tile lies within one tap");

@@ -254,9 +254,10 @@ def test_split_forward_and_backward_data(lib, version, shape):
     check_backward_data(lib, version, shape)
 
 
-# The tap-major views (k = tap * C + c, the weights rearranged): v4-v6 take them where the channels
-# summed are a multiple of 32, with every tile then one tap. Partial pixel tiles, dy's zero border
-# (backward data), a split K (forward of C = 128, backward data of O = 128) and two column tiles.
+# The tap-major views (k ordered by tap within chunks of 32 channels, the weights rearranged): v4-v6
+# take them where the channels summed are a multiple of 32, with every tile then one tap. Partial
+# pixel tiles, dy's zero border (backward data), several chunks, a split K (forward of C = 128,
+# backward data of O = 128) and two column tiles.
 TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),
                     (1, 32, 20, 21, 70)]
 

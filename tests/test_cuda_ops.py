@@ -250,7 +250,7 @@ def test_conv3x3_real_layer_shapes(conv3x3_version, layer):
 
 
 # Channels in whole multiples of 32 (C for the forward, O for the backward data): the tap-major
-# views of v4-v6 (k = tap * C + c, conv3x3_tap_major), which the scaled-down real layers above do
+# views of v4-v6 (K by tap in chunks of 32 channels), which the scaled-down real layers above do
 # not reach. Partial pixel tiles, the backward data's zero border, split K (C = 128 forward, O = 128
 # backward data), two column tiles, and one plane of a real decoder layer's size.
 TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),

@@ -98,7 +98,7 @@ def conv3x3_version_available(name: str) -> bool:
 
 
 def conv3x3_tap_major(name: str, channels: int) -> bool:
-    """Whether kernel version ``name`` walks K tap by tap (k = tap * C + c, the weights rearranged)
+    """Whether kernel version ``name`` walks K tap by tap (in chunks of 32 channels, the weights rearranged)
     for a convolution summing over ``channels`` channels (C forward, O backward data): v4-v6 where
     ``channels`` is a multiple of 32."""
     return bool(_C.conv3x3_tap_major(_valid_conv3x3_version(name, "conv3x3_tap_major"), int(channels)))
