@@ -50,16 +50,20 @@ NO_RUN = ("No GPU run recorded yet: `bench/results/` holds no results JSON, so n
 
 
 def latest_results(results_dir: Path = RESULTS_DIR) -> Path:
+    """The newest results JSON that holds benchmark figures; the newest of all where none does.
+    A check run without its bench stage (tests, sanitizers, a profile) leaves the table to the
+    run before it."""
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no results JSON in {results_dir}")
 
     def key(path: Path):
         try:
-            date = json.loads(path.read_text(encoding="utf-8")).get("date") or ""
+            results = json.loads(path.read_text(encoding="utf-8"))
+            date, benchmarks = results.get("date") or "", results.get("benchmarks")
         except (OSError, ValueError, AttributeError):
-            date = ""
-        return (str(date), path.stat().st_mtime)
+            date, benchmarks = "", None
+        return (bool(benchmarks), str(date), path.stat().st_mtime)
 
     return max(files, key=key)
 

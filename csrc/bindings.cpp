@@ -951,12 +951,6 @@ PYBIND11_MODULE(_C, m) {
       "Whether the version walks K tap by tap (within chunks of 32 channels) for a convolution summing over "
       "`channels` channels (C for the forward, O for the backward data): v4-v6 where it is a "
       "multiple of 32.");
-  m.def("set_v6_blocks_per_sm", &set_v6_blocks_per_sm, arg("blocks"),
-        "An experiment on v6_tf32_wgmma's occupancy: 2 runs its tap-major convolutions with two "
-        "blocks per SM (three pipeline stages, 128 registers per thread); 1, the default, one. "
-        "Any other value raises ValueError.");
-  m.def("v6_blocks_per_sm", &v6_blocks_per_sm,
-        "The blocks per SM set by set_v6_blocks_per_sm (1 or 2).");
   m.def("conv3x3_concat_forward", &conv3x3_concat_forward, arg("up"), arg("skip"), arg("w"),
         arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"), arg("version"),
         "y[N,O,H-2,W-2] = valid 3x3 conv of [up, centre crop of skip] (never stored) with "

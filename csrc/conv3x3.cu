@@ -1124,19 +1124,6 @@ bool v6_available(cudaStream_t stream) {
 #endif
 }
 
-namespace {
-std::atomic<int> v6_blocks_per_sm_setting{1};
-}  // namespace
-
-int v6_blocks_per_sm() { return v6_blocks_per_sm_setting.load(); }
-
-void set_v6_blocks_per_sm(int blocks) {
-  if (blocks != 1 && blocks != 2)
-    throw std::invalid_argument("set_v6_blocks_per_sm: 1 (the default) or 2 blocks per SM, got " +
-                                std::to_string(blocks));
-  v6_blocks_per_sm_setting.store(blocks);
-}
-
 bool conv3x3_version_available(Conv3x3Version version) {
   return version != Conv3x3Version::kV6Tf32Wgmma || v6_available();
 }

@@ -1038,19 +1038,12 @@ struct V6Layout {
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-// An experiment on v6's occupancy, off by default: v6 holds one block (8 warps) per SM, limited
-// by its registers and shared memory, and the first profile showed each scheduler issuing only
-// every ~3 cycles. With set_v6_blocks_per_sm(2) (Python: UNET_V6_BLOCKS_PER_SM=2), the tap-major
-// views run kV6TwoBlockStages stages under __launch_bounds__(256, 2) (128 registers: a few bytes
-// spill) so that two blocks share an SM. Not yet measured; the other views keep one block.
-constexpr int kV6TwoBlockStages = 3;  // v6_blocks_per_sm(): launchers.h
-
-template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages, int MIN_BLOCKS = 1>
-__global__ void __launch_bounds__(kV6Threads, MIN_BLOCKS) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BM = kV6BM, BK = kV6BK;
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+__global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
+  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
   static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
-  using Layout = V6Layout<Gemm, BN, S>;
+  using Layout = V6Layout<Gemm, BN>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1308,10 +1301,10 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages, int MIN_BLOCKS = 1>
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BN, S>::kSmemBytes;
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B, S, MIN_BLOCKS>;
+  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
@@ -1322,14 +1315,6 @@ void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 // v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
-  if constexpr (Gemm::kTapMajor) {
-    if (v6_blocks_per_sm() == 2) {
-      constexpr int S = kV6TwoBlockStages;
-      if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B, S, 2>(name, g, splits, stream);
-      else launch_v6<Gemm, 64, VEC_A, VEC_B, S, 2>(name, g, splits, stream);
-      return;
-    }
-  }
   if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
   else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }

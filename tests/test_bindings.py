@@ -723,19 +723,3 @@ def test_conv3x3_tap_major_choice():
     assert _C.conv3x3_tap_major("v3_igemm", 64) is False
     with pytest.raises(ValueError, match="conv3x3_tap_major: argument version must be one of"):
         _C.conv3x3_tap_major("v9", 64)
-
-
-def test_v6_blocks_per_sm_setting():
-    """The occupancy experiment's setting: 1 (the default) or 2, anything else refused and the
-    setting left as it was; host state only, no GPU needed."""
-    assert _C.v6_blocks_per_sm() == 1
-    try:
-        _C.set_v6_blocks_per_sm(2)
-        assert _C.v6_blocks_per_sm() == 2
-        for bad in (0, 3, -1):
-            with pytest.raises(ValueError, match="set_v6_blocks_per_sm: 1 .* or 2 blocks per SM"):
-                _C.set_v6_blocks_per_sm(bad)
-        assert _C.v6_blocks_per_sm() == 2
-    finally:
-        _C.set_v6_blocks_per_sm(1)
-    assert _C.v6_blocks_per_sm() == 1

@@ -273,19 +273,6 @@ def test_tap_major_views(lib, version, shape):
     check_backward_data(lib, version, shape, seed=sum(shape) + 1)
 
 
-# The occupancy experiment (set_v6_blocks_per_sm(2)): v6's tap-major views with three stages and
-# two blocks per SM compute the same sums (the pipeline's stage arithmetic for S = 3).
-@pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
-def test_v6_two_blocks_per_sm(lib, shape):
-    assert lib.emulated_set_v6_blocks_per_sm(3) == -1
-    assert lib.emulated_set_v6_blocks_per_sm(2) == 0
-    try:
-        check_forward(lib, "v6_tf32_wgmma", shape, relu=True, seed=sum(shape) + 2)
-        check_backward_data(lib, "v6_tf32_wgmma", shape, seed=sum(shape) + 3)
-    finally:
-        assert lib.emulated_set_v6_blocks_per_sm(1) == 0
-
-
 def test_tap_major_needs_whole_tiles(lib):
     for channels in (1, 3, 16, 48, 100):
         assert lib.emulated_conv3x3_tap_major(b"v6_tf32_wgmma", channels) == 0, channels

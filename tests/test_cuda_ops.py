@@ -265,22 +265,6 @@ def test_conv3x3_tap_major_shapes(conv3x3_version, shape):
     check_conv3x3(conv3x3_version, *shape, relu=True, seed=sum(shape))
 
 
-# The occupancy experiment (cu.set_v6_blocks_per_sm(2)): v6's tap-major convolutions with three
-# stages and two blocks per SM.
-@pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
-def test_v6_two_blocks_per_sm(shape):
-    if not cu.conv3x3_version_available("v6_tf32_wgmma"):
-        pytest.skip("v6_tf32_wgmma cannot run on this GPU or build (it needs sm_90a)")
-    cu.set_v6_blocks_per_sm(2)
-    try:
-        with cu.use_conv3x3_version("v6_tf32_wgmma"):
-            check_conv3x3("v6_tf32_wgmma", *shape, relu=True, seed=sum(shape) + 1)
-    finally:
-        cu.set_v6_blocks_per_sm(1)
-    with pytest.raises(ValueError, match="1 or 2 blocks per SM"):
-        cu.set_v6_blocks_per_sm(3)
-
-
 def test_conv3x3_small_integers_exact(conv3x3_version):
     # Small integers are exact in TF32 too, and so are their float32 sums: v4 matches exactly.
     rng = np.random.default_rng(3)

@@ -533,6 +533,21 @@ def _results_dir(tmp_path: Path) -> tuple[Path, Path]:
     return results_dir, newest
 
 
+def test_latest_results_prefers_a_run_with_benchmarks(tmp_path):
+    """A newer check without its bench stage (tests and a profile only) does not blank the table:
+    the newest run with benchmark figures is chosen, and the newest of all only where none has any."""
+    results_dir, newest = _results_dir(tmp_path)
+    no_bench = json.loads(newest.read_text())
+    no_bench["date"] = "2099-01-01T00:00:00Z"
+    no_bench["benchmarks"] = []
+    (results_dir / "results-tests-only.json").write_text(json.dumps(no_bench))
+    assert plot_results.latest_results(results_dir) == newest
+    for path in results_dir.glob("*.json"):
+        if path.name != "results-tests-only.json":
+            path.unlink()
+    assert plot_results.latest_results(results_dir).name == "results-tests-only.json"
+
+
 def test_plot_renders_png_and_markdown(tmp_path):
     pytest.importorskip("matplotlib")
     results_dir, newest = _results_dir(tmp_path)

@@ -113,15 +113,6 @@ int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, i
   return unet::conv3x3_backward_weight_splits(v, N, C, H, W, O);
 }
 
-// 0 on success, -1 for a value set_v6_blocks_per_sm refuses.
-int emulated_set_v6_blocks_per_sm(int blocks) {
-  try {
-    unet::set_v6_blocks_per_sm(blocks);
-    return 0;
-  } catch (const std::invalid_argument&) {
-    return -1;
-  }
-}
 
 int emulated_conv3x3_tap_major(const char* version, int channels) {
   unet::Conv3x3Version v;

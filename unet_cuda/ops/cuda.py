@@ -104,24 +104,6 @@ def conv3x3_tap_major(name: str, channels: int) -> bool:
     return bool(_C.conv3x3_tap_major(_valid_conv3x3_version(name, "conv3x3_tap_major"), int(channels)))
 
 
-# An experiment on v6_tf32_wgmma's occupancy (docs/CONV3X3.md, "Occupancy"): 2 runs its tap-major
-# convolutions with two blocks per SM, 1 (the default) with one. The environment variable is read
-# once, when this module is imported.
-V6_BLOCKS_PER_SM_ENV = "UNET_V6_BLOCKS_PER_SM"
-
-
-def set_v6_blocks_per_sm(blocks: int) -> None:
-    """Runs v6's tap-major convolutions with ``blocks`` (1 or 2) blocks per SM from now on."""
-    if isinstance(blocks, bool) or blocks not in (1, 2):
-        raise ValueError(f"set_v6_blocks_per_sm: 1 or 2 blocks per SM, got {blocks!r}")
-    _C.set_v6_blocks_per_sm(int(blocks))
-
-
-if os.environ.get(V6_BLOCKS_PER_SM_ENV):
-    _blocks = os.environ[V6_BLOCKS_PER_SM_ENV]
-    if _blocks not in ("1", "2"):
-        raise ValueError(f"${V6_BLOCKS_PER_SM_ENV}: 1 or 2 blocks per SM, got {_blocks!r}")
-    set_v6_blocks_per_sm(int(_blocks))
 
 
 def set_conv3x3_version(name: str) -> None:
