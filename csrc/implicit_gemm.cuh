@@ -1209,6 +1209,28 @@ bool use_large_tile(int64_t M, int64_t cols) {
          ceil_div<int64_t>(M, Large::kBM) * ceil_div<int64_t>(cols, Large::kBN) >= kTargetBlocks;
 }
 
+// Blocks run in waves: one per SM at a time where a kernel holds one block per SM (v6), two where
+// it holds two. kWaveBlocks is an H100's SM count, a constant for the same reason as above.
+constexpr int64_t kWaveBlocks = 132;
+static_assert(kTargetBlocks == 2 * kWaveBlocks, "two waves");
+
+// Of 1 .. max_splits, the split count of `tiles` output tiles that finishes first, where each block
+// of s splits sums 1/s of K and kWaveBlocks blocks run at a time: the least waves(tiles * s) / s.
+// Ties go to more splits (a kernel holding two blocks per SM runs waves twice as wide). Without
+// this, ceil(kTargetBlocks / tiles) splits overshoot two waves by a few blocks: d1b's weight
+// gradient (5 tiles) made 265 blocks of K / 53, three waves where 260 blocks of K / 52 take two.
+int64_t wave_balanced_splits(int64_t tiles, int64_t max_splits) {
+  int64_t best = 1, best_waves = ceil_div(tiles, kWaveBlocks);
+  for (int64_t s = 2; s <= max_splits; ++s) {
+    const int64_t waves = ceil_div(tiles * s, kWaveBlocks);
+    if (waves * best <= best_waves * s) {  // waves / s <= best_waves / best
+      best = s;
+      best_waves = waves;
+    }
+  }
+  return best;
+}
+
 // Splits of a K made of `units` pieces of `unit_pixels` pixels each, for `tiles` output tiles.
 int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t floats_per_split) {
   if (tiles <= 0 || units <= 1) return 1;
@@ -1216,7 +1238,7 @@ int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t float
   s = std::min(s, units * unit_pixels / kMinSplitPixels);
   s = std::min(s, kMaxSplits);
   s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(floats_per_split, 1)));
-  return static_cast<int>(std::max<int64_t>(s, 1));
+  return static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1)));
 }
 
 
@@ -1398,7 +1420,7 @@ OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t 
     s = std::min(s, K / kMinSplitK);
     s = std::min(s, kMaxSplits);
     s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * cols, 1)));
-    plan.splits = static_cast<int>(std::max<int64_t>(s, 1));
+    plan.splits = static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1)));
   }
   return plan;
 }
