@@ -1124,6 +1124,19 @@ bool v6_available(cudaStream_t stream) {
 #endif
 }
 
+namespace {
+std::atomic<int> v6_stages_setting{kV6Stages};
+}  // namespace
+
+int v6_stages() { return v6_stages_setting.load(); }
+
+void set_v6_stages(int stages) {
+  if (stages < kV6Stages || stages > kV6MaxStages)
+    throw std::invalid_argument("set_v6_stages: 4 (the default), 5 or 6 stages, got " +
+                                std::to_string(stages));
+  v6_stages_setting.store(stages);
+}
+
 bool conv3x3_version_available(Conv3x3Version version) {
   return version != Conv3x3Version::kV6Tf32Wgmma || v6_available();
 }

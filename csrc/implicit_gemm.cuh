@@ -1038,12 +1038,18 @@ struct V6Layout {
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+// An experiment on v6's pipeline depth, off by default: set_v6_stages(5 or 6) (Python:
+// UNET_V6_STAGES) runs the 128-column tap-major views with that many stages, 2 or 3 tiles in
+// flight instead of kV6Stages' 2 (160 or 192 KB of shared memory, leaving less of the SM's 256 KB
+// to L1). One block per SM either way; the other views keep kV6Stages.
+constexpr int kV6MaxStages = 6;
+
+template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages>
 __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
+  constexpr int BM = kV6BM, BK = kV6BK;
   static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
-  using Layout = V6Layout<Gemm, BN>;
+  using Layout = V6Layout<Gemm, BN, S>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1323,10 +1329,11 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  constexpr size_t kSmem = V6Layout<Gemm, BN, S>::kSmemBytes;
+  static_assert(kSmem <= 227 * 1024, "an SM of compute capability 9.0 gives a block 227 KB");
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B, S>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
@@ -1337,6 +1344,11 @@ void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 // v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
+  if constexpr (Gemm::kTapMajor) {
+    const int stages = v6_stages();
+    if (wide && stages == 5) return launch_v6<Gemm, 128, VEC_A, VEC_B, 5>(name, g, splits, stream);
+    if (wide && stages == 6) return launch_v6<Gemm, 128, VEC_A, VEC_B, 6>(name, g, splits, stream);
+  }
   if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
   else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }

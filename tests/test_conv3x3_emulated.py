@@ -277,6 +277,22 @@ def test_tap_major_views(lib, version, shape):
     check_backward_data(lib, version, shape, seed=sum(shape) + 1)
 
 
+# The pipeline-depth experiment (set_v6_stages(5 or 6)): v6's 128-column tap-major views with
+# deeper pipelines compute the same sums (the stage arithmetic for S = 5, 6). Shapes with 128
+# output columns (forward) or 128 input channels (backward data), a split K among them.
+@pytest.mark.parametrize("stages", [5, 6])
+@pytest.mark.parametrize("shape", [(1, 32, 5, 6, 128), (1, 128, 6, 7, 32), (1, 128, 9, 8, 128)], ids=str)
+def test_v6_deeper_pipelines(lib, stages, shape):
+    assert lib.emulated_set_v6_stages(3) == -1
+    assert lib.emulated_set_v6_stages(7) == -1
+    assert lib.emulated_set_v6_stages(stages) == 0
+    try:
+        check_forward(lib, "v6_tf32_wgmma", shape, relu=True, seed=sum(shape) + stages)
+        check_backward_data(lib, "v6_tf32_wgmma", shape, seed=sum(shape) + stages + 1)
+    finally:
+        assert lib.emulated_set_v6_stages(4) == 0
+
+
 def test_tap_major_needs_whole_tiles(lib):
     for channels in (1, 3, 16, 48, 100):
         assert lib.emulated_conv3x3_tap_major(b"v6_tf32_wgmma", channels) == 0, channels
