@@ -951,11 +951,6 @@ PYBIND11_MODULE(_C, m) {
       "Whether the version walks K tap by tap (within chunks of 32 channels) for a convolution summing over "
       "`channels` channels (C for the forward, O for the backward data): v4-v6 where it is a "
       "multiple of 32.");
-  m.def("set_v6_stages", &set_v6_stages, arg("stages"),
-        "An experiment on v6_tf32_wgmma's pipeline depth: 5 or 6 runs its 128-column tap-major "
-        "convolutions with that many cp.async stages; 4, the default, as the other views. Any "
-        "other value raises ValueError.");
-  m.def("v6_stages", &v6_stages, "The stages set by set_v6_stages (4, 5 or 6).");
   m.def("conv3x3_concat_forward", &conv3x3_concat_forward, arg("up"), arg("skip"), arg("w"),
         arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"), arg("version"),
         "y[N,O,H-2,W-2] = valid 3x3 conv of [up, centre crop of skip] (never stored) with "

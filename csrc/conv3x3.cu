@@ -685,15 +685,17 @@ struct Conv3x3BackwardWeightGemm {
     return ceil_div(static_cast<int64_t>(P) * Q, static_cast<int64_t>(bk));
   }
   __host__ __device__ int64_t k_tiles(int bk) const { return images * tiles_per_image(bk); }
-  // Past the image's pixels (or past O, or 9C) the offsets are 0: a_copy / b_copy then still
-  // address an element of dy / x (CopySource), which the copy does not read.
+  // Past the image's pixels the offsets are those of its last pixel (past O, or 9C, those of row
+  // 0): a_copy / b_copy then still address an element of dy / x (CopySource), which the copy does
+  // not read. A clamp, not a branch: v3 computes k_pos for every element it loads.
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
-    if (pix >= static_cast<int64_t>(P) * Q) return {0, 0, false};
-    const int i = pix / Q, j = pix - i * Q;
-    return {n * O * P * Q + pix, n * C * H * W + static_cast<int64_t>(i) * W + j, true};
+    const bool valid = pix < static_cast<int64_t>(P) * Q;
+    const int p = valid ? pix : P * Q - 1;
+    const int i = p / Q, j = p - i * Q;
+    return {n * O * P * Q + p, n * C * H * W + static_cast<int64_t>(i) * W + j, valid};
   }
   __device__ ARow a_row(int64_t o) const {
     return o < M ? ARow{dy + o * P * Q, true} : ARow{dy, false};
@@ -793,15 +795,16 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
     bool in_skip;
   };
 
-  // As in the base view, the offsets of what is not read are 0; a row past 9C reads from the
-  // part that has channels (up may have none).
+  // As in the base view, what is not read is addressed at the image's last pixel; a row past 9C
+  // reads from the part that has channels (up may have none).
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
-    if (pix >= static_cast<int64_t>(P) * Q) return {{0, 0, false}, 0};
-    const int i = pix / Q, j = pix - i * Q;
-    return {{n * O * P * Q + pix, n * Cu * H * W + static_cast<int64_t>(i) * W + j, true},
+    const bool valid = pix < static_cast<int64_t>(P) * Q;
+    const int p = valid ? pix : P * Q - 1;
+    const int i = p / Q, j = p - i * Q;
+    return {{n * O * P * Q + p, n * Cu * H * W + static_cast<int64_t>(i) * W + j, valid},
             n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
   }
   __device__ BRow b_row(int col) const {
@@ -1122,19 +1125,6 @@ bool v6_available(cudaStream_t stream) {
   }
   return state == 1;
 #endif
-}
-
-namespace {
-std::atomic<int> v6_stages_setting{kV6Stages};
-}  // namespace
-
-int v6_stages() { return v6_stages_setting.load(); }
-
-void set_v6_stages(int stages) {
-  if (stages < kV6Stages || stages > kV6MaxStages)
-    throw std::invalid_argument("set_v6_stages: 4 (the default), 5 or 6 stages, got " +
-                                std::to_string(stages));
-  v6_stages_setting.store(stages);
 }
 
 bool conv3x3_version_available(Conv3x3Version version) {

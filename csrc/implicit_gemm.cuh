@@ -1038,18 +1038,12 @@ struct V6Layout {
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-// An experiment on v6's pipeline depth, off by default: set_v6_stages(5 or 6) (Python:
-// UNET_V6_STAGES) runs the 128-column tap-major views with that many stages, 2 or 3 tiles in
-// flight instead of kV6Stages' 2 (160 or 192 KB of shared memory, leaving less of the SM's 256 KB
-// to L1). One block per SM either way; the other views keep kV6Stages.
-constexpr int kV6MaxStages = 6;
-
-template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages>
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BM = kV6BM, BK = kV6BK;
+  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
   static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
-  using Layout = V6Layout<Gemm, BN, S>;
+  using Layout = V6Layout<Gemm, BN>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1215,20 +1209,24 @@ bool use_large_tile(int64_t M, int64_t cols) {
          ceil_div<int64_t>(M, Large::kBM) * ceil_div<int64_t>(cols, Large::kBN) >= kTargetBlocks;
 }
 
-// Blocks run in waves: one per SM at a time where a kernel holds one block per SM (v6), two where
-// it holds two. kWaveBlocks is an H100's SM count, a constant for the same reason as above.
-constexpr int64_t kWaveBlocks = 132;
-static_assert(kTargetBlocks == 2 * kWaveBlocks, "two waves");
+// Blocks run in waves: an H100's 132 SMs (a constant for the same reason as above) times the
+// blocks a kernel holds per SM. Known for v6: one block of its 128-column tile, two of its 64-column
+// one (GemmTile::wave_blocks); the other versions' occupancy varies with the tile and the view, and
+// they keep the plain rule (wave_blocks 0).
+constexpr int64_t kSMs = 132;
+static_assert(kTargetBlocks == 2 * kSMs, "two waves of one block per SM");
 
 // Of 1 .. max_splits, the split count of `tiles` output tiles that finishes first, where each block
-// of s splits sums 1/s of K and kWaveBlocks blocks run at a time: the least waves(tiles * s) / s.
-// Ties go to more splits (a kernel holding two blocks per SM runs waves twice as wide). Without
-// this, ceil(kTargetBlocks / tiles) splits overshoot two waves by a few blocks: d1b's weight
-// gradient (5 tiles) made 265 blocks of K / 53, three waves where 260 blocks of K / 52 take two.
-int64_t wave_balanced_splits(int64_t tiles, int64_t max_splits) {
-  int64_t best = 1, best_waves = ceil_div(tiles, kWaveBlocks);
+// of s splits sums 1/s of K and `wave_blocks` blocks run at a time: the least waves(tiles * s) / s,
+// ties to more splits; max_splits itself where wave_blocks is 0. Without this, v6's
+// ceil(kTargetBlocks / tiles) splits overshot two waves by a few blocks: d1b's weight gradient
+// (5 tiles) made 265 blocks of K / 53, three waves where 260 blocks of K / 52 take two (measured on
+// an H200: 0.70x the time).
+int64_t wave_balanced_splits(int64_t tiles, int64_t max_splits, int64_t wave_blocks) {
+  if (wave_blocks <= 0) return max_splits;
+  int64_t best = 1, best_waves = ceil_div(tiles, wave_blocks);
   for (int64_t s = 2; s <= max_splits; ++s) {
-    const int64_t waves = ceil_div(tiles * s, kWaveBlocks);
+    const int64_t waves = ceil_div(tiles * s, wave_blocks);
     if (waves * best <= best_waves * s) {  // waves / s <= best_waves / best
       best = s;
       best_waves = waves;
@@ -1238,13 +1236,14 @@ int64_t wave_balanced_splits(int64_t tiles, int64_t max_splits) {
 }
 
 // Splits of a K made of `units` pieces of `unit_pixels` pixels each, for `tiles` output tiles.
-int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t floats_per_split) {
+int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t floats_per_split,
+                int64_t wave_blocks = 0) {
   if (tiles <= 0 || units <= 1) return 1;
   int64_t s = ceil_div(kTargetBlocks, tiles);
   s = std::min(s, units * unit_pixels / kMinSplitPixels);
   s = std::min(s, kMaxSplits);
   s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(floats_per_split, 1)));
-  return static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1)));
+  return static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), wave_blocks));
 }
 
 
@@ -1329,11 +1328,11 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B, int S = kV6Stages>
+template <class Gemm, int BN, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BN, S>::kSmemBytes;
+  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
   static_assert(kSmem <= 227 * 1024, "an SM of compute capability 9.0 gives a block 227 KB");
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B, S>;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
   const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
@@ -1344,11 +1343,6 @@ void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 // v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
-  if constexpr (Gemm::kTapMajor) {
-    const int stages = v6_stages();
-    if (wide && stages == 5) return launch_v6<Gemm, 128, VEC_A, VEC_B, 5>(name, g, splits, stream);
-    if (wide && stages == 6) return launch_v6<Gemm, 128, VEC_A, VEC_B, 6>(name, g, splits, stream);
-  }
   if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
   else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }
@@ -1398,13 +1392,14 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
 struct GemmTile {
   bool large;
   int bm, bn, bk;
+  int64_t wave_blocks = 0;  // blocks in flight on kSMs SMs where known (wave_balanced_splits)
 };
 
 GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
   if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
     const bool wide = cols > 64;
-    return {wide, kV6BM, wide ? 128 : 64, kV6BK};
+    return {wide, kV6BM, wide ? 128 : 64, kV6BK, wide ? kSMs : 2 * kSMs};
   }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);
@@ -1432,7 +1427,8 @@ OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t 
     s = std::min(s, K / kMinSplitK);
     s = std::min(s, kMaxSplits);
     s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * cols, 1)));
-    plan.splits = static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1)));
+    plan.splits =
+        static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), plan.tile.wave_blocks));
   }
   return plan;
 }
@@ -1510,7 +1506,7 @@ WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols,
   const GemmTile tile = gemm_tile(version, M, cols);
   const int64_t tiles = ceil_div<int64_t>(M, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
   const int64_t units = images * ceil_div<int64_t>(pixels, tile.bk);
-  return {tile.large, plan_splits(tiles, units, tile.bk, M * cols)};
+  return {tile.large, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
 }
 
 const char* version_name(Conv3x3Version version) {

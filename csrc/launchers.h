@@ -39,11 +39,6 @@ inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
 // Whether `version` can run on the current device: v6 needs a Hopper GPU and a build with sm_90a
 // code (asked once per device); every other version runs on any GPU of the build.
 bool conv3x3_version_available(Conv3x3Version version);
-// An experiment on v6's pipeline depth (implicit_gemm.cuh, kV6MaxStages): 5 or 6 runs the
-// 128-column tap-major views with that many stages; 4, the default, as every other view. Throws
-// std::invalid_argument otherwise.
-void set_v6_stages(int stages);
-int v6_stages();
 // The version the bindings use when none is named (unet_cuda.ops.cuda keeps its own setting).
 inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
 

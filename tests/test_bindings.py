@@ -716,22 +716,6 @@ def test_version_availability():
         _C.conv3x3_version_available("v9")
 
 
-def test_v6_stages_setting():
-    """The pipeline-depth experiment's setting: 4 (the default), 5 or 6, anything else refused and
-    the setting left as it was; host state only, no GPU needed."""
-    assert _C.v6_stages() == 4
-    try:
-        _C.set_v6_stages(6)
-        assert _C.v6_stages() == 6
-        for bad in (0, 3, 7, -1):
-            with pytest.raises(ValueError, match="set_v6_stages: 4 .* 5 or 6 stages"):
-                _C.set_v6_stages(bad)
-        assert _C.v6_stages() == 6
-    finally:
-        _C.set_v6_stages(4)
-    assert _C.v6_stages() == 4
-
-
 def test_conv3x3_tap_major_choice():
     assert _C.conv3x3_tap_major("v6_tf32_wgmma", 64) is True
     assert _C.conv3x3_tap_major("v4_tf32_mma", 1024) is True

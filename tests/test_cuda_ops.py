@@ -265,23 +265,6 @@ def test_conv3x3_tap_major_shapes(conv3x3_version, shape):
     check_conv3x3(conv3x3_version, *shape, relu=True, seed=sum(shape))
 
 
-# The pipeline-depth experiment (cu.set_v6_stages(5 or 6)): v6's 128-column tap-major convolutions
-# with deeper pipelines.
-@pytest.mark.parametrize("stages", [5, 6])
-@pytest.mark.parametrize("shape", [(1, 32, 5, 6, 128), (1, 128, 6, 7, 32), (2, 128, 20, 21, 128)], ids=str)
-def test_v6_deeper_pipelines(stages, shape):
-    if not cu.conv3x3_version_available("v6_tf32_wgmma"):
-        pytest.skip("v6_tf32_wgmma cannot run on this GPU or build (it needs sm_90a)")
-    cu.set_v6_stages(stages)
-    try:
-        with cu.use_conv3x3_version("v6_tf32_wgmma"):
-            check_conv3x3("v6_tf32_wgmma", *shape, relu=True, seed=sum(shape) + stages)
-    finally:
-        cu.set_v6_stages(4)
-    with pytest.raises(ValueError, match="4, 5 or 6 stages"):
-        cu.set_v6_stages(3)
-
-
 def test_conv3x3_small_integers_exact(conv3x3_version):
     # Small integers are exact in TF32 too, and so are their float32 sums: v4 matches exactly.
     rng = np.random.default_rng(3)

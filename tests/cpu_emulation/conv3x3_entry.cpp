@@ -106,16 +106,6 @@ int emulated_conv3x3_concat_backward_weight(const char* version, const float* up
   });
 }
 
-// 0 on success, -1 for a value set_v6_stages refuses.
-int emulated_set_v6_stages(int stages) {
-  try {
-    unet::set_v6_stages(stages);
-    return 0;
-  } catch (const std::invalid_argument&) {
-    return -1;
-  }
-}
-
 int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, int H, int W,
                                             int O) {
   unet::Conv3x3Version v;

@@ -104,26 +104,6 @@ def conv3x3_tap_major(name: str, channels: int) -> bool:
     return bool(_C.conv3x3_tap_major(_valid_conv3x3_version(name, "conv3x3_tap_major"), int(channels)))
 
 
-# An experiment on v6_tf32_wgmma's pipeline depth (docs/CONV3X3.md, "Pipeline depth"): 5 or 6 runs
-# its 128-column tap-major convolutions with that many stages, 4 (the default) as every other view.
-# The environment variable is read once, when this module is imported.
-V6_STAGES_ENV = "UNET_V6_STAGES"
-
-
-def set_v6_stages(stages: int) -> None:
-    """Runs v6's 128-column tap-major convolutions with ``stages`` (4, 5 or 6) stages from now on."""
-    if isinstance(stages, bool) or stages not in (4, 5, 6):
-        raise ValueError(f"set_v6_stages: 4, 5 or 6 stages, got {stages!r}")
-    _C.set_v6_stages(int(stages))
-
-
-if os.environ.get(V6_STAGES_ENV):
-    _stages = os.environ[V6_STAGES_ENV]
-    if _stages not in ("4", "5", "6"):
-        raise ValueError(f"${V6_STAGES_ENV}: 4, 5 or 6 stages, got {_stages!r}")
-    set_v6_stages(int(_stages))
-
-
 
 
 def set_conv3x3_version(name: str) -> None:
