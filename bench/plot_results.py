@@ -1,11 +1,12 @@
 """Renders a GPU check's results JSON: a PNG chart, a markdown table of every figure, and the
 performance table of the top-level README.
 
-    python3 bench/plot_results.py                       # the newest bench/results/*.json
+    python3 bench/plot_results.py                       # the newest run in bench/results/
     python3 bench/plot_results.py path/to/results.json --png out.png --markdown out.md
     python3 bench/plot_results.py --readme README.md    # also the README's table (and chart link)
 
-The newest file is the one with the latest ``date`` field (file time breaks ties). The chart has
+The newest run is the file with benchmark figures and the latest ``date`` field (file time breaks
+ties; a check without its bench stage counts only where no file has figures). The chart has
 four panels: the training step per precision mode (ours, ours as a CUDA graph, and PyTorch in the
 paired setting), the 512x512 prediction per precision with the 2 ms target, the 3x3 convolution's
 kernel versions at four layers (TFLOP/s of forward + both gradients: the progression of

@@ -687,15 +687,16 @@ struct Conv3x3BackwardWeightGemm {
     return ceil_div(static_cast<int64_t>(P) * Q, static_cast<int64_t>(bk));
   }
   __host__ __device__ int64_t k_tiles(int bk) const { return images * tiles_per_image(bk); }
-  // Past the image's pixels the offsets are those of its last pixel (past O, or 9C, those of row
+  // Past the image's pixels the offsets are those of its first pixel (past O, or 9C, those of row
   // 0): a_copy / b_copy then still address an element of dy / x (CopySource), which the copy does
-  // not read. A clamp, not a branch: v3 computes k_pos for every element it loads.
+  // not read, at a 16-byte aligned address where the 16-byte copies need one (the last pixel would
+  // not be). A select, not a branch: v3 computes k_pos for every element it loads.
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
     const bool valid = pix < static_cast<int64_t>(P) * Q;
-    const int p = valid ? pix : P * Q - 1;
+    const int p = valid ? pix : 0;
     const int i = p / Q, j = p - i * Q;
     return {n * O * P * Q + p, n * C * H * W + static_cast<int64_t>(i) * W + j, valid};
   }
@@ -797,14 +798,14 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
     bool in_skip;
   };
 
-  // As in the base view, what is not read is addressed at the image's last pixel; a row past 9C
+  // As in the base view, what is not read is addressed at the image's first pixel; a row past 9C
   // reads from the part that has channels (up may have none).
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
     const int64_t per_image = tiles_per_image(bk);
     const int64_t n = tile / per_image;
     const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
     const bool valid = pix < static_cast<int64_t>(P) * Q;
-    const int p = valid ? pix : P * Q - 1;
+    const int p = valid ? pix : 0;
     const int i = p / Q, j = p - i * Q;
     return {{n * O * P * Q + p, n * Cu * H * W + static_cast<int64_t>(i) * W + j, valid},
             n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
@@ -865,7 +866,8 @@ struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights
   __device__ CopySource b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
 };
 
-// The concatenated input: a tile's channels all come from up or all from skip (Cu % bk == 0).
+// The concatenated input: a tile's channels all come from up or all from skip (Cu and Cs multiples
+// of kTapMajorChannels, which the launchers check).
 struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9 (Cu + Cs)]
   static constexpr bool kTapMajor = true;
   struct KTile {
@@ -1013,7 +1015,8 @@ RearrangedWeights flipped_tap_major_weights(const float* w, int C, int O, cudaSt
 
 // The tap-major views (Conv3x3ForwardTapGemm above) serve v4-v6 where the channels K runs over
 // (C for the forward, both parts of a concatenation; O for the backward data) are a multiple of
-// kTapMajorChannels: every K tile of every one of these versions (bk = 8, 16, 32) is then one tap.
+// kTapMajorChannels: every K tile of every one of these versions (bk = 16 for v4 and v5, 32 for
+// v6) is then one tap.
 static_assert(kTapMajorChannels % kV4BK == 0 && kTapMajorChannels % kV5BK == 0 &&
                   kTapMajorChannels % kV6BK == 0,
               "every K tile lies within one tap");
@@ -1045,6 +1048,11 @@ template <class Gemm>  // Conv3x3BackwardWeightGemm or Conv3x3ConcatBackwardWeig
 void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                               Conv3x3Version version, cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
+  // k_pos numbers the pixels of one output plane with an int
+  if (static_cast<int64_t>(g.P) * g.Q > INT32_MAX)
+    throw std::runtime_error(name + ": an output plane of " + std::to_string(g.P) + " x " +
+                             std::to_string(g.Q) + " pixels exceeds the GEMM versions' 32-bit " +
+                             "pixel index; use v1_direct or v2_smem");
   const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
   // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
   // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.

@@ -1024,7 +1024,7 @@ struct CoreMatrixCopy {
   }
 };
 
-template <class Gemm, int BN, int S = kV6Stages>
+template <class Gemm, int BN>
 struct V6Layout {
   using ASmem = V6Smem<kV6BM>;
   using BSmem = V6Smem<BN>;
@@ -1033,7 +1033,7 @@ struct V6Layout {
       StagedCopies<Gemm, ASmem, BSmem,
                    CoreMatrixCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
                    CoreMatrixCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
-                   VEC_B, S, kV6BK>;
+                   VEC_B, kV6Stages, kV6BK>;
   // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
@@ -1210,9 +1210,10 @@ bool use_large_tile(int64_t M, int64_t cols) {
 }
 
 // Blocks run in waves: an H100's 132 SMs (a constant for the same reason as above) times the
-// blocks a kernel holds per SM. Known for v6: one block of its 128-column tile, two of its 64-column
-// one (GemmTile::wave_blocks); the other versions' occupancy varies with the tile and the view, and
-// they keep the plain rule (wave_blocks 0).
+// blocks a kernel holds per SM. Known for v6's 128-column tile: one block per SM, whatever the view
+// (GemmTile::wave_blocks). Its 64-column tile holds two blocks of some views and one of others
+// (the weight gradients' take over 128 registers), and v3-v5's occupancy varies with the tile and
+// the view: those keep the plain rule (wave_blocks 0).
 constexpr int64_t kSMs = 132;
 static_assert(kTargetBlocks == 2 * kSMs, "two waves of one block per SM");
 
@@ -1399,7 +1400,7 @@ GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
   if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
     const bool wide = cols > 64;
-    return {wide, kV6BM, wide ? 128 : 64, kV6BK, wide ? kSMs : 2 * kSMs};
+    return {wide, kV6BM, wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
   }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);

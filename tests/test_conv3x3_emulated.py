@@ -225,6 +225,9 @@ def test_split_k_plans(lib):
     assert splits("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 7
     for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
         assert splits(version, (1, 64, 570, 570, 64)) == 30, version
+    # v6's 64-column tile (9C <= 64) too: its weight gradient holds one block per SM, its forward
+    # two, so no single wave size fits it. 5 tiles of O = 640: ceil(264 / 5) = 53.
+    assert splits("v6_tf32_wgmma", (1, 5, 242, 242, 640)) == 53
     # The first layer (C = 1) in the GEMM versions: conv3x3_backward_weight_few_channels, two waves
     # of (o, slice) blocks; too few pixels for a second slice: one.
     for version in TILED[1:]:

@@ -113,7 +113,6 @@ int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, i
   return unet::conv3x3_backward_weight_splits(v, N, C, H, W, O);
 }
 
-
 int emulated_conv3x3_tap_major(const char* version, int channels) {
   unet::Conv3x3Version v;
   if (!parse_version(version, &v)) return -1;

@@ -444,7 +444,9 @@ inline void cp_async_4_or_zero(float* dst, const float* src, bool copy) {
 inline void cp_async_16_or_zero(float* dst, const float* src, bool copy) {
   static const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (src == nullptr) throw std::logic_error("cp.async needs a source address even when it copies none");
-  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || (copy && reinterpret_cast<std::uintptr_t>(src) % 16))
+  // The source must be aligned even where nothing is read (copy false, src-size 0): PTX requires
+  // the address aligned to the copy size either way.
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16)
     throw std::logic_error("cp.async of 16 bytes needs 16-byte aligned addresses");
   self().copy_groups.back().push_back({dst, copy ? static_cast<const void*>(src) : zeros, 16});
 }

@@ -104,8 +104,6 @@ def conv3x3_tap_major(name: str, channels: int) -> bool:
     return bool(_C.conv3x3_tap_major(_valid_conv3x3_version(name, "conv3x3_tap_major"), int(channels)))
 
 
-
-
 def set_conv3x3_version(name: str) -> None:
     """Runs every later conv3x3 op of this backend with kernel version ``name``."""
     global _conv3x3_version
