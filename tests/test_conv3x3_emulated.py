@@ -371,6 +371,7 @@ CONCAT_SHAPES = [
     (1, 60, 64, 6, 6, 8, 8, 130),    # long K both ways: the forward and backward data split K
     (1, 32, 32, 6, 7, 10, 9, 32),    # tap-major (v4-v6): a tile's channels from up or from skip
     (1, 64, 32, 5, 5, 7, 9, 128),    # tap-major, K split in the backward data
+    (1, 32, 64, 5, 6, 9, 8, 32),     # tap-major, two chunks of skip channels after one of up
 ]
 
 
