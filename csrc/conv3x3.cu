@@ -488,12 +488,13 @@ __host__ __device__ constexpr int64_t tap_major_k(int c, int tap) {
 }
 struct TapMajorColumn {
   int c, tap;
-  __host__ __device__ explicit TapMajorColumn(int64_t k) {
-    const int64_t group = k / kTapMajorChannels;  // chunk * 9 + tap
-    tap = static_cast<int>(group % 9);
-    c = static_cast<int>((group / 9) * kTapMajorChannels + k % kTapMajorChannels);
-  }
+  __host__ __device__ constexpr explicit TapMajorColumn(int64_t k)  // k / 32 = chunk * 9 + tap
+      : c(static_cast<int>(k / kTapMajorChannels / 9 * kTapMajorChannels + k % kTapMajorChannels)),
+        tap(static_cast<int>(k / kTapMajorChannels % 9)) {}
 };
+static_assert(TapMajorColumn(tap_major_k(70, 5)).c == 70 &&
+                  TapMajorColumn(tap_major_k(70, 5)).tap == 5,
+              "TapMajorColumn inverts tap_major_k");
 
 // wt[o, tap_major_k(c, tap)] = w[o, c, tap]: the forward's B in tap-major K order
 // (Conv3x3ForwardTapGemm), C a multiple of kTapMajorChannels.
@@ -529,7 +530,6 @@ struct Conv3x3ForwardGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :], contiguous in k
   static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (w rows)
-  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* x;
   const float* w;
   const float* b;
@@ -591,7 +591,6 @@ struct Conv3x3BackwardDataGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx, read from dy
   static constexpr bool kBRowsContiguous = false;  // B^T rows: wf[c, :], contiguous in k
   static constexpr bool kVecA = false, kVecB = true;  // 16-byte copies possible: of B (wf rows)
-  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* dy;
   const float* wf;  // the flipped weights [C, O, 9]: wf[c, o, 3ry+rx] = w[o, c, 2-ry, 2-rx]
   float* dx;
@@ -656,7 +655,6 @@ struct Conv3x3BackwardWeightGemm {
   static constexpr bool kARowsContiguous = false;  // A rows: dy[:, o, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: x[:, c, ky:, kx:], contiguous in k
   static constexpr bool kVecA = true, kVecB = false;  // 16-byte copies possible: of A (dy pixels)
-  static constexpr bool kTapMajor = false;  // see Conv3x3ForwardTapGemm
   const float* x;
   const float* dy;
   float* out;             // dw, or the workspace of the split partials [splits, O, 9C]
@@ -713,14 +711,6 @@ struct Conv3x3BackwardWeightGemm {
   }
   __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
     return {x + kp.x_offset + r.offset, r.valid && kp.valid};
-  }
-  __device__ const float* a_src(const ARow& r, const KPos& kp) const {  // v3
-    const CopySource s = a_copy(r, kp);
-    return s.valid ? s.p : nullptr;
-  }
-  __device__ const float* b_src(const BRow& r, const KPos& kp) const {
-    const CopySource s = b_copy(r, kp);
-    return s.valid ? s.p : nullptr;
   }
   __device__ CRow c_row(int64_t o) const {
     return {out + static_cast<int64_t>(blockIdx.z) * split_stride + o * cols};
@@ -820,10 +810,6 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
     return {r.in_skip ? skip + kp.skip_offset + r.offset : x + kp.x_offset + r.offset,
             r.valid && kp.valid};
   }
-  __device__ const float* b_src(const BRow& r, const KPos& kp) const {  // v3
-    const CopySource s = b_copy(r, kp);
-    return s.valid ? s.p : nullptr;
-  }
 };
 
 // -------------------------------------------------------------------------------------------------
@@ -835,7 +821,7 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
 // planes; B's rows are the weights rearranged into that order (conv3x3_tap_major_weights; for the
 // backward data, conv3x3_flip_weights_tap_major), contiguous and aligned in k. The nine tiles of a
 // chunk read the same channels at nine shifts: most of each tile's A is already in L1 (the 4-byte
-// copies are cp.async.ca). The kernels see kTapMajor and ask k_tile(tile, bk) once per tile,
+// copies are cp.async.ca). The kernels see k_tile (IsTapMajor) and ask it once per tile,
 // then a_tile / b_tile once per row (implicit_gemm.cuh, CopySource): no table, no per-copy decode.
 // The launchers take them where every K tile of every version is one tap (kTapMajorChannels).
 // -------------------------------------------------------------------------------------------------
@@ -852,7 +838,6 @@ struct TapMajorK {
 };
 
 struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights [O, 9C]
-  static constexpr bool kTapMajor = true;
   struct KTile {
     int64_t x_offset;  // c0*H*W + ky*W + kx
     int k;             // tap_major_k(c0, tap): the tile's first column of w
@@ -869,7 +854,6 @@ struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights
 // The concatenated input: a tile's channels all come from up or all from skip (Cu and Cs multiples
 // of kTapMajorChannels, which the launchers check).
 struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9 (Cu + Cs)]
-  static constexpr bool kTapMajor = true;
   struct KTile {
     int64_t offset;  // of channel c0 and the tap, in up or in skip
     int k;
@@ -891,7 +875,6 @@ struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9 (Cu
 // (Conv3x3ConcatBackwardDataGemm): K runs over dy's O channels (tap_major_k(o, tap)). wf: [C, 9O].
 template <class Base>
 struct TapMajorBackwardData : Base {
-  static constexpr bool kTapMajor = true;
   using typename Base::ARow;
   using typename Base::BRow;
   struct KTile {

@@ -291,10 +291,11 @@ struct CopySource {
   bool valid;      // false: the element is zero
 };
 
-// A tap-major view (kTapMajor, conv3x3.cu) answers per tile k_tile(tile, bk), then per row of A
-// (B) a_tile (b_tile): a CopySource for the row's first k of the tile, whose k-th element lies
-// k * a_k_step(tile) further (B: k further), dereferenceable for every k of the tile; `valid`
-// false where the row reads nothing (past M or the columns, or outside dy in the backward data).
+// A tap-major view (IsTapMajor: one that has k_tile; conv3x3.cu) answers per tile
+// k_tile(tile, bk), then per row of A (B) a_tile (b_tile): a CopySource for the row's first k of
+// the tile, whose k-th element lies k * a_k_step(tile) further (B: k further), dereferenceable for
+// every k of the tile; `valid` false where the row reads nothing (past M or the columns, or outside
+// dy in the backward data).
 //
 // Any other view answers a_src / b_src (the element's address, or nullptr where it is zero), or
 // a_copy(row, kpos) / b_copy(row, kpos) in their place: CopySources (the weight gradients, whose
@@ -304,6 +305,38 @@ struct AnswersCopySources : std::false_type {};
 template <class Gemm>
 struct AnswersCopySources<Gemm, std::void_t<decltype(&Gemm::a_copy), decltype(&Gemm::b_copy)>>
     : std::true_type {};
+template <class Gemm, class = void>
+struct IsTapMajor : std::false_type {};
+template <class Gemm>
+struct IsTapMajor<Gemm, std::void_t<decltype(&Gemm::k_tile)>> : std::true_type {};
+
+namespace {
+// A valid, 16-byte aligned global address for the zero-filling copies that read nothing.
+__device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+}  // namespace
+
+// The element (row, k position) of A (B) as a CopySource, whichever of the two the view answers:
+// a null a_src / b_src becomes kZeroSource, not read. What the kernels ask of a non-tap-major view.
+template <class Gemm>
+__device__ __forceinline__ CopySource a_source(const Gemm& g, const typename Gemm::ARow& r,
+                                               const typename Gemm::KPos& kp) {
+  if constexpr (AnswersCopySources<Gemm>::value) {
+    return g.a_copy(r, kp);
+  } else {
+    const float* p = g.a_src(r, kp);
+    return {p ? p : kZeroSource, p != nullptr};
+  }
+}
+template <class Gemm>
+__device__ __forceinline__ CopySource b_source(const Gemm& g, const typename Gemm::BRow& r,
+                                               const typename Gemm::KPos& kp) {
+  if constexpr (AnswersCopySources<Gemm>::value) {
+    return g.b_copy(r, kp);
+  } else {
+    const float* p = g.b_src(r, kp);
+    return {p ? p : kZeroSource, p != nullptr};
+  }
+}
 
 // Where flat pixel index m = (n, i, j) of images of rows x cols pixels lies: the image, the row and
 // the column, and the pixel within its image (i * cols + j). What the views' a_row and c_row start
@@ -373,13 +406,13 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g)
   auto fetch = [&](int64_t tile) {
 #pragma unroll
     for (int r = 0; r < ACopy::kPerThread; ++r) {
-      const float* p = g.a_src(arow[r], g.k_pos(tile, BK, ACopy::k(tid, r)));
-      a_next[r] = p ? __ldg(p) : 0.0f;
+      const CopySource s = a_source(g, arow[r], g.k_pos(tile, BK, ACopy::k(tid, r)));
+      a_next[r] = s.valid ? __ldg(s.p) : 0.0f;
     }
 #pragma unroll
     for (int r = 0; r < BCopy::kPerThread; ++r) {
-      const float* p = g.b_src(brow[r], g.k_pos(tile, BK, BCopy::k(tid, r)));
-      b_next[r] = p ? __ldg(p) : 0.0f;
+      const CopySource s = b_source(g, brow[r], g.k_pos(tile, BK, BCopy::k(tid, r)));
+      b_next[r] = s.valid ? __ldg(s.p) : 0.0f;
     }
   };
   auto stash = [&](int buf) {
@@ -479,11 +512,6 @@ struct V4Smem {
   }
 };
 
-namespace {
-// A valid, 16-byte aligned global address for the zero-filling copies that read nothing.
-__device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-}  // namespace
-
 // Where copy r of a thread lands (Smem::at) and which k it takes, relative to its copy 0, as
 // thread 0 has them; constant_offsets: every thread has the same (so they are compile-time
 // constants: TileCopy's and CoreMatrixCopy's mappings into their layouts are, and this checks it).
@@ -577,13 +605,8 @@ struct AsyncTileCopier {
       if (first_of_row_slot<BCopy>(r)) brow[BCopy::row_slot(r)] = g.b_row(n0 + BCopy::row(tid, r));
   }
 
-  // One copy, or zeros where p is null (past an edge): the zero-filling cp.async, whose source
-  // must still be a valid address: kZeroSource then.
-  template <bool VEC>
-  __device__ static void copy(float* dst, const float* p) {
-    cp_async_or_zero<VEC>(dst, p ? p : kZeroSource, p != nullptr);
-  }
-  // src: a valid address whether or not `copy`.
+  // One copy, or zeros where not `copy` (past an edge): the zero-filling cp.async, whose source
+  // must still be a valid address (CopySource).
   template <bool VEC>
   __device__ static void cp_async_or_zero(float* dst, const float* src, bool copy) {
     if constexpr (VEC) cp_async_16_or_zero(dst, src, copy);
@@ -597,7 +620,7 @@ struct AsyncTileCopier {
   // A tap-major view (conv3x3.cu) needs no table.
   __device__ static void decode(const Gemm& g, int64_t tile, int bk, typename Gemm::KPos* kps,
                                 int tid) {
-    if constexpr (!Gemm::kTapMajor) {
+    if constexpr (!IsTapMajor<Gemm>::value) {
       if (tid < bk) kps[tid] = g.k_pos(tile, bk, tid);
     }
   }
@@ -615,7 +638,7 @@ struct AsyncTileCopier {
     const int a_k0 = ACopy::k(tid, 0), b_k0 = BCopy::k(tid, 0);
     float* const a_dst = as + ASmem::at(ACopy::row(tid, 0), a_k0);
     float* const b_dst = bs + BSmem::at(BCopy::row(tid, 0), b_k0);
-    if constexpr (Gemm::kTapMajor) {
+    if constexpr (IsTapMajor<Gemm>::value) {
       // One k_tile per tile, one a_tile / b_tile per row (a row's copies share it); each copy
       // adds a constant number of k steps to its row's pointer (constant_offsets).
       const typename Gemm::KTile kt = g.k_tile(tile, bk);
@@ -636,26 +659,15 @@ struct AsyncTileCopier {
       // The k positions, each read whole (no load behind a branch); see KPosOfCopies.
       const KPosOfCopies<ACopy, typename Gemm::KPos> a_kps(kps, tid);
       const KPosOfCopies<BCopy, typename Gemm::KPos> b_kps(kps, tid);
-      if constexpr (AnswersCopySources<Gemm>::value) {
 #pragma unroll
-        for (int r = 0; r < ACopy::kPerThread; ++r) {
-          const CopySource a = g.a_copy(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r));
-          cp_async_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r), a.p, a.valid);
-        }
+      for (int r = 0; r < ACopy::kPerThread; ++r) {
+        const CopySource a = a_source(g, arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r));
+        cp_async_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r), a.p, a.valid);
+      }
 #pragma unroll
-        for (int r = 0; r < BCopy::kPerThread; ++r) {
-          const CopySource b = g.b_copy(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r));
-          cp_async_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r), b.p, b.valid);
-        }
-      } else {
-#pragma unroll
-        for (int r = 0; r < ACopy::kPerThread; ++r)
-          copy<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
-                      g.a_src(arow[ACopy::row_slot(r)], a_kps.of(kps, tid, r)));
-#pragma unroll
-        for (int r = 0; r < BCopy::kPerThread; ++r)
-          copy<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r),
-                      g.b_src(brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r)));
+      for (int r = 0; r < BCopy::kPerThread; ++r) {
+        const CopySource b = b_source(g, brow[BCopy::row_slot(r)], b_kps.of(kps, tid, r));
+        cp_async_or_zero<VEC_B>(b_dst + smem_offset<BCopy, BSmem>(r), b.p, b.valid);
       }
     }
   }
@@ -1363,7 +1375,7 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
                  int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
   switch (version) {
     case Conv3x3Version::kV3Igemm:
-      if constexpr (Gemm::kTapMajor) {
+      if constexpr (IsTapMajor<Gemm>::value) {
         throw std::logic_error(name + ": the tap-major views serve v4-v6 only");
       } else {
         run_v3(name.c_str(), g, large, splits, stream);
@@ -1372,7 +1384,7 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
     case Conv3x3Version::kV4Tf32Mma:
     case Conv3x3Version::kV5Bf16Mma:
     case Conv3x3Version::kV6Tf32Wgmma:
-      if constexpr (Gemm::kTapMajor) {  // B: rearranged weights, rows a multiple of 32 floats
+      if constexpr (IsTapMajor<Gemm>::value) {  // B: rearranged weights, rows a multiple of 32 floats
         if (!vec_b) throw std::logic_error(name + ": the tap-major weights are not aligned");
         return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
       } else {

@@ -117,7 +117,6 @@ struct Upconv2x2ForwardGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of x
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[o, :, t], stride 4 in k
   static constexpr bool kVecA = false, kVecB = false;
-  static constexpr bool kTapMajor = false;  // the tap-major views: conv3x3.cu
   const float* x;
   const float* w;
   const float* b;
@@ -178,7 +177,6 @@ struct Upconv2x2BackwardDataGemm {
   static constexpr bool kARowsContiguous = true;   // A rows: pixels of dx (dy read 2 apart)
   static constexpr bool kBRowsContiguous = false;  // B^T rows: w[:, c, :], contiguous in t
   static constexpr bool kVecA = false, kVecB = true;
-  static constexpr bool kTapMajor = false;  // the tap-major views: conv3x3.cu
   const float* dy;
   const float* w;
   float* dx;
@@ -239,7 +237,6 @@ struct Upconv2x2BackwardWeightGemm {
   static constexpr bool kARowsContiguous = false;  // A rows: x[:, c, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: dy[:, o, ky::2, kx::2]
   static constexpr bool kVecA = true, kVecB = false;
-  static constexpr bool kTapMajor = false;  // the tap-major views: conv3x3.cu
   const float* x;
   const float* dy;
   float* out;
