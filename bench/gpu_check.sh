@@ -15,7 +15,8 @@
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
 #   ncu         Nsight Compute over bench/ncu_driver.py (the GEMM kernels of three conv3x3 layers and
-#               one up-convolution, each precision's version): OUTDIR/ncu-details.csv, ncu-cases.json
+#               one up-convolution, each precision's version): OUTDIR/ncu-details.csv, ncu-cases.json,
+#               and every collected metric (stall reasons among them) in OUTDIR/ncu-raw.csv
 #   isbi        (only when named in GPU_CHECK_STAGES and ISBI_DIR is set) trains the paper's network
 #               on ISBI 2012 for ISBI_MINUTES (default 3) with bench/isbi_run.py -> OUTDIR/isbi.json
 #   collect     bench/collect_results.py writes OUTDIR/results-<commit>-<gpu>.json and prints the
@@ -270,6 +271,10 @@ if wanted ncu; then
     if [[ -f "$OUTDIR/ncu.ncu-rep" ]]; then
       timeout 60 "$NCU" --import "$OUTDIR/ncu.ncu-rep" --csv --page details > "$OUTDIR/ncu-details.csv" \
         2>> "$OUTDIR/ncu.log" || log "ncu: the report could not be read back as CSV (see ncu.log)"
+      # every metric collected, one row per kernel: among them the stall reasons behind the
+      # WarpStateStats charts (smsp__average_warps_issue_stalled_*), which the details page omits
+      timeout 60 "$NCU" --import "$OUTDIR/ncu.ncu-rep" --csv --page raw > "$OUTDIR/ncu-raw.csv" \
+        2>> "$OUTDIR/ncu.log" || log "ncu: the raw page could not be read back as CSV (see ncu.log)"
     fi
   fi
 else

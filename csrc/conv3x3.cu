@@ -486,9 +486,13 @@ constexpr int kTapMajorChannels = 32;
 __host__ __device__ constexpr int64_t tap_major_k(int c, int tap) {
   return (int64_t{c / kTapMajorChannels} * 9 + tap) * kTapMajorChannels + c % kTapMajorChannels;
 }
+// In the integer type of k: the kernels' K tiles pass an int (32-bit divisions by 9, a few
+// instructions; an int64_t k makes a 64-bit division, some forty), the weight rearrangements an
+// int64_t element index.
 struct TapMajorColumn {
   int c, tap;
-  __host__ __device__ constexpr explicit TapMajorColumn(int64_t k)  // k / 32 = chunk * 9 + tap
+  template <class Int>
+  __host__ __device__ constexpr explicit TapMajorColumn(Int k)  // k / 32 = chunk * 9 + tap
       : c(static_cast<int>(k / kTapMajorChannels / 9 * kTapMajorChannels + k % kTapMajorChannels)),
         tap(static_cast<int>(k / kTapMajorChannels % 9)) {}
 };
@@ -674,7 +678,7 @@ struct Conv3x3BackwardWeightGemm {
     bool valid;
   };
   struct BRow {
-    int64_t offset;  // c*H*W + ky*W + kx
+    int offset;  // c*H*W + ky*W + kx: an int (run_backward_weight_gemm checks C*H*W)
     bool valid;
   };
   struct CRow {
@@ -688,15 +692,18 @@ struct Conv3x3BackwardWeightGemm {
   // Past the image's pixels the offsets are those of its first pixel (past O, or 9C, those of row
   // 0): a_copy / b_copy then still address an element of dy / x (CopySource), which the copy does
   // not read, at a 16-byte aligned address where the 16-byte copies need one (the last pixel would
-  // not be). A select, not a branch: v3 computes k_pos for every element it loads.
+  // not be). A select, not a branch: v3 computes k_pos for every element it loads. The tile's
+  // image is a 32-bit division (run_backward_weight_gemm checks that the tiles number fewer than
+  // 2^31): a 64-bit one is a call to a routine.
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
-    const int64_t per_image = tiles_per_image(bk);
-    const int64_t n = tile / per_image;
-    const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    const int per_image = static_cast<int>(tiles_per_image(bk));
+    const int n = static_cast<int>(tile) / per_image;
+    const int pix = (static_cast<int>(tile) - n * per_image) * bk + kk;
     const bool valid = pix < static_cast<int64_t>(P) * Q;
     const int p = valid ? pix : 0;
     const int i = p / Q, j = p - i * Q;
-    return {n * O * P * Q + p, n * C * H * W + static_cast<int64_t>(i) * W + j, valid};
+    return {int64_t{n} * O * P * Q + p, int64_t{n} * C * H * W + static_cast<int64_t>(i) * W + j,
+            valid};
   }
   __device__ ARow a_row(int64_t o) const {
     return o < M ? ARow{dy + o * P * Q, true} : ARow{dy, false};
@@ -704,13 +711,15 @@ struct Conv3x3BackwardWeightGemm {
   __device__ BRow b_row(int col) const {
     if (col >= cols) return {0, false};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    return {static_cast<int64_t>(c) * H * W + ky * W + kx, true};
+    return {c * H * W + ky * W + kx, true};
   }
   __device__ CopySource a_copy(const ARow& r, const KPos& kp) const {
     return {r.p + kp.dy_offset, r.valid && kp.valid};
   }
+  // The pixel's address once per k position, then an int per row (opaque_pointer: not folded
+  // into 64-bit arithmetic per copy).
   __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
-    return {x + kp.x_offset + r.offset, r.valid && kp.valid};
+    return {opaque_pointer(x + kp.x_offset) + r.offset, r.valid && kp.valid};
   }
   __device__ CRow c_row(int64_t o) const {
     return {out + static_cast<int64_t>(blockIdx.z) * split_stride + o * cols};
@@ -791,23 +800,24 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
   // As in the base view, what is not read is addressed at the image's first pixel; a row past 9C
   // reads from the part that has channels (up may have none).
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
-    const int64_t per_image = tiles_per_image(bk);
-    const int64_t n = tile / per_image;
-    const int pix = static_cast<int>(tile - n * per_image) * bk + kk;
+    const int per_image = static_cast<int>(tiles_per_image(bk));
+    const int n = static_cast<int>(tile) / per_image;
+    const int pix = (static_cast<int>(tile) - n * per_image) * bk + kk;
     const bool valid = pix < static_cast<int64_t>(P) * Q;
     const int p = valid ? pix : 0;
     const int i = p / Q, j = p - i * Q;
-    return {{n * O * P * Q + p, n * Cu * H * W + static_cast<int64_t>(i) * W + j, valid},
-            n * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
+    return {{int64_t{n} * O * P * Q + p, int64_t{n} * Cu * H * W + static_cast<int64_t>(i) * W + j,
+             valid},
+            int64_t{n} * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
   }
   __device__ BRow b_row(int col) const {
     if (col >= cols) return {{0, false}, Cu == 0};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    if (c < Cu) return {{static_cast<int64_t>(c) * H * W + ky * W + kx, true}, false};
-    return {{static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, true}, true};
+    if (c < Cu) return {{c * H * W + ky * W + kx, true}, false};
+    return {{(c - Cu) * Hs * Ws + ky * Ws + kx, true}, true};
   }
   __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
-    return {r.in_skip ? skip + kp.skip_offset + r.offset : x + kp.x_offset + r.offset,
+    return {opaque_pointer(r.in_skip ? skip + kp.skip_offset : x + kp.x_offset) + r.offset,
             r.valid && kp.valid};
   }
 };
@@ -839,12 +849,12 @@ struct TapMajorK {
 
 struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights [O, 9C]
   struct KTile {
-    int64_t x_offset;  // c0*H*W + ky*W + kx
-    int k;             // tap_major_k(c0, tap): the tile's first column of w
+    int x_offset;  // c0*H*W + ky*W + kx (an int: tap_major)
+    int k;         // tap_major_k(c0, tap): the tile's first column of w
   };
   __device__ KTile k_tile(int64_t tile, int bk) const {
     const TapMajorK t(static_cast<int>(tile) * bk);
-    return {static_cast<int64_t>(t.c0) * H * W + t.ky * W + t.kx, t.k};
+    return {t.c0 * H * W + t.ky * W + t.kx, t.k};
   }
   __device__ CopySource a_tile(const ARow& r, const KTile& t) const { return {r.p + t.x_offset, r.valid}; }
   __device__ int a_k_step(const KTile&) const { return H * W; }  // one channel further
@@ -855,14 +865,14 @@ struct Conv3x3ForwardTapGemm : Conv3x3ForwardGemm {  // w: the tap-major weights
 // of kTapMajorChannels, which the launchers check).
 struct Conv3x3ConcatForwardTapGemm : Conv3x3ConcatForwardGemm {  // w: [O, 9 (Cu + Cs)]
   struct KTile {
-    int64_t offset;  // of channel c0 and the tap, in up or in skip
+    int offset;  // of channel c0 and the tap, in up or in skip (an int: tap_major)
     int k;
     bool in_skip;
   };
   __device__ KTile k_tile(int64_t tile, int bk) const {
     const TapMajorK t(static_cast<int>(tile) * bk);
-    if (t.c0 < Cu) return {static_cast<int64_t>(t.c0) * H * W + t.ky * W + t.kx, t.k, false};
-    return {static_cast<int64_t>(t.c0 - Cu) * Hs * Ws + t.ky * Ws + t.kx, t.k, true};
+    if (t.c0 < Cu) return {t.c0 * H * W + t.ky * W + t.kx, t.k, false};
+    return {(t.c0 - Cu) * Hs * Ws + t.ky * Ws + t.kx, t.k, true};
   }
   __device__ CopySource a_tile(const ARow& r, const KTile& t) const {
     return {(t.in_skip ? r.skip_p : r.up_p) + t.offset, r.valid};
@@ -889,9 +899,10 @@ struct TapMajorBackwardData : Base {
     const int P = this->P, Q = this->Q;
     const int i = r.yy - 2 + t.ry, j = r.xx - 2 + t.rx;
     const bool valid = r.valid && i >= 0 && i < P && j >= 0 && j < Q;
-    // outside dy: the tile's first plane of the row's image (or of image 0), read by nothing
-    const float* plane = r.p + static_cast<int64_t>(t.o0) * P * Q;
-    return {valid ? plane + static_cast<int64_t>(i) * Q + j : plane, valid};
+    // outside dy: the tile's first plane of the row's image (or of image 0), read by nothing.
+    // Offsets within an image are ints (tap_major).
+    const int plane = t.o0 * P * Q;
+    return {r.p + (valid ? plane + i * Q + j : plane), valid};
   }
   __device__ int a_k_step(const KTile&) const { return this->P * this->Q; }
   __device__ CopySource b_tile(const BRow& r, const KTile& t) const { return {r.p + t.k, r.valid}; }
@@ -1004,11 +1015,13 @@ static_assert(kTapMajorChannels % kV4BK == 0 && kTapMajorChannels % kV5BK == 0 &
                   kTapMajorChannels % kV6BK == 0,
               "every K tile lies within one tap");
 
-// `plane`: the pixels of one channel of the tensor A reads (a_k_step is an int).
+// `plane`: the pixels of one channel of the tensor A reads. The tap-major views and the copier
+// address within one image of it with ints (a few instructions per copy fewer than 64-bit
+// offsets): its channels x plane elements must number fewer than 2^31.
 bool tap_major(Conv3x3Version version, int channels, int64_t plane) {
   return (version == Conv3x3Version::kV4Tf32Mma || version == Conv3x3Version::kV5Bf16Mma ||
           version == Conv3x3Version::kV6Tf32Wgmma) &&
-         channels > 0 && channels % kTapMajorChannels == 0 && plane <= INT32_MAX;
+         channels > 0 && channels % kTapMajorChannels == 0 && plane <= INT32_MAX / channels;
 }
 
 Conv3x3BackwardWeightGemm backward_weight_gemm(const float* x, const float* dy, int N, int C,
@@ -1025,17 +1038,30 @@ void run_forward_gemm(const std::string& op, const Gemm& g, Conv3x3Version versi
   run_output_gemm(op, g, version, g.K % 4 == 0 && aligned16(g.w), stream);
 }
 
+// The elements of one image of the input (of its larger part, for the concatenated input).
+int64_t largest_image_elements(const Conv3x3BackwardWeightGemm& g) {
+  return static_cast<int64_t>(g.C) * g.H * g.W;
+}
+int64_t largest_image_elements(const Conv3x3ConcatBackwardWeightGemm& g) {
+  return std::max(static_cast<int64_t>(g.Cu) * g.H * g.W,
+                  static_cast<int64_t>(g.C - g.Cu) * g.Hs * g.Ws);
+}
+
 // dw through the GEMM view `g` (its `out` is set here): one split writes dw, several write
 // partials into a workspace that conv3x3_split_k_reduce adds up in split order.
 template <class Gemm>  // Conv3x3BackwardWeightGemm or Conv3x3ConcatBackwardWeightGemm
 void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                               Conv3x3Version version, cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
-  // k_pos numbers the pixels of one output plane with an int
-  if (static_cast<int64_t>(g.P) * g.Q > INT32_MAX)
-    throw std::runtime_error(name + ": an output plane of " + std::to_string(g.P) + " x " +
-                             std::to_string(g.Q) + " pixels exceeds the GEMM versions' 32-bit " +
-                             "pixel index; use v1_direct or v2_smem");
+  // k_pos numbers the pixels of one output plane and the K tiles (of 8 pixels or more) with ints,
+  // b_row the elements of one image of x
+  const int64_t plane = static_cast<int64_t>(g.P) * g.Q;
+  if (plane > INT32_MAX || N * ceil_div<int64_t>(plane, 8) > INT32_MAX ||
+      largest_image_elements(g) > INT32_MAX)
+    throw std::runtime_error(name + ": " + std::to_string(N) + " images of " +
+                             std::to_string(g.C) + " x " + std::to_string(g.H) + " x " +
+                             std::to_string(g.W) + " exceed the GEMM versions' 32-bit indices " +
+                             "of the weight gradient; use v1_direct or v2_smem");
   const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
   // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
   // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.

@@ -315,6 +315,15 @@ namespace {
 __device__ __align__(16) float kZeroSource[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 }  // namespace
 
+// p, through an empty asm: the compiler cannot fold the arithmetic that made it into what is done
+// with it next.
+__device__ __forceinline__ const float* opaque_pointer(const float* p) {
+#ifndef UNET_CPU_EMULATION
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
+
 // The element (row, k position) of A (B) as a CopySource, whichever of the two the view answers:
 // a null a_src / b_src becomes kZeroSource, not read. What the kernels ask of a non-tap-major view.
 template <class Gemm>
@@ -641,13 +650,20 @@ struct AsyncTileCopier {
     if constexpr (IsTapMajor<Gemm>::value) {
       // One k_tile per tile, one a_tile / b_tile per row (a row's copies share it); each copy
       // adds a constant number of k steps to its row's pointer (constant_offsets).
+      // Copy r reads a_first + a_step * k_offset(r) elements past its row's source: an int (the
+      // launchers take tap-major views only where an image's channels span fewer than 2^31
+      // elements), the same in every tile where a_step is. The row's source is opaque to the
+      // compiler, which would otherwise fold the tile's offset into each copy's in 64-bit
+      // arithmetic (six instructions per copy instead of one multiply-add).
       const typename Gemm::KTile kt = g.k_tile(tile, bk);
-      const int64_t a_step = g.a_k_step(kt);
+      const int a_step = g.a_k_step(kt);
+      const int a_first = a_step * a_k0;
 #pragma unroll
       for (int r = 0; r < ACopy::kPerThread; ++r) {
         const CopySource a = g.a_tile(arow[ACopy::row_slot(r)], kt);
         cp_async_or_zero<VEC_A>(a_dst + smem_offset<ACopy, ASmem>(r),
-                                a.p + a_step * a_k0 + a_step * k_offset<ACopy>(r), a.valid);
+                                opaque_pointer(a.p) + (a_first + a_step * k_offset<ACopy>(r)),
+                                a.valid);
       }
 #pragma unroll
       for (int r = 0; r < BCopy::kPerThread; ++r) {
@@ -985,6 +1001,15 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address, uint32_t 
          (static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32);
 }
 
+// The descriptor of the same layout `bytes` further in shared memory: its start address field
+// (bits 0-13, the address / 16) advanced. No carry leaves the field, since the advanced address is
+// still an address of the shared-memory window (below 2^18 bytes) and all offsets are multiples
+// of 16 bytes.
+__device__ __forceinline__ uint64_t wgmma_descriptor_advance(uint64_t desc, uint32_t bytes) {
+  // a 32-bit add to the low word (the compiler leaves the high word as it is)
+  return (desc & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
+}
+
 // Which element of a ROWS x kV6BK tile (V6Smem) the r-th copy of a thread moves, THREADS threads
 // copying VEC consecutive k (a "unit") at a time. TileCopy gives a warp 32 rows at one k (or one
 // row's 32 k), which in V6Smem's 8-row core matrices land on 8 (or 4) banks: 4- to 8-way conflicts
@@ -1090,23 +1115,29 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < S - 2; ++s) stages.issue(g, t_begin + s, s);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int s = static_cast<int>((t - t_begin) % S);
+  // The descriptors of stage 0's first k8 step (A: this warpgroup's 64 rows), built once; every
+  // other one lies a constant number of bytes further (wgmma_descriptor_advance).
+  constexpr uint32_t kStageBytes = sizeof(float) * Layout::template Staged<VEC_A, VEC_B>::kStageFloats;
+  const uint64_t a_desc0 = wgmma_descriptor(
+      shared_address(stages.a_stage(0)) + sizeof(float) * (warpgroup * 64 / 8) * 64,
+      ASmem::kLeadingBytes, ASmem::kStrideBytes);
+  const uint64_t b_desc0 = wgmma_descriptor(shared_address(stages.b_stage(0)),
+                                            BSmem::kLeadingBytes, BSmem::kStrideBytes);
+  int s = 0;  // the stage of tile t: (t - t_begin) % S
+  for (int64_t t = t_begin; t < t_end; ++t, s = s + 1 == S ? 0 : s + 1) {
     cp_async_wait<S - 3>();  // this thread's copies of tile t have landed ...
     fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
     __syncthreads();         // ... for every thread's copies; and tile t - 2 is retired
-    stages.issue(g, t + S - 2, (s + S - 2) % S);
-    stages.decode(g, t + S - 1, (s + S - 1) % S);
-    const uint32_t a_base = shared_address(stages.a_stage(s)) +
-                            sizeof(float) * (warpgroup * 64 / 8) * 64;  // this warpgroup's rows
-    const uint32_t b_base = shared_address(stages.b_stage(s));
+    stages.issue(g, t + S - 2, s >= 2 ? s - 2 : s + S - 2);
+    stages.decode(g, t + S - 1, s >= 1 ? s - 1 : s + S - 1);
+    const uint32_t stage_bytes = s * kStageBytes;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 8; ++ks) {
-      const uint64_t da = wgmma_descriptor(a_base + sizeof(float) * ks * BM * 8,
-                                           ASmem::kLeadingBytes, ASmem::kStrideBytes);
-      const uint64_t db = wgmma_descriptor(b_base + sizeof(float) * ks * BN * 8,
-                                           BSmem::kLeadingBytes, BSmem::kStrideBytes);
+      const uint64_t da =
+          wgmma_descriptor_advance(a_desc0, stage_bytes + sizeof(float) * ks * BM * 8);
+      const uint64_t db =
+          wgmma_descriptor_advance(b_desc0, stage_bytes + sizeof(float) * ks * BN * 8);
       wgmma_tf32<BN>(acc, da, db, true);
     }
     wgmma_commit();
