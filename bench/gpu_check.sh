@@ -266,6 +266,7 @@ if wanted ncu; then
     # only the kernels between the driver's cudaProfilerStart and Stop; clocks left as they are
     run_stage ncu "${NCU_LIMIT:-150}" "$NCU" --profile-from-start off --clock-control none \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis \
       --section SchedulerStats --section ComputeWorkloadAnalysis --export "$OUTDIR/ncu" --force-overwrite \
       "$PY" bench/ncu_driver.py "$OUTDIR/ncu-cases.json"
     if [[ -f "$OUTDIR/ncu.ncu-rep" ]]; then

@@ -25,17 +25,16 @@
 //
 // Versions, selected by name (the registry is kConv3x3Versions in launchers.h; Python:
 // unet_cuda.ops.cuda.set_conv3x3_version). Each changes one idea over the one before:
-//   version      what it changes, and why                               H100 82e8d82 H200 1e38304
+//   version      what it changes, and why                               H100 82e8d82 H100 53cf464
 //   v1_direct    one thread per output; operands straight from global memory  4.1-6.5     4.1-6.5
-//   v2_smem      input tile + halo and weight slice staged in shared memory   8.6-10.3    8.5-10.8
-//   v3_igemm     implicit GEMM; 8x8 outputs per thread (16 loads, 64 FFMAs)  17.4-19.4   13.2-16.5
-//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async x2       36.4-39.6   42.1-52.7
-//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), 4-stage cp.async        43.9-48.4   55.9-68.9
-//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA, shared-memory descriptors  36.5-54.1   56.0-76.1
+//   v2_smem      input tile + halo and weight slice staged in shared memory   8.6-10.3    8.6-10.3
+//   v3_igemm     implicit GEMM; 8x8 outputs per thread (16 loads, 64 FFMAs)  17.4-19.4   17.2-18.7
+//   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async x2       36.4-39.6   46.7-63.5
+//   v5_bf16_mma  bf16 tensor cores (twice v4's rate), 4-stage cp.async        43.9-48.4   57.1-75.3
+//   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA, shared-memory descriptors  36.5-54.1   55.4-80.3
 // (TFLOP/s, forward and both gradients together at layers d1b, d3b, d4b and b2, from
-// bench/results/results-82e8d82-h100-80gb-hbm3.json and results-1e38304-h200.json; the two cards
-// have the same SMs and clocks, the H200 1.4x the memory bandwidth. v3's weight gradient lost
-// ground between the two (fixed since, not yet timed); the table per layer: docs/CONV3X3.md).
+// bench/results/results-82e8d82-h100-80gb-hbm3.json and results-53cf464-h100-80gb-hbm3.json; the
+// copies and the K order of v4-v6 changed in between; the table per layer: docs/CONV3X3.md).
 // v4-v6 walk K tap by tap where the channels allow (the tap-major views below).
 // v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
 // accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
