@@ -64,9 +64,10 @@
 //   conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>: v4's tiles and copies, kV5Stages of them in
 //     flight in dynamic shared memory; the fragments are rounded to bf16 pairs as they are read
 //     from shared memory and multiplied with mma.sync.m16n8k16 (bf16 in, FP32 accumulators).
-//   conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>: two warpgroups of a 128 x BN block, each
-//     issuing wgmma.mma_async.m64nBNk8 (TF32, operands read by the tensor cores from shared
-//     memory in the canonical K-major layout), fed by v5's 4-stage cp.async pipeline.
+//   conv3x3_v6_tf32_wgmma<Gemm, BM, BN, VEC_A, VEC_B>: two warpgroups of a BM x BN block (128 x
+//     128, or for 64 columns 256 x 64), each issuing wgmma.mma_async.m64nBNk8 for each 64 of its
+//     rows (TF32, operands read by the tensor cores from shared memory in the canonical K-major
+//     layout), fed by v5's 4-stage cp.async pipeline.
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.

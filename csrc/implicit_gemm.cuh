@@ -534,14 +534,20 @@ __host__ __device__ constexpr int k_offset(int r) {
 }
 // The copies of a row slot (Copy::row_slot) all take the same row, and those of a k slot
 // (Copy::k_slot) the same k, in every thread.
+// Each copy is compared with the first of its slot, found once for all threads: linear in the
+// threads (the pairwise form passed the compiler's constexpr step limit at 32 copies per thread).
 template <class Copy>
 constexpr bool slots_share_rows() {
-  for (int tid = 0; tid < Copy::kThreads; ++tid)
-    for (int r = 0; r < Copy::kPerThread; ++r)
-      for (int q = 0; q < r; ++q)
-        if ((Copy::row_slot(q) == Copy::row_slot(r) && Copy::row(tid, q) != Copy::row(tid, r)) ||
-            (Copy::k_slot(q) == Copy::k_slot(r) && Copy::k(tid, q) != Copy::k(tid, r)))
-          return false;
+  for (int r = 0; r < Copy::kPerThread; ++r) {
+    int row_first = r, k_first = r;  // the first copy of r's row slot, of its k slot
+    for (int q = r - 1; q >= 0; --q) {
+      if (Copy::row_slot(q) == Copy::row_slot(r)) row_first = q;
+      if (Copy::k_slot(q) == Copy::k_slot(r)) k_first = q;
+    }
+    for (int tid = 0; tid < Copy::kThreads; ++tid)
+      if (Copy::row(tid, row_first) != Copy::row(tid, r) || Copy::k(tid, k_first) != Copy::k(tid, r))
+        return false;
+  }
   return true;
 }
 // Whether copy r is the first of its row slot (its k slot): the one that decodes the row (reads
@@ -970,10 +976,22 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 // conversions (the tensor core reads the upper 19 bits of each float32: TF32 by truncation), and
 // the math runs while the same threads issue the next tile's copies. Tiles are laid out as the
 // descriptors expect (K-major, unswizzled: 8-row x 16-byte core matrices), filled by v5's
-// kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning 64 of its 128 rows.
+// kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning half of its rows: 64
+// of 128, or, in the tall tile of the 64-column outputs, 128 of 256 (two 64-row products per k8
+// step), which reads each column's operand (the weights, in the forward) once for twice the rows.
 // =================================================================================================
 
 constexpr int kV6BM = 128;     // two warpgroups of 64 rows
+constexpr int kV6TallBM = 256; // two warpgroups of 128 rows: the 64-column tile where M allows
+
+// The rows of v6's block tile: 128 for the 128-column tile; for the 64-column one, 256 where the
+// GEMM has more than 128 rows. The 64-column outputs are the 64-channel layers (d1b, u4a, u4b and
+// the backward data of d2a), where each 128-row block reads all of B (d1b's forward: the 147 KB of
+// weights) for its 128 pixels: the tall tile halves that traffic through L2, which ran at 75-77%
+// of its peak in those kernels (ncu at 53cf464).
+__host__ __device__ constexpr int v6_rows(bool wide, int64_t M) {
+  return !wide && M > kV6BM ? kV6TallBM : kV6BM;
+}
 constexpr int kV6BK = 32;      // four k8 products per stage
 constexpr int kV6Stages = 4;   // two tiles being copied while one is multiplied and one retires
 constexpr int kV6Threads = 256;
@@ -1061,26 +1079,30 @@ struct CoreMatrixCopy {
   }
 };
 
-template <class Gemm, int BN>
+template <class Gemm, int BM, int BN>
 struct V6Layout {
-  using ASmem = V6Smem<kV6BM>;
+  using ASmem = V6Smem<BM>;
   using BSmem = V6Smem<BN>;
   template <bool VEC_A, bool VEC_B>
   using Staged =
       StagedCopies<Gemm, ASmem, BSmem,
-                   CoreMatrixCopy<kV6BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
+                   CoreMatrixCopy<BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
                    CoreMatrixCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
                    VEC_B, kV6Stages, kV6BK>;
   // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, int BM, int BN, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BM = kV6BM, BK = kV6BK, S = kV6Stages;
-  static_assert(BN == 64 || BN == 128, "the wgmma N of this kernel");
+  constexpr int BK = kV6BK, S = kV6Stages;
+  // Each warpgroup owns BM / 2 rows: MT products of 64 rows per k8 step, MT x BN / 2 accumulators
+  // per thread (64 in both tiles).
+  constexpr int kGroupRows = BM / 2, MT = kGroupRows / 64;
+  static_assert((BM == kV6BM && (BN == 64 || BN == 128)) || (BM == kV6TallBM && BN == 64),
+                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
-  using Layout = V6Layout<Gemm, BN>;
+  using Layout = V6Layout<Gemm, BM, BN>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1099,10 +1121,13 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   // v5's staged copies, into this kernel's layout
   const typename Layout::template Staged<VEC_A, VEC_B> stages(smem, g, m0, n0, t_end, tid);
 
-  float acc[BN / 2];
+  float acc[MT][BN / 2];
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-  wgmma_fence_operands(acc);
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.0f;
+    wgmma_fence_operands(acc[i]);
+  }
 
   // Tile t lives in stage (t - t_begin) % S. At iteration t the products of tile t are issued and
   // those of tile t - 1 are waited for (wgmma_wait<1>), so at the barrier of iteration t every
@@ -1115,11 +1140,13 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < S - 2; ++s) stages.issue(g, t_begin + s, s);
-  // The descriptors of stage 0's first k8 step (A: this warpgroup's 64 rows), built once; every
-  // other one lies a constant number of bytes further (wgmma_descriptor_advance).
+  // The descriptors of stage 0's first k8 step (A: this warpgroup's first 64 rows), built once;
+  // every other one lies a constant number of bytes further (wgmma_descriptor_advance): the next
+  // 64 rows 64 / 8 row groups of 64 floats on.
   constexpr uint32_t kStageBytes = sizeof(float) * Layout::template Staged<VEC_A, VEC_B>::kStageFloats;
+  constexpr uint32_t kRows64Bytes = sizeof(float) * (64 / 8) * 64;
   const uint64_t a_desc0 = wgmma_descriptor(
-      shared_address(stages.a_stage(0)) + sizeof(float) * (warpgroup * 64 / 8) * 64,
+      shared_address(stages.a_stage(0)) + sizeof(float) * (warpgroup * kGroupRows / 8) * 64,
       ASmem::kLeadingBytes, ASmem::kStrideBytes);
   const uint64_t b_desc0 = wgmma_descriptor(shared_address(stages.b_stage(0)),
                                             BSmem::kLeadingBytes, BSmem::kStrideBytes);
@@ -1134,32 +1161,39 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 8; ++ks) {
-      const uint64_t da =
-          wgmma_descriptor_advance(a_desc0, stage_bytes + sizeof(float) * ks * BM * 8);
       const uint64_t db =
           wgmma_descriptor_advance(b_desc0, stage_bytes + sizeof(float) * ks * BN * 8);
-      wgmma_tf32<BN>(acc, da, db, true);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const uint64_t da = wgmma_descriptor_advance(
+            a_desc0, stage_bytes + sizeof(float) * ks * BM * 8 + i * kRows64Bytes);
+        wgmma_tf32<BN>(acc[i], da, db, true);
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();
   }
   wgmma_wait<0>();
-  wgmma_fence_operands(acc);
+#pragma unroll
+  for (int i = 0; i < MT; ++i) wgmma_fence_operands(acc[i]);
   cp_async_wait<0>();  // only empty groups are left
 
-  // acc[4j + 2v + q] = D[16w + g + 8v][8j + 2t + q] of this warpgroup's 64 rows.
+  // acc[i][4j + 2v + q] = D[64i + 16w + g + 8v][8j + 2t + q] of this warpgroup's rows.
   const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
 #pragma unroll
-  for (int v = 0; v < 2; ++v) {
-    const int64_t m = m0 + warpgroup * 64 + 16 * w + gid + 8 * v;
-    if (m >= g.M) continue;
-    const typename Gemm::CRow row = g.c_row(m);
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
+    for (int v = 0; v < 2; ++v) {
+      const int64_t m = m0 + warpgroup * kGroupRows + 64 * i + 16 * w + gid + 8 * v;
+      if (m >= g.M) continue;
+      const typename Gemm::CRow row = g.c_row(m);
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int n = n0 + 8 * j + 2 * tig + q;
-        if (n < g.cols) g.store(row, n, acc[4 * j + 2 * v + q]);
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + 8 * j + 2 * tig + q;
+          if (n < g.cols) g.store(row, n, acc[i][4 * j + 2 * v + q]);
+        }
       }
     }
   }
@@ -1372,23 +1406,26 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, int BM, int BN, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BN>::kSmemBytes;
+  constexpr size_t kSmem = V6Layout<Gemm, BM, BN>::kSmemBytes;
   static_assert(kSmem <= 227 * 1024, "an SM of compute capability 9.0 gives a block 227 KB");
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BN, VEC_A, VEC_B>;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BM, BN, VEC_A, VEC_B>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
-  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, kV6BM), ceil_div<int64_t>(g.cols, BN),
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, BM), ceil_div<int64_t>(g.cols, BN),
                                  splits);
   launch_kernel_smem(name, kernel, grid, dim3(kV6Threads), kSmem, stream, g);
 }
 
-// v6's N tile: 128, or 64 where the output has at most 64 columns (the 64-channel layers).
+// v6's tiles: 128 x 128; or, where the output has at most 64 columns (the 64-channel layers),
+// 256 x 64 (v6_rows), or 128 x 64 where M has no more than 128 rows.
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
-  if (wide) launch_v6<Gemm, 128, VEC_A, VEC_B>(name, g, splits, stream);
-  else launch_v6<Gemm, 64, VEC_A, VEC_B>(name, g, splits, stream);
+  if (wide) launch_v6<Gemm, kV6BM, 128, VEC_A, VEC_B>(name, g, splits, stream);
+  else if (v6_rows(false, g.M) == kV6TallBM)
+    launch_v6<Gemm, kV6TallBM, 64, VEC_A, VEC_B>(name, g, splits, stream);
+  else launch_v6<Gemm, kV6BM, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }
 
 template <class Gemm, bool VEC_A, bool VEC_B>
@@ -1443,7 +1480,7 @@ GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
   if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
     const bool wide = cols > 64;
-    return {wide, kV6BM, wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
+    return {wide, v6_rows(wide, M), wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
   }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);

@@ -174,6 +174,7 @@ PATHS = [
     (2, 3, 40, 40, 5),   # few channels, many pixels: the weight gradient splits K (checked below)
     (1, 5, 20, 21, 70),  # O > 64: two column tiles, the second one partial
     (2, 7, 35, 70, 9),   # several pixel tiles per image, split-K across two images
+    (1, 3, 10, 9, 130),  # O > 128 rows of 9C <= 64 columns: v6's 256-row tile in the weight gradient
 ]
 
 
@@ -226,8 +227,10 @@ def test_split_k_plans(lib):
     for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
         assert splits(version, (1, 64, 570, 570, 64)) == 30, version
     # v6's 64-column tile (9C <= 64) too: its weight gradient holds one block per SM, its forward
-    # two, so no single wave size fits it. 5 tiles of O = 640: ceil(264 / 5) = 53.
-    assert splits("v6_tf32_wgmma", (1, 5, 242, 242, 640)) == 53
+    # two, so no single wave size fits it. O = 640 rows make 3 tiles of 256 (v6's tall tile, for
+    # more than 128 rows): ceil(264 / 3) = 88 splits, capped at 56 by the pixels (at least 1024
+    # per split: 240 x 240 / 1024).
+    assert splits("v6_tf32_wgmma", (1, 5, 242, 242, 640)) == 56
     # The first layer (C = 1) in the GEMM versions: conv3x3_backward_weight_few_channels, two waves
     # of (o, slice) blocks; too few pixels for a second slice: one.
     for version in TILED[1:]:
@@ -270,7 +273,10 @@ def test_split_forward_and_backward_data(lib, version, shape):
 # pixel tiles, dy's zero border (backward data), several chunks, a split K (forward of C = 128,
 # backward data of O = 128) and two column tiles.
 TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),
-                    (1, 32, 20, 21, 70)]
+                    (1, 32, 20, 21, 70),
+                    # v6's 256 x 64 tile (64 columns, more than 128 rows): two tiles, the second of 8
+                    # rows of the second image (forward), of 108 (backward data); a split K
+                    (2, 32, 14, 13, 64), (1, 128, 14, 13, 32)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -372,6 +378,7 @@ CONCAT_SHAPES = [
     (1, 32, 32, 6, 7, 10, 9, 32),    # tap-major (v4-v6): a tile's channels from up or from skip
     (1, 64, 32, 5, 5, 7, 9, 128),    # tap-major, K split in the backward data
     (1, 32, 64, 5, 6, 9, 8, 32),     # tap-major, two chunks of skip channels after one of up
+    (1, 32, 32, 18, 17, 20, 21, 32), # tap-major, v6's 256-row tile (240 rows; 306 in the data grad.)
 ]
 
 

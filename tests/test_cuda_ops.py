@@ -252,9 +252,11 @@ def test_conv3x3_real_layer_shapes(conv3x3_version, layer):
 # Channels in whole multiples of 32 (C for the forward, O for the backward data): the tap-major
 # views of v4-v6 (K by tap in chunks of 32 channels), which the scaled-down real layers above do
 # not reach. Partial pixel tiles, the backward data's zero border, split K (C = 128 forward, O = 128
-# backward data), two column tiles, and one plane of a real decoder layer's size.
+# backward data), two column tiles, one plane of a real decoder layer's size, and v6's 256 x 64
+# tile (64 columns, more than 128 rows: a partial second tile, a split K).
 TAP_MAJOR_SHAPES = [(1, 32, 9, 11, 32), (2, 64, 7, 9, 32), (1, 128, 6, 7, 32), (1, 32, 5, 6, 128),
-                    (1, 32, 20, 21, 70), (1, 64, 100, 100, 64)]
+                    (1, 32, 20, 21, 70), (1, 64, 100, 100, 64), (2, 32, 14, 13, 64),
+                    (1, 128, 14, 13, 32)]
 
 
 @pytest.mark.parametrize("shape", TAP_MAJOR_SHAPES, ids=str)
@@ -296,7 +298,8 @@ def test_conv3x3_relu_passes_nan_and_clamps_negatives(conv3x3_version):
 
 # (N, Cu, Cs, H, W, Hs, Ws, O)
 CONCAT_SHAPES = [(1, 3, 2, 5, 7, 9, 11, 4), (2, 1, 5, 4, 6, 8, 6, 3), (1, 4, 4, 12, 10, 16, 14, 6),
-                 (1, 0, 3, 6, 6, 6, 6, 2), (1, 3, 0, 6, 6, 10, 10, 2)]
+                 (1, 0, 3, 6, 6, 6, 6, 2), (1, 3, 0, 6, 6, 10, 10, 2),
+                 (1, 32, 32, 18, 17, 20, 21, 32)]  # tap-major; v6's 256-row tile
 # The decoder's first convolutions (u1a .. u4a), channels reduced as for REAL_CONV3X3.
 REAL_CONCAT = [(level, up, skip, c) for level, up, skip, c in REAL_CROPS]
 
