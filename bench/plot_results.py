@@ -51,9 +51,10 @@ NO_RUN = ("No GPU run recorded yet: `bench/results/` holds no results JSON, so n
 
 
 def latest_results(results_dir: Path = RESULTS_DIR) -> Path:
-    """The newest results JSON that holds benchmark figures; the newest of all where none does.
-    A check run without its bench stage (tests, sanitizers, a profile) leaves the table to the
-    run before it."""
+    """The newest results JSON that holds benchmark figures, preferring those with per-op figures
+    against their peers; the newest of all where none has any. A check run without its bench
+    stage (tests, sanitizers, a profile), or whose bench stage ran out of time before the per-op
+    cases, leaves the table and the chart to the run before it."""
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no results JSON in {results_dir}")
@@ -61,10 +62,12 @@ def latest_results(results_dir: Path = RESULTS_DIR) -> Path:
     def key(path: Path):
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
-            date, benchmarks = results.get("date") or "", results.get("benchmarks")
+            date, benchmarks = results.get("date") or "", results.get("benchmarks") or []
+            ops = any(isinstance(b, dict) and b.get("kind") == "op" and _num(b.get("peer_ms")) is not None
+                      for b in benchmarks)
         except (OSError, ValueError, AttributeError):
-            date, benchmarks = "", None
-        return (bool(benchmarks), str(date), path.stat().st_mtime)
+            date, benchmarks, ops = "", [], False
+        return (bool(benchmarks), ops, str(date), path.stat().st_mtime)
 
     return max(files, key=key)
 

@@ -985,12 +985,16 @@ constexpr int kV6BM = 128;     // two warpgroups of 64 rows
 constexpr int kV6TallBM = 256; // two warpgroups of 128 rows: the 64-column tile where M allows
 
 // The rows of v6's block tile: 128 for the 128-column tile; for the 64-column one, 256 where the
-// GEMM has more than 128 rows. The 64-column outputs are the 64-channel layers (d1b, u4a, u4b and
-// the backward data of d2a), where each 128-row block reads all of B (d1b's forward: the 147 KB of
-// weights) for its 128 pixels: the tall tile halves that traffic through L2, which ran at 75-77%
-// of its peak in those kernels (ncu at 53cf464).
-__host__ __device__ constexpr int v6_rows(bool wide, int64_t M) {
-  return !wide && M > kV6BM ? kV6TallBM : kV6BM;
+// GEMM has more than 128 rows and at least kV6TallMinKTiles K tiles. The 64-column outputs are the
+// 64-channel layers (d1b, u4a, u4b and the backward data of d2a), where each 128-row block reads
+// all of B (d1b's forward: the 147 KB of weights) for its 128 pixels: the tall tile halves that
+// traffic through L2, which ran at 75-77% of its peak in those kernels (ncu at 53cf464), and they
+// took 0.68-0.79x their time (726e436). The first layer's forward (K = 9: one K tile, its time
+// all prologue and stores) took 1.3x, with one block of 160 KB per SM where the 128-row tile's
+// 96 KB fit two: it keeps the 128-row tile.
+constexpr int64_t kV6TallMinKTiles = 8;
+__host__ __device__ constexpr int v6_rows(bool wide, int64_t M, int64_t k_tiles) {
+  return !wide && M > kV6BM && k_tiles >= kV6TallMinKTiles ? kV6TallBM : kV6BM;
 }
 constexpr int kV6BK = 32;      // four k8 products per stage
 constexpr int kV6Stages = 4;   // two tiles being copied while one is multiplied and one retires
@@ -1423,7 +1427,7 @@ void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream)
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
   if (wide) launch_v6<Gemm, kV6BM, 128, VEC_A, VEC_B>(name, g, splits, stream);
-  else if (v6_rows(false, g.M) == kV6TallBM)
+  else if (v6_rows(false, g.M, g.k_tiles(kV6BK)) == kV6TallBM)
     launch_v6<Gemm, kV6TallBM, 64, VEC_A, VEC_B>(name, g, splits, stream);
   else launch_v6<Gemm, kV6BM, 64, VEC_A, VEC_B>(name, g, splits, stream);
 }
@@ -1476,11 +1480,12 @@ struct GemmTile {
   int64_t wave_blocks = 0;  // blocks in flight on kSMs SMs where known (wave_balanced_splits)
 };
 
-GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols) {
+// k_tiles: K in tiles of kV6BK (v6's tall tile needs a few).
+GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_tiles) {
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
   if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
     const bool wide = cols > 64;
-    return {wide, v6_rows(wide, M), wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
+    return {wide, v6_rows(wide, M, k_tiles), wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
   }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);
@@ -1501,7 +1506,7 @@ struct OutputPlan {
 };
 
 OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t K) {
-  OutputPlan plan{gemm_tile(version, M, cols), 1};
+  OutputPlan plan{gemm_tile(version, M, cols, ceil_div<int64_t>(K, kV6BK)), 1};
   const int64_t tiles = ceil_div<int64_t>(M, plan.tile.bm) * ceil_div<int64_t>(cols, plan.tile.bn);
   if (tiles > 0 && tiles < kTargetBlocks) {
     int64_t s = ceil_div(kTargetBlocks, tiles);
@@ -1584,7 +1589,7 @@ struct WeightGemmPlan {
 
 WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols, int64_t images,
                                 int64_t pixels) {
-  const GemmTile tile = gemm_tile(version, M, cols);
+  const GemmTile tile = gemm_tile(version, M, cols, images * ceil_div<int64_t>(pixels, kV6BK));
   const int64_t tiles = ceil_div<int64_t>(M, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
   const int64_t units = images * ceil_div<int64_t>(pixels, tile.bk);
   return {tile.large, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};

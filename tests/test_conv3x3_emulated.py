@@ -174,7 +174,11 @@ PATHS = [
     (2, 3, 40, 40, 5),   # few channels, many pixels: the weight gradient splits K (checked below)
     (1, 5, 20, 21, 70),  # O > 64: two column tiles, the second one partial
     (2, 7, 35, 70, 9),   # several pixel tiles per image, split-K across two images
-    (1, 3, 10, 9, 130),  # O > 128 rows of 9C <= 64 columns: v6's 256-row tile in the weight gradient
+    # v6's 256 x 64 tile (64 columns or fewer, more than 128 rows, at least 8 K tiles of 32): the
+    # weight gradient of O = 130 rows and 9C = 27 columns over 240 pixels; the forward and backward
+    # data of channels that are no multiple of 32 (not tap-major)
+    (1, 3, 18, 17, 130),
+    (1, 30, 14, 13, 33),
 ]
 
 
@@ -379,6 +383,7 @@ CONCAT_SHAPES = [
     (1, 64, 32, 5, 5, 7, 9, 128),    # tap-major, K split in the backward data
     (1, 32, 64, 5, 6, 9, 8, 32),     # tap-major, two chunks of skip channels after one of up
     (1, 32, 32, 18, 17, 20, 21, 32), # tap-major, v6's 256-row tile (240 rows; 306 in the data grad.)
+    (1, 20, 13, 14, 13, 18, 17, 33), # v6's 256-row tile, not tap-major (132 rows; 182)
 ]
 
 

@@ -549,6 +549,26 @@ def test_latest_results_prefers_a_run_with_benchmarks(tmp_path):
     assert plot_results.latest_results(results_dir).name == "results-tests-only.json"
 
 
+def test_latest_results_prefers_a_run_with_per_op_figures(tmp_path):
+    """A newer check whose bench stage ran out of time before the per-op cases (train steps only)
+    leaves the table and chart to the older complete run; it is chosen over runs without
+    benchmarks."""
+    results_dir, newest = _results_dir(tmp_path)
+    assert any(b.get("kind") == "op" and b.get("peer_ms") for b in json.loads(newest.read_text())["benchmarks"])
+    cut = json.loads(newest.read_text())
+    cut["date"] = "2099-01-01T00:00:00Z"
+    cut["benchmarks"] = [b for b in cut["benchmarks"] if b.get("kind") != "op"]
+    assert cut["benchmarks"]
+    (results_dir / "results-cut.json").write_text(json.dumps(cut))
+    assert plot_results.latest_results(results_dir) == newest
+    for path in results_dir.glob("*.json"):
+        if path.name != "results-cut.json":
+            path.unlink()
+    no_bench = dict(cut, date="2100-01-01T00:00:00Z", benchmarks=[])
+    (results_dir / "results-tests-only.json").write_text(json.dumps(no_bench))
+    assert plot_results.latest_results(results_dir).name == "results-cut.json"
+
+
 def test_plot_renders_png_and_markdown(tmp_path):
     pytest.importorskip("matplotlib")
     results_dir, newest = _results_dir(tmp_path)
