@@ -563,6 +563,43 @@ def _ncu_value(text: str):
         return text or None
 
 
+# ncu's stall reasons (the WarpStateStats charts), one metric each in the raw page:
+# smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio, the cycles a warp spends per
+# issued instruction stalled for that reason (long_scoreboard: waiting on global memory, or on a
+# cp.async group; barrier: __syncthreads; wait: fixed latencies; ...).
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+
+
+def read_ncu_stalls(outdir: Path) -> dict:
+    """``ncu-raw.csv`` (``ncu --import ... --csv --page raw``: a header of metric names, a row of
+    units, then one row per kernel): per kernel ID, its stall reasons as {reason: cycles per issued
+    instruction}, largest first, zeros left out. Empty where the file is missing or unreadable."""
+    path = outdir / "ncu-raw.csv"
+    if not path.is_file():
+        return {}
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    text = path.read_text(errors="replace")
+    start = text.find('"ID"')
+    if start < 0:
+        return {}
+    rows = list(csv.reader(io.StringIO(text[start:])))
+    if len(rows) < 3:
+        return {}
+    header = rows[0]
+    columns = [(i, name[len(STALL_PREFIX):-len(STALL_SUFFIX)]) for i, name in enumerate(header)
+               if name.startswith(STALL_PREFIX) and name.endswith(STALL_SUFFIX)]
+    stalls = {}
+    for row in rows[2:]:
+        if len(row) != len(header) or not row[0]:
+            continue
+        values = {reason: _ncu_value(row[i]) for i, reason in columns}
+        values = {r: v for r, v in values.items() if isinstance(v, (int, float)) and v > 0}
+        stalls[row[0]] = dict(sorted(values.items(), key=lambda item: -item[1]))
+    return stalls
+
+
 def read_ncu(outdir: Path) -> dict | None:
     """``ncu-details.csv`` (``ncu --import ... --csv --page details``) with ``ncu-cases.json`` (the
     driver's cases in launch order): per case, its kernels and every metric ncu reported, as
@@ -587,6 +624,9 @@ def read_ncu(outdir: Path) -> dict | None:
         unit = (row.get("Metric Unit") or "").strip()
         key = f"{row.get('Section Name', '')}: {row['Metric Name']}" + (f" [{unit}]" if unit else "")
         entry["metrics"][key] = _ncu_value(row.get("Metric Value"))
+    for kid, stalls in read_ncu_stalls(outdir).items():
+        if kid in kernels and stalls:
+            kernels[kid]["stall_cycles_per_instruction"] = stalls
     cases, reason = read_json(cases_path)
     cases = cases if isinstance(cases, list) else []
     out_cases = [dict(case, kernels=[]) for case in cases]
@@ -739,8 +779,11 @@ def format_table(results: dict) -> str:
         gemm = next((k for k in case.get("kernels") or [] if "template" in k), None)
         if gemm is not None:
             figures = _ncu_headline(gemm.get("metrics") or {})
+            stalls = list((gemm.get("stall_cycles_per_instruction") or {}).items())[:3]
             lines.append(f"ncu         {case.get('op')}/{case.get('layer')}/{case.get('version')}: "
-                         + ", ".join(f"{k} {v}" for k, v in figures.items()))
+                         + ", ".join(f"{k} {v}" for k, v in figures.items())
+                         + ("; stalled per instruction: " + ", ".join(f"{r} {_fmt(v)}" for r, v in stalls)
+                            if stalls else ""))
     for name, prof in (results.get("profile") or {}).items():
         lines.append(f"profile     {name}: step {_fmt(prof.get('step_ms'))} ms, ops on the GPU "
                      f"{_fmt(prof.get('gpu_ms'))} ms, host {_fmt(prof.get('host_ms'))} ms"

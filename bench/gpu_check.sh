@@ -16,7 +16,8 @@
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
 #   ncu         Nsight Compute over bench/ncu_driver.py (the GEMM kernels of three conv3x3 layers and
 #               one up-convolution, each precision's version): OUTDIR/ncu-details.csv, ncu-cases.json,
-#               and every collected metric (stall reasons among them) in OUTDIR/ncu-raw.csv
+#               and every collected metric in OUTDIR/ncu-raw.csv (the results JSON keeps each kernel's
+#               stall reasons from it)
 #   isbi        (only when named in GPU_CHECK_STAGES and ISBI_DIR is set) trains the paper's network
 #               on ISBI 2012 for ISBI_MINUTES (default 3) with bench/isbi_run.py -> OUTDIR/isbi.json
 #   collect     bench/collect_results.py writes OUTDIR/results-<commit>-<gpu>.json and prints the

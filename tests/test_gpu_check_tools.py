@@ -448,6 +448,31 @@ def test_collect_reads_the_ncu_report(tmp_path):
     assert "| conv3x3_forward | d1b | v4_tf32_mma | 683.49 usecond | 41.20 % | - | 168 register/thread | 12.41 % |" in markdown
 
 
+def test_collect_reads_the_stall_reasons_of_the_raw_page(tmp_path):
+    """ncu-raw.csv (ncu --import --csv --page raw: metric names, a row of units, one row per kernel)
+    adds each kernel's stall reasons to its entry, largest first and zeros left out; the short
+    table names the GEMM's largest three."""
+    gemm = "void unet::conv3x3_v6_tf32_wgmma<unet::Conv3x3ForwardTapGemm, 128, 128, false, true>(T1)"
+    (tmp_path / "ncu-details.csv").write_text(NCU_HEADER + "\n" + _ncu_row(
+        0, gemm, "GPU Speed Of Light Throughput", "Duration", "usecond", "265.50") + "\n")
+    (tmp_path / "ncu-cases.json").write_text(json.dumps(
+        [{"op": "conv3x3_forward", "layer": "d3b", "precision": "tf32", "version": "v6_tf32_wgmma"}]))
+    stall = lambda reason: f"smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio"  # noqa: E731
+    names = ["ID", "Kernel Name", stall("barrier"), stall("long_scoreboard"), stall("wait"),
+             stall("gmma"), stall("sleeping"), "lts__throughput.avg.pct_of_peak_sustained_elapsed"]
+    lines = ["==PROF== Disconnected", ",".join(f'"{n}"' for n in names),
+             ",".join(['""', '""'] + ['"inst"'] * 5 + ['"%"']),
+             ",".join(f'"{v}"' for v in ["0", gemm, "0.9", "7.76", "1.22", "0.9", "0", "62.2"])]
+    (tmp_path / "ncu-raw.csv").write_text("\n".join(lines) + "\n")
+    kernel = cr.collect(tmp_path)["ncu"]["cases"][0]["kernels"][0]
+    stalls = kernel["stall_cycles_per_instruction"]
+    assert list(stalls) == ["long_scoreboard", "wait", "barrier", "gmma"] and stalls["long_scoreboard"] == 7.76
+    table = cr.format_table(cr.collect(tmp_path))
+    assert "Duration 265.50 usecond; stalled per instruction: long_scoreboard 7.76, wait 1.22, barrier 0.90" in table
+    (tmp_path / "ncu-raw.csv").write_text("==ERROR== no report\n")
+    assert "stall_cycles_per_instruction" not in cr.collect(tmp_path)["ncu"]["cases"][0]["kernels"][0]
+
+
 def test_collect_ncu_without_a_header_gives_the_reason(tmp_path):
     (tmp_path / "ncu-details.csv").write_text("==ERROR== The application returned an error code (1).\n")
     assert "no CSV header" in cr.collect(tmp_path)["ncu"]["reason"]
