@@ -162,7 +162,8 @@ def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
 
 def op_cases(net: Network) -> list[OpCase]:
     """Every op a training step of ``net`` runs, once per layer it runs at; and crop + concat at
-    each concatenation, which only the unfused path runs (``in_step`` False)."""
+    each concatenation, which only the unfused path runs, and the optimizer's update one parameter
+    at a time (``in_step`` False)."""
     cases: list[OpCase] = []
     for layer in net.layers:
         cases += _conv_cases(layer, net)
@@ -220,8 +221,13 @@ def op_cases(net: Network) -> list[OpCase]:
         k = {"conv3x3": 3, "upconv2x2": 2, "conv1x1": 1}[layer.kind]
         param_shapes += [(layer.cout, layer.cin, k, k), (layer.cout,)]
     count = sum(int(np.prod(s)) for s in param_shapes)
-    cases.append(OpCase("sgd_momentum_update_", "all", {}, f"{len(param_shapes)} tensors, {count:,} parameters",
+    # the step's update: one op for all parameters; and the same with one op per parameter (not in
+    # the step since it runs the first; timed beside it)
+    cases.append(OpCase("sgd_momentum_update_multi_", "all", {},
+                        f"{len(param_shapes)} tensors, {count:,} parameters",
                         nbytes=5.0 * F32 * count, param_shapes=tuple(param_shapes)))
+    cases.append(OpCase("sgd_momentum_update_", "all", {}, f"{len(param_shapes)} tensors, {count:,} parameters",
+                        nbytes=5.0 * F32 * count, param_shapes=tuple(param_shapes), in_step=False))
     size = net.tile + 2 * AUGMENT_MARGIN
     window = (size, size)
     cases.append(OpCase("augment_warp", "window", dict(h=size),
@@ -320,7 +326,7 @@ def make_inputs(case: OpCase, xp, ops) -> dict:
         nodes = np.random.default_rng(case.seed).normal(0.0, 10.0, (2, 3, 3)).astype(np.float32)
         return dict(image=rng.uniform((h, h)), labels=rng.labels((h, h), 2),
                     weights=rng.uniform((h, h), 1.0, 11.0), coarse=xp.asarray(nodes))
-    if op == "sgd_momentum_update_":
+    if op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
         return dict(params=[rng.normal(s, 0.05) for s in case.param_shapes],
                     grads=[rng.normal(s, 1e-3) for s in case.param_shapes],
                     velocity=[rng.normal(s, 1e-5) for s in case.param_shapes])
@@ -388,6 +394,9 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
                 ops.sgd_momentum_update_(p, g, v, LR, MOMENTUM, WEIGHT_DECAY)
 
         return update_all
+    if op == "sgd_momentum_update_multi_":
+        return lambda: ops.sgd_momentum_update_multi_(a["params"], a["grads"], a["velocity"], LR,
+                                                      MOMENTUM, WEIGHT_DECAY)
     raise KeyError(f"no call defined for op {op}")
 
 
@@ -435,6 +444,7 @@ def _peer_description(case: OpCase) -> str:
         "softmax_xent_forward": "cross_entropy(none) * w, sum + softmax",
         "softmax_xent_backward": "clone + scatter_add_ + mul_",
         "sgd_momentum_update_": "_foreach Caffe momentum rule",
+        "sgd_momentum_update_multi_": "_foreach Caffe momentum rule",
         "augment_warp": "interpolate(bicubic) + 3 grid_sample + flip/rot90 + gray",
     }[op]
 
@@ -542,7 +552,7 @@ def peer(case: OpCase, inputs: dict, torch, precision: str = "fp32") -> Callable
             return g.mul_(scale)
 
         return dlogits
-    if op == "sgd_momentum_update_":
+    if op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
         params = [to_torch(torch, p) for p in inputs["params"]]
         grads = [to_torch(torch, g) for g in inputs["grads"]]
         velocity = [to_torch(torch, v) for v in inputs["velocity"]]

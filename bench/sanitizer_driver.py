@@ -208,6 +208,12 @@ class Driver:
         param, grad, velocity = self.normal(1001), self.normal(1001), self.normal(1001, std=0.01)
         self.call("sgd_momentum_update_ n=1001",
                   lambda: ops.sgd_momentum_update_(param, grad, velocity, 0.01, 0.99, 5e-4))
+        sizes = (1001, 7, 0) * 12  # 36 parameters: two launches of the multi-tensor kernel
+        params = [self.normal(n) for n in sizes]
+        grads = [self.normal(n) for n in sizes]
+        velocities = [self.normal(n, std=0.01) for n in sizes]
+        self.call("sgd_momentum_update_multi_ 36 parameters",
+                  lambda: ops.sgd_momentum_update_multi_(params, grads, velocities, 0.01, 0.99, 5e-4))
 
     def augmentation(self) -> None:
         """The augmentation warp on odd, non-square and one-pixel windows, and with shifts far

@@ -713,8 +713,37 @@ void dropout_apply(const char* op, DropoutLaunch launch, const char* in_name,
          as_stream(stream));
 }
 
-// lr: a number, finite and >= 0 (passed to the kernel by value, as float32), or a 0-d float32
-// CUDA array (by address; its value is not checked).
+// The rate of an SGD step: a number, finite and >= 0 (passed to the kernel by value, as float32),
+// or a 0-d float32 CUDA array (by address; its value is not checked).
+struct SgdRate {
+  float lr = 0.0f;
+  const float* lr_on_device = nullptr;
+};
+
+SgdRate sgd_rate(OpArgs& args, const char* op, py::handle lr_obj) {
+  SgdRate rate;
+  if (is_device_scalar(lr_obj)) {
+    rate.lr_on_device = args.input(lr_obj, "lr", DType::kFloat32, 0).data<const float>();
+  } else {
+    // A number, as Python's float() of it would be, strings excepted (PyFloat_AsDouble).
+    const double value = PyFloat_AsDouble(lr_obj.ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw py::type_error(std::string(op) + ": argument lr must be a number or a 0-d float32 "
+                           "CUDA array, got " + type_name(lr_obj));
+    }
+    args.require_scalar(std::isfinite(value) && value >= 0.0, "lr", value, "finite and >= 0");
+    rate.lr = static_cast<float>(value);
+  }
+  return rate;
+}
+
+void check_sgd_constants(const OpArgs& args, double momentum, double weight_decay) {
+  args.require_scalar(momentum >= 0.0 && momentum <= 1.0, "momentum", momentum, "in [0, 1]");
+  args.require_scalar(std::isfinite(weight_decay) && weight_decay >= 0.0, "weight_decay",
+                      weight_decay, "finite and >= 0");
+}
+
 void sgd_momentum_update(py::handle param_obj, py::handle grad_obj, py::handle velocity_obj,
                          py::handle lr_obj, double momentum, double weight_decay,
                          std::uintptr_t stream) {
@@ -724,30 +753,67 @@ void sgd_momentum_update(py::handle param_obj, py::handle grad_obj, py::handle v
   const DeviceArray velocity = args.output(velocity_obj, "velocity", DType::kFloat32, kAnyNdim);
   args.require_same_shape(grad, param);
   args.require_same_shape(velocity, param);
-  float lr = 0.0f;
-  const float* lr_on_device = nullptr;
-  if (is_device_scalar(lr_obj)) {
-    lr_on_device = args.input(lr_obj, "lr", DType::kFloat32, 0).data<const float>();
-  } else {
-    // A number, as Python's float() of it would be, strings excepted (PyFloat_AsDouble).
-    const double value = PyFloat_AsDouble(lr_obj.ptr());
-    if (value == -1.0 && PyErr_Occurred()) {
-      PyErr_Clear();
-      throw py::type_error("sgd_momentum_update_: argument lr must be a number or a 0-d float32 "
-                           "CUDA array, got " + type_name(lr_obj));
-    }
-    args.require_scalar(std::isfinite(value) && value >= 0.0, "lr", value, "finite and >= 0");
-    lr = static_cast<float>(value);
-  }
-  args.require_scalar(momentum >= 0.0 && momentum <= 1.0, "momentum", momentum, "in [0, 1]");
-  args.require_scalar(std::isfinite(weight_decay) && weight_decay >= 0.0, "weight_decay",
-                      weight_decay, "finite and >= 0");
+  const SgdRate rate = sgd_rate(args, "sgd_momentum_update_", lr_obj);
+  check_sgd_constants(args, momentum, weight_decay);
   args.check_memory();  // for a device lr: on this device, and not inside param or velocity
   py::gil_scoped_release no_gil;
   launch_sgd_momentum_update(param.data<float>(), grad.data<const float>(),
-                             velocity.data<float>(), param.size, lr, lr_on_device,
+                             velocity.data<float>(), param.size, rate.lr, rate.lr_on_device,
                              static_cast<float>(momentum), static_cast<float>(weight_decay),
                              as_stream(stream));
+}
+
+// The same update of many parameters: three sequences of as many arrays, params[i], grads[i] and
+// velocities[i] of one shape; every array checked as sgd_momentum_update_ checks it, and no
+// output overlapping any other argument of the call.
+void sgd_momentum_update_multi(py::handle params_obj, py::handle grads_obj,
+                               py::handle velocities_obj, py::handle lr_obj, double momentum,
+                               double weight_decay, std::uintptr_t stream) {
+  const char* op = "sgd_momentum_update_multi_";
+  OpArgs args(op);
+  auto as_list = [&](py::handle obj, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj) ||
+        py::hasattr(obj, "__cuda_array_interface__"))
+      throw py::type_error(std::string(op) + ": argument " + name +
+                           " must be a sequence of CUDA arrays, got " + type_name(obj));
+    return py::reinterpret_borrow<py::sequence>(obj);
+  };
+  const py::sequence params = as_list(params_obj, "params");
+  const py::sequence grads = as_list(grads_obj, "grads");
+  const py::sequence velocities = as_list(velocities_obj, "velocities");
+  const size_t count = py::len(params);
+  args.require(py::len(grads) == count, "grads",
+               "must hold as many arrays as params (" + std::to_string(count) + "), got " +
+                   std::to_string(py::len(grads)));
+  args.require(py::len(velocities) == count, "velocities",
+               "must hold as many arrays as params (" + std::to_string(count) + "), got " +
+                   std::to_string(py::len(velocities)));
+  args.require(count <= INT32_MAX, "params", "must hold fewer than 2^31 arrays");
+  std::vector<float*> param_ptrs(count), velocity_ptrs(count);
+  std::vector<const float*> grad_ptrs(count);
+  std::vector<int64_t> sizes(count);
+  for (size_t i = 0; i < count; ++i) {
+    const std::string at = "[" + std::to_string(i) + "]";
+    const DeviceArray param =
+        args.output(params[i], ("params" + at).c_str(), DType::kFloat32, kAnyNdim);
+    const DeviceArray grad = args.input(grads[i], ("grads" + at).c_str(), DType::kFloat32, kAnyNdim);
+    const DeviceArray velocity =
+        args.output(velocities[i], ("velocities" + at).c_str(), DType::kFloat32, kAnyNdim);
+    args.require_same_shape(grad, param);
+    args.require_same_shape(velocity, param);
+    param_ptrs[i] = param.data<float>();
+    grad_ptrs[i] = grad.data<const float>();
+    velocity_ptrs[i] = velocity.data<float>();
+    sizes[i] = param.size;
+  }
+  const SgdRate rate = sgd_rate(args, op, lr_obj);
+  check_sgd_constants(args, momentum, weight_decay);
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_sgd_momentum_update_multi(param_ptrs.data(), grad_ptrs.data(), velocity_ptrs.data(),
+                                   sizes.data(), static_cast<int>(count), rate.lr,
+                                   rate.lr_on_device, static_cast<float>(momentum),
+                                   static_cast<float>(weight_decay), as_stream(stream));
 }
 
 int device_count() {
@@ -950,7 +1016,7 @@ PYBIND11_MODULE(_C, m) {
       arg("version"), arg("channels"),
       "Whether the version walks K tap by tap (within chunks of 32 channels) for a convolution summing over "
       "`channels` channels (C for the forward, O for the backward data): v4-v6 where it is a "
-      "multiple of 32.");
+      "multiple of 32 (and one image holds fewer than 2^31 elements, which the launchers check).");
   m.def("conv3x3_concat_forward", &conv3x3_concat_forward, arg("up"), arg("skip"), arg("w"),
         arg("b"), arg("y"), arg("relu"), py::kw_only(), arg("stream"), arg("version"),
         "y[N,O,H-2,W-2] = valid 3x3 conv of [up, centre crop of skip] (never stored) with "
@@ -1082,6 +1148,11 @@ PYBIND11_MODULE(_C, m) {
         arg("lr"), arg("momentum"), arg("weight_decay"), py::kw_only(), arg("stream"),
         "In place: v = momentum*v + lr*(grad + weight_decay*param); param -= v; lr a number or "
         "a 0-d float32 CUDA array read when the kernel runs.");
+  m.def("sgd_momentum_update_multi_", &sgd_momentum_update_multi, arg("params"), arg("grads"),
+        arg("velocities"), arg("lr"), arg("momentum"), arg("weight_decay"), py::kw_only(),
+        arg("stream"),
+        "sgd_momentum_update_ of every (params[i], grads[i], velocities[i]) in one launch per 32 "
+        "of them; the same bits.");
 
   // Augmentation.
   m.def("augment_warp", &augment_warp, arg("image"), arg("labels"), arg("weights"), arg("coarse"),

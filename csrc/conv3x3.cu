@@ -678,7 +678,7 @@ struct Conv3x3BackwardWeightGemm {
     bool valid;
   };
   struct BRow {
-    int offset;  // c*H*W + ky*W + kx: an int (run_backward_weight_gemm checks C*H*W)
+    int64_t offset;  // c*H*W + ky*W + kx
     bool valid;
   };
   struct CRow {
@@ -711,13 +711,13 @@ struct Conv3x3BackwardWeightGemm {
   __device__ BRow b_row(int col) const {
     if (col >= cols) return {0, false};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    return {c * H * W + ky * W + kx, true};
+    return {static_cast<int64_t>(c) * H * W + ky * W + kx, true};
   }
   __device__ CopySource a_copy(const ARow& r, const KPos& kp) const {
     return {r.p + kp.dy_offset, r.valid && kp.valid};
   }
-  // The pixel's address once per k position, then an int per row (opaque_pointer: not folded
-  // into 64-bit arithmetic per copy).
+  // The pixel's address once per k position, then the row's offset (opaque_pointer: the two are
+  // not folded into one sum per copy, shifted and added again).
   __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
     return {opaque_pointer(x + kp.x_offset) + r.offset, r.valid && kp.valid};
   }
@@ -813,8 +813,8 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
   __device__ BRow b_row(int col) const {
     if (col >= cols) return {{0, false}, Cu == 0};
     const int c = col / 9, tap = col - 9 * c, ky = tap / 3, kx = tap - 3 * ky;
-    if (c < Cu) return {{c * H * W + ky * W + kx, true}, false};
-    return {{(c - Cu) * Hs * Ws + ky * Ws + kx, true}, true};
+    if (c < Cu) return {{static_cast<int64_t>(c) * H * W + ky * W + kx, true}, false};
+    return {{static_cast<int64_t>(c - Cu) * Hs * Ws + ky * Ws + kx, true}, true};
   }
   __device__ CopySource b_copy(const BRow& r, const KPos& kp) const {
     return {opaque_pointer(r.in_skip ? skip + kp.skip_offset : x + kp.x_offset) + r.offset,
@@ -1038,30 +1038,23 @@ void run_forward_gemm(const std::string& op, const Gemm& g, Conv3x3Version versi
   run_output_gemm(op, g, version, g.K % 4 == 0 && aligned16(g.w), stream);
 }
 
-// The elements of one image of the input (of its larger part, for the concatenated input).
-int64_t largest_image_elements(const Conv3x3BackwardWeightGemm& g) {
-  return static_cast<int64_t>(g.C) * g.H * g.W;
-}
-int64_t largest_image_elements(const Conv3x3ConcatBackwardWeightGemm& g) {
-  return std::max(static_cast<int64_t>(g.Cu) * g.H * g.W,
-                  static_cast<int64_t>(g.C - g.Cu) * g.Hs * g.Ws);
-}
-
 // dw through the GEMM view `g` (its `out` is set here): one split writes dw, several write
 // partials into a workspace that conv3x3_split_k_reduce adds up in split order.
 template <class Gemm>  // Conv3x3BackwardWeightGemm or Conv3x3ConcatBackwardWeightGemm
 void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                               Conv3x3Version version, cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
-  // k_pos numbers the pixels of one output plane and the K tiles (of 8 pixels or more) with ints,
-  // b_row the elements of one image of x
+  // k_pos numbers the pixels of one output plane and the K tiles (of kMinBK pixels or more) with
+  // ints
+  constexpr int64_t kMinBK = 8;
+  static_assert(kV3BK >= kMinBK && kV4BK >= kMinBK && kV5BK >= kMinBK && kV6BK >= kMinBK,
+                "no GEMM version walks K in tiles of fewer pixels");
   const int64_t plane = static_cast<int64_t>(g.P) * g.Q;
-  if (plane > INT32_MAX || N * ceil_div<int64_t>(plane, 8) > INT32_MAX ||
-      largest_image_elements(g) > INT32_MAX)
-    throw std::runtime_error(name + ": " + std::to_string(N) + " images of " +
-                             std::to_string(g.C) + " x " + std::to_string(g.H) + " x " +
-                             std::to_string(g.W) + " exceed the GEMM versions' 32-bit indices " +
-                             "of the weight gradient; use v1_direct or v2_smem");
+  if (plane > INT32_MAX || N * ceil_div<int64_t>(plane, kMinBK) > INT32_MAX)
+    throw std::runtime_error(name + ": " + std::to_string(N) + " output planes of " +
+                             std::to_string(g.P) + " x " + std::to_string(g.Q) + " pixels " +
+                             "exceed the GEMM versions' 32-bit pixel and K-tile indices; use " +
+                             "v1_direct or v2_smem");
   const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
   // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
   // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.

@@ -1291,10 +1291,11 @@ bool use_large_tile(int64_t M, int64_t cols) {
 }
 
 // Blocks run in waves: an H100's 132 SMs (a constant for the same reason as above) times the
-// blocks a kernel holds per SM. Known for v6's 128-column tile: one block per SM, whatever the view
-// (GemmTile::wave_blocks). Its 64-column tile holds two blocks of some views and one of others
-// (the weight gradients' take over 128 registers), and v3-v5's occupancy varies with the tile and
-// the view: those keep the plain rule (wave_blocks 0).
+// blocks a kernel holds per SM. Known for v6's 128 x 128 and 256 x 64 tiles: one block per SM,
+// whatever the view (GemmTile::wave_blocks; the tall tile's 160 KB of shared memory leave room for
+// no second). Its 128 x 64 tile holds two blocks of some views and one of others (the weight
+// gradients' take over 128 registers), and v3-v5's occupancy varies with the tile and the view:
+// those keep the plain rule (wave_blocks 0).
 constexpr int64_t kSMs = 132;
 static_assert(kTargetBlocks == 2 * kSMs, "two waves of one block per SM");
 
@@ -1485,7 +1486,8 @@ GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_ti
   static_assert(kV5BK == kV4BK, "v5 takes v4's tiles and K step");
   if (version == Conv3x3Version::kV6Tf32Wgmma) {  // "large": the 128-column tile
     const bool wide = cols > 64;
-    return {wide, v6_rows(wide, M, k_tiles), wide ? 128 : 64, kV6BK, wide ? kSMs : 0};
+    const int bm = v6_rows(wide, M, k_tiles);
+    return {wide, bm, wide ? 128 : 64, kV6BK, wide || bm == kV6TallBM ? kSMs : 0};
   }
   if (version == Conv3x3Version::kV3Igemm) {
     const bool large = use_large_tile<V3Large, V3Small>(M, cols);

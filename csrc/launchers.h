@@ -76,7 +76,8 @@ int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, 
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 // Whether a GEMM of `version` summing over `channels` channels (C for the forward, O for the
-// backward data) walks K tap by tap (the tap-major views of conv3x3.cu; planes under 2^31 pixels).
+// backward data) walks K tap by tap (the tap-major views of conv3x3.cu), for images whose
+// channels x pixels are under 2^31 elements (larger ones take the 64-bit views).
 bool conv3x3_tap_major(Conv3x3Version version, int channels);
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
@@ -149,6 +150,12 @@ void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, in
 void launch_sgd_momentum_update(float* param, const float* grad, float* velocity, int64_t n,
                                 float lr, const float* lr_on_device, float momentum,
                                 float weight_decay, cudaStream_t stream);
+// The same update of `count` parameters (params[i], grads[i], velocities[i] of sizes[i] elements)
+// in one launch per 32 of them; the same bits as launch_sgd_momentum_update on each.
+void launch_sgd_momentum_update_multi(float* const* params, const float* const* grads,
+                                      float* const* velocities, const int64_t* sizes, int count,
+                                      float lr, const float* lr_on_device, float momentum,
+                                      float weight_decay, cudaStream_t stream);
 
 // warp.cu: the augmentation warp of docs/OPS.md. image, weights, image_out, weights_out float32
 // [H,W]; labels, labels_out int32 [H,W]; coarse float32 [2,grid_y,grid_x] node displacements (px).

@@ -123,6 +123,10 @@ VALID = {
     "sgd_momentum_update_": lambda: dict(param=f32(4, 3, 3, 3), grad=f32(4, 3, 3, 3),
                                          velocity=f32(4, 3, 3, 3), lr=0.01, momentum=0.99,
                                          weight_decay=0.0005),
+    "sgd_momentum_update_multi_": lambda: dict(params=[f32(4, 3, 3, 3), f32(4)],
+                                               grads=[f32(4, 3, 3, 3), f32(4)],
+                                               velocities=[f32(4, 3, 3, 3), f32(4)], lr=0.01,
+                                               momentum=0.99, weight_decay=0.0005),
     "augment_warp": lambda: dict(image=f32(6, 6), labels=i32(6, 6), weights=f32(6, 6),
                                  coarse=f32(2, 3, 3), image_out=f32(6, 6), labels_out=i32(6, 6),
                                  weights_out=f32(6, 6), quarter_turns=1, flip_rows=True,
@@ -182,7 +186,7 @@ def ops_md_names():
 
 def test_module_exposes_every_op_of_ops_md():
     names = ops_md_names()
-    assert len(names) == 25, names
+    assert len(names) == 26, names
     missing = [n for n in names if not callable(getattr(_C, n, None))]
     assert not missing, f"unet_cuda._C lacks {missing}"
     assert set(VALID) == set(names)
@@ -578,6 +582,29 @@ def report_valid_calls():
         labels_out=i32(1, 1), weights_out=f32(1, 1), quarter_turns=3, flip_rows=False,
         flip_columns=True, gamma=1.0, contrast=-2.0, brightness=0.0)
     print_call_results(cases)
+
+
+def test_sgd_multi_checks_its_sequences():
+    """sgd_momentum_update_multi_: three sequences of as many arrays, each array checked as
+    sgd_momentum_update_ checks it and named by its index; no output overlapping another argument."""
+    op = "sgd_momentum_update_multi_"
+    raises_naming(TypeError, op, "params", "must be a sequence of CUDA arrays", params=f32(4))
+    raises_naming(TypeError, op, "grads", "must be a sequence of CUDA arrays", grads="grads")
+    raises_naming(ValueError, op, "grads", "as many arrays as params (2), got 1", grads=[f32(4, 3, 3, 3)])
+    raises_naming(ValueError, op, "velocities", "as many arrays as params (2), got 3",
+                  velocities=[f32(4, 3, 3, 3), f32(4), f32(4)])
+    raises_naming(ValueError, op, "grads[1]", "(3,)", grads=[f32(4, 3, 3, 3), f32(3)])
+    raises_naming(ValueError, op, "velocities[0]", velocities=[f32(4, 3, 3), f32(4)])
+    raises_naming(ValueError, op, "params[1]", "float32", params=[f32(4, 3, 3, 3), i32(4)],
+                  grads=[f32(4, 3, 3, 3), i32(4)], velocities=[f32(4, 3, 3, 3), i32(4)])
+    raises_naming(ValueError, op, "params[1]", "is host memory",
+                  params=[f32(4, 3, 3, 3), np.zeros(4, np.float32)])
+    raises_naming(ValueError, op, "lr", "finite and >= 0", lr=-0.5)
+    raises_naming(ValueError, op, "momentum", "in [0, 1]", momentum=1.5)
+    params = [f32(4, 3, 3, 3), f32(4)]
+    shared = params[0].like(ptr=params[0].ptr)  # velocities[1]'s memory is params[0]'s
+    raises_naming(ValueError, op, "velocities[1]", "overlaps argument params[0]", params=params,
+                  velocities=[f32(4, 3, 3, 3), shared.like(shape=(4,), ptr=params[0].ptr)])
 
 
 def test_valid_calls_reach_the_device_memory_check():

@@ -53,6 +53,7 @@ def lib(tmp_path_factory):
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
            str(ROOT / "csrc" / "upconv.cu"), str(ROOT / "csrc" / "bias_backward.cu"),
            str(ROOT / "csrc" / "elementwise.cu"), str(ROOT / "csrc" / "maxpool.cu"),
+           str(ROOT / "csrc" / "optimizer.cu"),
            str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"building the emulation failed:\n{proc.stderr[-6000:]}"
@@ -178,6 +179,7 @@ PATHS = [
     # weight gradient of O = 130 rows and 9C = 27 columns over 240 pixels; the forward and backward
     # data of channels that are no multiple of 32 (not tap-major)
     (1, 3, 18, 17, 130),
+    (1, 3, 19, 17, 130),  # the same with 255 pixels: 4-byte copies of dy
     (1, 30, 14, 13, 33),
 ]
 
@@ -230,11 +232,13 @@ def test_split_k_plans(lib):
     assert splits("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 7
     for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
         assert splits(version, (1, 64, 570, 570, 64)) == 30, version
-    # v6's 64-column tile (9C <= 64) too: its weight gradient holds one block per SM, its forward
-    # two, so no single wave size fits it. O = 640 rows make 3 tiles of 256 (v6's tall tile, for
-    # more than 128 rows): ceil(264 / 3) = 88 splits, capped at 56 by the pixels (at least 1024
-    # per split: 240 x 240 / 1024).
-    assert splits("v6_tf32_wgmma", (1, 5, 242, 242, 640)) == 56
+    # v6's 128 x 64 tile (9C <= 64, M <= 128 rows) holds one block of the weight gradient per SM
+    # and two of the forward, so no single wave size fits it: 30 splits (M = O = 100, one tile,
+    # ceil(264 / 1) capped at 30 by the pixels: 176 x 176 / 1024). Its 256 x 64 tile (more rows)
+    # holds one block per SM: O = 640 rows make 3 tiles, at most 56 splits (240 x 240 / 1024),
+    # and 44 fill one wave of 132 where 56 would make 168 blocks, two waves.
+    assert splits("v6_tf32_wgmma", (1, 5, 178, 178, 100)) == 30
+    assert splits("v6_tf32_wgmma", (1, 5, 242, 242, 640)) == 44
     # The first layer (C = 1) in the GEMM versions: conv3x3_backward_weight_few_channels, two waves
     # of (o, slice) blocks; too few pixels for a second slice: one.
     for version in TILED[1:]:
@@ -504,7 +508,10 @@ def check_upconv(lib, version, shape, seed=0):
 # channels (the weight gradient splits K), more than 64 and 128 columns (4O), and a deep, small
 # layer (the forward and backward data split K: few output tiles, K >= 1024).
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 33, 3, 1, 2), (1, 4, 6, 6, 3),
-                 (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3)]
+                 (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3),
+                 # v6's 256 x 64 tile: the forward and weight gradient (4O = 64 columns, K = C = 256),
+                 # the backward data (C = 64 columns over 144 pixels, K = 4O = 256)
+                 (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -585,3 +592,41 @@ def test_maxpool2x2(lib, shape):
                n, c, h, w)
     np.testing.assert_array_equal(dx.array, ref.maxpool2x2_backward(dy, arg_ref))
     dx.check_guards("maxpool2x2_backward")
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer's two kernels (csrc/optimizer.cu): the update of many parameters in one launch per
+# 32 of them gives the bits of one launch each, and both Caffe's rule in float32.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device_rate", [False, True], ids=["lr-by-value", "lr-on-device"])
+def test_sgd_multi_matches_one_launch_each(lib, device_rate):
+    rng = np.random.default_rng(7 + device_rate)
+    sizes = [0, 1, 5, 257, 3000] + [int(n) for n in rng.integers(1, 700, 35)]   # 40: two launches
+    params = [rng.uniform(-1, 1, n).astype(np.float32) for n in sizes]
+    grads = [rng.uniform(-1, 1, n).astype(np.float32) for n in sizes]
+    velocities = [rng.uniform(-0.1, 0.1, n).astype(np.float32) for n in sizes]
+    lr, momentum, weight_decay = np.float32(0.01), np.float32(0.99), np.float32(5e-4)
+    rate = np.array([lr], np.float32)
+    rate_ptr = rate.ctypes.data_as(ctypes.c_void_p) if device_rate else None
+    fp = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+
+    one_p, one_v = [p.copy() for p in params], [v.copy() for v in velocities]
+    for p, g, v in zip(one_p, grads, one_v):
+        plain_call(lib, "emulated_sgd_momentum_update", fp(p), fp(g), fp(v), ctypes.c_int64(p.size),
+                   ctypes.c_float(0.0 if device_rate else lr), rate_ptr, ctypes.c_float(momentum),
+                   ctypes.c_float(weight_decay))
+    multi_p, multi_v = [p.copy() for p in params], [v.copy() for v in velocities]
+    table = lambda arrays: (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])  # noqa: E731
+    plain_call(lib, "emulated_sgd_momentum_update_multi", table(multi_p), table(grads), table(multi_v),
+               (ctypes.c_int64 * len(sizes))(*sizes), ctypes.c_int(len(sizes)),
+               ctypes.c_float(0.0 if device_rate else lr), rate_ptr, ctypes.c_float(momentum),
+               ctypes.c_float(weight_decay))
+    for i, n in enumerate(sizes):
+        np.testing.assert_array_equal(multi_p[i], one_p[i], err_msg=f"param {i} of {n}")
+        np.testing.assert_array_equal(multi_v[i], one_v[i], err_msg=f"velocity {i} of {n}")
+        # Caffe's rule in float32 (the kernel may fuse a multiply-add: within a few ulps)
+        v = momentum * velocities[i] + lr * (grads[i] + weight_decay * params[i])
+        np.testing.assert_allclose(multi_v[i], v, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(multi_p[i], params[i] - v, rtol=1e-6, atol=1e-7)
+

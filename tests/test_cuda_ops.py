@@ -143,7 +143,8 @@ CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9
 CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
                   (1, 64, 9, 9, 2)]
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 33, 3, 5, 7), (2, 5, 4, 1, 33),
-                 (1, 8, 9, 9, 3), (1, 1100, 2, 3, 3), (2, 6, 24, 22, 40)]
+                 (1, 8, 9, 9, 3), (1, 1100, 2, 3, 3), (2, 6, 24, 22, 40),
+                 (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]  # v6's 256 x 64 tile in each direction
 # (N, C, H, W) with H, W even.
 MAXPOOL_SHAPES = [(1, 1, 2, 2), (2, 3, 4, 6), (1, 5, 8, 2), (2, 7, 10, 14), (1, 33, 6, 6)]
 # (N, Cu, Cs, H, W, Hs, Ws) with Hs-H, Ws-W even and >= 0.
@@ -644,6 +645,33 @@ def test_sgd_momentum_update(shape):
     ref.sgd_momentum_update_(param_ref, f64(grad), velocity_ref, lr, momentum, weight_decay)
     assert_close(velocity_dev, velocity_ref, atol=1e-7, rtol=1e-5, name=f"sgd velocity{shape}")
     assert_close(param_dev, param_ref, atol=1e-7, rtol=1e-5, name=f"sgd param{shape}")
+
+
+def test_sgd_momentum_update_multi_matches_one_call_each():
+    """40 parameters (two launches of up to 32), sizes from 0 to a million, with the rate as a
+    number and as a 0-d device array: the same bits as sgd_momentum_update_ on each, and the
+    reference within float32's rounding."""
+    rng = np.random.default_rng(40)
+    sizes = [0, 1, 5, 64, 1_000_000, 33, 4096] + [int(n) for n in rng.integers(1, 20_000, 33)]
+    shapes = [(n,) if i % 2 else (1, n) for i, n in enumerate(sizes)]
+    params = [rand(rng, *s) for s in shapes]
+    grads = [rand(rng, *s) for s in shapes]
+    velocities = [rand(rng, *s, scale=0.1) for s in shapes]
+    for lr in (0.01, cupy.asarray(np.float32(0.02))):
+        one_p, one_v = [dev(p) for p in params], [dev(v) for v in velocities]
+        for p, g, v in zip(one_p, grads, one_v):
+            cu.sgd_momentum_update_(p, dev(g), v, lr, 0.99, 5e-4)
+        multi_p, multi_v = [dev(p) for p in params], [dev(v) for v in velocities]
+        assert cu.sgd_momentum_update_multi_(multi_p, [dev(g) for g in grads], multi_v, lr, 0.99,
+                                             5e-4) is None
+        for i in range(len(sizes)):
+            assert_equal(multi_p[i], host(one_p[i]), f"sgd multi param[{i}] of {sizes[i]}")
+            assert_equal(multi_v[i], host(one_v[i]), f"sgd multi velocity[{i}] of {sizes[i]}")
+        rate = 0.01 if isinstance(lr, float) else 0.02
+        for i in (4, len(sizes) - 1):
+            param_ref, velocity_ref = f64(params[i]), f64(velocities[i])
+            ref.sgd_momentum_update_(param_ref, f64(grads[i]), velocity_ref, rate, 0.99, 5e-4)
+            assert_close(multi_p[i], param_ref, atol=1e-7, rtol=1e-5, name=f"sgd multi param[{i}]")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -747,7 +747,7 @@ def test_layer_table_matches_performance_md():
 def test_op_cases_cover_a_training_step():
     cases = op_cases.op_cases(benchlib.network())
     ids = [c.id for c in cases]
-    assert len(ids) == len(set(ids)) == 116                # bench/README.md counts them
+    assert len(ids) == len(set(ids)) == 117                # bench/README.md counts them
     from unet_cuda.ops import OP_NAMES  # noqa: PLC0415
 
     assert {c.op for c in cases} == set(OP_NAMES)
@@ -758,10 +758,13 @@ def test_op_cases_cover_a_training_step():
     assert [c.layer for c in fused] == ["u1a", "u2a", "u3a", "u4a"]
     assert fused[-1].shape == "up[1,64,392,392] skip[1,64,568,568] w[64,128,3,3] -> y[1,64,390,390]"
     assert fused[-1].flops == benchlib.network().layer("u4a").flops
-    # crop + concat is timed, but a step in the precision modes does not run it
-    assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward"}
-    sgd = next(c for c in cases if c.op == "sgd_momentum_update_")
-    assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
+    # crop + concat and the update one parameter at a time are timed, but a step in the precision
+    # modes does not run them
+    assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward",
+                                                      "sgd_momentum_update_"}
+    for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
+        sgd = next(c for c in cases if c.op == op)
+        assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
     assert all((c.flops is None) != (c.nbytes is None) for c in cases)
 
 
@@ -900,7 +903,8 @@ def test_peers_compute_what_our_ops_compute():
     torch = pytest.importorskip("torch")
     from unet_cuda import ops  # noqa: PLC0415
 
-    skip = {"dropout_mask", "accumulate_", "sgd_momentum_update_",   # random or in place: run only
+    skip = {"dropout_mask", "accumulate_", "sgd_momentum_update_", "sgd_momentum_update_multi_",
+            # random or in place: run only
             "augment_warp"}                                            # another cubic: run only
     for case in op_cases.op_cases(benchlib.network(**SMALL_NET)):
         inputs = op_cases.make_inputs(case, np, ops)

@@ -58,7 +58,7 @@ def test_profile_steps_counts_every_op_of_a_step():
     assert calls["conv3x3_forward"] == 2 * depth + (depth - 1)          # the other decoder conv reads the concat
     assert calls["conv3x3_concat_forward"] == depth - 1
     assert calls["maxpool2x2_forward"] == calls["upconv2x2_forward"] == depth - 1
-    assert calls["sgd_momentum_update_"] == len(model.parameters())
+    assert calls["sgd_momentum_update_multi_"] == 1 and "sgd_momentum_update_" not in calls
     assert calls["softmax_xent_forward"] == calls["softmax_xent_backward"] == 1
     assert calls["dropout_mask"] == 2
     assert profile.device == "cpu" and profile.gpu_ms is None and profile.steps == 2

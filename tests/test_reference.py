@@ -636,6 +636,40 @@ def test_sgd_updates_float32_in_place():
     assert np.array_equal(velocity, np.full((2, 3), 1.0)) and np.array_equal(param, np.zeros((2, 3)))
 
 
+def test_sgd_multi_is_one_call_per_parameter():
+    rng = np.random.default_rng(11)
+    shapes = [(4, 3, 3, 3), (4,), (0,), (2, 5)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    velocities = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in shapes]
+    want_p, want_v = [p.copy() for p in params], [v.copy() for v in velocities]
+    for p, g, v in zip(want_p, grads, want_v):
+        ref.sgd_momentum_update_(p, g, v, np.float32(0.01), 0.99, 5e-4)
+    assert ref.sgd_momentum_update_multi_(params, tuple(grads), velocities, np.array(0.01, np.float32),
+                                          0.99, 5e-4) is None
+    for got, want in zip(params + velocities, want_p + want_v):
+        assert np.array_equal(got, want)
+    assert ref.sgd_momentum_update_multi_([], [], [], 0.1, 0.9, 0.0) is None
+
+
+def test_sgd_multi_checks_every_triple_before_updating():
+    params = [np.ones(3, np.float32), np.ones(2, np.float32)]
+    grads = [np.ones(3, np.float32), np.ones(3, np.float32)]   # grads[1] has the wrong shape
+    velocities = [np.zeros(3, np.float32), np.zeros(2, np.float32)]
+    with pytest.raises(ValueError, match=r"sgd_momentum_update_multi_: params\[1\] has shape \(2,\) "
+                                         r"but grads\[1\] has shape \(3,\)"):
+        ref.sgd_momentum_update_multi_(params, grads, velocities, 0.1, 0.9, 0.0)
+    assert np.array_equal(params[0], np.ones(3)) and np.array_equal(velocities[0], np.zeros(3))
+    with pytest.raises(ValueError, match="grads must hold as many arrays as params \\(2\\), got 1"):
+        ref.sgd_momentum_update_multi_(params, grads[:1], velocities, 0.1, 0.9, 0.0)
+    with pytest.raises(TypeError, match="params must be a sequence of arrays"):
+        ref.sgd_momentum_update_multi_(np.ones(3, np.float32), grads, velocities, 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match=r"velocities\[0\] is updated in place but is read-only"):
+        frozen = np.zeros(3, np.float32)
+        frozen.flags.writeable = False
+        ref.sgd_momentum_update_multi_(params[:1], grads[:1], [frozen], 0.1, 0.9, 0.0)
+
+
 def test_accumulate_adds_in_place_and_returns_dst():
     dst = np.array([[1.0, 2.0]])
     result = ref.accumulate_(dst, np.array([[10.0, 20.0]]))

@@ -3,9 +3,10 @@
     v <- momentum * v + lr * (grad + weight_decay * param)
     param <- param - v
 
-The update itself is an op (``sgd_momentum_update_``), so it runs in our kernel on the GPU. The
-rate of one step may be given to ``step`` as a 0-d float32 array on the parameters' device: the
-kernel then reads it when it runs, which is what a captured CUDA graph needs (``unet_cuda.graph``).
+The update itself is an op (``sgd_momentum_update_multi_``: all parameters at once), so it runs in
+our kernel on the GPU. The rate of one step may be given to ``step`` as a 0-d float32 array on the
+parameters' device: the kernel then reads it when it runs, which is what a captured CUDA graph
+needs (``unet_cuda.graph``).
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class SGD:
         parameters' device, whose value the update kernel reads when it runs (docs/OPS.md).
         """
         rate = self.lr if lr is None else lr
-        for p, v in zip(self.params, self.velocity):
-            if p.grad is None:
-                continue
+        updated = [(p, v) for p, v in zip(self.params, self.velocity) if p.grad is not None]
+        for p, v in updated:
             if v.shape != p.data.shape or ops.device_of(v) != ops.device_of(p.data):
                 raise RuntimeError(f"SGD: state of {p.name} does not match the parameter "
                                    f"({v.shape} on {ops.device_of(v)} vs {p.data.shape} on {ops.device_of(p.data)})")
-            ops.sgd_momentum_update_(p.data, p.grad, v, rate, self.momentum, self.weight_decay)
+        # one op for all of them: on the GPU one launch per 32 parameters, not one each
+        ops.sgd_momentum_update_multi_([p.data for p, _ in updated], [p.grad for p, _ in updated],
+                                       [v for _, v in updated], rate, self.momentum, self.weight_decay)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

@@ -1,6 +1,6 @@
 // conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
 // two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu), and of
-// csrc/elementwise.cu and csrc/maxpool.cu, built for the CPU emulation (cuda_runtime.h beside this
+// csrc/elementwise.cu, csrc/maxpool.cu and csrc/optimizer.cu, built for the CPU emulation (cuda_runtime.h beside this
 // file), called through ctypes by tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the
 // error message in `error`.
 #include <cstdint>
@@ -162,6 +162,26 @@ int emulated_relu_backward(const float* y, const float* dy, float* dx, int64_t n
 
 int emulated_accumulate(float* dst, const float* src, int64_t n, char* error, int error_size) {
   return guarded_plain(error, error_size, [&] { unet::launch_accumulate(dst, src, n, nullptr); });
+}
+
+// lr_on_device: null, or the rate in (host) memory, as the kernels read it from device memory.
+int emulated_sgd_momentum_update(float* param, const float* grad, float* velocity, int64_t n, float lr,
+                                 const float* lr_on_device, float momentum, float weight_decay,
+                                 char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_sgd_momentum_update(param, grad, velocity, n, lr, lr_on_device, momentum, weight_decay,
+                                     nullptr);
+  });
+}
+
+int emulated_sgd_momentum_update_multi(float* const* params, const float* const* grads,
+                                       float* const* velocities, const int64_t* sizes, int count,
+                                       float lr, const float* lr_on_device, float momentum,
+                                       float weight_decay, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_sgd_momentum_update_multi(params, grads, velocities, sizes, count, lr, lr_on_device,
+                                           momentum, weight_decay, nullptr);
+  });
 }
 
 int emulated_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N, int C, int H, int W,

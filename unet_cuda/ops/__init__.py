@@ -148,8 +148,18 @@ def _make_dispatcher(name: str):
 
 
 for _name in OP_NAMES:
-    if _name != "dropout_mask":
+    if _name not in ("dropout_mask", "sgd_momentum_update_multi_"):
         globals()[_name] = _make_dispatcher(_name)
+
+
+def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay):
+    """``sgd_momentum_update_`` of every ``(params[i], grads[i], velocities[i])`` on the backend of
+    ``params[0]`` (nothing to do for none); see docs/OPS.md."""
+    params = list(params)
+    if not params:
+        return None
+    return backend_for(params[0]).sgd_momentum_update_multi_(params, grads, velocities, lr, momentum,
+                                                            weight_decay)
 
 
 def dropout_mask(shape, p, seed, *, like):

@@ -438,6 +438,22 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     return None
 
 
+def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay):
+    """``sgd_momentum_update_`` of every triple in one launch per 32 of them (the same bits); every
+    array is checked before anything is launched. ``lr`` as for ``sgd_momentum_update_``."""
+    op = "sgd_momentum_update_multi_"
+    _host_array_refused(op, "lr", lr, "float32")
+    rate = lr if isinstance(lr, cupy.ndarray) else float(lr)
+    seqs = []
+    for name, value in (("params", params), ("grads", grads), ("velocities", velocities)):
+        if isinstance(value, (str, bytes)) or hasattr(value, "__cuda_array_interface__") \
+                or not hasattr(value, "__len__"):
+            raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
+        seqs.append(list(value))
+    _C.sgd_momentum_update_multi_(*seqs, rate, float(momentum), float(weight_decay), stream=_stream())
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------

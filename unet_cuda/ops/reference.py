@@ -52,6 +52,7 @@ __all__ = (
     "dropout_backward",
     "accumulate_",
     "sgd_momentum_update_",
+    "sgd_momentum_update_multi_",
     "augment_warp",
 )
 
@@ -704,6 +705,37 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     _same_shape(op, "param", param, "velocity", velocity)
     velocity[...] = momentum * velocity + lr * (grad + weight_decay * param)
     param -= velocity
+    return None
+
+
+def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay):
+    """``sgd_momentum_update_`` of every ``(params[i], grads[i], velocities[i])``, in place; returns
+    None. Every triple is checked before any is updated, so a bad one changes nothing. The CUDA
+    backend updates up to 32 parameters per launch, with the same bits as one call each.
+    """
+    op = "sgd_momentum_update_multi_"
+    lists = {}
+    for name, value in (("params", params), ("grads", grads), ("velocities", velocities)):
+        if isinstance(value, (str, bytes, np.ndarray)) or hasattr(value, "__cuda_array_interface__") \
+                or not hasattr(value, "__len__"):
+            raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
+        lists[name] = list(value)
+    params, grads, velocities = lists["params"], lists["grads"], lists["velocities"]
+    for name in ("grads", "velocities"):
+        if len(lists[name]) != len(params):
+            raise ValueError(f"{op}: {name} must hold as many arrays as params ({len(params)}), "
+                             f"got {len(lists[name])}")
+    lr = _device_scalar(op, "lr", lr, np.float32)
+    triples = []
+    for i, (param, grad, velocity) in enumerate(zip(params, grads, velocities)):
+        param = _writable_float_array(op, f"params[{i}]", param)
+        velocity = _writable_float_array(op, f"velocities[{i}]", velocity)
+        grad = np.asarray(grad)
+        _same_shape(op, f"params[{i}]", param, f"grads[{i}]", grad)
+        _same_shape(op, f"params[{i}]", param, f"velocities[{i}]", velocity)
+        triples.append((param, grad, velocity))
+    for param, grad, velocity in triples:
+        sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay)
     return None
 
 
