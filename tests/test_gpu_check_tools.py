@@ -21,6 +21,7 @@ if str(BENCH) not in sys.path:
 import benchlib  # noqa: E402
 import collect_results as cr  # noqa: E402
 import op_cases  # noqa: E402
+import plot_history  # noqa: E402
 import plot_results  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -592,6 +593,30 @@ def test_latest_results_prefers_a_run_with_per_op_figures(tmp_path):
     no_bench = dict(cut, date="2100-01-01T00:00:00Z", benchmarks=[])
     (results_dir / "results-tests-only.json").write_text(json.dumps(no_bench))
     assert plot_results.latest_results(results_dir).name == "results-cut.json"
+
+
+def test_history_orders_the_runs_with_a_timed_step(tmp_path):
+    """plot_history: one row per results JSON with a timed training step, by date; ratios from the
+    run's own PyTorch figures; a chart and a table; no such run: exit 1 with the reason."""
+    def run(name, date, commit, gpu, tf32, torch_tf32, **extra):
+        summary = {"train_step_ms": {"tf32": tf32, "fp32": None}, "torch_train_step_ms": {"tf32": torch_tf32}}
+        (tmp_path / name).write_text(json.dumps(dict(commit=commit, date=date, gpu=gpu, summary=summary, **extra)))
+
+    run("results-b.json", "2026-02-01T00:00:00Z", "b" * 40, "NVIDIA H200", 10.0, 8.0)
+    run("results-a.json", "2026-01-01T00:00:00Z", "a" * 40, GPU, 20.0, 10.0, dirty=True)
+    (tmp_path / "results-tests-only.json").write_text(json.dumps({"commit": "c" * 40, "summary": {}}))
+    (tmp_path / "broken.json").write_text("{")
+    rows = plot_history.history(tmp_path)
+    assert [(r["commit"], r["gpu"], r["dirty"]) for r in rows] == [("aaaaaaa", "H100", True), ("bbbbbbb", "H200", False)]
+    assert rows[0]["tf32"]["ratio"] == pytest.approx(0.5) and rows[1]["tf32"]["ratio"] == pytest.approx(0.8)
+    assert rows[0]["fp32"] == {"ms": None, "torch_ms": None, "ratio": None}
+    table = plot_history.render_markdown(rows)
+    assert "| `aaaaaaa` (uncommitted changes) | H100 | 2026-01-01 00:00 | - / -, - | 20.00 / 10.00, 0.50x |" in table
+    pytest.importorskip("matplotlib")
+    png, md = tmp_path / "h.png", tmp_path / "h.md"
+    assert plot_history.main(["--results-dir", str(tmp_path), "--png", str(png), "--markdown", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and md.read_text() == table
+    assert plot_history.main(["--results-dir", str(tmp_path / "none"), "--png", str(png)]) == 1
 
 
 def test_plot_renders_png_and_markdown(tmp_path):
