@@ -54,9 +54,10 @@ __global__ void sgd_momentum_update_v1(float* __restrict__ param, const float* _
 // Up to this many parameters per launch of sgd_momentum_update_multi_v1: 32 x 32 bytes of
 // pointers and sizes, well inside a kernel's 4 KB of arguments.
 constexpr int kSgdTableSize = 32;
-// Blocks per parameter: two per SM of an H100 for the largest (b2's 9.4 M weights: 139 elements
-// per thread); the blocks of smaller parameters leave at once.
-constexpr unsigned int kSgdMaxBlocksPerTensor = 264;
+// Blocks per parameter at most: eight per SM of an H100 (a full SM of 256-thread blocks), for the
+// largest (b2's 9.4 M weights: 35 elements per thread); the surplus blocks of smaller parameters
+// leave at once.
+constexpr unsigned int kSgdMaxBlocksPerTensor = 1056;
 
 struct SgdTensorTable {
   float* param[kSgdTableSize];
@@ -69,9 +70,9 @@ __global__ void sgd_momentum_update_multi_v1(const SgdTensorTable table, float l
                                              const float* __restrict__ lr_on_device,
                                              float momentum, float weight_decay) {
   const int i = blockIdx.y;
-  float* const param = table.param[i];
-  const float* const grad = table.grad[i];
-  float* const velocity = table.velocity[i];
+  float* __restrict__ const param = table.param[i];
+  const float* __restrict__ const grad = table.grad[i];
+  float* __restrict__ const velocity = table.velocity[i];
   const int64_t n = table.n[i];
   const float rate = lr_on_device != nullptr ? *lr_on_device : lr;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;

@@ -670,6 +670,34 @@ def test_sgd_multi_checks_every_triple_before_updating():
         ref.sgd_momentum_update_multi_(params[:1], grads[:1], [frozen], 0.1, 0.9, 0.0)
 
 
+def test_sgd_multi_refuses_before_updating_anything():
+    from unet_cuda import ops
+
+    def fresh():
+        return [np.ones(3, np.float32), np.ones(2, np.float32)], [np.zeros(3, np.float32), np.zeros(2, np.float32)]
+
+    params, velocities = fresh()
+    grads = [np.ones(3, np.float32), np.array(["a", "b"])]
+    with pytest.raises(ValueError, match=r"grads\[1\] must have a real dtype"):
+        ref.sgd_momentum_update_multi_(params, grads, velocities, 0.1, 0.9, 0.0)
+    assert np.array_equal(params[0], np.ones(3)) and np.array_equal(velocities[0], np.zeros(3))
+    params, velocities = fresh()
+    with pytest.raises(ValueError, match=r"velocities\[1\] overlaps velocities\[0\] in memory"):
+        ref.sgd_momentum_update_multi_([params[0], params[0].copy()], [np.ones(3, np.float32)] * 2,
+                                       [velocities[0], velocities[0]], 0.1, 0.9, 0.0)
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        ref.sgd_momentum_update_multi_(params, [np.ones(3, np.float32), np.ones(2, np.float32)], velocities,
+                                       0.1, [0.9, 0.5], 0.0)
+    assert np.array_equal(params[0], np.ones(3))
+    # The dispatcher: an array is no sequence of arrays (not split into its rows), and no arrays at
+    # all still need as many of each.
+    with pytest.raises(TypeError, match="params must be a sequence of arrays"):
+        ops.sgd_momentum_update_multi_(np.ones((2, 3), np.float32), [np.ones(3)] * 2, velocities, 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="grads must hold as many arrays as params \\(0\\), got 1"):
+        ops.sgd_momentum_update_multi_([], [np.ones(3)], [], 0.1, 0.9, 0.0)
+    assert ops.sgd_momentum_update_multi_((), [], [], 0.1, 0.9, 0.0) is None
+
+
 def test_accumulate_adds_in_place_and_returns_dst():
     dst = np.array([[1.0, 2.0]])
     result = ref.accumulate_(dst, np.array([[10.0, 20.0]]))

@@ -2,7 +2,7 @@
 replayed every step after: ``python -m unet_cuda.train --cuda-graph``.
 
 Why: one step of this U-Net launches a few hundred kernels (23 convolutions forward and backward,
-pooling, concatenations, dropout, the loss, one update per parameter tensor), and Python prepares
+pooling, concatenations, dropout, the loss, the parameter update), and Python prepares
 each: autograd bookkeeping, the argument checks of the bindings, allocations. For small tiles the
 GPU then waits on the host. A CUDA graph records the launches of one step once; each later step is
 one ``cudaGraphLaunch`` of the same kernels with the same arguments. The plain Python path stays the
@@ -19,7 +19,8 @@ What a graph freezes, and what this module does about each of them:
      sources are new arrays each step;
    * the two scalars that change every step live in device memory instead: the learning rate (the
      warm-up schedule raises it each step) is a 0-d float32 array, the dropout seeds (new masks each
-     step) a uint64 array. ``sgd_momentum_update_`` and ``dropout_mask`` accept such 0-d device
+     step) a uint64 array. ``sgd_momentum_update_multi_`` (the optimizer's update of all
+     parameters; ``sgd_momentum_update_`` too) and ``dropout_mask`` accept such 0-d device
      arrays (docs/OPS.md) and their kernels read the value when they run, so each replay uses what
      the host wrote before it. The host draws them exactly as the eager step does
      (``Trainer.learning_rate``, ``UNet.draw_dropout_seeds``), which is why a graphed run and an

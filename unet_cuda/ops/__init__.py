@@ -154,12 +154,11 @@ for _name in OP_NAMES:
 
 def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay):
     """``sgd_momentum_update_`` of every ``(params[i], grads[i], velocities[i])`` on the backend of
-    ``params[0]`` (nothing to do for none); see docs/OPS.md."""
-    params = list(params)
-    if not params:
-        return None
-    return backend_for(params[0]).sgd_momentum_update_multi_(params, grads, velocities, lr, momentum,
-                                                            weight_decay)
+    ``params[0]`` (the reference, which checks the arguments all the same, for none); see
+    docs/OPS.md."""
+    params = reference.array_sequence("sgd_momentum_update_multi_", "params", params)
+    backend = backend_for(params[0]) if params else reference
+    return backend.sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay)
 
 
 def dropout_mask(shape, p, seed, *, like):

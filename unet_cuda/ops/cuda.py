@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "Build it where the CUDA toolkit (nvcc) is installed: pip install --no-build-isolation -e ."
     ) from exc
 
+from .reference import array_sequence  # noqa: E402
 from .reference import __all__  # noqa: E402  the same functions, by the contract (docs/OPS.md)
 
 
@@ -444,12 +445,8 @@ def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_d
     op = "sgd_momentum_update_multi_"
     _host_array_refused(op, "lr", lr, "float32")
     rate = lr if isinstance(lr, cupy.ndarray) else float(lr)
-    seqs = []
-    for name, value in (("params", params), ("grads", grads), ("velocities", velocities)):
-        if isinstance(value, (str, bytes)) or hasattr(value, "__cuda_array_interface__") \
-                or not hasattr(value, "__len__"):
-            raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
-        seqs.append(list(value))
+    seqs = [array_sequence(op, name, value)
+            for name, value in (("params", params), ("grads", grads), ("velocities", velocities))]
     _C.sgd_momentum_update_multi_(*seqs, rate, float(momentum), float(weight_decay), stream=_stream())
     return None
 

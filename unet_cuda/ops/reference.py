@@ -708,32 +708,72 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     return None
 
 
+def array_sequence(op: str, name: str, value) -> list:
+    """``value`` as a list of its arrays: a list, tuple or other sized sequence, not an array (which
+    ``list`` would split into rows), a string or a mapping."""
+    if isinstance(value, (str, bytes, dict, np.ndarray)) or hasattr(value, "__cuda_array_interface__") \
+            or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
+    return list(value)
+
+
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    """The first and one past the last byte address of ``a``'s elements (NumPy's byte_bounds,
+    whose home moved in NumPy 2)."""
+    try:
+        from numpy.lib.array_utils import byte_bounds  # noqa: PLC0415  NumPy >= 2
+    except ImportError:
+        byte_bounds = np.byte_bounds
+    return byte_bounds(a)
+
+
+def _real_scalar(op: str, name: str, value) -> None:
+    if np.ndim(value) != 0 or not np.isrealobj(value) or isinstance(value, (bool, np.bool_)) \
+            or not np.issubdtype(np.asarray(value).dtype, np.number):
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
+
+
 def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_decay):
     """``sgd_momentum_update_`` of every ``(params[i], grads[i], velocities[i])``, in place; returns
-    None. Every triple is checked before any is updated, so a bad one changes nothing. The CUDA
-    backend updates up to 32 parameters per launch, with the same bits as one call each.
+    None. Everything is checked before anything is updated, so a bad argument changes nothing: the
+    arrays (float parameters and velocities, writable; real gradients of their shapes), the
+    scalars, and that no parameter or velocity shares memory with another argument (as the CUDA
+    backend checks). The CUDA backend updates up to 32 parameters per launch, with the same bits as
+    one call each.
     """
     op = "sgd_momentum_update_multi_"
-    lists = {}
-    for name, value in (("params", params), ("grads", grads), ("velocities", velocities)):
-        if isinstance(value, (str, bytes, np.ndarray)) or hasattr(value, "__cuda_array_interface__") \
-                or not hasattr(value, "__len__"):
-            raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
-        lists[name] = list(value)
-    params, grads, velocities = lists["params"], lists["grads"], lists["velocities"]
-    for name in ("grads", "velocities"):
-        if len(lists[name]) != len(params):
+    params = array_sequence(op, "params", params)
+    grads = array_sequence(op, "grads", grads)
+    velocities = array_sequence(op, "velocities", velocities)
+    for name, seq in (("grads", grads), ("velocities", velocities)):
+        if len(seq) != len(params):
             raise ValueError(f"{op}: {name} must hold as many arrays as params ({len(params)}), "
-                             f"got {len(lists[name])}")
+                             f"got {len(seq)}")
     lr = _device_scalar(op, "lr", lr, np.float32)
-    triples = []
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        _real_scalar(op, name, value)
+    triples, named = [], []
     for i, (param, grad, velocity) in enumerate(zip(params, grads, velocities)):
         param = _writable_float_array(op, f"params[{i}]", param)
         velocity = _writable_float_array(op, f"velocities[{i}]", velocity)
         grad = np.asarray(grad)
+        if not np.issubdtype(grad.dtype, np.number) or np.iscomplexobj(grad):
+            raise ValueError(f"{op}: grads[{i}] must have a real dtype, got {grad.dtype}")
         _same_shape(op, f"params[{i}]", param, f"grads[{i}]", grad)
         _same_shape(op, f"params[{i}]", param, f"velocities[{i}]", velocity)
         triples.append((param, grad, velocity))
+        named += [(f"params[{i}]", param, True), (f"grads[{i}]", grad, False),
+                  (f"velocities[{i}]", velocity, True)]
+    # overlaps by memory extents, sorted: each array against those that start inside it
+    spans = sorted((*_byte_bounds(a), i) for i, (_, a, _) in enumerate(named) if a.size)
+    for k, (low, high, i) in enumerate(spans):
+        for low_j, _, j in spans[k + 1:]:
+            if low_j >= high:
+                break
+            if named[i][2] or named[j][2]:
+                first, second = sorted((i, j))
+                out, other = (second, first) if named[second][2] else (first, second)
+                raise ValueError(f"{op}: {named[out][0]} overlaps {named[other][0]} in memory")
     for param, grad, velocity in triples:
         sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay)
     return None
