@@ -695,15 +695,23 @@ struct Conv3x3BackwardWeightGemm {
   // not be). A select, not a branch: v3 computes k_pos for every element it loads. The tile's
   // image is a 32-bit division (run_backward_weight_gemm checks that the tiles number fewer than
   // 2^31): a 64-bit one is a call to a routine.
-  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+  struct TilePixel {
+    int64_t n;    // the image
+    int p, i, j;  // the pixel of dy's plane (the first where not valid), its row and column
+    bool valid;
+  };
+  __device__ TilePixel tile_pixel(int64_t tile, int bk, int kk) const {
     const int per_image = static_cast<int>(tiles_per_image(bk));
     const int n = static_cast<int>(tile) / per_image;
     const int pix = (static_cast<int>(tile) - n * per_image) * bk + kk;
     const bool valid = pix < static_cast<int64_t>(P) * Q;
     const int p = valid ? pix : 0;
-    const int i = p / Q, j = p - i * Q;
-    return {int64_t{n} * O * P * Q + p, int64_t{n} * C * H * W + static_cast<int64_t>(i) * W + j,
-            valid};
+    const int i = p / Q;
+    return {n, p, i, p - i * Q, valid};
+  }
+  __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
+    const TilePixel t = tile_pixel(tile, bk, kk);
+    return {t.n * O * P * Q + t.p, t.n * C * H * W + static_cast<int64_t>(t.i) * W + t.j, t.valid};
   }
   __device__ ARow a_row(int64_t o) const {
     return o < M ? ARow{dy + o * P * Q, true} : ARow{dy, false};
@@ -800,15 +808,9 @@ struct Conv3x3ConcatBackwardWeightGemm : Conv3x3BackwardWeightGemm {
   // As in the base view, what is not read is addressed at the image's first pixel; a row past 9C
   // reads from the part that has channels (up may have none).
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
-    const int per_image = static_cast<int>(tiles_per_image(bk));
-    const int n = static_cast<int>(tile) / per_image;
-    const int pix = (static_cast<int>(tile) - n * per_image) * bk + kk;
-    const bool valid = pix < static_cast<int64_t>(P) * Q;
-    const int p = valid ? pix : 0;
-    const int i = p / Q, j = p - i * Q;
-    return {{int64_t{n} * O * P * Q + p, int64_t{n} * Cu * H * W + static_cast<int64_t>(i) * W + j,
-             valid},
-            int64_t{n} * (C - Cu) * Hs * Ws + static_cast<int64_t>(i + oy) * Ws + (j + ox)};
+    const TilePixel t = tile_pixel(tile, bk, kk);
+    return {{t.n * O * P * Q + t.p, t.n * Cu * H * W + static_cast<int64_t>(t.i) * W + t.j, t.valid},
+            t.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(t.i + oy) * Ws + (t.j + ox)};
   }
   __device__ BRow b_row(int col) const {
     if (col >= cols) return {{0, false}, Cu == 0};

@@ -27,6 +27,11 @@ import operator
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+try:  # the first and one past the last byte address of an array's elements
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds  # NumPy >= 2
+except ImportError:  # pragma: no cover - NumPy 1.x
+    _byte_bounds = np.byte_bounds
+
 __all__ = (
     "conv3x3_forward",
     "conv3x3_backward_data",
@@ -703,9 +708,14 @@ def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     grad = np.asarray(grad)
     _same_shape(op, "param", param, "grad", grad)
     _same_shape(op, "param", param, "velocity", velocity)
+    _sgd_step(param, grad, velocity, lr, momentum, weight_decay)
+    return None
+
+
+def _sgd_step(param, grad, velocity, lr, momentum, weight_decay) -> None:
+    """Caffe's rule in place on arrays already checked (both SGD ops)."""
     velocity[...] = momentum * velocity + lr * (grad + weight_decay * param)
     param -= velocity
-    return None
 
 
 def array_sequence(op: str, name: str, value) -> list:
@@ -715,16 +725,6 @@ def array_sequence(op: str, name: str, value) -> list:
             or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
         raise TypeError(f"{op}: {name} must be a sequence of arrays, got {type(value).__name__}")
     return list(value)
-
-
-def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
-    """The first and one past the last byte address of ``a``'s elements (NumPy's byte_bounds,
-    whose home moved in NumPy 2)."""
-    try:
-        from numpy.lib.array_utils import byte_bounds  # noqa: PLC0415  NumPy >= 2
-    except ImportError:
-        byte_bounds = np.byte_bounds
-    return byte_bounds(a)
 
 
 def _real_scalar(op: str, name: str, value) -> None:
@@ -775,7 +775,7 @@ def sgd_momentum_update_multi_(params, grads, velocities, lr, momentum, weight_d
                 out, other = (second, first) if named[second][2] else (first, second)
                 raise ValueError(f"{op}: {named[out][0]} overlaps {named[other][0]} in memory")
     for param, grad, velocity in triples:
-        sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay)
+        _sgd_step(param, grad, velocity, lr, momentum, weight_decay)
     return None
 
 
