@@ -64,10 +64,11 @@
 //   conv3x3_v5_bf16_mma<Gemm, Tile, VEC_A, VEC_B>: v4's tiles and copies, kV5Stages of them in
 //     flight in dynamic shared memory; the fragments are rounded to bf16 pairs as they are read
 //     from shared memory and multiplied with mma.sync.m16n8k16 (bf16 in, FP32 accumulators).
-//   conv3x3_v6_tf32_wgmma<Gemm, BM, BN, VEC_A, VEC_B>: two warpgroups of a BM x BN block (128 x
-//     128, or for 64 columns 256 x 64), each issuing wgmma.mma_async.m64nBNk8 for each 64 of its
-//     rows (TF32, operands read by the tensor cores from shared memory in the canonical K-major
-//     layout), fed by v5's 4-stage cp.async pipeline.
+//   conv3x3_v6_tf32_wgmma<Gemm, Tile, VEC_A, VEC_B>: two warpgroups of a BM x BN block (128 x
+//     128; for 64 columns 256 x 64; for the weight gradients of 9C a multiple of 256, 128 x 256),
+//     each issuing wgmma.mma_async.m64nNk8 (N = 64 or 128) for each 64 of its rows and 128 of its
+//     columns (TF32, operands read by the tensor cores from shared memory in the canonical K-major
+//     layout), fed by v5's cp.async pipeline (4 stages; 6 of half the K for the 128 x 256 tile).
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
@@ -656,6 +657,7 @@ struct Conv3x3BackwardDataGemm {
 // K is walked image by image in slices of bk pixels that never straddle two images (the last
 // slice of an image is partly past it): a slice's image is one division per slice.
 struct Conv3x3BackwardWeightGemm {
+  static constexpr bool kWeightGradient = true;  // K runs over pixels (v6's wide tile: run_v6)
   static constexpr bool kARowsContiguous = false;  // A rows: dy[:, o, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: x[:, c, ky:, kx:], contiguous in k
   static constexpr bool kVecA = true, kVecB = false;  // 16-byte copies possible: of A (dy pixels)
@@ -914,7 +916,7 @@ namespace {
 
 // The weight-gradient plan of a version: tile size and splits, from the shapes alone.
 struct BackwardWeightPlan {
-  bool large = false;
+  GemmTile tile{false, 0, 0, 0};  // the GEMM versions' tile (plan_weight_gemm)
   int splits = 1;
 };
 
@@ -958,7 +960,7 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
         break;
       }
       const WeightGemmPlan gemm = plan_weight_gemm(version, O, cols, N, P * Q);
-      plan.large = gemm.large;
+      plan.tile = gemm.tile;
       plan.splits = gemm.splits;
       break;
     }
@@ -1049,7 +1051,8 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
   // k_pos numbers the pixels of one output plane and the K tiles (of kMinBK pixels or more) with
   // ints
   constexpr int64_t kMinBK = 8;
-  static_assert(kV3BK >= kMinBK && kV4BK >= kMinBK && kV5BK >= kMinBK && kV6BK >= kMinBK,
+  static_assert(kV3BK >= kMinBK && kV4BK >= kMinBK && kV5BK >= kMinBK && kV6BK >= kMinBK &&
+                    V6Wide::kBK >= kMinBK,
                 "no GEMM version walks K in tiles of fewer pixels");
   const int64_t plane = static_cast<int64_t>(g.P) * g.Q;
   if (plane > INT32_MAX || N * ceil_div<int64_t>(plane, kMinBK) > INT32_MAX)
@@ -1063,7 +1066,7 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
   const bool vec_a = (static_cast<int64_t>(g.P) * g.Q) % 4 == 0 && aligned16(g.dy);
   with_split_partials(dw, g.split_stride, plan.splits, stream, [&](float* out) {
     g.out = out;
-    launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
+    launch_gemm(name, g, version, plan.tile, plan.splits, vec_a, false, stream);
   });
 }
 
@@ -1152,6 +1155,10 @@ bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   return plan_backward_weight(version, N, C, H, W, O).splits;
+}
+
+int conv3x3_backward_weight_tile_columns(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  return plan_backward_weight(version, N, C, H, W, O).tile.bn;
 }
 
 bool conv3x3_tap_major(Conv3x3Version version, int channels) {

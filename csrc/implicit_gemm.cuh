@@ -978,9 +978,16 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 // descriptors expect (K-major, unswizzled: 8-row x 16-byte core matrices), filled by v5's
 // kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning half of its rows: 64
 // of 128, or, in the tall tile of the 64-column outputs, 128 of 256 (two 64-row products per k8
-// step), which reads each column's operand (the weights, in the forward) once for twice the rows.
+// step), which reads each column's operand (the weights, in the forward) once for twice the rows;
+// or, in the wide tile of the weight gradients, 64 of 128 rows by 256 columns (two 128-column
+// products per k8 step), which reads each row's operand (dy) once for twice the columns.
 // =================================================================================================
 
+// A block tile of v6: BM x BN outputs, K in steps of BK, S stages in flight.
+template <int BM_, int BN_, int BK_, int S_>
+struct V6Tile {
+  static constexpr int kBM = BM_, kBN = BN_, kBK = BK_, kStages = S_;
+};
 constexpr int kV6BM = 128;     // two warpgroups of 64 rows
 constexpr int kV6TallBM = 256; // two warpgroups of 128 rows: the 64-column tile where M allows
 
@@ -999,15 +1006,29 @@ __host__ __device__ constexpr int v6_rows(bool wide, int64_t M, int64_t k_tiles)
 constexpr int kV6BK = 32;      // four k8 products per stage
 constexpr int kV6Stages = 4;   // two tiles being copied while one is multiplied and one retires
 constexpr int kV6Threads = 256;
+using V6Square = V6Tile<kV6BM, 128, kV6BK, kV6Stages>;
+using V6Narrow = V6Tile<kV6BM, 64, kV6BK, kV6Stages>;
+using V6Tall = V6Tile<kV6TallBM, 64, kV6BK, kV6Stages>;
+// The weight gradients' wide tile: 128 x 256. In these GEMMs (rows O, columns 9C, K the pixels)
+// A is dy, copied 16 bytes at a time past L1 (cp.async.cg) and read once per column tile, while
+// B's copies (the 3x3 windows of x, 4 bytes each) hit L1 for the nine taps of a channel: A is
+// most of what a block reads from L2, and 256 columns halve it per FLOP. Two 128-column products
+// per warpgroup and k8 step, 128 accumulators per thread. K steps of 16 in 6 stages: 24 KB a
+// stage, 147 KB in all (4 stages of 32 would take 192 KB, and a deeper pipeline that left L1 that
+// little was measured slower; docs/CONV3X3.md), with as many k in flight as the other tiles (four
+// tiles of 16 being copied) and the same products per iteration (four of 64 x 128 x 8). Where the
+// columns are a whole number of 256 (9C: C a multiple of 256; the up-convolution's 4O: every O a
+// multiple of 64): weight_gemm_tile.
+using V6Wide = V6Tile<kV6BM, 256, 16, 6>;
 
-// Element (row, k) of a ROWS x kV6BK operand tile in the canonical K-major unswizzled layout
+// Element (row, k) of a ROWS x BK operand tile in the canonical K-major unswizzled layout
 // (PTX ISA, "Shared Memory Matrix Layout": ((8,m),(T,2k)):((1T,SBO),(1,LBO)), T = 4 floats): for
 // each k8 step a ROWS x 8 block; in it, core matrices of 8 rows x 4 floats (16 bytes per row),
 // the two k-halves of a row group 32 floats apart (LBO = 128 bytes), row groups 64 floats apart
 // (SBO = 256 bytes).
-template <int ROWS>
+template <int ROWS, int BK>
 struct V6Smem {
-  static constexpr int kSize = ROWS * kV6BK;
+  static constexpr int kSize = ROWS * BK;
   static constexpr uint32_t kLeadingBytes = 128, kStrideBytes = 256;
   __host__ __device__ static constexpr int at(int row, int k) {
     return (k / 8) * ROWS * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
@@ -1083,30 +1104,35 @@ struct CoreMatrixCopy {
   }
 };
 
-template <class Gemm, int BM, int BN>
+template <class Gemm, class Tile>
 struct V6Layout {
-  using ASmem = V6Smem<BM>;
-  using BSmem = V6Smem<BN>;
+  static constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK;
+  using ASmem = V6Smem<BM, BK>;
+  using BSmem = V6Smem<BN, BK>;
   template <bool VEC_A, bool VEC_B>
   using Staged =
       StagedCopies<Gemm, ASmem, BSmem,
-                   CoreMatrixCopy<BM, kV6BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
-                   CoreMatrixCopy<BN, kV6BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
-                   VEC_B, kV6Stages, kV6BK>;
+                   CoreMatrixCopy<BM, BK, kV6Threads, Gemm::kARowsContiguous, VEC_A ? 4 : 1>,
+                   CoreMatrixCopy<BN, BK, kV6Threads, Gemm::kBRowsContiguous, VEC_B ? 4 : 1>, VEC_A,
+                   VEC_B, Tile::kStages, BK>;
   // the same for every VEC_A, VEC_B: the stages, then the k positions of each stage's tile
   static constexpr size_t kSmemBytes = Staged<false, false>::kSmemBytes;
 };
 
-template <class Gemm, int BM, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
-  constexpr int BK = kV6BK, S = kV6Stages;
-  // Each warpgroup owns BM / 2 rows: MT products of 64 rows per k8 step, MT x BN / 2 accumulators
-  // per thread (64 in both tiles).
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, S = Tile::kStages;
+  // Each warpgroup owns BM / 2 rows and all BN columns: per k8 step MT x NT products of 64 rows by
+  // PN columns, MT x NT x PN / 2 accumulators per thread (64 in the 128 x 128 and 256 x 64 tiles,
+  // 128 in the 128 x 256 one).
   constexpr int kGroupRows = BM / 2, MT = kGroupRows / 64;
-  static_assert((BM == kV6BM && (BN == 64 || BN == 128)) || (BM == kV6TallBM && BN == 64),
-                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64");
+  constexpr int PN = BN < 128 ? BN : 128, NT = BN / PN;
+  static_assert((BM == kV6BM && (BN == 64 || BN == 128 || BN == 256)) ||
+                    (BM == kV6TallBM && BN == 64),
+                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64, 128 x 256");
+  static_assert(BK % 8 == 0, "whole k8 products");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
-  using Layout = V6Layout<Gemm, BM, BN>;
+  using Layout = V6Layout<Gemm, Tile>;
   using ASmem = typename Layout::ASmem;
   using BSmem = typename Layout::BSmem;
 #ifdef UNET_CPU_EMULATION
@@ -1125,12 +1151,15 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   // v5's staged copies, into this kernel's layout
   const typename Layout::template Staged<VEC_A, VEC_B> stages(smem, g, m0, n0, t_end, tid);
 
-  float acc[MT][BN / 2];
+  float acc[MT][NT][PN / 2];
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int j = 0; j < BN / 2; ++j) acc[i][j] = 0.0f;
-    wgmma_fence_operands(acc[i]);
+    for (int jn = 0; jn < NT; ++jn) {
+#pragma unroll
+      for (int j = 0; j < PN / 2; ++j) acc[i][jn][j] = 0.0f;
+      wgmma_fence_operands(acc[i][jn]);
+    }
   }
 
   // Tile t lives in stage (t - t_begin) % S. At iteration t the products of tile t are issued and
@@ -1146,9 +1175,10 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   for (int s = 0; s < S - 2; ++s) stages.issue(g, t_begin + s, s);
   // The descriptors of stage 0's first k8 step (A: this warpgroup's first 64 rows), built once;
   // every other one lies a constant number of bytes further (wgmma_descriptor_advance): the next
-  // 64 rows 64 / 8 row groups of 64 floats on.
+  // 64 rows of A 64 / 8 row groups of 64 floats on, the next PN columns of B PN / 8 groups on.
   constexpr uint32_t kStageBytes = sizeof(float) * Layout::template Staged<VEC_A, VEC_B>::kStageFloats;
   constexpr uint32_t kRows64Bytes = sizeof(float) * (64 / 8) * 64;
+  constexpr uint32_t kColumnsPNBytes = sizeof(float) * (PN / 8) * 64;
   const uint64_t a_desc0 = wgmma_descriptor(
       shared_address(stages.a_stage(0)) + sizeof(float) * (warpgroup * kGroupRows / 8) * 64,
       ASmem::kLeadingBytes, ASmem::kStrideBytes);
@@ -1165,13 +1195,16 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 8; ++ks) {
-      const uint64_t db =
-          wgmma_descriptor_advance(b_desc0, stage_bytes + sizeof(float) * ks * BN * 8);
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const uint64_t da = wgmma_descriptor_advance(
-            a_desc0, stage_bytes + sizeof(float) * ks * BM * 8 + i * kRows64Bytes);
-        wgmma_tf32<BN>(acc[i], da, db, true);
+      for (int jn = 0; jn < NT; ++jn) {
+        const uint64_t db = wgmma_descriptor_advance(
+            b_desc0, stage_bytes + sizeof(float) * ks * BN * 8 + jn * kColumnsPNBytes);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          const uint64_t da = wgmma_descriptor_advance(
+              a_desc0, stage_bytes + sizeof(float) * ks * BM * 8 + i * kRows64Bytes);
+          wgmma_tf32<PN>(acc[i][jn], da, db, true);
+        }
       }
     }
     wgmma_commit();
@@ -1179,10 +1212,12 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int i = 0; i < MT; ++i) wgmma_fence_operands(acc[i]);
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn) wgmma_fence_operands(acc[i][jn]);
   cp_async_wait<0>();  // only empty groups are left
 
-  // acc[i][4j + 2v + q] = D[64i + 16w + g + 8v][8j + 2t + q] of this warpgroup's rows.
+  // acc[i][jn][4j + 2v + q] = D[64i + 16w + g + 8v][PN jn + 8j + 2t + q] of this warpgroup's rows.
   const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -1192,11 +1227,14 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
       if (m >= g.M) continue;
       const typename Gemm::CRow row = g.c_row(m);
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
+      for (int jn = 0; jn < NT; ++jn) {
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int n = n0 + 8 * j + 2 * tig + q;
-          if (n < g.cols) g.store(row, n, acc[i][4 * j + 2 * v + q]);
+        for (int j = 0; j < PN / 8; ++j) {
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int n = n0 + PN * jn + 8 * j + 2 * tig + q;
+            if (n < g.cols) g.store(row, n, acc[i][jn][4 * j + 2 * v + q]);
+          }
         }
       }
     }
@@ -1330,6 +1368,15 @@ int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t float
 }
 
 
+// The block tile a GEMM version takes for an M x cols output, and its K step: what the planners
+// (gemm_tile, weight_gemm_tile) choose and the launchers (launch_gemm) launch. `large`: v3-v5's
+// 128 x 128 tile; v6 reads bm and bn.
+struct GemmTile {
+  bool large;
+  int bm, bn, bk;
+  int64_t wave_blocks = 0;  // blocks in flight on kSMs SMs where known (wave_balanced_splits)
+};
+
 // Launch of one GEMM view with version v3 or v4, for `splits` K slices.
 template <class Gemm, class Tile>
 void launch_v3(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
@@ -1411,47 +1458,64 @@ void check_v6_available(const char* name, cudaStream_t stream) {
                              "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
 }
 
-template <class Gemm, int BM, int BN, bool VEC_A, bool VEC_B>
+template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 void launch_v6(const char* name, const Gemm& g, int splits, cudaStream_t stream) {
-  constexpr size_t kSmem = V6Layout<Gemm, BM, BN>::kSmemBytes;
+  constexpr size_t kSmem = V6Layout<Gemm, Tile>::kSmemBytes;
   static_assert(kSmem <= 227 * 1024, "an SM of compute capability 9.0 gives a block 227 KB");
-  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, BM, BN, VEC_A, VEC_B>;
+  constexpr auto kernel = conv3x3_v6_tf32_wgmma<Gemm, Tile, VEC_A, VEC_B>;
   check_v6_available(name, stream);
   allow_dynamic_smem<kernel>(kSmem, name);
-  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, BM), ceil_div<int64_t>(g.cols, BN),
-                                 splits);
+  const dim3 grid = checked_grid(name, ceil_div<int64_t>(g.M, Tile::kBM),
+                                 ceil_div<int64_t>(g.cols, Tile::kBN), splits);
   launch_kernel_smem(name, kernel, grid, dim3(kV6Threads), kSmem, stream, g);
 }
 
-// v6's tiles: 128 x 128; or, where the output has at most 64 columns (the 64-channel layers),
-// 256 x 64 (v6_rows), or 128 x 64 where M has no more than 128 rows.
-template <class Gemm, bool VEC_A, bool VEC_B>
-void run_v6(const char* name, const Gemm& g, bool wide, int splits, cudaStream_t stream) {
-  if (wide) launch_v6<Gemm, kV6BM, 128, VEC_A, VEC_B>(name, g, splits, stream);
-  else if (v6_rows(false, g.M, g.k_tiles(kV6BK)) == kV6TallBM)
-    launch_v6<Gemm, kV6TallBM, 64, VEC_A, VEC_B>(name, g, splits, stream);
-  else launch_v6<Gemm, kV6BM, 64, VEC_A, VEC_B>(name, g, splits, stream);
-}
-
-template <class Gemm, bool VEC_A, bool VEC_B>
-void launch_tensor_core(const char* name, const Gemm& g, Conv3x3Version version, bool large,
-                        int splits, cudaStream_t stream) {
-  if (version == Conv3x3Version::kV4Tf32Mma) run_v4<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
-  else if (version == Conv3x3Version::kV5Bf16Mma) run_v5<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
-  else run_v6<Gemm, VEC_A, VEC_B>(name, g, large, splits, stream);
-}
-
-// A GEMM view with a GEMM version (v3-v5), `splits` K slices: 16-byte copies of A (B) where the
-// view allows them (Gemm::kVecA, kVecB) and the caller found the sizes and pointer aligned.
+// A weight-gradient view (K runs over pixels: conv3x3.cu's two, upconv.cu's one) says so with
+// kWeightGradient; only those are built with v6's wide tile (weight_gemm_tile).
+template <class Gemm, class = void>
+struct IsWeightGradient : std::false_type {};
 template <class Gemm>
-void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version, bool large,
-                 int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
+struct IsWeightGradient<Gemm, std::void_t<decltype(Gemm::kWeightGradient)>>
+    : std::bool_constant<Gemm::kWeightGradient> {};
+
+// v6's tiles (gemm_tile, weight_gemm_tile): 128 x 128; where the output has at most 64 columns
+// (the 64-channel layers), 256 x 64 (v6_rows) or 128 x 64; the weight gradients' 128 x 256.
+template <class Gemm, bool VEC_A, bool VEC_B>
+void run_v6(const char* name, const Gemm& g, const GemmTile& tile, int splits, cudaStream_t stream) {
+  if (tile.bm == V6Square::kBM && tile.bn == V6Square::kBN)
+    return launch_v6<Gemm, V6Square, VEC_A, VEC_B>(name, g, splits, stream);
+  if (tile.bm == V6Tall::kBM && tile.bn == V6Tall::kBN)
+    return launch_v6<Gemm, V6Tall, VEC_A, VEC_B>(name, g, splits, stream);
+  if (tile.bm == V6Narrow::kBM && tile.bn == V6Narrow::kBN)
+    return launch_v6<Gemm, V6Narrow, VEC_A, VEC_B>(name, g, splits, stream);
+  if constexpr (IsWeightGradient<Gemm>::value) {
+    if (tile.bm == V6Wide::kBM && tile.bn == V6Wide::kBN)
+      return launch_v6<Gemm, V6Wide, VEC_A, VEC_B>(name, g, splits, stream);
+  }
+  throw std::logic_error(std::string(name) + ": v6 has no " + std::to_string(tile.bm) + " x " +
+                         std::to_string(tile.bn) + " tile for this view");
+}
+
+template <class Gemm, bool VEC_A, bool VEC_B>
+void launch_tensor_core(const char* name, const Gemm& g, Conv3x3Version version,
+                        const GemmTile& tile, int splits, cudaStream_t stream) {
+  if (version == Conv3x3Version::kV4Tf32Mma) run_v4<Gemm, VEC_A, VEC_B>(name, g, tile.large, splits, stream);
+  else if (version == Conv3x3Version::kV5Bf16Mma) run_v5<Gemm, VEC_A, VEC_B>(name, g, tile.large, splits, stream);
+  else run_v6<Gemm, VEC_A, VEC_B>(name, g, tile, splits, stream);
+}
+
+// A GEMM view with a GEMM version (v3-v6) in the tile its planner chose, `splits` K slices: 16-byte
+// copies of A (B) where the view allows them (Gemm::kVecA, kVecB) and the caller found the sizes
+// and pointer aligned.
+template <class Gemm>
+void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
+                 const GemmTile& tile, int splits, bool vec_a, bool vec_b, cudaStream_t stream) {
   switch (version) {
     case Conv3x3Version::kV3Igemm:
       if constexpr (IsTapMajor<Gemm>::value) {
         throw std::logic_error(name + ": the tap-major views serve v4-v6 only");
       } else {
-        run_v3(name.c_str(), g, large, splits, stream);
+        run_v3(name.c_str(), g, tile.large, splits, stream);
         return;
       }
     case Conv3x3Version::kV4Tf32Mma:
@@ -1459,27 +1523,20 @@ void launch_gemm(const std::string& name, const Gemm& g, Conv3x3Version version,
     case Conv3x3Version::kV6Tf32Wgmma:
       if constexpr (IsTapMajor<Gemm>::value) {  // B: rearranged weights, rows a multiple of 32 floats
         if (!vec_b) throw std::logic_error(name + ": the tap-major weights are not aligned");
-        return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+        return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, tile, splits, stream);
       } else {
         if constexpr (Gemm::kVecA) {
-          if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, large, splits, stream);
+          if (vec_a) return launch_tensor_core<Gemm, true, false>(name.c_str(), g, version, tile, splits, stream);
         }
         if constexpr (Gemm::kVecB) {
-          if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, large, splits, stream);
+          if (vec_b) return launch_tensor_core<Gemm, false, true>(name.c_str(), g, version, tile, splits, stream);
         }
-        return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, large, splits, stream);
+        return launch_tensor_core<Gemm, false, false>(name.c_str(), g, version, tile, splits, stream);
       }
     default:
       throw std::logic_error(name + ": not a GEMM version");
   }
 }
-
-// The block tile a GEMM version takes for an M x cols output, and its K step.
-struct GemmTile {
-  bool large;
-  int bm, bn, bk;
-  int64_t wave_blocks = 0;  // blocks in flight on kSMs SMs where known (wave_balanced_splits)
-};
 
 // k_tiles: K in tiles of kV6BK (v6's tall tile needs a few).
 GemmTile gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_tiles) {
@@ -1582,19 +1639,28 @@ void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stre
                   splits);
 }
 
+// The tile of a weight-gradient GEMM: gemm_tile's, except v6's wide 128 x 256 tile (V6Wide)
+// where the columns are a whole number of 256 (no partial column tile wastes its larger products).
+// One block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers).
+GemmTile weight_gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_tiles) {
+  if (version == Conv3x3Version::kV6Tf32Wgmma && cols > 0 && cols % V6Wide::kBN == 0)
+    return {true, V6Wide::kBM, V6Wide::kBN, V6Wide::kBK, kSMs};
+  return gemm_tile(version, M, cols, k_tiles);
+}
+
 // The plan of a weight-gradient GEMM (M x cols outputs, K = images x pixels per image, walked in
 // slices of the tile's bk that never straddle two images): the tile, and how many slices of K.
 struct WeightGemmPlan {
-  bool large;
+  GemmTile tile;
   int splits;
 };
 
 WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols, int64_t images,
                                 int64_t pixels) {
-  const GemmTile tile = gemm_tile(version, M, cols, images * ceil_div<int64_t>(pixels, kV6BK));
+  const GemmTile tile = weight_gemm_tile(version, M, cols, images * ceil_div<int64_t>(pixels, kV6BK));
   const int64_t tiles = ceil_div<int64_t>(M, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
   const int64_t units = images * ceil_div<int64_t>(pixels, tile.bk);
-  return {tile.large, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
+  return {tile, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
 }
 
 const char* version_name(Conv3x3Version version) {
@@ -1612,13 +1678,13 @@ void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version versio
   const std::string name = op + "_" + version_name(version);
   const OutputPlan plan = plan_output(version, g.M, g.cols, g.K);
   if (plan.splits == 1) {
-    launch_gemm(name, g, version, plan.tile.large, 1, false, vec_b, stream);
+    launch_gemm(name, g, version, plan.tile, 1, false, vec_b, stream);
     return;
   }
   const int64_t count = g.M * g.cols;
   Workspace workspace(plan.splits * count, stream);
   const SplitPartialGemm<Gemm> partial{g, workspace.data()};
-  launch_gemm(name, partial, version, plan.tile.large, plan.splits, false, vec_b, stream);
+  launch_gemm(name, partial, version, plan.tile, plan.splits, false, vec_b, stream);
   const std::string epilogue = op + "_split_k_epilogue";
   launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
                 dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),

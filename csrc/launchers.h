@@ -70,6 +70,9 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
 // How many slices (split-K) the weight gradient of `version` sums separately for these shapes,
 // then adds in slice order; 1 for v1_direct. A function of the shapes only, never of the GPU.
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
+// The columns of the block tile its GEMM versions take (the columns being 9C: 128 or 64; v6's
+// 256 where 9C is a whole number of 256), 0 where no GEMM runs (v1, v2, the few-channel kernel).
+int conv3x3_backward_weight_tile_columns(Conv3x3Version version, int N, int C, int H, int W, int O);
 // The same for the forward and the backward data of the GEMM versions (v3-v5), which split K only
 // where the output tiles alone are too few to fill the GPU (the deep layers at batch 1); 1 for v1
 // and v2. The concatenated-input ops plan as the plain ones with C = Cu + Cs.

@@ -234,6 +234,7 @@ struct Upconv2x2BackwardDataGemm {
 // K is walked image by image in slices of bk pixels that never straddle two images (as in
 // Conv3x3BackwardWeightGemm); `out` is dw, or the split partials [splits, O, C, 4].
 struct Upconv2x2BackwardWeightGemm {
+  static constexpr bool kWeightGradient = true;  // K runs over pixels (v6's wide tile: run_v6)
   static constexpr bool kARowsContiguous = false;  // A rows: x[:, c, :, :], contiguous in k
   static constexpr bool kBRowsContiguous = false;  // B^T rows: dy[:, o, ky::2, kx::2]
   static constexpr bool kVecA = true, kVecB = false;
@@ -349,7 +350,7 @@ void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw
     const bool vec_a = (static_cast<int64_t>(H) * W) % 4 == 0 && aligned16(x);
     with_split_partials(dw, count, plan.splits, stream, [&](float* out) {
       const Upconv2x2BackwardWeightGemm g{x, dy, out, C, H, W, O, C, 4 * O, count, N};
-      launch_gemm(name, g, version, plan.large, plan.splits, vec_a, false, stream);
+      launch_gemm(name, g, version, plan.tile, plan.splits, vec_a, false, stream);
     });
   } else if (count > 0) {
     const int64_t blocks = static_cast<int64_t>(O) * C;

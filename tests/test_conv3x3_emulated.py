@@ -225,11 +225,12 @@ def test_split_k_plans(lib):
         assert splits(version, (1, 64, 570, 570, 64)) > 8, version
         assert splits(version, (1, 1024, 30, 30, 1024)) == 1, version
     # ... v6's into whole waves of 132 blocks (one per SM): d1b's 5 tiles (64 x 576) into 52 splits
-    # (260 blocks, two waves) rather than 53 (265, three); d3b's 36 tiles into 7 (252) rather than 8
-    # (288). The other versions, whose blocks per SM vary, keep ceil(264 / tiles): d1b's 9 tiles of
-    # 64 x 64 -> 30.
+    # (260 blocks, two waves) rather than 53 (265, three); d3a's 18 tiles of 128 x 128 (256 x 1152)
+    # and d3b's 18 of 128 x 256 (256 x 2304) into 14 (252) rather than 15 (270). The other
+    # versions, whose blocks per SM vary, keep ceil(264 / tiles): d1b's 9 tiles of 64 x 64 -> 30.
     assert splits("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 52
-    assert splits("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 7
+    assert splits("v6_tf32_wgmma", (1, 128, 140, 140, 256)) == 14
+    assert splits("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 14
     for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
         assert splits(version, (1, 64, 570, 570, 64)) == 30, version
     # v6's 128 x 64 tile (9C <= 64, M <= 128 rows) holds one block of the weight gradient per SM
@@ -244,6 +245,41 @@ def test_split_k_plans(lib):
     for version in TILED[1:]:
         assert splits(version, (1, 1, 572, 572, 64)) == 9, version
         assert splits(version, (1, 2, 40, 40, 5)) == 1, version
+
+
+def test_weight_gradient_tiles(lib):
+    def columns(version, shape):
+        return lib.emulated_conv3x3_backward_weight_tile_columns(version.encode(), *shape)
+
+    # v6's wide tile (128 x 256) where 9C is a whole number of 256 columns: C = 256, 512, 1024
+    # (d3b to b2 and the decoder's first three levels); else 128 columns (d3a: 9C = 1152), or 64
+    # where 9C <= 64. No GEMM (0): v1 and v2, and the few-channel kernel of the first layer.
+    assert columns("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 256
+    assert columns("v6_tf32_wgmma", (1, 512, 66, 66, 512)) == 256
+    assert columns("v6_tf32_wgmma", (1, 1024, 30, 30, 1024)) == 256
+    assert columns("v6_tf32_wgmma", (1, 128, 140, 140, 256)) == 128
+    assert columns("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 128
+    assert columns("v6_tf32_wgmma", (1, 5, 20, 20, 9)) == 64
+    assert columns("v6_tf32_wgmma", (1, 1, 572, 572, 64)) == 0
+    # the other GEMM versions keep their 128- or 64-column tiles
+    for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
+        assert columns(version, (1, 256, 138, 138, 256)) in (64, 128), version
+        assert columns(version, (1, 1024, 30, 30, 1024)) == 128, version
+    assert columns("v1_direct", (1, 256, 138, 138, 256)) == 0
+
+
+# v6's wide tile run: two row tiles (the second of 2 rows) and two K tiles of 16 pixels (the second
+# partial) over 4 x 5 pixels (16-byte copies of dy); 5 x 5 pixels (4-byte copies); K split in two
+# over 46 x 46 pixels. The concatenated input's weight gradient takes it too (CONCAT_SHAPES).
+WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 8)]
+
+
+@pytest.mark.parametrize("shape", WIDE_WEIGHT_SHAPES, ids=str)
+def test_wide_tile_backward_weight(lib, shape):
+    assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == 256
+    if shape[2] == 48:
+        assert lib.emulated_conv3x3_backward_weight_splits(b"v6_tf32_wgmma", *shape) == 2
+    check_backward_weight(lib, "v6_tf32_wgmma", shape, seed=sum(shape))
 
 
 # The weight gradient of one or two input channels (the first layer) in the GEMM versions: a block
@@ -388,6 +424,7 @@ CONCAT_SHAPES = [
     (1, 32, 64, 5, 6, 9, 8, 32),     # tap-major, two chunks of skip channels after one of up
     (1, 32, 32, 18, 17, 20, 21, 32), # tap-major, v6's 256-row tile (240 rows; 306 in the data grad.)
     (1, 20, 13, 14, 13, 18, 17, 33), # v6's 256-row tile, not tap-major (132 rows; 182)
+    (1, 128, 128, 5, 6, 7, 8, 20),   # Cu + Cs = 256: v6's 128 x 256 tile of the weight gradient
 ]
 
 

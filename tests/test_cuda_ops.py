@@ -139,7 +139,10 @@ def bitwise_equal(a, b) -> bool:
 # (N, C, H, W, O): 3x3 convolutions need H, W >= 3.
 CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9, 3),
                   (1, 33, 8, 6, 2), (2, 3, 6, 5, 33), (1, 2, 13, 11, 4),
-                  (1, 30, 14, 13, 33)]  # v6's 256 x 64 tile, not tap-major (132 and 182 rows)
+                  (1, 30, 14, 13, 33),  # v6's 256 x 64 tile, not tap-major (132 and 182 rows)
+                  # v6's 128 x 256 tile of the weight gradient (9C = 2304 columns): two row tiles,
+                  # the second partial; then two images of 1122 pixels each, K split in two
+                  (1, 256, 20, 21, 130), (2, 256, 35, 36, 9)]
 CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
                   (1, 64, 9, 9, 2)]
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 33, 3, 5, 7), (2, 5, 4, 1, 33),
@@ -302,7 +305,8 @@ def test_conv3x3_relu_passes_nan_and_clamps_negatives(conv3x3_version):
 CONCAT_SHAPES = [(1, 3, 2, 5, 7, 9, 11, 4), (2, 1, 5, 4, 6, 8, 6, 3), (1, 4, 4, 12, 10, 16, 14, 6),
                  (1, 0, 3, 6, 6, 6, 6, 2), (1, 3, 0, 6, 6, 10, 10, 2),
                  (1, 32, 32, 18, 17, 20, 21, 32),  # tap-major; v6's 256-row tile
-                 (1, 20, 13, 14, 13, 18, 17, 33)]  # v6's 256-row tile, not tap-major
+                 (1, 20, 13, 14, 13, 18, 17, 33),  # v6's 256-row tile, not tap-major
+                 (1, 128, 128, 12, 13, 14, 15, 70)]  # 256 channels: v6's 128 x 256 weight-gradient tile
 # The decoder's first convolutions (u1a .. u4a), channels reduced as for REAL_CONV3X3.
 REAL_CONCAT = [(level, up, skip, c) for level, up, skip, c in REAL_CROPS]
 

@@ -113,6 +113,13 @@ int emulated_conv3x3_backward_weight_splits(const char* version, int N, int C, i
   return unet::conv3x3_backward_weight_splits(v, N, C, H, W, O);
 }
 
+int emulated_conv3x3_backward_weight_tile_columns(const char* version, int N, int C, int H, int W,
+                                                  int O) {
+  unet::Conv3x3Version v;
+  if (!parse_version(version, &v)) return -1;
+  return unet::conv3x3_backward_weight_tile_columns(v, N, C, H, W, O);
+}
+
 int emulated_conv3x3_tap_major(const char* version, int channels) {
   unet::Conv3x3Version v;
   if (!parse_version(version, &v)) return -1;
