@@ -371,18 +371,44 @@ __device__ inline void k_tile_range(int64_t tiles, int64_t& begin, int64_t& end)
 // =================================================================================================
 
 // Tile of a block: BM x BN outputs, TM x TN per thread (kept in registers), BK of K per step.
+// A thread's TM rows are TM / 4 runs of 4, BM / (TM / 4) rows apart (row(tr, i)): its reads of A
+// from shared memory are 16-byte loads of 4 rows, and the 8 threads of a quarter warp (consecutive
+// tr) read 8 consecutive runs, 128 bytes on 32 distinct banks. With one run of TM = 8 rows per
+// thread, threads tr and tr + 4 read the same banks (8 floats = 32 bytes apart): a 2-way conflict
+// on every load of A.
 template <int BM_, int BN_, int TM_, int TN_>
 struct V3Tile {
   static constexpr int kBM = BM_, kBN = BN_, kTM = TM_, kTN = TN_;
   static constexpr int kThreads = (BM_ / TM_) * (BN_ / TN_);
+  static_assert(TM_ % 4 == 0 && TN_ % 4 == 0, "16-byte loads of A and B");
+  static constexpr int kRowRuns = TM_ / 4;
+  // Row i of thread row-index tr in the block tile.
+  __host__ __device__ static constexpr int row(int tr, int i) {
+    return (i / 4) * (BM_ / kRowRuns) + tr * 4 + i % 4;
+  }
+  // Every row of the tile belongs to one thread, and a thread's rows grow with i.
+  static constexpr bool rows_partition() {
+    int owners[BM_] = {};
+    for (int tr = 0; tr < BM_ / TM_; ++tr)
+      for (int i = 0; i < TM_; ++i) {
+        const int r = row(tr, i);
+        if (r < 0 || r >= BM_ || (i > 0 && r <= row(tr, i - 1))) return false;
+        ++owners[r];
+      }
+    for (int r = 0; r < BM_; ++r)
+      if (owners[r] != 1) return false;
+    return true;
+  }
 };
 // 128 x 128 outputs, 8 x 8 per thread, 256 threads: per k each thread reads 8 + 8 values from
 // shared memory (four 16-byte loads) for 64 FFMAs, and the block reads 128 + 128 values from
 // global memory per 16384 FFMAs.
 using V3Large = V3Tile<128, 128, 8, 8>;
+static_assert(V3Large::rows_partition(), "V3Tile::row covers the tile");
 // 64 x 64, 8 x 8 per thread, 64 threads: for GEMMs too small to give the GPU enough large tiles
 // (the deep layers at batch 1, the 64-channel side of the weight gradients).
 using V3Small = V3Tile<64, 64, 8, 8>;
+static_assert(V3Small::rows_partition(), "V3Tile::row covers the tile");
 constexpr int kV3BK = 8;   // 2 x 8 x (128+4) floats for A and B each: 17 KB, double-buffered
 constexpr int kV3Pad = 4;  // row padding: keeps 16-byte alignment, spreads the k-fast copies of
                            // a warp over all 32 banks
@@ -433,8 +459,8 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g)
       Bs[buf][BCopy::k(tid, r)][BCopy::row(tid, r)] = b_next[r];
   };
 
-  // Thread (tr, tc) owns rows tr*TM .. +TM and columns tc*TN .. +TN of the block's tile.
-  // Consecutive threads take consecutive row blocks: outputs are contiguous along m (NCHW).
+  // Thread (tr, tc) owns rows Tile::row(tr, 0 .. TM-1) (runs of 4) and columns tc*TN .. +TN of the
+  // block's tile. Consecutive threads take consecutive runs: outputs are contiguous along m (NCHW).
   const int tr = tid % (BM / TM), tc = tid / (BM / TM);
   float acc[TM][TN];
 #pragma unroll
@@ -455,7 +481,7 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g)
       float a[TM], b[TN];
 #pragma unroll
       for (int i = 0; i < TM; i += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(&As[buf][k][tr * TM + i]);
+        const float4 v = *reinterpret_cast<const float4*>(&As[buf][k][Tile::row(tr, i)]);
         a[i] = v.x, a[i + 1] = v.y, a[i + 2] = v.z, a[i + 3] = v.w;
       }
 #pragma unroll
@@ -475,8 +501,8 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v3_igemm(const Gemm g)
 
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
-    const int64_t m = m0 + tr * TM + i;
-    if (m >= g.M) break;
+    const int64_t m = m0 + Tile::row(tr, i);
+    if (m >= g.M) break;  // the rows grow with i
     const typename Gemm::CRow row = g.c_row(m);
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
