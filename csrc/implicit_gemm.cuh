@@ -1665,12 +1665,22 @@ void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stre
                   splits);
 }
 
-// The tile of a weight-gradient GEMM: gemm_tile's, except v6's wide 128 x 256 tile (V6Wide)
-// where the columns are a whole number of 256 (no partial column tile wastes its larger products).
-// One block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers).
+// The tile of a weight-gradient GEMM. v6: gemm_tile's, except the wide 128 x 256 tile (V6Wide)
+// where the columns are a whole number of 256 (no partial column tile wastes its larger products);
+// one block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers).
+// v4 and v5: the 128 x 128 tile wherever rows and columns both fill more than half of it. These
+// GEMMs split K (the pixels) to fill the GPU, so the large tile need not make enough blocks by
+// itself, as gemm_tile asks of it for the output GEMMs, which split K only as a last resort.
+// The rule it replaces left the 64 x 64 tile to every weight gradient but b1's and b2's, which
+// ran at 44-63 TFLOP/s in v5 (H100, 53cf464) against 59-75 for b1 and b2 and 84-113 for v5's
+// large-tile forwards; per FLOP the small tile reads twice the bytes. v3 keeps gemm_tile's rule:
+// its weight gradients ran at 15-19 TFLOP/s in either tile.
 GemmTile weight_gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_tiles) {
   if (version == Conv3x3Version::kV6Tf32Wgmma && cols > 0 && cols % V6Wide::kBN == 0)
     return {true, V6Wide::kBM, V6Wide::kBN, V6Wide::kBK, kSMs};
+  if ((version == Conv3x3Version::kV4Tf32Mma || version == Conv3x3Version::kV5Bf16Mma) &&
+      M > V4Small::kBM && cols > V4Small::kBN)
+    return {true, V4Large::kBM, V4Large::kBN, kV4BK};
   return gemm_tile(version, M, cols, k_tiles);
 }
 

@@ -261,11 +261,26 @@ def test_weight_gradient_tiles(lib):
     assert columns("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 128
     assert columns("v6_tf32_wgmma", (1, 5, 20, 20, 9)) == 64
     assert columns("v6_tf32_wgmma", (1, 1, 572, 572, 64)) == 0
-    # the other GEMM versions keep their 128- or 64-column tiles
-    for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
-        assert columns(version, (1, 256, 138, 138, 256)) in (64, 128), version
-        assert columns(version, (1, 1024, 30, 30, 1024)) == 128, version
+    # v4 and v5: the 128 x 128 tile wherever O and 9C both pass 64 (K split to fill the GPU), else
+    # 64 x 64 (d1b: O = 64). v3: the large tile only where it alone makes 264 blocks (b2's 8 x 72).
+    for version in ("v4_tf32_mma", "v5_bf16_mma"):
+        assert columns(version, (1, 256, 138, 138, 256)) == 128, version
+        assert columns(version, (1, 64, 284, 284, 128)) == 128, version
+        assert columns(version, (1, 64, 570, 570, 64)) == 64, version
+        assert columns(version, (1, 5, 20, 20, 100)) == 64, version
+    assert columns("v3_igemm", (1, 256, 138, 138, 256)) == 64
+    assert columns("v3_igemm", (1, 1024, 30, 30, 1024)) == 128
     assert columns("v1_direct", (1, 256, 138, 138, 256)) == 0
+
+
+# v4's and v5's 128 x 128 tile where the weight gradient's rows and columns pass 64 but make too
+# few tiles by themselves (O = 70, 9C = 108: one tile), K split in two over 48 x 48 pixels.
+@pytest.mark.parametrize("version", ("v4_tf32_mma", "v5_bf16_mma"))
+def test_large_tile_split_backward_weight(lib, version):
+    shape = (1, 12, 50, 50, 70)
+    assert lib.emulated_conv3x3_backward_weight_tile_columns(version.encode(), *shape) == 128
+    assert lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape) == 2
+    check_backward_weight(lib, version, shape, seed=7)
 
 
 # v6's wide tile run: two row tiles (the second of 2 rows) and two K tiles of 16 pixels (the second
