@@ -143,7 +143,7 @@ class Driver:
                               lambda: ops.conv3x3_concat_backward_data(dy, wt, skip_shape))
                     self.call(f"conv3x3_concat_backward_weight {tag}",
                               lambda: ops.conv3x3_concat_backward_weight(up, skip, dy))
-        for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13)):
+        for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13), (1, 3, 9, 5, 6)):  # O = 9: v1
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 1, 1, std=0.3)
             b = self.normal(o)

@@ -15,11 +15,34 @@
 //   conv1x1_backward_weight_v1_block_per_oc: one block per (o, c); each thread sums a fixed
 //     strided share of the N*HW products dy[n,o,p] x[n,c,p], then one fixed-order block sum.
 //     db comes from launch_bias_backward.
+// and, where O <= kConv1x1MaxOut (the U-Net's output layer: one channel per class), what the
+// launchers run instead:
+//   conv1x1_forward_v2_pixel: one thread per pixel, its O sums in registers: x is read once
+//     (v1 reads it once per output channel).
+//   conv1x1_backward_data_v2_pixel: one thread per pixel: its O values of dy read once into
+//     registers, then its C values of dx written (v1 reads dy again for every c).
+//   conv1x1_backward_weight_v2_slices: block (c, s) sums x[n,c,p] dy[n,o,p] for every o over
+//     slice s of the N*HW pixels (block (C, s): dy alone, the bias), one fixed-order block sum per
+//     o into a workspace; conv1x1_backward_weight_v2_reduce adds the slices in order into dw and
+//     db. v1's O*C blocks (128 for the output layer) each kept 256 threads' loads in flight, a
+//     few GB/s per block; here (C+1) x S blocks fill the GPU. Deterministic: the slices and every
+//     order of addition depend on the shapes only.
+#include <algorithm>
+
 #include "common.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
 
 namespace unet {
+
+// The output channels that the v2 kernels keep in registers per pixel.
+constexpr int kConv1x1MaxOut = 8;
+// The weight gradient's slices: about this many blocks in all (eight of 256 threads on each of an
+// H100's 132 SMs; a constant, so that every GPU sums in the same order), each over at least
+// kConv1x1MinSlicePixels pixels, at most kConv1x1MaxSlices slices.
+constexpr int64_t kConv1x1TargetBlocks = 1056;
+constexpr int64_t kConv1x1MinSlicePixels = 4096;
+constexpr int64_t kConv1x1MaxSlices = 256;
 
 __global__ void conv1x1_forward_v1_direct(const float* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ b, float* __restrict__ y,
@@ -71,36 +94,178 @@ __global__ void conv1x1_backward_weight_v1_block_per_oc(const float* __restrict_
   if (threadIdx.x == 0) dw[blockIdx.x] = sum;
 }
 
+__global__ void conv1x1_forward_v2_pixel(const float* __restrict__ x, const float* __restrict__ w,
+                                         const float* __restrict__ b, float* __restrict__ y, int N,
+                                         int C, int64_t HW, int O) {
+  const int64_t pixels = static_cast<int64_t>(N) * HW;
+  for (int64_t e = global_thread(); e < pixels; e += grid_stride()) {
+    const int64_t n = e / HW, p = e - n * HW;
+    const float* xp = x + n * C * HW + p;  // x[n, 0, p]
+    float acc[kConv1x1MaxOut];
+#pragma unroll
+    for (int o = 0; o < kConv1x1MaxOut; ++o) acc[o] = o < O ? b[o] : 0.0f;
+#pragma unroll 4
+    for (int c = 0; c < C; ++c) {
+      const float v = xp[c * HW];
+#pragma unroll
+      for (int o = 0; o < kConv1x1MaxOut; ++o)
+        if (o < O) acc[o] = fmaf(v, w[static_cast<int64_t>(o) * C + c], acc[o]);
+    }
+    float* yp = y + n * O * HW + p;  // y[n, 0, p]
+#pragma unroll
+    for (int o = 0; o < kConv1x1MaxOut; ++o)
+      if (o < O) yp[o * HW] = acc[o];
+  }
+}
+
+__global__ void conv1x1_backward_data_v2_pixel(const float* __restrict__ dy,
+                                               const float* __restrict__ w,
+                                               float* __restrict__ dx, int N, int C, int64_t HW,
+                                               int O) {
+  const int64_t pixels = static_cast<int64_t>(N) * HW;
+  for (int64_t e = global_thread(); e < pixels; e += grid_stride()) {
+    const int64_t n = e / HW, p = e - n * HW;
+    const float* dyp = dy + n * O * HW + p;  // dy[n, 0, p]
+    float g[kConv1x1MaxOut];
+#pragma unroll
+    for (int o = 0; o < kConv1x1MaxOut; ++o) g[o] = o < O ? dyp[o * HW] : 0.0f;
+    float* dxp = dx + n * C * HW + p;  // dx[n, 0, p]
+#pragma unroll 4
+    for (int c = 0; c < C; ++c) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int o = 0; o < kConv1x1MaxOut; ++o)
+        if (o < O) acc = fmaf(g[o], w[static_cast<int64_t>(o) * C + c], acc);
+      dxp[c * HW] = acc;
+    }
+  }
+}
+
+// Slice s of S of the N*HW pixels (flat index n*HW + p): [total*s/S, total*(s+1)/S).
+__global__ void __launch_bounds__(kReduceBlock)
+conv1x1_backward_weight_v2_slices(const float* __restrict__ x, const float* __restrict__ dy,
+                                  float* __restrict__ part, int N, int C, int64_t HW, int O,
+                                  int slices) {
+  __shared__ float scratch[kWarp];
+  const int c = blockIdx.x;  // C: the bias (dy alone)
+  const int s = blockIdx.y;
+  const int64_t total = static_cast<int64_t>(N) * HW;
+  const int64_t begin = total * s / slices, end = total * (s + 1) / slices;
+  float acc[kConv1x1MaxOut];
+#pragma unroll
+  for (int o = 0; o < kConv1x1MaxOut; ++o) acc[o] = 0.0f;
+  for (int64_t n = HW > 0 ? begin / HW : 0; n < N && n * HW < end; ++n) {
+    const int64_t p_end = std::min(end - n * HW, HW);
+    const float* xp = c < C ? x + (n * C + c) * HW : nullptr;  // x[n, c, 0]
+    const float* dyp = dy + n * O * HW;                        // dy[n, 0, 0]
+#pragma unroll 4
+    for (int64_t p = std::max<int64_t>(begin - n * HW, 0) + threadIdx.x; p < p_end;
+         p += blockDim.x) {
+      const float v = xp != nullptr ? xp[p] : 1.0f;
+#pragma unroll
+      for (int o = 0; o < kConv1x1MaxOut; ++o)
+        if (o < O) acc[o] = fmaf(dyp[o * HW + p], v, acc[o]);
+    }
+  }
+  for (int o = 0; o < O; ++o) {  // O <= kConv1x1MaxOut; block_sum synchronises: no early exit
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kConv1x1MaxOut; ++i)
+      if (i == o) v = acc[i];
+    const float sum = block_sum(v, scratch);
+    if (threadIdx.x == 0) part[(static_cast<int64_t>(s) * O + o) * (C + 1) + c] = sum;
+  }
+}
+
+// dw[o, c] (c < C) and db[o] (c = C) = the sum of part[s, o, c] over s = 0 .. S-1, in that order.
+__global__ void conv1x1_backward_weight_v2_reduce(const float* __restrict__ part,
+                                                  float* __restrict__ dw, float* __restrict__ db,
+                                                  int C, int O, int slices) {
+  const int64_t count = static_cast<int64_t>(O) * (C + 1);
+  for (int64_t e = global_thread(); e < count; e += grid_stride()) {
+    float sum = part[e];
+    for (int s = 1; s < slices; ++s) sum += part[s * count + e];
+    const int o = static_cast<int>(e / (C + 1)), c = static_cast<int>(e - o * int64_t{C + 1});
+    if (c < C) dw[static_cast<int64_t>(o) * C + c] = sum;
+    else db[o] = sum;
+  }
+}
+
+// The slices of conv1x1_backward_weight_v2_slices, from the shapes alone.
+int conv1x1_weight_slices(int N, int C, int64_t HW) {
+  const int64_t pixels = static_cast<int64_t>(N) * HW;
+  int64_t s = ceil_div<int64_t>(kConv1x1TargetBlocks, static_cast<int64_t>(C) + 1);
+  s = std::min(s, pixels / kConv1x1MinSlicePixels);
+  s = std::min(s, kConv1x1MaxSlices);
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
 void launch_conv1x1_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
                             int H, int W, int O, cudaStream_t stream) {
   const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t total = static_cast<int64_t>(N) * O * HW;
-  if (total == 0) return;
-  conv1x1_forward_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(x, w, b, y, N, C, HW, O);
-  CHECK_LAUNCH("conv1x1_forward_v1_direct");
+  const int64_t pixels = static_cast<int64_t>(N) * HW;
+  if (pixels == 0 || O == 0) return;
+  if (O <= kConv1x1MaxOut) {
+    launch_kernel("conv1x1_forward_v2_pixel", conv1x1_forward_v2_pixel, dim3(grid_1d(pixels)),
+                  dim3(kBlock1d), stream, x, w, b, y, N, C, HW, O);
+    return;
+  }
+  launch_kernel("conv1x1_forward_v1_direct", conv1x1_forward_v1_direct, dim3(grid_1d(pixels * O)),
+                dim3(kBlock1d), stream, x, w, b, y, N, C, HW, O);
 }
 
 void launch_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
                                   int W, int O, cudaStream_t stream) {
   const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t total = static_cast<int64_t>(N) * C * HW;
-  if (total == 0) return;
-  conv1x1_backward_data_v1_direct<<<grid_1d(total), kBlock1d, 0, stream>>>(dy, w, dx, N, C, HW,
-                                                                            O);
-  CHECK_LAUNCH("conv1x1_backward_data_v1_direct");
+  const int64_t pixels = static_cast<int64_t>(N) * HW;
+  if (pixels == 0 || C == 0) return;
+  if (O <= kConv1x1MaxOut) {
+    launch_kernel("conv1x1_backward_data_v2_pixel", conv1x1_backward_data_v2_pixel,
+                  dim3(grid_1d(pixels)), dim3(kBlock1d), stream, dy, w, dx, N, C, HW, O);
+    return;
+  }
+  launch_kernel("conv1x1_backward_data_v1_direct", conv1x1_backward_data_v1_direct,
+                dim3(grid_1d(pixels * C)), dim3(kBlock1d), stream, dy, w, dx, N, C, HW, O);
 }
 
 void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, cudaStream_t stream) {
+  const char* op = "conv1x1_backward_weight";
   const int64_t HW = static_cast<int64_t>(H) * W;
+  if (O == 0) return;
+  if (O <= kConv1x1MaxOut) {
+    const int slices = conv1x1_weight_slices(N, C, HW);
+    const int64_t count = static_cast<int64_t>(O) * (C + 1);
+    if (static_cast<int64_t>(C) + 1 > INT32_MAX)
+      throw std::runtime_error(std::string(op) + ": C = " + std::to_string(C) + " exceeds the grid limit");
+    float* part = nullptr;
+    CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part),
+                               static_cast<size_t>(slices * count) * sizeof(float), stream),
+               op);
+    try {
+      launch_kernel("conv1x1_backward_weight_v2_slices", conv1x1_backward_weight_v2_slices,
+                    dim3(static_cast<unsigned>(C + 1), static_cast<unsigned>(slices)),
+                    dim3(kReduceBlock), stream, x, dy, part, N, C, HW, O, slices);
+      launch_kernel("conv1x1_backward_weight_v2_reduce", conv1x1_backward_weight_v2_reduce,
+                    dim3(grid_1d(count)), dim3(kBlock1d), stream, static_cast<const float*>(part),
+                    dw, db, C, O, slices);
+    } catch (...) {
+      cudaFreeAsync(part, stream);
+      cudaGetLastError();
+      throw;
+    }
+    // Freed in stream order, after the reduction has read the slices.
+    CUDA_CHECK(cudaFreeAsync(part, stream), op);
+    return;
+  }
   const int64_t blocks = static_cast<int64_t>(O) * C;
   if (blocks > 0) {
     if (blocks > INT32_MAX)
       throw std::runtime_error("conv1x1_backward_weight: O*C = " + std::to_string(blocks) +
                                " exceeds the grid limit");
-    conv1x1_backward_weight_v1_block_per_oc<<<static_cast<unsigned int>(blocks), kReduceBlock, 0,
-                                              stream>>>(x, dy, dw, N, C, HW, O);
-    CHECK_LAUNCH("conv1x1_backward_weight_v1_block_per_oc");
+    launch_kernel("conv1x1_backward_weight_v1_block_per_oc", conv1x1_backward_weight_v1_block_per_oc,
+                  dim3(static_cast<unsigned>(blocks)), dim3(kReduceBlock), stream, x, dy, dw, N, C,
+                  HW, O);
   }
   launch_bias_backward(dy, db, N, O, HW, stream);
 }

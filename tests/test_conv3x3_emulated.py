@@ -52,6 +52,7 @@ def lib(tmp_path_factory):
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
            str(ROOT / "csrc" / "upconv.cu"), str(ROOT / "csrc" / "bias_backward.cu"),
+           str(ROOT / "csrc" / "conv1x1.cu"),
            str(ROOT / "csrc" / "elementwise.cu"), str(ROOT / "csrc" / "maxpool.cu"),
            str(ROOT / "csrc" / "optimizer.cu"),
            str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
@@ -583,6 +584,66 @@ def test_upconv2x2_weight_gradient_is_deterministic(lib):
              dw.ptr, db.ptr, n, c, h, w, o)
         runs.append(dw.array.copy())
     assert np.array_equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The 1x1 convolution (csrc/conv1x1.cu): v2 (a thread per pixel; the weight gradient in slices of
+# the pixels, then a fixed-order reduction) where O <= 8, v1 beyond
+# ------------------------------------------------------------------------------------------------
+
+# (N, C, H, W, O): sizes 1..9 and odd; O = 8 (the last v2 shape) and 9 (v1); and the weight
+# gradient in two slices, the first ending inside the second image (3 x 3660 pixels).
+CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3), (1, 64, 9, 9, 2),
+                  (1, 5, 3, 4, 8), (2, 4, 3, 5, 9), (3, 3, 60, 61, 2)]
+
+
+def run_conv1x1(lib, x, wt, b, dy):
+    n, c, h, w = x.shape
+    o = wt.shape[0]
+    y = Guarded(shape=(n, o, h, w), output=True)
+    plain_call(lib, "emulated_conv1x1_forward", Guarded(x).ptr, Guarded(wt).ptr, Guarded(b).ptr, y.ptr,
+               n, c, h, w, o)
+    dx = Guarded(shape=(n, c, h, w), output=True)
+    plain_call(lib, "emulated_conv1x1_backward_data", Guarded(dy).ptr, Guarded(wt).ptr, dx.ptr, n, c, h, w, o)
+    dw, db = Guarded(shape=(o, c, 1, 1), output=True), Guarded(shape=(o,), output=True)
+    plain_call(lib, "emulated_conv1x1_backward_weight", Guarded(x).ptr, Guarded(dy).ptr, dw.ptr, db.ptr,
+               n, c, h, w, o)
+    for name, out in (("y", y), ("dx", dx), ("dw", dw), ("db", db)):
+        out.check_guards(f"conv1x1 {name}")
+    return y.array, dx.array, dw.array, db.array
+
+
+@pytest.mark.parametrize("shape", CONV1X1_SHAPES, ids=str)
+def test_conv1x1_every_direction(lib, shape):
+    from unet_cuda.ops import reference as ref
+
+    n, c, h, w, o = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.uniform(-1.0, 1.0, (n, c, h, w)).astype(np.float32)
+    wt = rng.uniform(-1.0, 1.0, (o, c, 1, 1)).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, o).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, h, w)).astype(np.float32)
+    y, dx, dw, db = run_conv1x1(lib, x, wt, b, dy)
+    dw_ref, db_ref = ref.conv1x1_backward_weight(f64(x), f64(dy))
+    # float32 sums of k terms of size <= 1 against float64
+    for name, got, want, k in (("forward", y, ref.conv1x1_forward(f64(x), f64(wt), f64(b)), c + 1),
+                               ("backward_data", dx, ref.conv1x1_backward_data(f64(dy), f64(wt)), o),
+                               ("backward_weight dw", dw, dw_ref, n * h * w),
+                               ("backward_weight db", db, db_ref, n * h * w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.sqrt(k),
+                                   err_msg=f"conv1x1_{name}{list(shape)}")
+
+
+def test_conv1x1_weight_gradient_is_deterministic(lib):
+    """The sliced weight gradient gives the same bits twice (fixed slices, fixed order)."""
+    n, c, h, w, o = 3, 3, 60, 61, 2
+    rng = np.random.default_rng(11)
+    x = rng.uniform(-1.0, 1.0, (n, c, h, w)).astype(np.float32)
+    wt = rng.uniform(-1.0, 1.0, (o, c, 1, 1)).astype(np.float32)
+    b = rng.uniform(-1.0, 1.0, o).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, h, w)).astype(np.float32)
+    first, second = run_conv1x1(lib, x, wt, b, dy), run_conv1x1(lib, x, wt, b, dy)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -144,7 +144,10 @@ CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9
                   # the second partial; then two images of 1122 pixels each, K split in two
                   (1, 256, 20, 21, 130), (2, 256, 35, 36, 9)]
 CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
-                  (1, 64, 9, 9, 2)]
+                  (1, 64, 9, 9, 2),
+                  # O = 8, the last of the per-pixel kernels (v2), and 9 (v1); the weight gradient
+                  # in slices, one ending inside an image; the paper's output layer
+                  (1, 5, 3, 4, 8), (2, 4, 3, 5, 9), (3, 3, 60, 61, 2), (1, 64, 388, 388, 2)]
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 33, 3, 5, 7), (2, 5, 4, 1, 33),
                  (1, 8, 9, 9, 3), (1, 1100, 2, 3, 3), (2, 6, 24, 22, 40),
                  (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]  # v6's 256 x 64 tile in each direction

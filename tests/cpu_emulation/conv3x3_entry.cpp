@@ -1,8 +1,8 @@
 // conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
 // two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu), and of
-// csrc/elementwise.cu, csrc/maxpool.cu and csrc/optimizer.cu, built for the CPU emulation (cuda_runtime.h beside this
-// file), called through ctypes by tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the
-// error message in `error`.
+// csrc/conv1x1.cu, csrc/elementwise.cu, csrc/maxpool.cu and csrc/optimizer.cu, built for the CPU
+// emulation (cuda_runtime.h beside this file), called through ctypes by
+// tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the error message in `error`.
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -159,6 +159,26 @@ int emulated_upconv2x2_backward_weight(const char* version, const float* x, cons
                                        char* error, int error_size) {
   return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
     unet::launch_upconv2x2_backward_weight(x, dy, dw, db, N, C, H, W, O, v, nullptr);
+  });
+}
+
+int emulated_conv1x1_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
+                             int H, int W, int O, char* error, int error_size) {
+  return guarded_plain(error, error_size,
+                       [&] { unet::launch_conv1x1_forward(x, w, b, y, N, C, H, W, O, nullptr); });
+}
+
+int emulated_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
+                                   int W, int O, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_conv1x1_backward_data(dy, w, dx, N, C, H, W, O, nullptr);
+  });
+}
+
+int emulated_conv1x1_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
+                                     int C, int H, int W, int O, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_conv1x1_backward_weight(x, dy, dw, db, N, C, H, W, O, nullptr);
   });
 }
 
