@@ -27,8 +27,9 @@ Peers, chosen as what a PyTorch user would run for the same result:
 * loss: ``cross_entropy(reduction="none")`` times the weights, summed and divided by the pixel
   count, plus ``softmax`` for the probabilities ours also returns; backward: the closed form
   ``w (p - onehot) / (N H W)`` in three eager ops (labels as int64, converted up front);
-* element-wise: ``threshold_backward`` (ReLU), ``native_dropout_backward`` (mask times scale, the
-  kernel of PyTorch's own dropout), ``bernoulli_`` (mask), ``add_`` (accumulation) and the Caffe
+* element-wise: ``threshold_backward`` (ReLU), ``native_dropout`` (PyTorch's dropout: the mask
+  drawn, applied and stored) and ``native_dropout_backward`` (mask times scale), ``bernoulli_``
+  (mask), ``add_`` (accumulation) and the Caffe
   momentum rule over all parameters with ``torch._foreach_*`` (multi-tensor launches);
 * augmentation (the window of one tile, its input plus a 32 px margin on each side): the field by
   ``interpolate(mode="bicubic", align_corners=True)`` of the 3x3 nodes, three ``grid_sample`` calls
@@ -199,11 +200,16 @@ def op_cases(net: Network) -> list[OpCase]:
         shape = (layer.batch, layer.cout, layer.out_hw, layer.out_hw)
         elems = int(np.prod(shape))
         dims = dict(shape=shape)
+        # the step runs the seeded ops (the mask hashed where it is applied, never stored); the
+        # stored-mask path is timed beside them
         cases.append(OpCase("dropout_mask", name, dims, f"-> {shape_str('mask', shape)} uint8",
-                            nbytes=U8 * elems))
+                            nbytes=U8 * elems, in_step=False))
         for op, a, b in (("dropout_forward", "x", "y"), ("dropout_backward", "dy", "dx")):
             cases.append(OpCase(op, name, dims, f"{shape_str(a, shape)} mask -> {shape_str(b, shape)}",
-                                nbytes=(2 * F32 + U8) * elems))
+                                nbytes=(2 * F32 + U8) * elems, in_step=False))
+        for op, a, b in (("dropout_seeded_forward", "x", "y"), ("dropout_seeded_backward", "dy", "dx")):
+            cases.append(OpCase(op, name, dims, f"{shape_str(a, shape)} seed -> {shape_str(b, shape)}",
+                                nbytes=2 * F32 * elems))
     out = net.layers[-1]
     shape = (out.batch, out.cout, out.out_hw, out.out_hw)
     pixels = out.batch * out.out_hw ** 2
@@ -380,6 +386,10 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
         return lambda: ops.dropout_forward(a["x"], a["mask"], DROPOUT_P)
     if op == "dropout_backward":
         return lambda: ops.dropout_backward(a["x"], a["mask"], DROPOUT_P)
+    if op == "dropout_seeded_forward":
+        return lambda: ops.dropout_seeded_forward(a["x"], DROPOUT_P, 12345)
+    if op == "dropout_seeded_backward":
+        return lambda: ops.dropout_seeded_backward(a["x"], DROPOUT_P, 12345)
     if op == "softmax_xent_forward":
         return lambda: ops.softmax_xent_forward(a["logits"], a["labels"], a["weights"])
     if op == "softmax_xent_backward":
@@ -441,6 +451,8 @@ def _peer_description(case: OpCase) -> str:
         "dropout_mask": "bernoulli_ (uint8)",
         "dropout_forward": "native_dropout_backward (mask * scale)",
         "dropout_backward": "native_dropout_backward (mask * scale)",
+        "dropout_seeded_forward": "native_dropout (mask drawn, applied and stored)",
+        "dropout_seeded_backward": "native_dropout_backward (mask * scale)",
         "softmax_xent_forward": "cross_entropy(none) * w, sum + softmax",
         "softmax_xent_backward": "clone + scatter_add_ + mul_",
         "sgd_momentum_update_": "_foreach Caffe momentum rule",
@@ -528,10 +540,12 @@ def peer(case: OpCase, inputs: dict, torch, precision: str = "fp32") -> Callable
         shape = tuple(case.dims["shape"])
         device = t["x"].device
         return lambda: torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(1.0 - DROPOUT_P)
-    if op in ("dropout_forward", "dropout_backward"):
+    if op in ("dropout_forward", "dropout_backward", "dropout_seeded_backward"):
         keep = t["mask"].bool()
         scale = 1.0 / (1.0 - DROPOUT_P)
         return lambda: aten.native_dropout_backward(t["x"], keep, scale)
+    if op == "dropout_seeded_forward":
+        return lambda: aten.native_dropout(t["x"], DROPOUT_P, True)
     if op.startswith("softmax_xent"):
         logits, probs, weights = t["logits"], t["probs"], t["weights"]
         labels = t["labels"].long()

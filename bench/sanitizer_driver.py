@@ -108,8 +108,9 @@ class Driver:
 
     def convolutions(self) -> None:
         ops = self.ops
+        # ... (1, 256, 70, 7, 8): 9C = 2304 columns, v6's 128 x 256 weight-gradient tile
         for n, c, o, h, w in ((2, 3, 5, 13, 17), (1, 1, 8, 9, 11), (1, 67, 65, 20, 19),
-                              (1, 64, 32, 13, 17)):
+                              (1, 64, 32, 13, 17), (1, 256, 70, 7, 8)):
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 3, 3, std=0.2)
             b = self.normal(o)
@@ -143,7 +144,8 @@ class Driver:
                               lambda: ops.conv3x3_concat_backward_data(dy, wt, skip_shape))
                     self.call(f"conv3x3_concat_backward_weight {tag}",
                               lambda: ops.conv3x3_concat_backward_weight(up, skip, dy))
-        for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13), (1, 3, 9, 5, 6)):  # O = 9: v1
+        # O = 9: v1; (3, 3, 2, 60, 61): the weight gradient in two slices, one ending inside an image
+        for n, c, o, h, w in ((2, 5, 3, 7, 9), (1, 64, 2, 12, 13), (1, 3, 9, 5, 6), (3, 3, 2, 60, 61)):
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 1, 1, std=0.3)
             b = self.normal(o)
@@ -152,7 +154,7 @@ class Driver:
             self.call(f"conv1x1_forward {tag}", lambda: ops.conv1x1_forward(x, wt, b))
             self.call(f"conv1x1_backward_data {tag}", lambda: ops.conv1x1_backward_data(dy, wt))
             self.call(f"conv1x1_backward_weight {tag}", lambda: ops.conv1x1_backward_weight(x, dy))
-        for n, c, o, h, w in ((2, 6, 3, 5, 7), (1, 64, 33, 9, 9)):
+        for n, c, o, h, w in ((2, 6, 3, 5, 7), (1, 64, 33, 9, 9), (1, 8, 64, 6, 6)):  # 4O = 256: wide
             x = self.normal(n, c, h, w)
             wt = self.normal(o, c, 2, 2, std=0.3)
             b = self.normal(o)
@@ -203,6 +205,8 @@ class Driver:
             if mask is not None:
                 self.call(f"dropout_forward p={p}", lambda: ops.dropout_forward(x, mask, p))
                 self.call(f"dropout_backward p={p}", lambda: ops.dropout_backward(dy, mask, p))
+            self.call(f"dropout_seeded_forward p={p}", lambda: ops.dropout_seeded_forward(x, p, 2015))
+            self.call(f"dropout_seeded_backward p={p}", lambda: ops.dropout_seeded_backward(dy, p, 2015))
         dst, src = self.normal(1001), self.normal(1001)
         self.call("accumulate_ n=1001", lambda: ops.accumulate_(dst, src))
         param, grad, velocity = self.normal(1001), self.normal(1001), self.normal(1001, std=0.01)

@@ -16,7 +16,7 @@
 // conv3x3's keyword `version` (its kernel, by name) is checked first of all.
 //
 // Two scalars may also be 0-d CUDA arrays, read by the kernel when it runs rather than when it is
-// launched: dropout_mask's `seed` (uint64) and sgd_momentum_update_'s `lr` (float32). A CUDA graph
+// launched: the dropout ops' `seed` (uint64) and the SGD ops' `lr` (float32). A CUDA graph
 // captures a launch with its arguments; with the value in device memory, each replay uses what
 // the host wrote there since (unet_cuda/graph.py). Such an array gets the array checks above; its
 // value cannot be checked without a synchronisation and is not.
@@ -678,20 +678,47 @@ uint64_t check_seed(const OpArgs& args, py::handle seed) {
   return static_cast<uint64_t>(value);
 }
 
-// seed: an integer (passed to the kernel by value) or a 0-d uint64 CUDA array (by address).
+// A dropout seed: an integer (passed to the kernel by value) or a 0-d uint64 CUDA array (by
+// address, seed_on_device).
+struct DropoutSeed {
+  uint64_t seed = 0;
+  const uint64_t* seed_on_device = nullptr;
+};
+
+DropoutSeed dropout_seed(OpArgs& args, py::handle seed_obj) {
+  DropoutSeed s;
+  if (is_device_scalar(seed_obj))
+    s.seed_on_device = args.input(seed_obj, "seed", DType::kUInt64, 0).data<const uint64_t>();
+  else
+    s.seed = check_seed(args, seed_obj);
+  return s;
+}
+
 void dropout_mask(py::handle mask_obj, double p, py::handle seed_obj, std::uintptr_t stream) {
   OpArgs args("dropout_mask");
   const DeviceArray mask = args.output(mask_obj, "mask", DType::kUInt8, kAnyNdim);
   check_dropout_p(args, p);
-  uint64_t seed = 0;
-  const uint64_t* seed_on_device = nullptr;
-  if (is_device_scalar(seed_obj))
-    seed_on_device = args.input(seed_obj, "seed", DType::kUInt64, 0).data<const uint64_t>();
-  else
-    seed = check_seed(args, seed_obj);
+  const DropoutSeed seed = dropout_seed(args, seed_obj);
   args.check_memory();  // for a device seed: on this device, and not inside the mask
   py::gil_scoped_release no_gil;
-  launch_dropout_mask(mask.data<uint8_t>(), mask.size, p, seed, seed_on_device, as_stream(stream));
+  launch_dropout_mask(mask.data<uint8_t>(), mask.size, p, seed.seed, seed.seed_on_device,
+                      as_stream(stream));
+}
+
+// dropout_seeded_forward (x -> y) and dropout_seeded_backward (dy -> dx): the mask hashed from the
+// seed where it is applied.
+void dropout_seeded(const char* op, const char* in_name, const char* out_name, py::handle in_obj,
+                    py::handle out_obj, double p, py::handle seed_obj, std::uintptr_t stream) {
+  OpArgs args(op);
+  const DeviceArray in = args.input(in_obj, in_name, DType::kFloat32, kAnyNdim);
+  const DeviceArray out = args.output(out_obj, out_name, DType::kFloat32, kAnyNdim);
+  args.require_same_shape(out, in);
+  check_dropout_p(args, p);
+  const DropoutSeed seed = dropout_seed(args, seed_obj);
+  args.check_memory();
+  py::gil_scoped_release no_gil;
+  launch_dropout_seeded(in.data<const float>(), out.data<float>(), in.size, p, seed.seed,
+                        seed.seed_on_device, as_stream(stream));
 }
 
 // dropout_forward (x -> y) and dropout_backward (dy -> dx) take the same arguments.
@@ -1144,6 +1171,21 @@ PYBIND11_MODULE(_C, m) {
       },
       arg("dy"), arg("mask"), arg("dx"), arg("p"), py::kw_only(), arg("stream"),
       "dx = dy * mask / (1 - p).");
+  m.def(
+      "dropout_seeded_forward",
+      [](py::handle x, py::handle y, double p, py::handle seed, std::uintptr_t stream) {
+        dropout_seeded("dropout_seeded_forward", "x", "y", x, y, p, seed, stream);
+      },
+      arg("x"), arg("y"), arg("p"), arg("seed"), py::kw_only(), arg("stream"),
+      "y = x * mask / (1 - p) with dropout_mask's mask of (p, seed), hashed where it is applied "
+      "and never stored; seed as for dropout_mask.");
+  m.def(
+      "dropout_seeded_backward",
+      [](py::handle dy, py::handle dx, double p, py::handle seed, std::uintptr_t stream) {
+        dropout_seeded("dropout_seeded_backward", "dy", "dx", dy, dx, p, seed, stream);
+      },
+      arg("dy"), arg("dx"), arg("p"), arg("seed"), py::kw_only(), arg("stream"),
+      "dx = dy * mask / (1 - p), the mask of dropout_seeded_forward with the same p and seed.");
   m.def("sgd_momentum_update_", &sgd_momentum_update, arg("param"), arg("grad"), arg("velocity"),
         arg("lr"), arg("momentum"), arg("weight_decay"), py::kw_only(), arg("stream"),
         "In place: v = momentum*v + lr*(grad + weight_decay*param); param -= v; lr a number or "

@@ -239,9 +239,12 @@ void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, 
     if (static_cast<int64_t>(C) + 1 > INT32_MAX)
       throw std::runtime_error(std::string(op) + ": C = " + std::to_string(C) + " exceeds the grid limit");
     float* part = nullptr;
-    CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part),
-                               static_cast<size_t>(slices * count) * sizeof(float), stream),
-               op);
+    const cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&part),
+                                            static_cast<size_t>(slices * count) * sizeof(float), stream);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // thrown here, not left for the next op's launch check
+      throw_cuda_error(err, op, "cudaMallocAsync", __FILE__, __LINE__);
+    }
     try {
       launch_kernel("conv1x1_backward_weight_v2_slices", conv1x1_backward_weight_v2_slices,
                     dim3(static_cast<unsigned>(C + 1), static_cast<unsigned>(slices)),

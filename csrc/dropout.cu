@@ -26,6 +26,11 @@
 //   dropout_mask_v1: one element per thread per grid-stride step; hashes its 64-bit index. The
 //     seed comes from the argument or, when seed_on_device is not null, from that device word.
 //   dropout_apply_v1: one element per thread per grid-stride step; y = x * mask / keep.
+//   dropout_seeded_v1: the two fused where dropout sits: each element's mask bit is hashed where
+//     it is applied and never stored, y = x * keeps(seed, e) / keep, for the forward (x -> y) and,
+//     with the same seed, the backward (dy -> dx). A counter-based mask costs a few integer
+//     operations to recompute, less than writing it and reading it back twice; the results are
+//     the bits of the mask path (dropout_mask, then dropout_apply_v1).
 #include "common.cuh"
 #include "launchers.h"
 
@@ -54,19 +59,35 @@ __global__ void dropout_apply_v1(const float* __restrict__ x, const uint8_t* __r
     y[e] = x[e] * static_cast<float>(mask[e]) / keep;
 }
 
+__global__ void dropout_seeded_v1(const float* __restrict__ x, float* __restrict__ y, int64_t n,
+                                  double p, float keep, uint64_t seed,
+                                  const uint64_t* __restrict__ seed_on_device) {
+  const uint64_t s = seed_on_device != nullptr ? *seed_on_device : seed;
+  for (int64_t e = global_thread(); e < n; e += grid_stride())
+    y[e] = x[e] * static_cast<float>(dropout_keeps(s, static_cast<uint64_t>(e), p)) / keep;
+}
+
 void launch_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed,
                          const uint64_t* seed_on_device, cudaStream_t stream) {
   if (n == 0) return;
-  dropout_mask_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(mask, n, p, seed, seed_on_device);
-  CHECK_LAUNCH("dropout_mask_v1");
+  launch_kernel("dropout_mask_v1", dropout_mask_v1, dim3(grid_1d(n)), dim3(kBlock1d), stream, mask,
+                n, p, seed, seed_on_device);
 }
 
 void launch_dropout_forward(const float* x, const uint8_t* mask, float* y, int64_t n, double p,
                             cudaStream_t stream) {
   if (n == 0) return;
   const float keep = static_cast<float>(1.0 - p);
-  dropout_apply_v1<<<grid_1d(n), kBlock1d, 0, stream>>>(x, mask, y, n, keep);
-  CHECK_LAUNCH("dropout_apply_v1");
+  launch_kernel("dropout_apply_v1", dropout_apply_v1, dim3(grid_1d(n)), dim3(kBlock1d), stream, x,
+                mask, y, n, keep);
+}
+
+void launch_dropout_seeded(const float* x, float* y, int64_t n, double p, uint64_t seed,
+                           const uint64_t* seed_on_device, cudaStream_t stream) {
+  if (n == 0) return;
+  const float keep = static_cast<float>(1.0 - p);
+  launch_kernel("dropout_seeded_v1", dropout_seeded_v1, dim3(grid_1d(n)), dim3(kBlock1d), stream, x,
+                y, n, p, keep, seed, seed_on_device);
 }
 
 void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, int64_t n, double p,

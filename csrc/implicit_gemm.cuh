@@ -1002,9 +1002,10 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 // conversions (the tensor core reads the upper 19 bits of each float32: TF32 by truncation), and
 // the math runs while the same threads issue the next tile's copies. Tiles are laid out as the
 // descriptors expect (K-major, unswizzled: 8-row x 16-byte core matrices), filled by v5's
-// kV6Stages-deep cp.async pipeline. Two warpgroups per block, each owning half of its rows: 64
-// of 128, or, in the tall tile of the 64-column outputs, 128 of 256 (two 64-row products per k8
-// step), which reads each column's operand (the weights, in the forward) once for twice the rows;
+// cp.async pipeline (V6Tile: 4 stages; 6 in the wide tile). Two warpgroups per block, each owning
+// half of its rows: 64 of 128, or, in the tall tile of the 64-column outputs, 128 of 256 (two
+// 64-row products per k8 step), which reads each column's operand (the weights, in the forward)
+// once for twice the rows;
 // or, in the wide tile of the weight gradients, 64 of 128 rows by 256 columns (two 128-column
 // products per k8 step), which reads each row's operand (dy) once for twice the columns.
 // =================================================================================================
@@ -1079,7 +1080,7 @@ __device__ __forceinline__ uint64_t wgmma_descriptor_advance(uint64_t desc, uint
   return (desc & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
 }
 
-// Which element of a ROWS x kV6BK tile (V6Smem) the r-th copy of a thread moves, THREADS threads
+// Which element of a ROWS x BK tile (V6Smem) the r-th copy of a thread moves, THREADS threads
 // copying VEC consecutive k (a "unit") at a time. TileCopy gives a warp 32 rows at one k (or one
 // row's 32 k), which in V6Smem's 8-row core matrices land on 8 (or 4) banks: 4- to 8-way conflicts
 // on every copy. Here each copy of a warp covers 8 rows x 4 units, lane = 8 * unit + row: the 8
@@ -1396,7 +1397,7 @@ int plan_splits(int64_t tiles, int64_t units, int64_t unit_pixels, int64_t float
 
 // The block tile a GEMM version takes for an M x cols output, and its K step: what the planners
 // (gemm_tile, weight_gemm_tile) choose and the launchers (launch_gemm) launch. `large`: v3-v5's
-// 128 x 128 tile; v6 reads bm and bn.
+// 128 x 128 tile (v6 reads bm and bn instead).
 struct GemmTile {
   bool large;
   int bm, bn, bk;
@@ -1667,7 +1668,9 @@ void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stre
 
 // The tile of a weight-gradient GEMM. v6: gemm_tile's, except the wide 128 x 256 tile (V6Wide)
 // where the columns are a whole number of 256 (no partial column tile wastes its larger products);
-// one block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers).
+// one block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers). M is
+// not asked: with 64 rows or fewer (O <= 64, 9C a multiple of 256: no layer of the paper's network)
+// the 128-row tiles, wide or not, leave one warpgroup multiplying padding.
 // v4 and v5: the 128 x 128 tile wherever rows and columns both fill more than half of it. These
 // GEMMs split K (the pixels) to fill the GPU, so the large tile need not make enough blocks by
 // itself, as gemm_tile asks of it for the output GEMMs, which split K only as a last resort.

@@ -84,7 +84,8 @@ int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, in
 bool conv3x3_tap_major(Conv3x3Version version, int channels);
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
-// the backward_weight launchers of every convolution.
+// the backward_weight launchers of every convolution (but conv1x1's for O <= 8, which sums db with
+// dw).
 void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
                           cudaStream_t stream);
 
@@ -146,6 +147,10 @@ void launch_dropout_forward(const float* x, const uint8_t* mask, float* y, int64
                             cudaStream_t stream);
 void launch_dropout_backward(const float* dy, const uint8_t* mask, float* dx, int64_t n, double p,
                              cudaStream_t stream);
+// The mask of launch_dropout_mask (same p, same seed) applied where it is hashed, never stored:
+// y = x * mask / (1 - p). The forward (x -> y) and the backward (dy -> dx) of seeded dropout.
+void launch_dropout_seeded(const float* x, float* y, int64_t n, double p, uint64_t seed,
+                           const uint64_t* seed_on_device, cudaStream_t stream);
 
 // optimizer.cu: Caffe's SGD with momentum, in place on n elements:
 // v = momentum * v + lr * (grad + weight_decay * param); param -= v. The rate is `lr`, or, when

@@ -120,6 +120,8 @@ VALID = {
     "dropout_mask": lambda: dict(mask=u8(3, 4, 5), p=0.5, seed=123),
     "dropout_forward": lambda: dict(x=f32(3, 4, 5), mask=u8(3, 4, 5), y=f32(3, 4, 5), p=0.5),
     "dropout_backward": lambda: dict(dy=f32(3, 4, 5), mask=u8(3, 4, 5), dx=f32(3, 4, 5), p=0.5),
+    "dropout_seeded_forward": lambda: dict(x=f32(3, 4, 5), y=f32(3, 4, 5), p=0.5, seed=123),
+    "dropout_seeded_backward": lambda: dict(dy=f32(3, 4, 5), dx=f32(3, 4, 5), p=0.5, seed=123),
     "sgd_momentum_update_": lambda: dict(param=f32(4, 3, 3, 3), grad=f32(4, 3, 3, 3),
                                          velocity=f32(4, 3, 3, 3), lr=0.01, momentum=0.99,
                                          weight_decay=0.0005),
@@ -145,13 +147,14 @@ OUTPUTS = {
     "conv3x3_concat_backward_weight": ("dw", "db"),
     "softmax_xent_forward": ("loss", "probs"), "softmax_xent_backward": ("dlogits",),
     "dropout_mask": ("mask",), "dropout_forward": ("y",), "dropout_backward": ("dx",),
+    "dropout_seeded_forward": ("y",), "dropout_seeded_backward": ("dx",),
     "sgd_momentum_update_": ("param", "velocity"),
     "augment_warp": ("image_out", "labels_out", "weights_out"),
 }
 
 # Ops whose arrays may have any number of dimensions (only their agreement is checked).
 ANY_NDIM = {"relu_backward", "accumulate_", "dropout_mask", "dropout_forward", "dropout_backward",
-            "sgd_momentum_update_"}
+            "dropout_seeded_forward", "dropout_seeded_backward", "sgd_momentum_update_"}
 
 ARRAY_ARGS = [(op, name) for op, make in VALID.items() for name, value in make().items()
               if isinstance(value, FakeCudaArray)]
@@ -186,7 +189,7 @@ def ops_md_names():
 
 def test_module_exposes_every_op_of_ops_md():
     names = ops_md_names()
-    assert len(names) == 26, names
+    assert len(names) == 28, names
     missing = [n for n in names if not callable(getattr(_C, n, None))]
     assert not missing, f"unet_cuda._C lacks {missing}"
     assert set(VALID) == set(names)
@@ -501,6 +504,9 @@ SCALAR_CASES = [
     ("dropout_mask", "seed", "7"), ("dropout_mask", "seed", True),
     ("dropout_forward", "p", 1.0), ("dropout_forward", "p", math.nan),
     ("dropout_backward", "p", -1e-9),
+    ("dropout_seeded_forward", "p", 1.0), ("dropout_seeded_forward", "seed", -1),
+    ("dropout_seeded_forward", "seed", 2**64), ("dropout_seeded_backward", "p", math.nan),
+    ("dropout_seeded_backward", "seed", 1.5), ("dropout_seeded_backward", "seed", True),
     ("softmax_xent_backward", "dloss", math.nan), ("softmax_xent_backward", "dloss", -math.inf),
     ("sgd_momentum_update_", "lr", math.nan), ("sgd_momentum_update_", "lr", -0.1),
     ("sgd_momentum_update_", "lr", math.inf),
@@ -614,7 +620,7 @@ def test_valid_calls_reach_the_device_memory_check():
 
 
 # ------------------------------------------------------------------------------------------------
-# Scalars as 0-d CUDA arrays (read by the kernel when it runs, for CUDA graphs): dropout_mask's
+# Scalars as 0-d CUDA arrays (read by the kernel when it runs, for CUDA graphs): the dropout ops'
 # seed (uint64) and sgd_momentum_update_'s lr (float32)
 # ------------------------------------------------------------------------------------------------
 
@@ -622,7 +628,8 @@ def u64(*shape):
     return FakeCudaArray(shape, "<u8")
 
 
-DEVICE_SCALARS = [("dropout_mask", "seed", u64), ("sgd_momentum_update_", "lr", f32)]
+DEVICE_SCALARS = [("dropout_mask", "seed", u64), ("dropout_seeded_forward", "seed", u64),
+                  ("dropout_seeded_backward", "seed", u64), ("sgd_momentum_update_", "lr", f32)]
 
 
 @pytest.mark.parametrize("op,arg,make", DEVICE_SCALARS)
@@ -672,10 +679,12 @@ def test_seed_that_is_no_integer_names_both_forms():
 
 
 def report_device_scalar_calls():
-    """Runs the two ops with valid 0-d fakes (host memory behind them); prints the results."""
+    """Runs the ops with valid 0-d fakes (host memory behind them); prints the results."""
     cases = {
         "dropout_mask": dict(VALID["dropout_mask"](), seed=u64()),
         "dropout_mask empty mask": dict(mask=u8(0, 4), p=0.5, seed=u64()),
+        "dropout_seeded_forward": dict(VALID["dropout_seeded_forward"](), seed=u64()),
+        "dropout_seeded_backward": dict(VALID["dropout_seeded_backward"](), seed=u64()),
         "sgd_momentum_update_": dict(VALID["sgd_momentum_update_"](), lr=f32()),
     }
     print_call_results(cases)
@@ -683,7 +692,7 @@ def report_device_scalar_calls():
 
 def test_valid_device_scalars_reach_the_device_memory_check():
     results = call_results_in_a_subprocess("report_device_scalar_calls")
-    assert len(results) == 3
+    assert len(results) == 5
     assert_each_met_the_device_memory_check(results)
 
 

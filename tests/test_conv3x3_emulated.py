@@ -52,7 +52,7 @@ def lib(tmp_path_factory):
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(EMULATION), "-I", str(ROOT / "csrc"), "-x", "c++", str(ROOT / "csrc" / "conv3x3.cu"),
            str(ROOT / "csrc" / "upconv.cu"), str(ROOT / "csrc" / "bias_backward.cu"),
-           str(ROOT / "csrc" / "conv1x1.cu"),
+           str(ROOT / "csrc" / "conv1x1.cu"), str(ROOT / "csrc" / "dropout.cu"),
            str(ROOT / "csrc" / "elementwise.cu"), str(ROOT / "csrc" / "maxpool.cu"),
            str(ROOT / "csrc" / "optimizer.cu"),
            str(EMULATION / "conv3x3_entry.cpp"), "-o", str(out)]
@@ -286,8 +286,9 @@ def test_large_tile_split_backward_weight(lib, version):
 
 # v6's wide tile run: two row tiles (the second of 2 rows) and two K tiles of 16 pixels (the second
 # partial) over 4 x 5 pixels (16-byte copies of dy); 5 x 5 pixels (4-byte copies); K split in two
-# over 46 x 46 pixels. The concatenated input's weight gradient takes it too (CONCAT_SHAPES).
-WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 8)]
+# over 46 x 46 pixels; three images of 3 x 4 pixels, a K tile each. The concatenated input's weight
+# gradient takes it too (CONCAT_SHAPES).
+WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 8), (3, 256, 5, 6, 129)]
 
 
 @pytest.mark.parametrize("shape", WIDE_WEIGHT_SHAPES, ids=str)
@@ -563,7 +564,8 @@ def check_upconv(lib, version, shape, seed=0):
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 33, 3, 1, 2), (1, 4, 6, 6, 3),
                  (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3),
                  # v6's 256 x 64 tile: the forward and weight gradient (4O = 64 columns, K = C = 256),
-                 # the backward data (C = 64 columns over 144 pixels, K = 4O = 256)
+                 # the backward data (C = 64 columns over 144 pixels, K = 4O = 256); the second's
+                 # weight gradient (4O = 256 columns) takes the 128 x 256 tile
                  (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]
 
 
@@ -644,6 +646,39 @@ def test_conv1x1_weight_gradient_is_deterministic(lib):
     dy = rng.uniform(-1.0, 1.0, (n, o, h, w)).astype(np.float32)
     first, second = run_conv1x1(lib, x, wt, b, dy), run_conv1x1(lib, x, wt, b, dy)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout (csrc/dropout.cu): the seeded kernel, which hashes each mask bit where it applies it, gives
+# the bits of the stored-mask path and of the reference, the seed by value or read from memory
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 4099])
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.3])
+def test_dropout_seeded_is_the_mask_path(lib, n, p):
+    from unet_cuda.ops import reference as ref
+
+    lib.emulated_dropout_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_uint64,
+                                          ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.emulated_dropout_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                             ctypes.c_double, ctypes.c_char_p, ctypes.c_int]
+    lib.emulated_dropout_seeded.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
+                                            ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[:3] = [np.inf, -0.0, np.nan][:min(n, 3)]  # dropped: NaN (inf * 0) and a signed zero, as the mask path
+    for seed in (5, 2**64 - 1):
+        mask = np.zeros(n, np.uint8)
+        plain_call(lib, "emulated_dropout_mask", mask.ctypes.data, n, p, seed, None)
+        assert np.array_equal(mask, ref.dropout_mask(n, p, seed))
+        want = np.zeros(n, np.float32)
+        plain_call(lib, "emulated_dropout_forward", x.ctypes.data, mask.ctypes.data, want.ctypes.data, n, p)
+        on_device = np.array([seed], np.uint64)
+        for by_value, pointer in ((seed, None), (0, on_device.ctypes.data)):
+            got = np.full(n, 1234.5, np.float32)
+            plain_call(lib, "emulated_dropout_seeded", x.ctypes.data, got.ctypes.data, n, p, by_value, pointer)
+            assert got.tobytes() == want.tobytes(), (n, p, seed, pointer is not None)
+            with np.errstate(invalid="ignore"):  # inf * 0, as on the GPU
+                assert got.tobytes() == ref.dropout_seeded_forward(x, p, seed).tobytes()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,8 +146,9 @@ CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9
 CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
                   (1, 64, 9, 9, 2),
                   # O = 8, the last of the per-pixel kernels (v2), and 9 (v1); the weight gradient
-                  # in slices, one ending inside an image; the paper's output layer
-                  (1, 5, 3, 4, 8), (2, 4, 3, 5, 9), (3, 3, 60, 61, 2), (1, 64, 388, 388, 2)]
+                  # in slices, one ending inside an image (the paper's output layer:
+                  # test_conv1x1_real_layer_shape)
+                  (1, 5, 3, 4, 8), (2, 4, 3, 5, 9), (3, 3, 60, 61, 2)]
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 2, 3, 5), (1, 33, 3, 5, 7), (2, 5, 4, 1, 33),
                  (1, 8, 9, 9, 3), (1, 1100, 2, 3, 3), (2, 6, 24, 22, 40),
                  (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]  # v6's 256 x 64 tile in each direction
@@ -639,6 +640,23 @@ def test_dropout_forward_backward_exact(shape, p):
                  f"dropout_backward{shape}")
 
 
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.3])
+def test_dropout_seeded_is_the_stored_mask_path(shape, p):
+    """The seeded ops hash the mask where they apply it: the bits of the reference's mask path,
+    with the seed given as a number and as a 0-d uint64 device array (the CUDA graph form)."""
+    rng = np.random.default_rng(len(shape) + 7)
+    x, dy = rand(rng, *shape), rand(rng, *shape)
+    for seed in (1234, 2**64 - 1):
+        mask = ref.dropout_mask(shape, p, seed)
+        want_y, want_dx = ref.dropout_forward(x, mask, p), ref.dropout_backward(dy, mask, p)
+        for given in (seed, cupy.asarray(np.uint64(seed))):
+            assert_equal(cu.dropout_seeded_forward(dev(x), p, given), want_y,
+                         f"dropout_seeded_forward{shape} p={p} seed={seed}")
+            assert_equal(cu.dropout_seeded_backward(dev(dy), p, given), want_dx,
+                         f"dropout_seeded_backward{shape} p={p} seed={seed}")
+
+
 @pytest.mark.parametrize("shape", [(1,), (5,), (64, 1, 3, 3), (33, 7, 3, 3), (512, 1024, 2, 2)],
                          ids=str)
 def test_sgd_momentum_update(shape):
@@ -755,6 +773,9 @@ def test_weight_gradients_and_loss_are_bitwise_reproducible():
     dy1 = dev(rand(rng, 2, 24, 130, 130))
     assert all(bitwise_equal(a, b) for a, b in zip(cu.conv1x1_backward_weight(x, dy1),
                                                    cu.conv1x1_backward_weight(x, dy1)))
+    dy2 = dev(rand(rng, 2, 2, 130, 130))  # O = 2: v2, the pixels in 8 slices
+    assert all(bitwise_equal(a, b) for a, b in zip(cu.conv1x1_backward_weight(x, dy2),
+                                                   cu.conv1x1_backward_weight(x, dy2)))
     dy_up = dev(rand(rng, 2, 8, 260, 260))
     assert all(bitwise_equal(a, b) for a, b in zip(cu.upconv2x2_backward_weight(x, dy_up),
                                                    cu.upconv2x2_backward_weight(x, dy_up)))
@@ -763,6 +784,14 @@ def test_weight_gradients_and_loss_are_bitwise_reproducible():
     weights = dev(rng.uniform(0.5, 10.0, size=(2, 388, 388)).astype(np.float32))
     losses = [cu.softmax_xent_forward(logits, labels, weights)[0] for _ in range(3)]
     assert all(bitwise_equal(losses[0], other) for other in losses[1:])
+
+
+def test_conv3x3_weight_gradient_is_bitwise_reproducible(conv3x3_version):
+    # C = 256: v6's 128 x 256 tile, K split in two over 2 x 1122 pixels
+    rng = np.random.default_rng(32)
+    x, dy = dev(rand(rng, 2, 256, 35, 36)), dev(rand(rng, 2, 9, 33, 34))
+    assert all(bitwise_equal(a, b) for a, b in zip(cu.conv3x3_backward_weight(x, dy),
+                                                   cu.conv3x3_backward_weight(x, dy)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -772,7 +772,7 @@ def test_layer_table_matches_performance_md():
 def test_op_cases_cover_a_training_step():
     cases = op_cases.op_cases(benchlib.network())
     ids = [c.id for c in cases]
-    assert len(ids) == len(set(ids)) == 117                # bench/README.md counts them
+    assert len(ids) == len(set(ids)) == 121                # bench/README.md counts them
     from unet_cuda.ops import OP_NAMES  # noqa: PLC0415
 
     assert {c.op for c in cases} == set(OP_NAMES)
@@ -783,10 +783,11 @@ def test_op_cases_cover_a_training_step():
     assert [c.layer for c in fused] == ["u1a", "u2a", "u3a", "u4a"]
     assert fused[-1].shape == "up[1,64,392,392] skip[1,64,568,568] w[64,128,3,3] -> y[1,64,390,390]"
     assert fused[-1].flops == benchlib.network().layer("u4a").flops
-    # crop + concat and the update one parameter at a time are timed, but a step in the precision
-    # modes does not run them
+    # crop + concat, the update one parameter at a time and dropout through a stored mask are
+    # timed, but a step in the precision modes does not run them
     assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward",
-                                                      "sgd_momentum_update_"}
+                                                      "sgd_momentum_update_", "dropout_mask",
+                                                      "dropout_forward", "dropout_backward"}
     for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
         sgd = next(c for c in cases if c.op == op)
         assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658

@@ -595,6 +595,38 @@ def test_dropout_forward_and_backward_scale_kept_elements(p):
     fd_check("dropout dx", projection_loss(lambda: ref.dropout_forward(x, mask, p), projection), x, dx)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5])
+def test_dropout_seeded_ops_are_the_mask_path(p):
+    """The seeded ops (what the network runs) give the bits of mask + apply, the seed as a number
+    or as a 0-d uint64 array, for float32 and float64; their gradient checks by finite differences."""
+    rng = np.random.default_rng(12)
+    for dtype in (np.float32, np.float64):
+        x, dy = rng.standard_normal((2, 3, 5, 7)).astype(dtype), rng.standard_normal((2, 3, 5, 7)).astype(dtype)
+        for seed in (0, 99, 2**64 - 1):
+            mask = ref.dropout_mask(x.shape, p, seed)
+            for given in (seed, np.asarray(seed, dtype=np.uint64)):
+                y = ref.dropout_seeded_forward(x, p, given)
+                dx = ref.dropout_seeded_backward(dy, p, given)
+                assert y.dtype == dx.dtype == dtype
+                assert np.array_equal(y, ref.dropout_forward(x, mask, p))
+                assert np.array_equal(dx, ref.dropout_backward(dy, mask, p))
+    x = rng.standard_normal((3, 4))
+    projection = rng.standard_normal(x.shape)
+    dx = ref.dropout_seeded_backward(projection, p, 5)
+    fd_check("dropout_seeded dx", projection_loss(lambda: ref.dropout_seeded_forward(x, p, 5), projection), x, dx)
+
+
+def test_dropout_seeded_ops_name_themselves_in_errors():
+    with pytest.raises(ValueError, match=r"dropout_seeded_forward: p must be in \[0, 1\)"):
+        ref.dropout_seeded_forward(np.ones(3), 1.0, 0)
+    with pytest.raises(ValueError, match=r"dropout_seeded_backward: seed must be in \[0, 2\*\*64\)"):
+        ref.dropout_seeded_backward(np.ones(3), 0.5, -1)
+    with pytest.raises(ValueError, match=r"dropout_seeded_forward: seed must be an integer"):
+        ref.dropout_seeded_forward(np.ones(3), 0.5, 1.5)
+    with pytest.raises(ValueError, match=r"dropout_seeded_backward: dy must have a float dtype"):
+        ref.dropout_seeded_backward(np.ones(3, np.int32), 0.5, 0)
+
+
 def test_dropout_half_doubles_exactly_in_float32():
     x = np.array([1.5, -3.0, 7.25], dtype=np.float32)
     y = ref.dropout_forward(x, np.array([1, 0, 1], np.uint8), 0.5)

@@ -90,13 +90,14 @@ def crop_concat(up: Tensor, skip: Tensor) -> Tensor:
     return Tensor.from_op(y, (up, skip), backward, "crop_concat")
 
 
-def dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """Inverted dropout with the counter-based mask of ``seed`` (identical on CPU and GPU)."""
-    mask = ops.dropout_mask(x.shape, p, seed, like=x.data)
-    y = ops.dropout_forward(x.data, mask, p)
+def dropout(x: Tensor, p: float, seed) -> Tensor:
+    """Inverted dropout with the counter-based mask of ``seed`` (identical on CPU and GPU). The
+    mask is never stored: the forward and the backward each make it again from ``seed`` where they
+    apply it (an int, or a 0-d uint64 array on the device, read when the op runs)."""
+    y = ops.dropout_seeded_forward(x.data, p, seed)
 
     def backward(dy):
-        return (ops.dropout_backward(dy, mask, p),)
+        return (ops.dropout_seeded_backward(dy, p, seed),)
 
     return Tensor.from_op(y, (x,), backward, "dropout")
 

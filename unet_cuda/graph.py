@@ -20,8 +20,9 @@ What a graph freezes, and what this module does about each of them:
    * the two scalars that change every step live in device memory instead: the learning rate (the
      warm-up schedule raises it each step) is a 0-d float32 array, the dropout seeds (new masks each
      step) a uint64 array. ``sgd_momentum_update_multi_`` (the optimizer's update of all
-     parameters; ``sgd_momentum_update_`` too) and ``dropout_mask`` accept such 0-d device
-     arrays (docs/OPS.md) and their kernels read the value when they run, so each replay uses what
+     parameters; ``sgd_momentum_update_`` too) and the dropout ops (``dropout_seeded_forward`` and
+     ``_backward``, which the network runs; ``dropout_mask`` too) accept such 0-d device arrays
+     (docs/OPS.md) and their kernels read the value when they run, so each replay uses what
      the host wrote before it. The host draws them exactly as the eager step does
      (``Trainer.learning_rate``, ``UNet.draw_dropout_seeds``), which is why a graphed run and an
      eager run from the same seed end with bitwise-identical weights;
@@ -132,7 +133,7 @@ class GraphedTrainStep:
             self._weights = cupy.zeros(self.weights_shape, dtype=cupy.float32)
             self._lr = cupy.zeros((), dtype=cupy.float32)
             self._seeds = cupy.zeros((model.num_dropout_layers(),), dtype=cupy.uint64)
-        # 0-d views, one per dropout layer: what the mask kernels get instead of a seed value.
+        # 0-d views, one per dropout layer: what the dropout kernels get instead of a seed value.
         self._seed_views = [self._seeds[i] for i in range(self._seeds.size)]
         self._graph = None
         self._loss = None          # the 0-d loss buffer the step writes

@@ -156,7 +156,7 @@ class UNet:
         """Class scores (logits) ``[N, num_classes, out, out]`` for input ``[N, in_channels, n, n]``.
 
         ``dropout_seeds``: in training, the seeds of the dropout masks (``num_dropout_layers()`` of
-        them: ints, or 0-d uint64 arrays on the parameters' device, read when the mask kernel runs);
+        them: ints, or 0-d uint64 arrays on the parameters' device, read when the dropout kernels run);
         by default they are drawn from ``dropout_rng`` (``draw_dropout_seeds``). Unused in eval mode.
         """
         if not isinstance(x, Tensor):

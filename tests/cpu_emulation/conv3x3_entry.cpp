@@ -1,6 +1,7 @@
 // conv3x3_entry.cpp: C entry points to the launchers of csrc/conv3x3.cu and csrc/upconv.cu (the
 // two users of csrc/implicit_gemm.cuh; their bias gradients from csrc/bias_backward.cu), and of
-// csrc/conv1x1.cu, csrc/elementwise.cu, csrc/maxpool.cu and csrc/optimizer.cu, built for the CPU
+// csrc/conv1x1.cu, csrc/dropout.cu, csrc/elementwise.cu, csrc/maxpool.cu and csrc/optimizer.cu,
+// built for the CPU
 // emulation (cuda_runtime.h beside this file), called through ctypes by
 // tests/test_conv3x3_emulated.py. Each returns 0, or -1 with the error message in `error`.
 #include <cstdint>
@@ -179,6 +180,27 @@ int emulated_conv1x1_backward_weight(const float* x, const float* dy, float* dw,
                                      int C, int H, int W, int O, char* error, int error_size) {
   return guarded_plain(error, error_size, [&] {
     unet::launch_conv1x1_backward_weight(x, dy, dw, db, N, C, H, W, O, nullptr);
+  });
+}
+
+// seed_on_device: null, or the seed in (host) memory, as the kernels read it from device memory.
+int emulated_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed,
+                          const uint64_t* seed_on_device, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_dropout_mask(mask, n, p, seed, seed_on_device, nullptr);
+  });
+}
+
+int emulated_dropout_forward(const float* x, const uint8_t* mask, float* y, int64_t n, double p,
+                             char* error, int error_size) {
+  return guarded_plain(error, error_size,
+                       [&] { unet::launch_dropout_forward(x, mask, y, n, p, nullptr); });
+}
+
+int emulated_dropout_seeded(const float* x, float* y, int64_t n, double p, uint64_t seed,
+                            const uint64_t* seed_on_device, char* error, int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_dropout_seeded(x, y, n, p, seed, seed_on_device, nullptr);
   });
 }
 

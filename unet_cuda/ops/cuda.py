@@ -428,6 +428,22 @@ def dropout_backward(dy, mask, p):
     return dx
 
 
+def dropout_seeded_forward(x, p, seed):
+    """``seed``: as for ``dropout_mask`` (an int, or a 0-d uint64 CuPy array read when the kernel
+    runs)."""
+    _host_array_refused("dropout_seeded_forward", "seed", seed, "uint64")
+    y = _empty(_shape("dropout_seeded_forward", "x", x))
+    _C.dropout_seeded_forward(x, y, p, seed, stream=_stream())
+    return y
+
+
+def dropout_seeded_backward(dy, p, seed):
+    _host_array_refused("dropout_seeded_backward", "seed", seed, "uint64")
+    dx = _empty(_shape("dropout_seeded_backward", "dy", dy))
+    _C.dropout_seeded_backward(dy, dx, p, seed, stream=_stream())
+    return dx
+
+
 def sgd_momentum_update_(param, grad, velocity, lr, momentum, weight_decay):
     """``lr``: a number, or a 0-d float32 CuPy array that the kernel reads when it runs (a captured
     CUDA graph then uses each replay's rate). Never ``float(lr)`` of an array: that would read it on

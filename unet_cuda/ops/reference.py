@@ -55,6 +55,8 @@ __all__ = (
     "dropout_mask",
     "dropout_forward",
     "dropout_backward",
+    "dropout_seeded_forward",
+    "dropout_seeded_backward",
     "accumulate_",
     "sgd_momentum_update_",
     "sgd_momentum_update_multi_",
@@ -668,6 +670,31 @@ def dropout_backward(dy, mask, p):
     """Gradient of inverted dropout: ``dx = dy * mask / (1 - p)``."""
     dy, mask, p = _check_dropout_inputs("dropout_backward", "dy", dy, mask, p)
     return dy * mask.astype(dy.dtype) / dy.dtype.type(1.0 - p)
+
+
+def _dropout_seeded(op: str, a_name: str, a, p, seed):
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{op}: {a_name} must have a float dtype, got {a.dtype} (shape {a.shape})")
+    p = _check_dropout_p(op, p)
+    try:
+        mask = dropout_mask(a.shape, p, seed)
+    except ValueError as e:  # the seed's message, under this op's name
+        raise ValueError(str(e).replace("dropout_mask:", f"{op}:", 1)) from None
+    return a * mask.astype(a.dtype) / a.dtype.type(1.0 - p)
+
+
+def dropout_seeded_forward(x, p, seed):
+    """``dropout_forward(x, dropout_mask(x.shape, p, seed), p)`` as one op: the mask is made where
+    it is applied and never kept (on the GPU, hashed per element by the kernel that applies it).
+    ``seed`` as for ``dropout_mask``."""
+    return _dropout_seeded("dropout_seeded_forward", "x", x, p, seed)
+
+
+def dropout_seeded_backward(dy, p, seed):
+    """The gradient of ``dropout_seeded_forward`` with the same ``p`` and ``seed``:
+    ``dropout_backward(dy, dropout_mask(dy.shape, p, seed), p)``, the mask made again."""
+    return _dropout_seeded("dropout_seeded_backward", "dy", dy, p, seed)
 
 
 # --------------------------------------------------------------------------------------------------
