@@ -60,7 +60,9 @@ def test_profile_steps_counts_every_op_of_a_step():
     assert calls["maxpool2x2_forward"] == calls["upconv2x2_forward"] == depth - 1
     assert calls["sgd_momentum_update_multi_"] == 1 and "sgd_momentum_update_" not in calls
     assert calls["softmax_xent_forward"] == calls["softmax_xent_backward"] == 1
-    assert calls["dropout_mask"] == 2
+    # dropout as one op per direction, the mask hashed where it is applied
+    assert calls["dropout_seeded_forward"] == calls["dropout_seeded_backward"] == 2
+    assert not {"dropout_mask", "dropout_forward", "dropout_backward"} & set(calls)
     assert profile.device == "cpu" and profile.gpu_ms is None and profile.steps == 2
     assert 0 < profile.host_ms <= profile.step_ms * 1.05
     text = format_profile(profile, top=5)
