@@ -65,10 +65,11 @@
 //     flight in dynamic shared memory; the fragments are rounded to bf16 pairs as they are read
 //     from shared memory and multiplied with mma.sync.m16n8k16 (bf16 in, FP32 accumulators).
 //   conv3x3_v6_tf32_wgmma<Gemm, Tile, VEC_A, VEC_B>: two warpgroups of a BM x BN block (128 x
-//     128; for 64 columns 256 x 64; for the weight gradients of 9C a multiple of 256, 128 x 256),
-//     each issuing wgmma.mma_async.m64nNk8 (N = 64 or 128) for each 64 of its rows and 128 of its
-//     columns (TF32, operands read by the tensor cores from shared memory in the canonical K-major
-//     layout), fed by v5's cp.async pipeline (4 stages; 6 of half the K for the 128 x 256 tile).
+//     128; for 64 columns 256 x 64; for the weight gradients of 9C a multiple of 256, 128 x 256,
+//     and of O <= 64 with 9C a multiple of 192, 64 x 192, the warpgroups splitting the columns),
+//     each issuing wgmma.mma_async.m64nNk8 (N = 64, 96 or 128) for each 64 of its rows and N of
+//     its columns (TF32, operands read by the tensor cores from shared memory in the canonical
+//     K-major layout), fed by v5's cp.async pipeline (4 stages; 6 of half the K for 128 x 256).
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.

@@ -201,6 +201,33 @@ __device__ __forceinline__ void wgmma_tf32<64>(float (&d)[32], uint64_t desc_a, 
 #endif
 }
 
+// The 96-column product of the 64 x 192 weight-gradient tile (each warpgroup owns 96 columns).
+template <>
+__device__ __forceinline__ void wgmma_tf32<96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b,
+                                               bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k8.f32.tf32.tf32 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+      "}, %48, %49, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
+}
+
 template <>
 __device__ __forceinline__ void wgmma_tf32<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                 bool accumulate) {
@@ -1007,7 +1034,8 @@ __global__ void __launch_bounds__(Tile::kThreads) conv3x3_v5_bf16_mma(const Gemm
 // 64-row products per k8 step), which reads each column's operand (the weights, in the forward)
 // once for twice the rows;
 // or, in the wide tile of the weight gradients, 64 of 128 rows by 256 columns (two 128-column
-// products per k8 step), which reads each row's operand (dy) once for twice the columns.
+// products per k8 step), which reads each row's operand (dy) once for twice the columns; or, in
+// their 64-row tile, all 64 rows by 96 of 192 columns (the warpgroups split the columns).
 // =================================================================================================
 
 // A block tile of v6: BM x BN outputs, K in steps of BK, S stages in flight.
@@ -1047,6 +1075,13 @@ using V6Tall = V6Tile<kV6TallBM, 64, kV6BK, kV6Stages>;
 // columns are a whole number of 256 (9C: C a multiple of 256; the up-convolution's 4O: every O a
 // multiple of 64): weight_gemm_tile.
 using V6Wide = V6Tile<kV6BM, 256, 16, 6>;
+// The weight gradients of at most 64 rows (O <= 64: d1b, u4a, u4b), 64 x 192. In a 128-row tile
+// their rows fill one warpgroup and the other multiplies padding, and each stage's 128 columns of
+// B serve 64 useful rows. Here the two warpgroups split the columns instead (each m64n96k8), so no
+// product is padding, and a stage's copies of dy serve 192 columns: per useful FLOP a third fewer
+// copies and a third less of dy from L2. 192 divides 9C where C is a multiple of 64 (576 for d1b
+// and u4b, 1152 for u4a's concatenation); four stages of 32 k, 128 KB. weight_gemm_tile.
+using V6Rows64 = V6Tile<64, 192, kV6BK, kV6Stages>;
 
 // Element (row, k) of a ROWS x BK operand tile in the canonical K-major unswizzled layout
 // (PTX ISA, "Shared Memory Matrix Layout": ((8,m),(T,2k)):((1T,SBO),(1,LBO)), T = 4 floats): for
@@ -1149,14 +1184,17 @@ struct V6Layout {
 template <class Gemm, class Tile, bool VEC_A, bool VEC_B>
 __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g) {
   constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, S = Tile::kStages;
-  // Each warpgroup owns BM / 2 rows and all BN columns: per k8 step MT x NT products of 64 rows by
-  // PN columns, MT x NT x PN / 2 accumulators per thread (64 in the 128 x 128 and 256 x 64 tiles,
-  // 128 in the 128 x 256 one).
-  constexpr int kGroupRows = BM / 2, MT = kGroupRows / 64;
-  constexpr int PN = BN < 128 ? BN : 128, NT = BN / PN;
+  // The two warpgroups split the rows (each owns BM / 2 rows and all BN columns) or, in a tile of
+  // 64 rows, the columns (each owns all 64 rows and BN / 2 columns). Per k8 step a warpgroup issues
+  // MT x NT products of 64 rows by PN columns: MT x NT x PN / 2 accumulators per thread (64 in the
+  // 128 x 128 and 256 x 64 tiles, 128 in the 128 x 256 one, 48 in the 64 x 192 one).
+  constexpr int kGroupsM = BM == 64 ? 1 : 2, kGroupsN = 2 / kGroupsM;
+  constexpr int kGroupRows = BM / kGroupsM, kGroupCols = BN / kGroupsN, MT = kGroupRows / 64;
+  constexpr int PN = kGroupCols < 128 ? kGroupCols : 128, NT = kGroupCols / PN;
   static_assert((BM == kV6BM && (BN == 64 || BN == 128 || BN == 256)) ||
-                    (BM == kV6TallBM && BN == 64),
-                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64, 128 x 256");
+                    (BM == kV6TallBM && BN == 64) || (BM == 64 && BN == 192),
+                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64, 128 x 256, 64 x 192");
+  static_assert(kGroupCols % PN == 0, "whole products per warpgroup");
   static_assert(BK % 8 == 0, "whole k8 products");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
   using Layout = V6Layout<Gemm, Tile>;
@@ -1170,6 +1208,7 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
+  const int wg_m = warpgroup % kGroupsM, wg_n = warpgroup / kGroupsM;  // its rows, its columns
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int n0 = blockIdx.y * BN;
   int64_t t_begin, t_end;
@@ -1200,17 +1239,19 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < S - 2; ++s) stages.issue(g, t_begin + s, s);
-  // The descriptors of stage 0's first k8 step (A: this warpgroup's first 64 rows), built once;
-  // every other one lies a constant number of bytes further (wgmma_descriptor_advance): the next
-  // 64 rows of A 64 / 8 row groups of 64 floats on, the next PN columns of B PN / 8 groups on.
+  // The descriptors of stage 0's first k8 step (A: this warpgroup's first 64 rows; B: its first
+  // columns), built once; every other one lies a constant number of bytes further
+  // (wgmma_descriptor_advance): the next 64 rows of A 64 / 8 row groups of 64 floats on, the next
+  // PN columns of B PN / 8 groups on.
   constexpr uint32_t kStageBytes = sizeof(float) * Layout::template Staged<VEC_A, VEC_B>::kStageFloats;
   constexpr uint32_t kRows64Bytes = sizeof(float) * (64 / 8) * 64;
   constexpr uint32_t kColumnsPNBytes = sizeof(float) * (PN / 8) * 64;
   const uint64_t a_desc0 = wgmma_descriptor(
-      shared_address(stages.a_stage(0)) + sizeof(float) * (warpgroup * kGroupRows / 8) * 64,
+      shared_address(stages.a_stage(0)) + sizeof(float) * (wg_m * kGroupRows / 8) * 64,
       ASmem::kLeadingBytes, ASmem::kStrideBytes);
-  const uint64_t b_desc0 = wgmma_descriptor(shared_address(stages.b_stage(0)),
-                                            BSmem::kLeadingBytes, BSmem::kStrideBytes);
+  const uint64_t b_desc0 = wgmma_descriptor(
+      shared_address(stages.b_stage(0)) + sizeof(float) * (wg_n * kGroupCols / 8) * 64,
+      BSmem::kLeadingBytes, BSmem::kStrideBytes);
   int s = 0;  // the stage of tile t: (t - t_begin) % S
   for (int64_t t = t_begin; t < t_end; ++t, s = s + 1 == S ? 0 : s + 1) {
     cp_async_wait<S - 3>();  // this thread's copies of tile t have landed ...
@@ -1244,13 +1285,14 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
     for (int jn = 0; jn < NT; ++jn) wgmma_fence_operands(acc[i][jn]);
   cp_async_wait<0>();  // only empty groups are left
 
-  // acc[i][jn][4j + 2v + q] = D[64i + 16w + g + 8v][PN jn + 8j + 2t + q] of this warpgroup's rows.
+  // acc[i][jn][4j + 2v + q] = D[64i + 16w + g + 8v][PN jn + 8j + 2t + q] of this warpgroup's rows
+  // and columns.
   const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
     for (int v = 0; v < 2; ++v) {
-      const int64_t m = m0 + warpgroup * kGroupRows + 64 * i + 16 * w + gid + 8 * v;
+      const int64_t m = m0 + wg_m * kGroupRows + 64 * i + 16 * w + gid + 8 * v;
       if (m >= g.M) continue;
       const typename Gemm::CRow row = g.c_row(m);
 #pragma unroll
@@ -1259,7 +1301,7 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
         for (int j = 0; j < PN / 8; ++j) {
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const int n = n0 + PN * jn + 8 * j + 2 * tig + q;
+            const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
             if (n < g.cols) g.store(row, n, acc[i][jn][4 * j + 2 * v + q]);
           }
         }
@@ -1506,7 +1548,8 @@ struct IsWeightGradient<Gemm, std::void_t<decltype(Gemm::kWeightGradient)>>
     : std::bool_constant<Gemm::kWeightGradient> {};
 
 // v6's tiles (gemm_tile, weight_gemm_tile): 128 x 128; where the output has at most 64 columns
-// (the 64-channel layers), 256 x 64 (v6_rows) or 128 x 64; the weight gradients' 128 x 256.
+// (the 64-channel layers), 256 x 64 (v6_rows) or 128 x 64; the weight gradients' 128 x 256 and
+// 64 x 192.
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, const GemmTile& tile, int splits, cudaStream_t stream) {
   if (tile.bm == V6Square::kBM && tile.bn == V6Square::kBN)
@@ -1518,6 +1561,8 @@ void run_v6(const char* name, const Gemm& g, const GemmTile& tile, int splits, c
   if constexpr (IsWeightGradient<Gemm>::value) {
     if (tile.bm == V6Wide::kBM && tile.bn == V6Wide::kBN)
       return launch_v6<Gemm, V6Wide, VEC_A, VEC_B>(name, g, splits, stream);
+    if (tile.bm == V6Rows64::kBM && tile.bn == V6Rows64::kBN)
+      return launch_v6<Gemm, V6Rows64, VEC_A, VEC_B>(name, g, splits, stream);
   }
   throw std::logic_error(std::string(name) + ": v6 has no " + std::to_string(tile.bm) + " x " +
                          std::to_string(tile.bn) + " tile for this view");
@@ -1668,9 +1713,9 @@ void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stre
 
 // The tile of a weight-gradient GEMM. v6: gemm_tile's, except the wide 128 x 256 tile (V6Wide)
 // where the columns are a whole number of 256 (no partial column tile wastes its larger products);
-// one block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers). M is
-// not asked: with 64 rows or fewer (O <= 64, 9C a multiple of 256: no layer of the paper's network)
-// the 128-row tiles, wide or not, leave one warpgroup multiplying padding.
+// one block per SM, like the 128 x 128 tile (147 KB of shared memory, up to 255 registers). With
+// 64 rows or fewer the 64 x 192 tile comes first where the columns allow (below); otherwise the
+// 128-row tiles, wide or not, leave one warpgroup multiplying padding.
 // v4 and v5: the 128 x 128 tile wherever rows and columns both fill more than half of it. These
 // GEMMs split K (the pixels) to fill the GPU, so the large tile need not make enough blocks by
 // itself, as gemm_tile asks of it for the output GEMMs, which split K only as a last resort.
@@ -1678,7 +1723,12 @@ void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stre
 // ran at 44-63 TFLOP/s in v5 (H100, 53cf464) against 59-75 for b1 and b2 and 84-113 for v5's
 // large-tile forwards; per FLOP the small tile reads twice the bytes. v3 keeps gemm_tile's rule:
 // its weight gradients ran at 15-19 TFLOP/s in either tile.
+// v6 also takes the 64 x 192 tile (V6Rows64) where M is at most 64 and the columns a whole number
+// of 192: one block per SM too (128 KB).
 GemmTile weight_gemm_tile(Conv3x3Version version, int64_t M, int64_t cols, int64_t k_tiles) {
+  if (version == Conv3x3Version::kV6Tf32Wgmma && cols > 0 && M <= V6Rows64::kBM &&
+      cols % V6Rows64::kBN == 0)
+    return {true, V6Rows64::kBM, V6Rows64::kBN, V6Rows64::kBK, kSMs};
   if (version == Conv3x3Version::kV6Tf32Wgmma && cols > 0 && cols % V6Wide::kBN == 0)
     return {true, V6Wide::kBM, V6Wide::kBN, V6Wide::kBK, kSMs};
   if ((version == Conv3x3Version::kV4Tf32Mma || version == Conv3x3Version::kV5Bf16Mma) &&

@@ -225,11 +225,13 @@ def test_split_k_plans(lib):
     for version in TILED:
         assert splits(version, (1, 64, 570, 570, 64)) > 8, version
         assert splits(version, (1, 1024, 30, 30, 1024)) == 1, version
-    # ... v6's into whole waves of 132 blocks (one per SM): d1b's 5 tiles (64 x 576) into 52 splits
-    # (260 blocks, two waves) rather than 53 (265, three); d3a's 18 tiles of 128 x 128 (256 x 1152)
-    # and d3b's 18 of 128 x 256 (256 x 2304) into 14 (252) rather than 15 (270). The other
-    # versions, whose blocks per SM vary, keep ceil(264 / tiles): d1b's 9 tiles of 64 x 64 -> 30.
-    assert splits("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 52
+    # ... v6's into whole waves of 132 blocks (one per SM): d2a's 5 tiles (128 x 576) into 52 splits
+    # (260 blocks, two waves) rather than 53 (265, three); d1b's 3 tiles of 64 x 192 into 88 (264);
+    # d3a's 18 tiles of 128 x 128 (256 x 1152) and d3b's 18 of 128 x 256 (256 x 2304) into 14 (252)
+    # rather than 15 (270). The other versions, whose blocks per SM vary, keep ceil(264 / tiles):
+    # d1b's 9 tiles of 64 x 64 -> 30.
+    assert splits("v6_tf32_wgmma", (1, 64, 284, 284, 128)) == 52
+    assert splits("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 88
     assert splits("v6_tf32_wgmma", (1, 128, 140, 140, 256)) == 14
     assert splits("v6_tf32_wgmma", (1, 256, 138, 138, 256)) == 14
     for version in ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma"):
@@ -259,7 +261,10 @@ def test_weight_gradient_tiles(lib):
     assert columns("v6_tf32_wgmma", (1, 512, 66, 66, 512)) == 256
     assert columns("v6_tf32_wgmma", (1, 1024, 30, 30, 1024)) == 256
     assert columns("v6_tf32_wgmma", (1, 128, 140, 140, 256)) == 128
-    assert columns("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 128
+    # the 64 x 192 tile where O <= 64 and 9C is a whole number of 192 (d1b, u4b: 576; u4a: 1152)
+    assert columns("v6_tf32_wgmma", (1, 64, 570, 570, 64)) == 192
+    assert columns("v6_tf32_wgmma", (1, 128, 392, 392, 64)) == 192
+    assert columns("v6_tf32_wgmma", (1, 64, 284, 284, 128)) == 128  # d2a: O = 128
     assert columns("v6_tf32_wgmma", (1, 5, 20, 20, 9)) == 64
     assert columns("v6_tf32_wgmma", (1, 1, 572, 572, 64)) == 0
     # v4 and v5: the 128 x 128 tile wherever O and 9C both pass 64 (K split to fill the GPU), else
@@ -288,13 +293,28 @@ def test_large_tile_split_backward_weight(lib, version):
 # partial) over 4 x 5 pixels (16-byte copies of dy); 5 x 5 pixels (4-byte copies); K split in two
 # over 46 x 46 pixels; three images of 3 x 4 pixels, a K tile each. The concatenated input's weight
 # gradient takes it too (CONCAT_SHAPES).
-WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 8), (3, 256, 5, 6, 129)]
+WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 70), (3, 256, 5, 6, 129)]
 
 
 @pytest.mark.parametrize("shape", WIDE_WEIGHT_SHAPES, ids=str)
 def test_wide_tile_backward_weight(lib, shape):
     assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == 256
     if shape[2] == 48:
+        assert lib.emulated_conv3x3_backward_weight_splits(b"v6_tf32_wgmma", *shape) == 2
+    check_backward_weight(lib, "v6_tf32_wgmma", shape, seed=sum(shape))
+
+
+# v6's 64 x 192 tile (O <= 64, 9C a multiple of 192): the two warpgroups own 96 columns each. Three
+# column tiles over 9 x 8 pixels (16-byte copies of dy, three K tiles); 4-byte copies and fewer
+# rows (O = 40) with K split in two over 45 x 46 pixels; two images of 15 pixels; 9C = 1152 (six
+# column tiles).
+ROWS64_WEIGHT_SHAPES = [(1, 64, 11, 10, 64), (1, 64, 47, 48, 40), (2, 64, 5, 7, 33), (1, 128, 6, 7, 64)]
+
+
+@pytest.mark.parametrize("shape", ROWS64_WEIGHT_SHAPES, ids=str)
+def test_rows64_tile_backward_weight(lib, shape):
+    assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == 192
+    if shape[2] == 47:
         assert lib.emulated_conv3x3_backward_weight_splits(b"v6_tf32_wgmma", *shape) == 2
     check_backward_weight(lib, "v6_tf32_wgmma", shape, seed=sum(shape))
 
@@ -442,6 +462,7 @@ CONCAT_SHAPES = [
     (1, 32, 32, 18, 17, 20, 21, 32), # tap-major, v6's 256-row tile (240 rows; 306 in the data grad.)
     (1, 20, 13, 14, 13, 18, 17, 33), # v6's 256-row tile, not tap-major (132 rows; 182)
     (1, 128, 128, 5, 6, 7, 8, 20),   # Cu + Cs = 256: v6's 128 x 256 tile of the weight gradient
+    (1, 32, 32, 6, 7, 8, 9, 64),     # Cu + Cs = 64, O = 64: v6's 64 x 192 tile of the weight gradient
 ]
 
 

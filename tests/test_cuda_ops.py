@@ -142,7 +142,10 @@ CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 7, 3, 9
                   (1, 30, 14, 13, 33),  # v6's 256 x 64 tile, not tap-major (132 and 182 rows)
                   # v6's 128 x 256 tile of the weight gradient (9C = 2304 columns): two row tiles,
                   # the second partial; then two images of 1122 pixels each, K split in two
-                  (1, 256, 20, 21, 130), (2, 256, 35, 36, 9)]
+                  (1, 256, 20, 21, 130), (2, 256, 35, 36, 70),
+                  # v6's 64 x 192 tile (O <= 64, 9C = 576): three column tiles; then O = 40 rows
+                  # and two images, K split in two
+                  (1, 64, 20, 21, 64), (2, 64, 35, 36, 40)]
 CONV1X1_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 33, 4, 9, 2), (2, 7, 1, 8, 3),
                   (1, 64, 9, 9, 2),
                   # O = 8, the last of the per-pixel kernels (v2), and 9 (v1); the weight gradient
@@ -787,11 +790,13 @@ def test_weight_gradients_and_loss_are_bitwise_reproducible():
 
 
 def test_conv3x3_weight_gradient_is_bitwise_reproducible(conv3x3_version):
-    # C = 256: v6's 128 x 256 tile, K split in two over 2 x 1122 pixels
+    # C = 256: v6's 128 x 256 tile; C = 64, O = 40: its 64 x 192 tile; K split in two over 2 x 1122
+    # pixels
     rng = np.random.default_rng(32)
-    x, dy = dev(rand(rng, 2, 256, 35, 36)), dev(rand(rng, 2, 9, 33, 34))
-    assert all(bitwise_equal(a, b) for a, b in zip(cu.conv3x3_backward_weight(x, dy),
-                                                   cu.conv3x3_backward_weight(x, dy)))
+    for c, o in ((256, 70), (64, 40)):
+        x, dy = dev(rand(rng, 2, c, 35, 36)), dev(rand(rng, 2, o, 33, 34))
+        assert all(bitwise_equal(a, b) for a, b in zip(cu.conv3x3_backward_weight(x, dy),
+                                                       cu.conv3x3_backward_weight(x, dy)))
 
 
 # ------------------------------------------------------------------------------------------------
