@@ -670,6 +670,30 @@ def test_conv1x1_weight_gradient_is_deterministic(lib):
 
 
 # ------------------------------------------------------------------------------------------------
+# The bias gradient (csrc/bias_backward.cu): one block per channel (v2), or, where that leaves the
+# GPU idle, blocks over slices of the pixels added in a fixed order (v3)
+# ------------------------------------------------------------------------------------------------
+
+# (N, O, HW): v2 (one slice); two slices, the first ending inside the second image; 64 channels of
+# 70000 pixels in 8 slices (a 64-channel layer, smaller).
+@pytest.mark.parametrize("shape", [(2, 1, 100), (3, 5, 6000), (1, 64, 70000)], ids=str)
+def test_bias_backward(lib, shape):
+    lib.emulated_bias_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_int64, ctypes.c_char_p, ctypes.c_int]
+    n, o, hw = shape
+    dy = np.random.default_rng(hw).uniform(-1.0, 1.0, (n, o, hw)).astype(np.float32)
+    gdy, db = Guarded(dy), Guarded(shape=(o,), output=True)
+    runs = []
+    for _ in range(2):
+        plain_call(lib, "emulated_bias_backward", gdy.ptr, db.ptr, n, o, hw)
+        db.check_guards("bias_backward db")
+        runs.append(db.array.copy())
+    np.testing.assert_allclose(runs[0], dy.astype(np.float64).sum(axis=(0, 2)), rtol=1e-5,
+                               atol=2e-6 * np.sqrt(n * hw))
+    assert runs[0].tobytes() == runs[1].tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
 # Dropout (csrc/dropout.cu): the seeded kernel, which hashes each mask bit where it applies it, gives
 # the bits of the stored-mask path and of the reference, the seed by value or read from memory
 # ------------------------------------------------------------------------------------------------

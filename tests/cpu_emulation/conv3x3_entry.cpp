@@ -183,6 +183,11 @@ int emulated_conv1x1_backward_weight(const float* x, const float* dy, float* dw,
   });
 }
 
+int emulated_bias_backward(const float* dy, float* db, int N, int O, int64_t HW, char* error,
+                           int error_size) {
+  return guarded_plain(error, error_size, [&] { unet::launch_bias_backward(dy, db, N, O, HW, nullptr); });
+}
+
 // seed_on_device: null, or the seed in (host) memory, as the kernels read it from device memory.
 int emulated_dropout_mask(uint8_t* mask, int64_t n, double p, uint64_t seed,
                           const uint64_t* seed_on_device, char* error, int error_size) {
