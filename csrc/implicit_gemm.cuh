@@ -1082,6 +1082,16 @@ using V6Wide = V6Tile<kV6BM, 256, 16, 6>;
 // copies and a third less of dy from L2. 192 divides 9C where C is a multiple of 64 (576 for d1b
 // and u4b, 1152 for u4a's concatenation); four stages of 32 k, 128 KB. weight_gemm_tile.
 using V6Rows64 = V6Tile<64, 192, kV6BK, kV6Stages>;
+// The planners count the waves of these four tiles with one block per SM (GemmTile::wave_blocks =
+// kSMs): their stages alone take more than half of an SM's 228 KB of shared memory, so a second
+// block never fits (their registers, 255 per thread at most for 256 threads, say the same).
+template <class Tile>
+constexpr bool one_block_per_sm() {
+  return 2 * sizeof(float) * Tile::kStages * (Tile::kBM + Tile::kBN) * Tile::kBK > 228 * 1024;
+}
+static_assert(one_block_per_sm<V6Square>() && one_block_per_sm<V6Tall>() &&
+                  one_block_per_sm<V6Wide>() && one_block_per_sm<V6Rows64>(),
+              "the wave counts of the planners assume one block per SM");
 
 // Element (row, k) of a ROWS x BK operand tile in the canonical K-major unswizzled layout
 // (PTX ISA, "Shared Memory Matrix Layout": ((8,m),(T,2k)):((1T,SBO),(1,LBO)), T = 4 floats): for
