@@ -625,6 +625,18 @@ def dropout_mask(shape, p, seed):
     """
     op = "dropout_mask"
     p = _check_dropout_p(op, p)
+    seed = _dropout_seed(op, seed)
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        shape = tuple(operator.index(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{op}: shape must be non-negative, got {shape}")
+    return _keep_mask(int(np.prod(shape, dtype=np.int64)), p, seed).reshape(shape)
+
+
+def _dropout_seed(op: str, seed) -> int:
+    """``seed`` checked for ``op``: an integer in [0, 2**64), or a 0-d uint64 array holding one."""
     seed = _device_scalar(op, "seed", seed, np.uint64)
     try:
         seed = operator.index(seed)
@@ -632,20 +644,18 @@ def dropout_mask(shape, p, seed):
         raise ValueError(f"{op}: seed must be an integer or a 0-d uint64 array, got {seed!r}") from None
     if not 0 <= seed < 2**64:
         raise ValueError(f"{op}: seed must be in [0, 2**64), got {seed}")
-    try:
-        shape = (operator.index(shape),)
-    except TypeError:
-        shape = tuple(operator.index(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"{op}: shape must be non-negative, got {shape}")
-    count = int(np.prod(shape, dtype=np.int64))
+    return seed
+
+
+def _keep_mask(count: int, p: float, seed: int) -> np.ndarray:
+    """The flat uint8 keep-mask of ``count`` elements (the hash of ``dropout_mask``)."""
     with np.errstate(over="ignore"):
         z = np.uint64(seed) + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN_GAMMA
         z = (z ^ (z >> np.uint64(30))) * _MIX_1
         z = (z ^ (z >> np.uint64(27))) * _MIX_2
         z = z ^ (z >> np.uint64(31))
     uniform = (z >> np.uint64(40)).astype(np.float64) / 2.0**24   # exact: 24-bit integers
-    return (uniform >= p).astype(np.uint8).reshape(shape)
+    return (uniform >= p).astype(np.uint8)
 
 
 def _check_dropout_inputs(op: str, a_name: str, a, mask, p):
@@ -677,10 +687,7 @@ def _dropout_seeded(op: str, a_name: str, a, p, seed):
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{op}: {a_name} must have a float dtype, got {a.dtype} (shape {a.shape})")
     p = _check_dropout_p(op, p)
-    try:
-        mask = dropout_mask(a.shape, p, seed)
-    except ValueError as e:  # the seed's message, under this op's name
-        raise ValueError(str(e).replace("dropout_mask:", f"{op}:", 1)) from None
+    mask = _keep_mask(a.size, p, _dropout_seed(op, seed)).reshape(a.shape)
     return a * mask.astype(a.dtype) / a.dtype.type(1.0 - p)
 
 
