@@ -14,12 +14,10 @@
 //   bias_backward_v3_slices: blocks (o, s) over slice s of the N*HW pixels, one fixed-order block
 //     sum each into a workspace [S, O]; bias_backward_v3_reduce adds the slices in order. S from
 //     the shapes alone (bias_slices), so every GPU sums in the same order.
-#include <algorithm>
-#include <string>
-
 #include "common.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
+#include "workspace.cuh"
 
 namespace unet {
 
@@ -44,21 +42,18 @@ bias_backward_v2_block_per_channel(const float* __restrict__ dy, float* __restri
   if (threadIdx.x == 0) db[o] = sum;
 }
 
-// Block (o, s): the N*HW pixels' slice s, [total*s/S, total*(s+1)/S) of the flat n*HW + p.
+// Block (o, s): slice s of the N*HW pixels (for_each_slice_image).
 __global__ void __launch_bounds__(kReduceBlock)
 bias_backward_v3_slices(const float* __restrict__ dy, float* __restrict__ part, int N, int O,
                         int64_t HW, int slices) {
   __shared__ float scratch[kWarp];
   const int o = blockIdx.x, s = blockIdx.y;
-  const int64_t total = static_cast<int64_t>(N) * HW;
-  const int64_t begin = total * s / slices, end = total * (s + 1) / slices;
   float acc = 0.0f;
-  for (int64_t n = HW > 0 ? begin / HW : 0; n < N && n * HW < end; ++n) {
+  for_each_slice_image(N, HW, s, slices, [&](int64_t n, int64_t p_begin, int64_t p_end) {
     const float* dyp = dy + (n * O + o) * HW;  // dy[n, o, 0]
-    const int64_t p_begin = std::max<int64_t>(begin - n * HW, 0), p_end = std::min(end - n * HW, HW);
     acc += strided_sum<kReduceIlp>(p_begin + threadIdx.x, p_end, blockDim.x,
                                    [&](int64_t p) { return dyp[p]; });
-  }
+  });
   const float sum = block_sum(acc, scratch);
   if (threadIdx.x == 0) part[static_cast<int64_t>(s) * O + o] = sum;
 }
@@ -74,16 +69,12 @@ __global__ void bias_backward_v3_reduce(const float* __restrict__ part, float* _
 }
 
 int bias_slices(int N, int O, int64_t HW) {
-  const int64_t pixels = static_cast<int64_t>(N) * HW;
-  int64_t s = ceil_div<int64_t>(kBiasTargetBlocks, std::max(O, 1));
-  s = std::min(s, pixels / kBiasMinSlicePixels);
-  s = std::min(s, kBiasMaxSlices);
-  return static_cast<int>(std::max<int64_t>(s, 1));
+  return pixel_slices(O, static_cast<int64_t>(N) * HW, kBiasTargetBlocks, kBiasMinSlicePixels,
+                      kBiasMaxSlices);
 }
 
 void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
                           cudaStream_t stream) {
-  const char* op = "bias_backward";
   if (O == 0) return;
   const int slices = bias_slices(N, O, HW);
   if (slices == 1) {
@@ -91,25 +82,13 @@ void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
                   dim3(kWideReduceBlock), stream, dy, db, N, O, HW);
     return;
   }
-  float* part = nullptr;
-  const cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&part),
-                                          static_cast<size_t>(slices) * O * sizeof(float), stream);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // thrown here, not left for the next op's launch check
-    throw_cuda_error(err, op, "cudaMallocAsync", __FILE__, __LINE__);
-  }
-  try {
-    launch_kernel("bias_backward_v3_slices", bias_backward_v3_slices,
-                  dim3(static_cast<unsigned>(O), static_cast<unsigned>(slices)), dim3(kReduceBlock),
-                  stream, dy, part, N, O, HW, slices);
-    launch_kernel("bias_backward_v3_reduce", bias_backward_v3_reduce, dim3(grid_1d(O)),
-                  dim3(kBlock1d), stream, static_cast<const float*>(part), db, O, slices);
-  } catch (...) {
-    cudaFreeAsync(part, stream);
-    cudaGetLastError();
-    throw;
-  }
-  CUDA_CHECK(cudaFreeAsync(part, stream), op);  // in stream order, after the reduction
+  // freed in stream order, after the reduction has read the slices
+  const Workspace part(static_cast<int64_t>(slices) * O, stream, "bias_backward");
+  launch_kernel("bias_backward_v3_slices", bias_backward_v3_slices,
+                dim3(static_cast<unsigned>(O), static_cast<unsigned>(slices)), dim3(kReduceBlock),
+                stream, dy, part.data(), N, O, HW, slices);
+  launch_kernel("bias_backward_v3_reduce", bias_backward_v3_reduce, dim3(grid_1d(O)),
+                dim3(kBlock1d), stream, static_cast<const float*>(part.data()), db, O, slices);
 }
 
 }  // namespace unet

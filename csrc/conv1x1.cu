@@ -27,11 +27,10 @@
 //     db. v1's O*C blocks (128 for the output layer) each kept 256 threads' loads in flight, a
 //     few GB/s per block; here (C+1) x S blocks fill the GPU. Deterministic: the slices and every
 //     order of addition depend on the shapes only.
-#include <algorithm>
-
 #include "common.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
+#include "workspace.cuh"
 
 namespace unet {
 
@@ -141,7 +140,7 @@ __global__ void conv1x1_backward_data_v2_pixel(const float* __restrict__ dy,
   }
 }
 
-// Slice s of S of the N*HW pixels (flat index n*HW + p): [total*s/S, total*(s+1)/S).
+// Slice s of S of the N*HW pixels (for_each_slice_image).
 __global__ void __launch_bounds__(kReduceBlock)
 conv1x1_backward_weight_v2_slices(const float* __restrict__ x, const float* __restrict__ dy,
                                   float* __restrict__ part, int N, int C, int64_t HW, int O,
@@ -149,24 +148,20 @@ conv1x1_backward_weight_v2_slices(const float* __restrict__ x, const float* __re
   __shared__ float scratch[kWarp];
   const int c = blockIdx.x;  // C: the bias (dy alone)
   const int s = blockIdx.y;
-  const int64_t total = static_cast<int64_t>(N) * HW;
-  const int64_t begin = total * s / slices, end = total * (s + 1) / slices;
   float acc[kConv1x1MaxOut];
 #pragma unroll
   for (int o = 0; o < kConv1x1MaxOut; ++o) acc[o] = 0.0f;
-  for (int64_t n = HW > 0 ? begin / HW : 0; n < N && n * HW < end; ++n) {
-    const int64_t p_end = std::min(end - n * HW, HW);
+  for_each_slice_image(N, HW, s, slices, [&](int64_t n, int64_t p_begin, int64_t p_end) {
     const float* xp = c < C ? x + (n * C + c) * HW : nullptr;  // x[n, c, 0]
     const float* dyp = dy + n * O * HW;                        // dy[n, 0, 0]
 #pragma unroll 4
-    for (int64_t p = std::max<int64_t>(begin - n * HW, 0) + threadIdx.x; p < p_end;
-         p += blockDim.x) {
+    for (int64_t p = p_begin + threadIdx.x; p < p_end; p += blockDim.x) {
       const float v = xp != nullptr ? xp[p] : 1.0f;
 #pragma unroll
       for (int o = 0; o < kConv1x1MaxOut; ++o)
         if (o < O) acc[o] = fmaf(dyp[o * HW + p], v, acc[o]);
     }
-  }
+  });
   for (int o = 0; o < O; ++o) {  // O <= kConv1x1MaxOut; block_sum synchronises: no early exit
     float v = 0.0f;
 #pragma unroll
@@ -193,11 +188,8 @@ __global__ void conv1x1_backward_weight_v2_reduce(const float* __restrict__ part
 
 // The slices of conv1x1_backward_weight_v2_slices, from the shapes alone.
 int conv1x1_weight_slices(int N, int C, int64_t HW) {
-  const int64_t pixels = static_cast<int64_t>(N) * HW;
-  int64_t s = ceil_div<int64_t>(kConv1x1TargetBlocks, static_cast<int64_t>(C) + 1);
-  s = std::min(s, pixels / kConv1x1MinSlicePixels);
-  s = std::min(s, kConv1x1MaxSlices);
-  return static_cast<int>(std::max<int64_t>(s, 1));
+  return pixel_slices(static_cast<int64_t>(C) + 1, static_cast<int64_t>(N) * HW, kConv1x1TargetBlocks,
+                      kConv1x1MinSlicePixels, kConv1x1MaxSlices);
 }
 
 void launch_conv1x1_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
@@ -238,27 +230,14 @@ void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, 
     const int64_t count = static_cast<int64_t>(O) * (C + 1);
     if (static_cast<int64_t>(C) + 1 > INT32_MAX)
       throw std::runtime_error(std::string(op) + ": C = " + std::to_string(C) + " exceeds the grid limit");
-    float* part = nullptr;
-    const cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&part),
-                                            static_cast<size_t>(slices * count) * sizeof(float), stream);
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // thrown here, not left for the next op's launch check
-      throw_cuda_error(err, op, "cudaMallocAsync", __FILE__, __LINE__);
-    }
-    try {
-      launch_kernel("conv1x1_backward_weight_v2_slices", conv1x1_backward_weight_v2_slices,
-                    dim3(static_cast<unsigned>(C + 1), static_cast<unsigned>(slices)),
-                    dim3(kReduceBlock), stream, x, dy, part, N, C, HW, O, slices);
-      launch_kernel("conv1x1_backward_weight_v2_reduce", conv1x1_backward_weight_v2_reduce,
-                    dim3(grid_1d(count)), dim3(kBlock1d), stream, static_cast<const float*>(part),
-                    dw, db, C, O, slices);
-    } catch (...) {
-      cudaFreeAsync(part, stream);
-      cudaGetLastError();
-      throw;
-    }
-    // Freed in stream order, after the reduction has read the slices.
-    CUDA_CHECK(cudaFreeAsync(part, stream), op);
+    // freed in stream order, after the reduction has read the slices
+    const Workspace part(slices * count, stream, op);
+    launch_kernel("conv1x1_backward_weight_v2_slices", conv1x1_backward_weight_v2_slices,
+                  dim3(static_cast<unsigned>(C + 1), static_cast<unsigned>(slices)),
+                  dim3(kReduceBlock), stream, x, dy, part.data(), N, C, HW, O, slices);
+    launch_kernel("conv1x1_backward_weight_v2_reduce", conv1x1_backward_weight_v2_reduce,
+                  dim3(grid_1d(count)), dim3(kBlock1d), stream,
+                  static_cast<const float*>(part.data()), dw, db, C, O, slices);
     return;
   }
   const int64_t blocks = static_cast<int64_t>(O) * C;

@@ -989,7 +989,7 @@ class RearrangedWeights {
   using Kernel = void (*)(const float*, float*, int, int);
   RearrangedWeights(const char* name, Kernel kernel, const float* w, int C, int O,
                     cudaStream_t stream)
-      : count_(int64_t{9} * O * C), workspace_(count_, stream) {
+      : count_(int64_t{9} * O * C), workspace_(count_, stream, name) {
     if (count_ > 0)
       launch_kernel(name, kernel, dim3(grid_1d(count_)), dim3(kBlock1d), stream, w,
                     workspace_.data(), C, O);

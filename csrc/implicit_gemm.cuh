@@ -25,6 +25,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "workspace.cuh"
 
 namespace unet {
 
@@ -1472,9 +1473,6 @@ void launch_v4(const char* name, const Gemm& g, int splits, cudaStream_t stream)
                 stream, g);
 }
 
-// Per-device state of this file (attributes, the v6 probe) covers this many devices.
-constexpr int kMaxDevices = 64;
-
 // v5 and v6 need more than the 48 KB of shared memory a kernel gets by default: raised once per
 // kernel and device (the attribute belongs to the kernel on a device, not to a launch; the first
 // launch, never a CUDA graph capture, which follows an eager step, pays for the call).
@@ -1660,60 +1658,12 @@ OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t 
   return plan;
 }
 
-// The device's default memory pool (where cudaMallocAsync takes the workspaces) gives freed memory
-// back to the system at every synchronisation unless told to keep some: the trainer synchronises
-// every step (it reads the loss), so each step would map its workspaces anew. Keep up to 1 GiB,
-// set once per device at the first workspace, an eager step (a CUDA graph is captured after one).
-constexpr uint64_t kWorkspacePoolKeepBytes = uint64_t{1} << 30;
-
-void keep_workspace_memory() {
-  static std::atomic<bool> done[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
-    cudaGetLastError();  // no device to configure: the allocation itself will report it
-    return;
-  }
-  if (done[device].load()) return;
-  cudaMemPool_t pool;
-  uint64_t keep = kWorkspacePoolKeepBytes;
-  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess ||
-      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess)
-    cudaGetLastError();  // only a speed matter: leave no error behind for the next launch check
-  done[device].store(true);
-}
-
-// Device memory for the split partials, allocated and freed in stream order.
-class Workspace {
- public:
-  Workspace(int64_t floats, cudaStream_t stream) : stream_(stream) {
-    if (floats <= 0) return;
-    keep_workspace_memory();
-    const cudaError_t err =
-        cudaMallocAsync(&ptr_, static_cast<size_t>(floats) * sizeof(float), stream);
-    if (err != cudaSuccess) {
-      ptr_ = nullptr;
-      cudaGetLastError();  // the error is thrown here, not left for the next op's launch check
-      throw_cuda_error(err, "conv3x3 split-K workspace", "cudaMallocAsync", __FILE__, __LINE__);
-    }
-  }
-  ~Workspace() {
-    if (ptr_ != nullptr && cudaFreeAsync(ptr_, stream_) != cudaSuccess) cudaGetLastError();
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  float* data() const { return static_cast<float*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 // A weight gradient summed in `splits` slices of K: launch(out) with out = dw itself for one slice,
 // else a workspace of the slices' partials [splits, count], which conv3x3_split_k_reduce then adds
 // into dw in slice order (deterministic).
 template <class Launch>
 void with_split_partials(float* dw, int64_t count, int splits, cudaStream_t stream, Launch launch) {
-  Workspace workspace(splits > 1 ? splits * count : 0, stream);
+  Workspace workspace(splits > 1 ? splits * count : 0, stream, "conv3x3 split-K workspace");
   launch(splits > 1 ? workspace.data() : dw);
   if (splits > 1)
     launch_kernel("conv3x3_split_k_reduce", conv3x3_split_k_reduce, dim3(grid_1d(count)),
@@ -1781,7 +1731,7 @@ void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version versio
     return;
   }
   const int64_t count = g.M * g.cols;
-  Workspace workspace(plan.splits * count, stream);
+  Workspace workspace(plan.splits * count, stream, "conv3x3 split-K workspace");
   const SplitPartialGemm<Gemm> partial{g, workspace.data()};
   launch_gemm(name, partial, version, plan.tile, plan.splits, false, vec_b, stream);
   const std::string epilogue = op + "_split_k_epilogue";

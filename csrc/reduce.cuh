@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace unet {
@@ -49,6 +50,29 @@ constexpr int kReduceIlp = 8;
 // Threads per block of the reductions that run one block per output channel: few blocks (64 for
 // the 64-channel layers, 2 for the output layer) must each keep many loads in flight.
 constexpr int kWideReduceBlock = 1024;
+
+// The sliced reductions (conv1x1's weight gradient, the bias gradient): blocks over slices of the
+// N*HW pixels instead of one block per output, where those would leave most SMs idle, and a second
+// kernel that adds the slices in order. The slice count, from the shapes alone so that every GPU
+// sums in the same order: about `target_blocks` blocks for `groups` outputs, each slice over at
+// least `min_pixels` pixels, at most `max_slices` slices, at least one.
+inline int pixel_slices(int64_t groups, int64_t pixels, int64_t target_blocks, int64_t min_pixels,
+                        int64_t max_slices) {
+  int64_t s = (target_blocks + groups - 1) / (groups > 0 ? groups : 1);
+  s = std::min(s, pixels / min_pixels);
+  s = std::min(s, max_slices);
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+// Slice s of `slices` over the flat pixels n*HW + p of N images, [total*s/slices,
+// total*(s+1)/slices), image by image: f(n, p_begin, p_end) for each image it touches.
+template <typename F>
+__device__ inline void for_each_slice_image(int N, int64_t HW, int s, int slices, F f) {
+  const int64_t total = static_cast<int64_t>(N) * HW;
+  const int64_t begin = total * s / slices, end = total * (s + 1) / slices;
+  for (int64_t n = HW > 0 ? begin / HW : 0; n < N && n * HW < end; ++n)
+    f(n, std::max<int64_t>(begin - n * HW, 0), std::min(end - n * HW, HW));
+}
 
 // Sum of v over the whole block; the result is valid in thread 0. Every thread of the block must
 // call it (it synchronises), blockDim.x must be a multiple of 32, and `scratch` is __shared__ space
