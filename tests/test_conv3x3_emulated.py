@@ -289,32 +289,26 @@ def test_large_tile_split_backward_weight(lib, version):
     check_backward_weight(lib, version, shape, seed=7)
 
 
-# v6's wide tile run: two row tiles (the second of 2 rows) and two K tiles of 16 pixels (the second
-# partial) over 4 x 5 pixels (16-byte copies of dy); 5 x 5 pixels (4-byte copies); K split in two
-# over 46 x 46 pixels; three images of 3 x 4 pixels, a K tile each. The concatenated input's weight
-# gradient takes it too (CONCAT_SHAPES).
-WIDE_WEIGHT_SHAPES = [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 70), (3, 256, 5, 6, 129)]
+# v6's weight-gradient tiles, each with its columns and its shapes (the one whose K splits in two
+# marked):
+# * the wide 128 x 256 tile: two row tiles (the second of 2 rows) and two K tiles of 16 pixels (the
+#   second partial) over 4 x 5 pixels (16-byte copies of dy); 5 x 5 pixels (4-byte copies); K split
+#   in two over 46 x 46 pixels; three images of 3 x 4 pixels, a K tile each;
+# * the 64 x 192 tile (O <= 64, 9C a multiple of 192), whose two warpgroups own 96 columns each:
+#   three column tiles over 9 x 8 pixels (16-byte copies of dy, three K tiles); 4-byte copies and
+#   fewer rows (O = 40) with K split in two over 45 x 46 pixels; two images of 15 pixels; 9C = 1152
+#   (six column tiles).
+# The concatenated input's weight gradient takes them too (CONCAT_SHAPES).
+WEIGHT_TILE_SHAPES = [(256, shape, shape[2] == 48) for shape in
+                      [(1, 256, 6, 7, 130), (1, 256, 7, 7, 65), (1, 256, 48, 48, 70), (3, 256, 5, 6, 129)]] + \
+                     [(192, shape, shape[2] == 47) for shape in
+                      [(1, 64, 11, 10, 64), (1, 64, 47, 48, 40), (2, 64, 5, 7, 33), (1, 128, 6, 7, 64)]]
 
 
-@pytest.mark.parametrize("shape", WIDE_WEIGHT_SHAPES, ids=str)
-def test_wide_tile_backward_weight(lib, shape):
-    assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == 256
-    if shape[2] == 48:
-        assert lib.emulated_conv3x3_backward_weight_splits(b"v6_tf32_wgmma", *shape) == 2
-    check_backward_weight(lib, "v6_tf32_wgmma", shape, seed=sum(shape))
-
-
-# v6's 64 x 192 tile (O <= 64, 9C a multiple of 192): the two warpgroups own 96 columns each. Three
-# column tiles over 9 x 8 pixels (16-byte copies of dy, three K tiles); 4-byte copies and fewer
-# rows (O = 40) with K split in two over 45 x 46 pixels; two images of 15 pixels; 9C = 1152 (six
-# column tiles).
-ROWS64_WEIGHT_SHAPES = [(1, 64, 11, 10, 64), (1, 64, 47, 48, 40), (2, 64, 5, 7, 33), (1, 128, 6, 7, 64)]
-
-
-@pytest.mark.parametrize("shape", ROWS64_WEIGHT_SHAPES, ids=str)
-def test_rows64_tile_backward_weight(lib, shape):
-    assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == 192
-    if shape[2] == 47:
+@pytest.mark.parametrize("columns,shape,split", WEIGHT_TILE_SHAPES, ids=str)
+def test_v6_weight_gradient_tiles(lib, columns, shape, split):
+    assert lib.emulated_conv3x3_backward_weight_tile_columns(b"v6_tf32_wgmma", *shape) == columns
+    if split:
         assert lib.emulated_conv3x3_backward_weight_splits(b"v6_tf32_wgmma", *shape) == 2
     check_backward_weight(lib, "v6_tf32_wgmma", shape, seed=sum(shape))
 
