@@ -863,3 +863,83 @@ def test_precision_setting_on_the_cpu():
             ops.set_precision(name, "cpu")
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, got 'fp16'"):
         ops.set_precision("fp16", "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# relu_mask: the ReLU's backward fused into the backward-data ops (and the max-pool's backward)
+# --------------------------------------------------------------------------------------------------
+
+def _relu_output(rng, shape):
+    """A ReLU's output: about half zeros, the rest positive."""
+    return np.maximum(rng.standard_normal(shape), 0.0)
+
+
+def _masked_ops(rng):
+    """(name, unmasked call, masked call, mask) for each op that takes a relu_mask."""
+    dy3, w3 = rng.standard_normal((2, 4, 5, 6)), rng.standard_normal((4, 3, 3, 3))
+    m3 = _relu_output(rng, (2, 3, 7, 8))
+    dyu, wu = rng.standard_normal((2, 4, 6, 8)), rng.standard_normal((4, 3, 2, 2))
+    mu = _relu_output(rng, (2, 3, 3, 4))
+    dy1, w1 = rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((2, 3, 1, 1))
+    m1 = _relu_output(rng, (2, 3, 5, 4))
+    return [
+        ("conv3x3_backward_data", lambda: ref.conv3x3_backward_data(dy3, w3),
+         lambda m: ref.conv3x3_backward_data(dy3, w3, relu_mask=m), m3),
+        ("upconv2x2_backward_data", lambda: ref.upconv2x2_backward_data(dyu, wu),
+         lambda m: ref.upconv2x2_backward_data(dyu, wu, relu_mask=m), mu),
+        ("conv1x1_backward_data", lambda: ref.conv1x1_backward_data(dy1, w1),
+         lambda m: ref.conv1x1_backward_data(dy1, w1, relu_mask=m), m1),
+    ]
+
+
+def test_relu_mask_is_relu_backward_of_the_unmasked_gradient():
+    rng = np.random.default_rng(40)
+    for name, plain, masked, mask in _masked_ops(rng):
+        got = masked(mask)
+        np.testing.assert_array_equal(got, ref.relu_backward(mask, plain()), err_msg=name)
+        assert (got[mask <= 0] == 0).all() and (got[mask > 0] != 0).any(), name
+
+
+def test_relu_mask_of_the_concatenated_convolution():
+    rng = np.random.default_rng(41)
+    dy, w = rng.standard_normal((1, 4, 4, 5)), rng.standard_normal((4, 5, 3, 3))
+    skip_shape = (1, 2, 10, 9)
+    up_mask, skip_mask = _relu_output(rng, (1, 3, 6, 7)), _relu_output(rng, skip_shape)
+    dup, dskip = ref.conv3x3_concat_backward_data(dy, w, skip_shape)
+    mup, mskip = ref.conv3x3_concat_backward_data(dy, w, skip_shape, up_relu_mask=up_mask,
+                                                  skip_relu_mask=skip_mask)
+    np.testing.assert_array_equal(mup, ref.relu_backward(up_mask, dup))
+    np.testing.assert_array_equal(mskip, ref.relu_backward(skip_mask, dskip))
+    only_skip = ref.conv3x3_concat_backward_data(dy, w, skip_shape, skip_relu_mask=skip_mask)
+    np.testing.assert_array_equal(only_skip[0], dup)
+    np.testing.assert_array_equal(only_skip[1], mskip)
+
+
+def test_maxpool_relu_mask_by_the_output_is_the_relu_backward_of_the_input():
+    """Masking by the pool's output y is relu_backward(x, dx) when x is a ReLU's output: x at the
+    element taken is y, and every other element of dx is 0."""
+    rng = np.random.default_rng(42)
+    x = _relu_output(rng, (2, 3, 8, 6))
+    x[0, 0, :2, :2] = 0.0  # a window of zeros: y = 0 there, its gradient stopped
+    y, argmax = ref.maxpool2x2_forward(x)
+    dy = rng.standard_normal(y.shape)
+    got = ref.maxpool2x2_backward(dy, argmax, relu_mask=y)
+    np.testing.assert_array_equal(got, ref.relu_backward(x, ref.maxpool2x2_backward(dy, argmax)))
+    assert got[0, 0, 0, 0] == 0.0 and dy[0, 0, 0, 0] != 0.0
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((2, 3, 7, 7)), r"relu_mask has shape \(2, 3, 7, 7\) but the gradient it masks has shape "
+                             r"\(2, 3, 7, 8\)"),
+    (np.zeros((2, 3, 7, 8), np.int32), r"relu_mask must have a float dtype, got int32"),
+])
+def test_relu_mask_is_checked(bad, message):
+    rng = np.random.default_rng(43)
+    dy, w = rng.standard_normal((2, 4, 5, 6)), rng.standard_normal((4, 3, 3, 3))
+    with pytest.raises(ValueError, match="conv3x3_backward_data: " + message):
+        ref.conv3x3_backward_data(dy, w, relu_mask=bad)
+    with pytest.raises(ValueError, match="conv3x3_concat_backward_data: skip_relu_mask has shape"):
+        ref.conv3x3_concat_backward_data(dy, w, (2, 1, 9, 8), skip_relu_mask=np.zeros((2, 1, 7, 8)))
+    with pytest.raises(ValueError, match="maxpool2x2_backward: relu_mask has shape"):
+        ref.maxpool2x2_backward(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.uint8),
+                                relu_mask=np.zeros((1, 1, 4, 4)))

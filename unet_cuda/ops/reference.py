@@ -112,6 +112,23 @@ def _check_bias(op: str, b: np.ndarray, w: np.ndarray) -> None:
                          f"(w shape {w.shape})")
 
 
+def _relu_masked(op: str, name: str, mask, dx: np.ndarray) -> np.ndarray:
+    """``dx``, or with ``mask`` (not None): ``relu_backward(mask, dx)``, zero where ``mask <= 0``.
+
+    The backward-data ops take such a mask where their input ``x`` is a ReLU's output (``x``
+    itself): the ReLU's backward is then fused into them and needs no pass of its own. The mask must
+    have ``dx``'s shape and a float dtype."""
+    if mask is None:
+        return dx
+    mask = np.asarray(mask)
+    if not np.issubdtype(mask.dtype, np.floating):
+        raise ValueError(f"{op}: {name} must have a float dtype, got {mask.dtype} (shape {mask.shape})")
+    if mask.shape != dx.shape:
+        raise ValueError(f"{op}: {name} has shape {mask.shape} but the gradient it masks has "
+                         f"shape {dx.shape}")
+    return np.where(mask > 0, dx, np.zeros((), dtype=dx.dtype))
+
+
 def _check_same_batch(op: str, name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"{op}: {name_a} has batch size {a.shape[0]} (shape {a.shape}) but "
@@ -170,12 +187,14 @@ def conv3x3_forward(x, w, b, relu=False):
     return y
 
 
-def conv3x3_backward_data(dy, w):
+def conv3x3_backward_data(dy, w, relu_mask=None):
     """Gradient of a valid 3x3 convolution with respect to its input.
 
     ``dx[n,c,i+ky,j+kx] += dy[n,o,i,j] w[o,c,ky,kx]``, i.e. the full correlation of ``dy`` (zero-padded
     by 2 on each side) with the kernel flipped in space and transposed in channels:
     ``dx[n,c,a,b] = sum_{o,ky,kx} dy_pad[n,o,a+ky,b+kx] w[o,c,2-ky,2-kx]``.
+    With ``relu_mask`` (``dx``'s shape; the input ``x`` where it is a ReLU's output), ``dx`` is 0
+    where ``relu_mask <= 0``: ``relu_backward(relu_mask, dx)`` in the same op.
     Shapes: ``dy[N,O,P,Q], w[O,C,3,3] -> dx[N,C,P+2,Q+2]``.
     """
     op = "conv3x3_backward_data"
@@ -184,7 +203,7 @@ def conv3x3_backward_data(dy, w):
     _check_weight(op, w, "dy", dy, 0, 3)
     dy_padded = np.pad(dy, ((0, 0), (0, 0), (2, 2), (2, 2)))
     w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)           # [C, O, 3, 3]
-    return _correlate3x3(dy_padded, w_flipped)
+    return _relu_masked(op, "relu_mask", relu_mask, _correlate3x3(dy_padded, w_flipped))
 
 
 def conv3x3_backward_weight(x, dy):
@@ -254,16 +273,20 @@ def maxpool2x2_forward(x):
     return best, argmax
 
 
-def maxpool2x2_backward(dy, argmax):
+def maxpool2x2_backward(dy, argmax, relu_mask=None):
     """Gradient of the 2x2 max-pool: ``dy`` goes to the window element named by ``argmax``.
 
     ``dx[n,c,2i+a,2j+b] = dy[n,c,i,j]`` if ``argmax[n,c,i,j] == 2a+b``, else 0.
+    With ``relu_mask`` (``dy``'s shape: the pool's output ``y``, where its input ``x`` is a ReLU's
+    output), ``dx`` is also 0 where ``relu_mask <= 0``. Since ``x`` at the element taken is ``y``,
+    that is ``relu_backward(x, dx)`` in the same op.
     Shapes: ``dy[N,C,h,w], argmax[N,C,h,w] -> dx[N,C,2h,2w]``.
     """
     op = "maxpool2x2_backward"
     dy = _float_array(op, "dy", dy, "[N,C,h,w]")
     argmax = _integer_array(op, "argmax", argmax, "[N,C,h,w]")
     _same_shape(op, "dy", dy, "argmax", argmax)
+    dy = _relu_masked(op, "relu_mask", relu_mask, dy)
     if argmax.size and (argmax.min() < 0 or argmax.max() > 3):
         raise ValueError(f"{op}: argmax values must be in [0, 3], got range "
                          f"[{argmax.min()}, {argmax.max()}]")
@@ -320,10 +343,11 @@ def upconv2x2_forward(x, w, b):
     return y
 
 
-def upconv2x2_backward_data(dy, w):
+def upconv2x2_backward_data(dy, w, relu_mask=None):
     """Gradient of the up-convolution with respect to its input.
 
-    ``dx[n,c,i,j] = sum_{o,ky,kx} dy[n,o,2i+ky,2j+kx] w[o,c,ky,kx]``.
+    ``dx[n,c,i,j] = sum_{o,ky,kx} dy[n,o,2i+ky,2j+kx] w[o,c,ky,kx]``; with ``relu_mask``, 0 where
+    ``relu_mask <= 0`` (as in ``conv3x3_backward_data``).
     Shapes: ``dy[N,O,2H,2W], w[O,C,2,2] -> dx[N,C,H,W]``.
     """
     op = "upconv2x2_backward_data"
@@ -334,7 +358,7 @@ def upconv2x2_backward_data(dy, w):
     if h2 % 2 or w2 % 2:
         raise ValueError(f"{op}: dy must have even H and W ([N,O,2H,2W]), got shape {dy.shape}")
     dx = _upconv_weight_matrix(w).T @ _upconv_taps(dy)              # [N, C, H*W]
-    return dx.reshape(n, w.shape[1], h2 // 2, w2 // 2)
+    return _relu_masked(op, "relu_mask", relu_mask, dx.reshape(n, w.shape[1], h2 // 2, w2 // 2))
 
 
 def upconv2x2_backward_weight(x, dy):
@@ -457,14 +481,19 @@ def conv3x3_concat_forward(up, skip, w, b, relu=False):
                          lambda: conv3x3_forward(crop_concat_forward(up, skip), w, b, relu))
 
 
-def conv3x3_concat_backward_data(dy, w, skip_shape):
+def conv3x3_concat_backward_data(dy, w, skip_shape, up_relu_mask=None, skip_relu_mask=None):
     """Gradient of ``conv3x3_concat_forward`` with respect to ``up`` and ``skip``:
     ``crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)``; ``dskip`` is 0 outside the
-    crop window. Shapes: ``dy[N,O,P,Q], w[O,Cu+Cs,3,3], skip_shape (N,Cs,Hs,Ws) ->
+    crop window. With ``up_relu_mask`` (``skip_relu_mask``), of ``dup``'s (``dskip``'s) shape,
+    ``dup`` (``dskip``) is 0 where the mask is ``<= 0`` (as in ``conv3x3_backward_data``).
+    Shapes: ``dy[N,O,P,Q], w[O,Cu+Cs,3,3], skip_shape (N,Cs,Hs,Ws) ->
     (dup[N,Cu,P+2,Q+2], dskip[N,Cs,Hs,Ws])``.
     """
-    return _as_concat_op("conv3x3_concat_backward_data",
-                         lambda: crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape))
+    op = "conv3x3_concat_backward_data"
+    dup, dskip = _as_concat_op(op, lambda: crop_concat_backward(conv3x3_backward_data(dy, w),
+                                                                skip_shape))
+    return (_relu_masked(op, "up_relu_mask", up_relu_mask, dup),
+            _relu_masked(op, "skip_relu_mask", skip_relu_mask, dskip))
 
 
 def conv3x3_concat_backward_weight(up, skip, dy):
@@ -476,10 +505,11 @@ def conv3x3_concat_backward_weight(up, skip, dy):
                          lambda: conv3x3_backward_weight(crop_concat_forward(up, skip), dy))
 
 
-def conv1x1_backward_data(dy, w):
+def conv1x1_backward_data(dy, w, relu_mask=None):
     """Gradient of the 1x1 convolution with respect to its input.
 
-    ``dx[n,c,i,j] = sum_o dy[n,o,i,j] w[o,c,0,0]``.
+    ``dx[n,c,i,j] = sum_o dy[n,o,i,j] w[o,c,0,0]``; with ``relu_mask``, 0 where
+    ``relu_mask <= 0`` (as in ``conv3x3_backward_data``).
 
     Shapes: ``dy[N,O,H,W], w[O,C,1,1] -> dx[N,C,H,W]``.
     """
@@ -489,7 +519,8 @@ def conv1x1_backward_data(dy, w):
     _check_weight(op, w, "dy", dy, 0, 1)
     n, o, h, width = dy.shape
     c = w.shape[1]
-    return (w.reshape(o, c).T @ dy.reshape(n, o, h * width)).reshape(n, c, h, width)
+    dx = (w.reshape(o, c).T @ dy.reshape(n, o, h * width)).reshape(n, c, h, width)
+    return _relu_masked(op, "relu_mask", relu_mask, dx)
 
 
 def conv1x1_backward_weight(x, dy):
