@@ -122,6 +122,8 @@ class Driver:
                     self.call(f"conv3x3_forward {tag}", lambda: ops.conv3x3_forward(x, wt, b, False))
                     y = self.call(f"conv3x3_forward relu {tag}", lambda: ops.conv3x3_forward(x, wt, b, True))
                     self.call(f"conv3x3_backward_data {tag}", lambda: ops.conv3x3_backward_data(dy, wt))
+                    self.call(f"conv3x3_backward_data relu_mask {tag}",
+                              lambda: ops.conv3x3_backward_data(dy, wt, relu_mask=x))
                     self.call(f"conv3x3_backward_weight {tag}", lambda: ops.conv3x3_backward_weight(x, dy))
             if y is not None:
                 tag = f"{n}x{c}x{h}x{w}->{o}"
@@ -142,6 +144,9 @@ class Driver:
                               lambda: ops.conv3x3_concat_forward(up, skip, wt, b, True))
                     self.call(f"conv3x3_concat_backward_data {tag}",
                               lambda: ops.conv3x3_concat_backward_data(dy, wt, skip_shape))
+                    self.call(f"conv3x3_concat_backward_data relu masks {tag}",
+                              lambda: ops.conv3x3_concat_backward_data(dy, wt, skip_shape, up_relu_mask=up,
+                                                                       skip_relu_mask=skip))
                     self.call(f"conv3x3_concat_backward_weight {tag}",
                               lambda: ops.conv3x3_concat_backward_weight(up, skip, dy))
         # O = 9: v1; (3, 3, 2, 60, 61): the weight gradient in two slices, one ending inside an image
@@ -153,6 +158,8 @@ class Driver:
             tag = f"{n}x{c}x{h}x{w}->{o}"
             self.call(f"conv1x1_forward {tag}", lambda: ops.conv1x1_forward(x, wt, b))
             self.call(f"conv1x1_backward_data {tag}", lambda: ops.conv1x1_backward_data(dy, wt))
+            self.call(f"conv1x1_backward_data relu_mask {tag}",
+                      lambda: ops.conv1x1_backward_data(dy, wt, relu_mask=x))
             self.call(f"conv1x1_backward_weight {tag}", lambda: ops.conv1x1_backward_weight(x, dy))
         for n, c, o, h, w in ((2, 6, 3, 5, 7), (1, 64, 33, 9, 9), (1, 8, 64, 6, 6)):  # 4O = 256: wide
             x = self.normal(n, c, h, w)
@@ -165,6 +172,8 @@ class Driver:
                 with using():
                     self.call(f"upconv2x2_forward {tag}", lambda: ops.upconv2x2_forward(x, wt, b))
                     self.call(f"upconv2x2_backward_data {tag}", lambda: ops.upconv2x2_backward_data(dy, wt))
+                    self.call(f"upconv2x2_backward_data relu_mask {tag}",
+                              lambda: ops.upconv2x2_backward_data(dy, wt, relu_mask=x))
                     self.call(f"upconv2x2_backward_weight {tag}",
                               lambda: ops.upconv2x2_backward_weight(x, dy))
 
@@ -177,6 +186,8 @@ class Driver:
                 y, argmax = result
                 dy = self.normal(*y.shape)
                 self.call(f"maxpool2x2_backward {tag}", lambda: ops.maxpool2x2_backward(dy, argmax))
+                self.call(f"maxpool2x2_backward relu_mask {tag}",
+                          lambda: ops.maxpool2x2_backward(dy, argmax, relu_mask=y))
         for up_shape, skip_shape in (((2, 3, 6, 8), (2, 4, 10, 12)), ((1, 5, 7, 7), (1, 2, 7, 7))):
             up, skip = self.normal(*up_shape), self.normal(*skip_shape)
             n, cu, h, w = up_shape

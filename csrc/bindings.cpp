@@ -105,6 +105,7 @@ struct DeviceArray {
   int64_t size = 1;  // number of elements
   int64_t itemsize = 0;
   bool output = false;
+  bool given = true;  // false: an optional argument passed as None (no data)
 
   int dim(size_t i) const { return static_cast<int>(shape[i]); }
   int64_t bytes() const { return size * itemsize; }
@@ -124,6 +125,23 @@ class OpArgs {
   }
   DeviceArray output(py::handle obj, const char* name, DType dtype, int ndim) {
     return add(obj, name, dtype, ndim, /*output=*/true);
+  }
+  // An input that may be None: then an array that is not `given`, of no elements.
+  DeviceArray optional_input(py::handle obj, const char* name, DType dtype, int ndim) {
+    if (!obj.is_none()) return input(obj, name, dtype, ndim);
+    DeviceArray a;
+    a.name = name;
+    a.size = 0;
+    a.given = false;
+    return a;
+  }
+  // An optional relu_mask: None, or a float32 array of `like`'s shape. Its pointer, or null.
+  const float* relu_mask(py::handle obj, const char* name, const DeviceArray& like) {
+    const DeviceArray mask =
+        optional_input(obj, name, DType::kFloat32, static_cast<int>(like.shape.size()));
+    if (!mask.given) return nullptr;
+    require_shape(mask, like.shape, "the shape of " + like.name);
+    return mask.data<const float>();
   }
 
   // ValueError "<op>: argument <arg> <what> [shapes of the arguments read so far]".
@@ -377,18 +395,21 @@ void conv1x1_forward_launch(const float* x, const float* w, const float* b, floa
   launch_conv1x1_forward(x, w, b, y, N, C, H, W, O, stream);
 }
 
+// relu_mask: None, or an array of dx's shape (launchers.h).
 template <typename Launch>
 void conv_backward_data(const ConvFamily& f, Launch launch, py::handle dy_obj,
-                        py::handle w_obj, py::handle dx_obj, std::uintptr_t stream) {
+                        py::handle w_obj, py::handle dx_obj, py::handle mask_obj,
+                        std::uintptr_t stream) {
   OpArgs args(std::string(f.name) + "_backward_data");
   const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
   const DeviceArray w = args.input(w_obj, "w", DType::kFloat32, 4);
   const DeviceArray dx = args.output(dx_obj, "dx", DType::kFloat32, 4);
   const ConvDims d = check_conv(args, f, dx, w, dy);
+  const float* relu_mask = args.relu_mask(mask_obj, "relu_mask", dx);
   args.check_memory();
   py::gil_scoped_release no_gil;
-  launch(dy.data<const float>(), w.data<const float>(), dx.data<float>(), d.N, d.C, d.H, d.W, d.O,
-         as_stream(stream));
+  launch(dy.data<const float>(), w.data<const float>(), relu_mask, dx.data<float>(), d.N, d.C,
+         d.H, d.W, d.O, as_stream(stream));
 }
 
 template <typename Launch>
@@ -429,8 +450,9 @@ void maxpool2x2_forward(py::handle x_obj, py::handle y_obj, py::handle argmax_ob
                             H, W, as_stream(stream));
 }
 
+// relu_mask: None, or the pool's output y (dy's shape), launchers.h.
 void maxpool2x2_backward(py::handle dy_obj, py::handle argmax_obj, py::handle dx_obj,
-                         std::uintptr_t stream) {
+                         std::uintptr_t stream, py::handle mask_obj) {
   OpArgs args("maxpool2x2_backward");
   const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
   const DeviceArray argmax = args.input(argmax_obj, "argmax", DType::kUInt8, 4);
@@ -438,10 +460,11 @@ void maxpool2x2_backward(py::handle dy_obj, py::handle argmax_obj, py::handle dx
   args.require_same_shape(argmax, dy);
   const int N = dy.dim(0), C = dy.dim(1), H = 2 * dy.dim(2), W = 2 * dy.dim(3);
   args.require_shape(dx, {N, C, H, W}, "(N, C, 2h, 2w) from dy");
+  const float* relu_mask = args.relu_mask(mask_obj, "relu_mask", dy);
   args.check_memory();
   py::gil_scoped_release no_gil;
-  launch_maxpool2x2_backward(dy.data<const float>(), argmax.data<const uint8_t>(), dx.data<float>(),
-                             N, C, H, W, as_stream(stream));
+  launch_maxpool2x2_backward(dy.data<const float>(), argmax.data<const uint8_t>(), relu_mask,
+                             dx.data<float>(), N, C, H, W, as_stream(stream));
 }
 
 // The crop of skip [N, Cs, Hs, Ws] to H x W: both differences even and >= 0.
@@ -546,9 +569,11 @@ void conv3x3_concat_forward(py::handle up_obj, py::handle skip_obj, py::handle w
                                 d.Cu, d.Cs, d.H, d.W, d.Hs, d.Ws, d.O, relu, v, as_stream(stream));
 }
 
+// up_mask / skip_mask: None, or arrays of dup's / dskip's shape (launchers.h).
 void conv3x3_concat_backward_data(py::handle dy_obj, py::handle w_obj, py::handle dup_obj,
                                   py::handle dskip_obj, std::uintptr_t stream,
-                                  const std::string& version) {
+                                  const std::string& version, py::handle up_mask_obj,
+                                  py::handle skip_mask_obj) {
   const Conv3x3Version v = conv3x3_concat_version_arg("conv3x3_concat_backward_data", version);
   OpArgs args("conv3x3_concat_backward_data");
   const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
@@ -556,11 +581,13 @@ void conv3x3_concat_backward_data(py::handle dy_obj, py::handle w_obj, py::handl
   const DeviceArray dup = args.output(dup_obj, "dup", DType::kFloat32, 4);
   const DeviceArray dskip = args.output(dskip_obj, "dskip", DType::kFloat32, 4);
   const ConcatDims d = check_concat_conv(args, dup, dskip, w, dy);
+  const float* up_mask = args.relu_mask(up_mask_obj, "up_relu_mask", dup);
+  const float* skip_mask = args.relu_mask(skip_mask_obj, "skip_relu_mask", dskip);
   args.check_memory();
   py::gil_scoped_release no_gil;
-  launch_conv3x3_concat_backward_data(dy.data<const float>(), w.data<const float>(),
-                                      dup.data<float>(), dskip.data<float>(), d.N, d.Cu, d.Cs, d.H,
-                                      d.W, d.Hs, d.Ws, d.O, v, as_stream(stream));
+  launch_conv3x3_concat_backward_data(dy.data<const float>(), w.data<const float>(), up_mask,
+                                      skip_mask, dup.data<float>(), dskip.data<float>(), d.N, d.Cu,
+                                      d.Cs, d.H, d.W, d.Hs, d.Ws, d.O, v, as_stream(stream));
 }
 
 void conv3x3_concat_backward_weight(py::handle up_obj, py::handle skip_obj, py::handle dy_obj,
@@ -968,17 +995,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv3x3_backward_data",
       [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream,
-         const std::string& version) {
+         const std::string& version, py::handle relu_mask) {
         const Conv3x3Version v = conv3x3_version_arg("conv3x3_backward_data", version);
         conv_backward_data(
             kConv3x3,
-            [v](const float* dy, const float* w, float* dx, int N, int C, int H, int W, int O,
-                cudaStream_t s) { launch_conv3x3_backward_data(dy, w, dx, N, C, H, W, O, v, s); },
-            dy, w, dx, stream);
+            [v](const float* dy, const float* w, const float* mask, float* dx, int N, int C, int H,
+                int W, int O, cudaStream_t s) {
+              launch_conv3x3_backward_data(dy, w, mask, dx, N, C, H, W, O, v, s);
+            },
+            dy, w, dx, relu_mask, stream);
       },
       arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"),
-      arg("version") = kConv3x3DefaultVersion,
-      "dx[N,C,P+2,Q+2] from dy[N,O,P,Q] and w[O,C,3,3]; `version` names the kernel.");
+      arg("version") = kConv3x3DefaultVersion, arg("relu_mask") = py::none(),
+      "dx[N,C,P+2,Q+2] from dy[N,O,P,Q] and w[O,C,3,3]; `version` names the kernel; with "
+      "relu_mask (dx's shape), dx is 0 where relu_mask <= 0 (a ReLU's backward, fused).");
   m.def(
       "conv3x3_backward_weight",
       [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream,
@@ -1050,8 +1080,10 @@ PYBIND11_MODULE(_C, m) {
         "w[O,Cu+Cs,3,3] plus b[O], ReLU if relu; `version`: a GEMM version (v3-v5).");
   m.def("conv3x3_concat_backward_data", &conv3x3_concat_backward_data, arg("dy"), arg("w"),
         arg("dup"), arg("dskip"), py::kw_only(), arg("stream"), arg("version"),
+        arg("up_relu_mask") = py::none(), arg("skip_relu_mask") = py::none(),
         "dup[N,Cu,H,W] and dskip[N,Cs,Hs,Ws] (0 outside the crop window) from dy[N,O,H-2,W-2] "
-        "and w[O,Cu+Cs,3,3].");
+        "and w[O,Cu+Cs,3,3]; with up_relu_mask (skip_relu_mask), of dup's (dskip's) shape, dup "
+        "(dskip) is 0 where the mask is <= 0.");
   m.def("conv3x3_concat_backward_weight", &conv3x3_concat_backward_weight, arg("up"),
         arg("skip"), arg("dy"), arg("dw"), arg("db"), py::kw_only(), arg("stream"),
         arg("version"),
@@ -1065,11 +1097,12 @@ PYBIND11_MODULE(_C, m) {
       "y[N,O,H,W] = 1x1 conv of x[N,C,H,W] with w[O,C,1,1] plus b[O].");
   m.def(
       "conv1x1_backward_data",
-      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream) {
-        conv_backward_data(kConv1x1, &launch_conv1x1_backward_data, dy, w, dx, stream);
+      [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream, py::handle relu_mask) {
+        conv_backward_data(kConv1x1, &launch_conv1x1_backward_data, dy, w, dx, relu_mask, stream);
       },
-      arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"),
-      "dx[N,C,H,W] from dy[N,O,H,W] and w[O,C,1,1].");
+      arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"), arg("relu_mask") = py::none(),
+      "dx[N,C,H,W] from dy[N,O,H,W] and w[O,C,1,1]; with relu_mask (dx's shape), dx is 0 where "
+      "relu_mask <= 0.");
   m.def(
       "conv1x1_backward_weight",
       [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream) {
@@ -1099,17 +1132,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "upconv2x2_backward_data",
       [](py::handle dy, py::handle w, py::handle dx, std::uintptr_t stream,
-         const std::string& version) {
+         const std::string& version, py::handle relu_mask) {
         const Conv3x3Version v = conv3x3_version_arg("upconv2x2_backward_data", version);
         conv_backward_data(
             kUpconv2x2,
-            [v](const float* dy, const float* w, float* dx, int N, int C, int H, int W, int O,
-                cudaStream_t s) { launch_upconv2x2_backward_data(dy, w, dx, N, C, H, W, O, v, s); },
-            dy, w, dx, stream);
+            [v](const float* dy, const float* w, const float* mask, float* dx, int N, int C, int H,
+                int W, int O, cudaStream_t s) {
+              launch_upconv2x2_backward_data(dy, w, mask, dx, N, C, H, W, O, v, s);
+            },
+            dy, w, dx, relu_mask, stream);
       },
       arg("dy"), arg("w"), arg("dx"), py::kw_only(), arg("stream"),
-      arg("version") = kConv3x3DefaultVersion,
-      "dx[N,C,H,W] from dy[N,O,2H,2W] and w[O,C,2,2]; `version` as for upconv2x2_forward.");
+      arg("version") = kConv3x3DefaultVersion, arg("relu_mask") = py::none(),
+      "dx[N,C,H,W] from dy[N,O,2H,2W] and w[O,C,2,2]; `version` as for upconv2x2_forward; with "
+      "relu_mask (dx's shape), dx is 0 where relu_mask <= 0.");
   m.def(
       "upconv2x2_backward_weight",
       [](py::handle x, py::handle dy, py::handle dw, py::handle db, std::uintptr_t stream,
@@ -1133,7 +1169,9 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), arg("stream"),
         "y and uint8 argmax [N,C,H/2,W/2] from x[N,C,H,W] (H, W even; first maximum wins).");
   m.def("maxpool2x2_backward", &maxpool2x2_backward, arg("dy"), arg("argmax"), arg("dx"),
-        py::kw_only(), arg("stream"), "dx[N,C,2h,2w] from dy and argmax [N,C,h,w].");
+        py::kw_only(), arg("stream"), arg("relu_mask") = py::none(),
+        "dx[N,C,2h,2w] from dy and argmax [N,C,h,w]; with relu_mask (dy's shape: the pool's "
+        "output y, where x is a ReLU's output), dx is also 0 where it is <= 0.");
   m.def("crop_concat_forward", &crop_concat_forward, arg("up"), arg("skip"), arg("y"),
         py::kw_only(), arg("stream"),
         "y[N,Cu+Cs,H,W] = [up, centre crop of skip[N,Cs,Hs,Ws]].");

@@ -53,6 +53,13 @@ inline unsigned int grid_1d(int64_t n, int block = kBlock1d) {
   return static_cast<unsigned int>(blocks < kMaxGrid1d ? blocks : kMaxGrid1d);
 }
 
+// A gradient with a ReLU's backward fused in: v where relu_mask[i] > 0, else 0 (the bits of
+// relu_backward(relu_mask, v)); v itself where relu_mask is null. The backward-data ops take the
+// mask where their input x is a ReLU's output (x itself), so that no separate ReLU pass is needed.
+__host__ __device__ inline float relu_masked(float v, const float* relu_mask, int64_t i) {
+  return relu_mask == nullptr || relu_mask[i] > 0.0f ? v : 0.0f;
+}
+
 // Whether p is 16-byte aligned (a float4 load, a 16-byte cp.async).
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 

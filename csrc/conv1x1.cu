@@ -61,6 +61,7 @@ __global__ void conv1x1_forward_v1_direct(const float* __restrict__ x, const flo
 
 __global__ void conv1x1_backward_data_v1_direct(const float* __restrict__ dy,
                                                 const float* __restrict__ w,
+                                                const float* __restrict__ relu_mask,
                                                 float* __restrict__ dx, int N, int C, int64_t HW,
                                                 int O) {
   const int64_t total = static_cast<int64_t>(N) * C * HW;
@@ -71,7 +72,7 @@ __global__ void conv1x1_backward_data_v1_direct(const float* __restrict__ dy,
     const float* dyp = dy + n * O * HW + p;  // dy[n, 0, p]
     float acc = 0.0f;
     for (int o = 0; o < O; ++o) acc += dyp[o * HW] * w[static_cast<int64_t>(o) * C + c];
-    dx[e] = acc;
+    dx[e] = relu_masked(acc, relu_mask, e);
   }
 }
 
@@ -119,6 +120,7 @@ __global__ void conv1x1_forward_v2_pixel(const float* __restrict__ x, const floa
 
 __global__ void conv1x1_backward_data_v2_pixel(const float* __restrict__ dy,
                                                const float* __restrict__ w,
+                                               const float* __restrict__ relu_mask,
                                                float* __restrict__ dx, int N, int C, int64_t HW,
                                                int O) {
   const int64_t pixels = static_cast<int64_t>(N) * HW;
@@ -129,13 +131,14 @@ __global__ void conv1x1_backward_data_v2_pixel(const float* __restrict__ dy,
 #pragma unroll
     for (int o = 0; o < kConv1x1MaxOut; ++o) g[o] = o < O ? dyp[o * HW] : 0.0f;
     float* dxp = dx + n * C * HW + p;  // dx[n, 0, p]
+    const float* mp = relu_mask ? relu_mask + n * C * HW + p : nullptr;
 #pragma unroll 4
     for (int c = 0; c < C; ++c) {
       float acc = 0.0f;
 #pragma unroll
       for (int o = 0; o < kConv1x1MaxOut; ++o)
         if (o < O) acc = fmaf(g[o], w[static_cast<int64_t>(o) * C + c], acc);
-      dxp[c * HW] = acc;
+      dxp[c * HW] = relu_masked(acc, mp, c * HW);
     }
   }
 }
@@ -206,18 +209,21 @@ void launch_conv1x1_forward(const float* x, const float* w, const float* b, floa
                 dim3(kBlock1d), stream, x, w, b, y, N, C, HW, O);
 }
 
-void launch_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, cudaStream_t stream) {
+void launch_conv1x1_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                  float* dx, int N, int C, int H, int W, int O,
+                                  cudaStream_t stream) {
   const int64_t HW = static_cast<int64_t>(H) * W;
   const int64_t pixels = static_cast<int64_t>(N) * HW;
   if (pixels == 0 || C == 0) return;
   if (O <= kConv1x1MaxOut) {
     launch_kernel("conv1x1_backward_data_v2_pixel", conv1x1_backward_data_v2_pixel,
-                  dim3(grid_1d(pixels)), dim3(kBlock1d), stream, dy, w, dx, N, C, HW, O);
+                  dim3(grid_1d(pixels)), dim3(kBlock1d), stream, dy, w, relu_mask, dx, N, C, HW,
+                  O);
     return;
   }
   launch_kernel("conv1x1_backward_data_v1_direct", conv1x1_backward_data_v1_direct,
-                dim3(grid_1d(pixels * C)), dim3(kBlock1d), stream, dy, w, dx, N, C, HW, O);
+                dim3(grid_1d(pixels * C)), dim3(kBlock1d), stream, dy, w, relu_mask, dx, N, C, HW,
+                O);
 }
 
 void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,

@@ -143,6 +143,7 @@ __global__ void conv3x3_forward_v1_direct(const float* __restrict__ x, const flo
 
 __global__ void conv3x3_backward_data_v1_direct(const float* __restrict__ dy,
                                                 const float* __restrict__ w,
+                                                const float* __restrict__ relu_mask,
                                                 float* __restrict__ dx, int N, int C, int H, int W,
                                                 int O) {
   const int P = H - 2, Q = W - 2;
@@ -167,7 +168,7 @@ __global__ void conv3x3_backward_data_v1_direct(const float* __restrict__ dy,
         }
       }
     }
-    dx[e] = acc;
+    dx[e] = relu_masked(acc, relu_mask, e);
   }
 }
 
@@ -292,7 +293,8 @@ __global__ void __launch_bounds__(kV2Threads, 1)
 // read flipped.
 __global__ void __launch_bounds__(kV2Threads, 1)
     conv3x3_backward_data_v2_smem(const float* __restrict__ dy, const float* __restrict__ w,
-                                  float* __restrict__ dx, int N, int C, int H, int W, int O) {
+                                  const float* __restrict__ relu_mask, float* __restrict__ dx,
+                                  int N, int C, int H, int W, int O) {
   __shared__ float s_dy[kV2Slice][kV2Halo][kV2Halo];  // dy[n, o0+oo, y0-2+r, x0-2+q]
   __shared__ float s_w[kV2Group][kV2Slice][9];         // w[o0+oo, c0+cc, :, :] as [cc][oo]
   const int P = H - 2, Q = W - 2;
@@ -338,7 +340,8 @@ __global__ void __launch_bounds__(kV2Threads, 1)
   for (int cc = 0; cc < kV2Group; ++cc) {
     const int c = c0 + cc;
     if (c >= C) break;
-    dx[((t.n * C + c) * H + yy) * W + xx] = acc[cc];
+    const int64_t e = ((t.n * C + c) * H + yy) * W + xx;
+    dx[e] = relu_masked(acc[cc], relu_mask, e);
   }
 }
 
@@ -604,6 +607,7 @@ struct Conv3x3BackwardDataGemm {
   int64_t M;  // N*H*W
   int cols;   // C
   int K;      // 9O
+  const float* relu_mask = nullptr;  // [N, C, H, W] or null: dx is zero where relu_mask <= 0
 
   struct KPos {
     int k, o, ry, rx;  // k = 9o + 3ry + rx reads dy[o, yy-2+ry, xx-2+rx] and wf[c, k]
@@ -619,7 +623,8 @@ struct Conv3x3BackwardDataGemm {
     bool valid;
   };
   struct CRow {
-    float* p;  // &dx[n, 0, yy, xx]
+    float* p;           // &dx[n, 0, yy, xx]
+    const float* mask;  // &relu_mask[n, 0, yy, xx], or null
   };
 
   __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
@@ -648,10 +653,12 @@ struct Conv3x3BackwardDataGemm {
   }
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    return {dx + p.n * C * H * W + p.pix};
+    const int64_t e = p.n * C * H * W + p.pix;
+    return {dx + e, relu_mask ? relu_mask + e : nullptr};
   }
   __device__ void store(const CRow& r, int c, float v) const {
-    r.p[static_cast<int64_t>(c) * H * W] = v;
+    const int64_t e = static_cast<int64_t>(c) * H * W;
+    r.p[e] = relu_masked(v, r.mask, e);
   }
 };
 
@@ -776,23 +783,35 @@ struct Conv3x3ConcatForwardGemm : Conv3x3ForwardGemm {
 
 // dx splits into dup [N, Cu, H, W] (the base view's dx) and the crop window of dskip; the rest of
 // dskip is zeroed by conv3x3_concat_zero_skip_border.
+// The base view's relu_mask is up's ([N, Cu, H, W]); skip_mask is skip's ([N, Cs, Hs, Ws]).
 struct Conv3x3ConcatBackwardDataGemm : Conv3x3BackwardDataGemm {
   float* dskip;
   int Cu, Hs, Ws, oy, ox;
+  const float* skip_mask = nullptr;
 
   struct CRow {
-    float* up_p;    // &dup[n, 0, yy, xx]
-    float* skip_p;  // &dskip[n, 0, yy + oy, xx + ox]
+    float* up_p;             // &dup[n, 0, yy, xx]
+    float* skip_p;           // &dskip[n, 0, yy + oy, xx + ox]
+    const float* up_mask;    // the same elements of the masks, or null
+    const float* skip_mask;
   };
 
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    return {dx + p.n * Cu * H * W + p.pix,
-            dskip + p.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox)};
+    const int64_t up_e = p.n * Cu * H * W + p.pix;
+    const int64_t skip_e =
+        p.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox);
+    return {dx + up_e, dskip + skip_e, relu_mask ? relu_mask + up_e : nullptr,
+            skip_mask ? skip_mask + skip_e : nullptr};
   }
   __device__ void store(const CRow& r, int c, float v) const {
-    if (c < Cu) r.up_p[static_cast<int64_t>(c) * H * W] = v;
-    else r.skip_p[static_cast<int64_t>(c - Cu) * Hs * Ws] = v;
+    if (c < Cu) {
+      const int64_t e = static_cast<int64_t>(c) * H * W;
+      r.up_p[e] = relu_masked(v, r.up_mask, e);
+    } else {
+      const int64_t e = static_cast<int64_t>(c - Cu) * Hs * Ws;
+      r.skip_p[e] = relu_masked(v, r.skip_mask, e);
+    }
   }
 };
 
@@ -975,9 +994,11 @@ Conv3x3ForwardGemm forward_gemm(const float* x, const float* w, const float* b, 
   return {x, w, b, y, C, H, W, O, P, Q, relu, static_cast<int64_t>(N) * P * Q, O, 9 * C};
 }
 
-Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* wf, float* dx, int N,
-                                           int C, int H, int W, int O) {
-  return {dy, wf, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O};
+Conv3x3BackwardDataGemm backward_data_gemm(const float* dy, const float* wf, float* dx,
+                                           const float* relu_mask, int N, int C, int H, int W,
+                                           int O) {
+  return {dy, wf, dx, C, H, W, O, H - 2, W - 2, static_cast<int64_t>(N) * H * W, C, 9 * O,
+          relu_mask};
 }
 
 // The weights rearranged into a workspace by one of conv3x3_flip_weights (the backward data's B,
@@ -1207,34 +1228,37 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
   }
 }
 
-void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, Conv3x3Version version, cudaStream_t stream) {
+void launch_conv3x3_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                  float* dx, int N, int C, int H, int W, int O,
+                                  Conv3x3Version version, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(N) * C * H * W;
   if (total == 0) return;
   switch (version) {
     case Conv3x3Version::kV1Direct:
       launch_kernel("conv3x3_backward_data_v1_direct", conv3x3_backward_data_v1_direct,
-                    dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, dx, N, C, H, W, O);
+                    dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, relu_mask, dx, N, C, H,
+                    W, O);
       return;
     case Conv3x3Version::kV2Smem: {
       const int64_t tiles = int64_t{N} * ceil_div(H, kV2Tile) * ceil_div(W, kV2Tile);
       const char* name = "conv3x3_backward_data_v2_smem";
       launch_kernel(name, conv3x3_backward_data_v2_smem,
                     checked_grid(name, tiles, ceil_div(C, kV2Group), 1), dim3(kV2Threads), stream,
-                    dy, w, dx, N, C, H, W, O);
+                    dy, w, relu_mask, dx, N, C, H, W, O);
       return;
     }
     default: {
       if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
         const RearrangedWeights wf = flipped_tap_major_weights(w, C, O, stream);
         const TapMajorBackwardData<Conv3x3BackwardDataGemm> g{
-            backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O)};
+            backward_data_gemm(dy, wf.data(), dx, relu_mask, N, C, H, W, O)};
         run_output_gemm("conv3x3_backward_data", g, version, wf.vec(9 * O), stream);
         return;
       }
       const RearrangedWeights wf = flipped_weights(w, C, O, stream);
-      run_output_gemm("conv3x3_backward_data", backward_data_gemm(dy, wf.data(), dx, N, C, H, W, O),
-                      version, wf.vec(9 * O), stream);
+      run_output_gemm("conv3x3_backward_data",
+                      backward_data_gemm(dy, wf.data(), dx, relu_mask, N, C, H, W, O), version,
+                      wf.vec(9 * O), stream);
     }
   }
 }
@@ -1309,9 +1333,10 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
   run_forward_gemm("conv3x3_concat_forward", g, version, stream);
 }
 
-void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float* dup, float* dskip,
-                                         int N, int Cu, int Cs, int H, int W, int Hs, int Ws,
-                                         int O, Conv3x3Version version, cudaStream_t stream) {
+void launch_conv3x3_concat_backward_data(const float* dy, const float* w, const float* up_mask,
+                                         const float* skip_mask, float* dup, float* dskip, int N,
+                                         int Cu, int Cs, int H, int W, int Hs, int Ws, int O,
+                                         Conv3x3Version version, cudaStream_t stream) {
   check_concat_version("conv3x3_concat_backward_data", version);
   const int64_t skip_total = static_cast<int64_t>(N) * Cs * Hs * Ws;
   if (skip_total > 0 && (Hs != H || Ws != W))
@@ -1322,14 +1347,15 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float*
   if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
     const RearrangedWeights wf = flipped_tap_major_weights(w, Cu + Cs, O, stream);
     const TapMajorBackwardData<Conv3x3ConcatBackwardDataGemm> g{
-        {backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
-         (Hs - H) / 2, (Ws - W) / 2}};
+        {backward_data_gemm(dy, wf.data(), dup, up_mask, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
+         (Hs - H) / 2, (Ws - W) / 2, skip_mask}};
     run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(9 * O), stream);
     return;
   }
   const RearrangedWeights wf = flipped_weights(w, Cu + Cs, O, stream);
-  const Conv3x3ConcatBackwardDataGemm g{backward_data_gemm(dy, wf.data(), dup, N, Cu + Cs, H, W, O),
-                                        dskip, Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+  const Conv3x3ConcatBackwardDataGemm g{
+      backward_data_gemm(dy, wf.data(), dup, up_mask, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
+      (Hs - H) / 2, (Ws - W) / 2, skip_mask};
   run_output_gemm("conv3x3_concat_backward_data", g, version, wf.vec(9 * O), stream);
 }
 

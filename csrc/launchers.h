@@ -45,8 +45,13 @@ inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
 void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
                             int H, int W, int O, bool relu, Conv3x3Version version,
                             cudaStream_t stream);
-void launch_conv3x3_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, Conv3x3Version version, cudaStream_t stream);
+// relu_mask (null, or shaped as dx; the backward-data launchers of every conv family and the
+// max-pool's backward take one): dx is zero wherever relu_mask <= 0. Passing the op's input x when
+// x is a ReLU's output fuses that ReLU's backward into this op: the result has the bits of
+// relu_backward(x, dx), with no pass of its own.
+void launch_conv3x3_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                  float* dx, int N, int C, int H, int W, int O,
+                                  Conv3x3Version version, cudaStream_t stream);
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream);
@@ -60,9 +65,11 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
                                    const float* b, float* y, int N, int Cu, int Cs, int H, int W,
                                    int Hs, int Ws, int O, bool relu, Conv3x3Version version,
                                    cudaStream_t stream);
-void launch_conv3x3_concat_backward_data(const float* dy, const float* w, float* dup, float* dskip,
-                                         int N, int Cu, int Cs, int H, int W, int Hs, int Ws,
-                                         int O, Conv3x3Version version, cudaStream_t stream);
+// up_mask / skip_mask: relu_mask for dup and for dskip (null, or shaped as up / skip).
+void launch_conv3x3_concat_backward_data(const float* dy, const float* w, const float* up_mask,
+                                         const float* skip_mask, float* dup, float* dskip, int N,
+                                         int Cu, int Cs, int H, int W, int Hs, int Ws, int O,
+                                         Conv3x3Version version, cudaStream_t stream);
 void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, const float* dy,
                                            float* dw, float* db, int N, int Cu, int Cs, int H,
                                            int W, int Hs, int Ws, int O, Conv3x3Version version,
@@ -92,8 +99,9 @@ void launch_bias_backward(const float* dy, float* db, int N, int O, int64_t HW,
 // conv1x1.cu: x[N,C,H,W], w[O,C,1,1], b[O], y and dy [N,O,H,W].
 void launch_conv1x1_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
                             int H, int W, int O, cudaStream_t stream);
-void launch_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                  int W, int O, cudaStream_t stream);
+void launch_conv1x1_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                  float* dx, int N, int C, int H, int W, int O,
+                                  cudaStream_t stream);
 void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, cudaStream_t stream);
 
@@ -103,8 +111,9 @@ void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, 
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
                               int C, int H, int W, int O, Conv3x3Version version,
                               cudaStream_t stream);
-void launch_upconv2x2_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                    int W, int O, Conv3x3Version version, cudaStream_t stream);
+void launch_upconv2x2_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                    float* dx, int N, int C, int H, int W, int O,
+                                    Conv3x3Version version, cudaStream_t stream);
 void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                       int C, int H, int W, int O, Conv3x3Version version,
                                       cudaStream_t stream);
@@ -113,8 +122,11 @@ void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw
 // [N,C,H/2,W/2]; argmax = 2*dy + dx of the window element taken (first maximum wins).
 void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N, int C, int H,
                                int W, cudaStream_t stream);
-void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
-                                int H, int W, cudaStream_t stream);
+// relu_mask here (null, or shaped as dy): the pool's output y, where its input x is a ReLU's
+// output. dx is then zero where y <= 0 too: the bits of relu_backward(x, dx), since x at the
+// element taken is y, and every other element of dx is zero anyway.
+void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
+                                float* dx, int N, int C, int H, int W, cudaStream_t stream);
 
 // crop_concat.cu: y[N,Cu+Cs,H,W] = [up[N,Cu,H,W], centre crop of skip[N,Cs,Hs,Ws]];
 // Hs-H and Ws-W even and >= 0. The backward splits dy into dup and dskip (zero outside the crop).

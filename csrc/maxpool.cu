@@ -12,7 +12,8 @@
 //   maxpool2x2_forward_v2_direct<Index>: one thread per output element; reads its 2x2 window,
 //     writes the maximum and its position.
 //   maxpool2x2_backward_v2_window<Index>: one thread per window; writes all four elements of dx,
-//     dy where argmax names the element and 0 elsewhere (every element written once, no atomics).
+//     dy where argmax names the element and 0 elsewhere (every element written once, no atomics);
+//     with a relu_mask (y, where x is a ReLU's output), 0 there too where y <= 0.
 //     (v1 took one thread per dx element: four reads of dy and argmax per window, and three 64-bit
 //     divisions per element, 0.15 ms for the first pool on an H200.)
 // Index is int32_t where the flat indices fit, else int64_t.
@@ -53,6 +54,7 @@ __global__ void maxpool2x2_forward_v2_direct(const float* __restrict__ x, float*
 template <typename Index>
 __global__ void maxpool2x2_backward_v2_window(const float* __restrict__ dy,
                                               const uint8_t* __restrict__ argmax,
+                                              const float* __restrict__ relu_mask,
                                               float* __restrict__ dx, Index planes, int H, int W) {
   const int h = H / 2, w = W / 2;
   const Index total = planes * h * w;
@@ -62,7 +64,7 @@ __global__ void maxpool2x2_backward_v2_window(const float* __restrict__ dy,
     const Index plane = row / h;
     const int i = static_cast<int>(row - plane * h);
     float* win = dx + (plane * H + 2 * i) * static_cast<Index>(W) + 2 * j;
-    const float g = dy[e];
+    const float g = relu_masked(dy[e], relu_mask, e);  // relu_mask: y, the element taken
     const int a = argmax[e];
     win[0] = a == 0 ? g : 0.0f;
     win[1] = a == 1 ? g : 0.0f;
@@ -92,15 +94,15 @@ void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N,
   });
 }
 
-void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
-                                int H, int W, cudaStream_t stream) {
+void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
+                                float* dx, int N, int C, int H, int W, cudaStream_t stream) {
   const int64_t planes = static_cast<int64_t>(N) * C;
   const int64_t outputs = planes * (H / 2) * (W / 2);
   if (outputs == 0) return;
   with_index_type(planes * H * W, [&](auto index) {
     using Index = decltype(index);
     launch_kernel("maxpool2x2_backward_v2_window", maxpool2x2_backward_v2_window<Index>,
-                  dim3(grid_1d(outputs)), dim3(kBlock1d), stream, dy, argmax, dx,
+                  dim3(grid_1d(outputs)), dim3(kBlock1d), stream, dy, argmax, relu_mask, dx,
                   static_cast<Index>(planes), H, W);
   });
 }

@@ -56,6 +56,7 @@ __global__ void upconv2x2_forward_v1_direct(const float* __restrict__ x,
 
 __global__ void upconv2x2_backward_data_v1_direct(const float* __restrict__ dy,
                                                   const float* __restrict__ w,
+                                                  const float* __restrict__ relu_mask,
                                                   float* __restrict__ dx, int N, int C, int H,
                                                   int W, int O) {
   const int W2 = 2 * W;
@@ -74,7 +75,7 @@ __global__ void upconv2x2_backward_data_v1_direct(const float* __restrict__ dy,
       const float* wp = w + (static_cast<int64_t>(o) * C + c) * 4;  // w[o, c, 0, 0]
       acc += d[0] * wp[0] + d[1] * wp[1] + d[W2] * wp[2] + d[W2 + 1] * wp[3];
     }
-    dx[e] = acc;
+    dx[e] = relu_masked(acc, relu_mask, e);
   }
 }
 
@@ -184,6 +185,7 @@ struct Upconv2x2BackwardDataGemm {
   int64_t M;  // N*H*W
   int cols;   // C
   int K;      // 4O
+  const float* relu_mask = nullptr;  // [N, C, H, W] or null: dx is zero where relu_mask <= 0
 
   struct KPos {
     int64_t dy_offset;  // o*4HW + ky*2W + kx
@@ -199,7 +201,8 @@ struct Upconv2x2BackwardDataGemm {
     bool valid;
   };
   struct CRow {
-    float* p;  // &dx[n, 0, i, j]
+    float* p;           // &dx[n, 0, i, j]
+    const float* mask;  // &relu_mask[n, 0, i, j], or null
   };
 
   __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
@@ -223,10 +226,12 @@ struct Upconv2x2BackwardDataGemm {
   }
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    return {dx + p.n * C * H * W + p.pix};
+    const int64_t e = p.n * C * H * W + p.pix;
+    return {dx + e, relu_mask ? relu_mask + e : nullptr};
   }
   __device__ void store(const CRow& r, int c, float v) const {
-    r.p[static_cast<int64_t>(c) * H * W] = v;
+    const int64_t e = static_cast<int64_t>(c) * H * W;
+    r.p[e] = relu_masked(v, r.mask, e);
   }
 };
 
@@ -322,19 +327,20 @@ void launch_upconv2x2_forward(const float* x, const float* w, const float* b, fl
                 dim3(kBlock1d), stream, x, w, b, y, N, C, H, W, O);
 }
 
-void launch_upconv2x2_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                    int W, int O, Conv3x3Version version, cudaStream_t stream) {
+void launch_upconv2x2_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                    float* dx, int N, int C, int H, int W, int O,
+                                    Conv3x3Version version, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(N) * C * H * W;
   if (total == 0) return;
   if (upconv_uses_gemm(version)) {
     const Upconv2x2BackwardDataGemm g{dy, w, dx, C, H, W, O, static_cast<int64_t>(N) * H * W, C,
-                                      4 * O};
+                                      4 * O, relu_mask};
     // 16-byte copies of B = w[o, c, 0:4]: every such group is aligned when w is
     run_output_gemm("upconv2x2_backward_data", g, version, aligned16(w), stream);
     return;
   }
   launch_kernel("upconv2x2_backward_data_v1_direct", upconv2x2_backward_data_v1_direct,
-                dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, dx, N, C, H, W, O);
+                dim3(grid_1d(total)), dim3(kBlock1d), stream, dy, w, relu_mask, dx, N, C, H, W, O);
 }
 
 void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,

@@ -84,30 +84,34 @@ def u8(*shape):
 VALID = {
     "conv3x3_forward": lambda: dict(x=f32(2, 3, 7, 6), w=f32(5, 3, 3, 3), b=f32(5),
                                     y=f32(2, 5, 5, 4), relu=True),
-    "conv3x3_backward_data": lambda: dict(dy=f32(2, 5, 5, 4), w=f32(5, 3, 3, 3), dx=f32(2, 3, 7, 6)),
+    "conv3x3_backward_data": lambda: dict(dy=f32(2, 5, 5, 4), w=f32(5, 3, 3, 3), dx=f32(2, 3, 7, 6),
+                                          relu_mask=f32(2, 3, 7, 6)),
     "conv3x3_backward_weight": lambda: dict(x=f32(2, 3, 7, 6), dy=f32(2, 5, 5, 4),
                                             dw=f32(5, 3, 3, 3), db=f32(5)),
     "conv1x1_forward": lambda: dict(x=f32(2, 3, 5, 4), w=f32(2, 3, 1, 1), b=f32(2),
                                     y=f32(2, 2, 5, 4)),
-    "conv1x1_backward_data": lambda: dict(dy=f32(2, 2, 5, 4), w=f32(2, 3, 1, 1), dx=f32(2, 3, 5, 4)),
+    "conv1x1_backward_data": lambda: dict(dy=f32(2, 2, 5, 4), w=f32(2, 3, 1, 1), dx=f32(2, 3, 5, 4),
+                                          relu_mask=f32(2, 3, 5, 4)),
     "conv1x1_backward_weight": lambda: dict(x=f32(2, 3, 5, 4), dy=f32(2, 2, 5, 4),
                                             dw=f32(2, 3, 1, 1), db=f32(2)),
     "upconv2x2_forward": lambda: dict(x=f32(2, 3, 3, 2), w=f32(4, 3, 2, 2), b=f32(4),
                                       y=f32(2, 4, 6, 4)),
     "upconv2x2_backward_data": lambda: dict(dy=f32(2, 4, 6, 4), w=f32(4, 3, 2, 2),
-                                            dx=f32(2, 3, 3, 2)),
+                                            dx=f32(2, 3, 3, 2), relu_mask=f32(2, 3, 3, 2)),
     "upconv2x2_backward_weight": lambda: dict(x=f32(2, 3, 3, 2), dy=f32(2, 4, 6, 4),
                                               dw=f32(4, 3, 2, 2), db=f32(4)),
     "maxpool2x2_forward": lambda: dict(x=f32(2, 3, 6, 4), y=f32(2, 3, 3, 2), argmax=u8(2, 3, 3, 2)),
     "maxpool2x2_backward": lambda: dict(dy=f32(2, 3, 3, 2), argmax=u8(2, 3, 3, 2),
-                                        dx=f32(2, 3, 6, 4)),
+                                        dx=f32(2, 3, 6, 4), relu_mask=f32(2, 3, 3, 2)),
     "crop_concat_forward": lambda: dict(up=f32(2, 3, 4, 5), skip=f32(2, 2, 8, 7), y=f32(2, 5, 4, 5)),
     "crop_concat_backward": lambda: dict(dy=f32(2, 5, 4, 5), dup=f32(2, 3, 4, 5),
                                          dskip=f32(2, 2, 8, 7)),
     "conv3x3_concat_forward": lambda: dict(up=f32(2, 3, 7, 6), skip=f32(2, 2, 9, 10), w=f32(5, 5, 3, 3),
                                            b=f32(5), y=f32(2, 5, 5, 4), relu=True, version="v3_igemm"),
     "conv3x3_concat_backward_data": lambda: dict(dy=f32(2, 5, 5, 4), w=f32(5, 5, 3, 3), dup=f32(2, 3, 7, 6),
-                                                 dskip=f32(2, 2, 9, 10), version="v4_tf32_mma"),
+                                                 dskip=f32(2, 2, 9, 10), version="v4_tf32_mma",
+                                                 up_relu_mask=f32(2, 3, 7, 6),
+                                                 skip_relu_mask=f32(2, 2, 9, 10)),
     "conv3x3_concat_backward_weight": lambda: dict(up=f32(2, 3, 7, 6), skip=f32(2, 2, 9, 10),
                                                    dy=f32(2, 5, 5, 4), dw=f32(5, 5, 3, 3), db=f32(5),
                                                    version="v5_bf16_mma"),
@@ -362,11 +366,16 @@ def test_null_pointer(op, arg):
     raises_naming(ValueError, op, arg, "null", **{arg: fake.like(ptr=0)})
 
 
+# The optional arrays (None: not given): the backward-data ops' ReLU masks (MASK_ARGS).
+OPTIONAL = {"relu_mask", "up_relu_mask", "skip_relu_mask"}
+
+
 @pytest.mark.parametrize("op,arg", ARRAY_ARGS)
 def test_not_a_cuda_array(op, arg):
     fake = VALID[op]()[arg]
     raises_naming(TypeError, op, arg, "__cuda_array_interface__", **{arg: [1.0, 2.0]})
-    raises_naming(TypeError, op, arg, "NoneType", **{arg: None})
+    if arg not in OPTIONAL:
+        raises_naming(TypeError, op, arg, "NoneType", **{arg: None})
     host = np.zeros(fake.shape, dtype=np.dtype(fake.typestr))
     raises_naming(ValueError, op, arg, "host memory", "numpy.ndarray", **{arg: host})
 
@@ -447,6 +456,12 @@ SHAPE_CASES = [
     ("maxpool2x2_forward", "argmax", dict(argmax=u8(2, 3, 2, 2))),
     ("maxpool2x2_backward", "argmax", dict(argmax=u8(2, 3, 3, 3))),
     ("maxpool2x2_backward", "dx", dict(dx=f32(2, 3, 5, 4))),
+    ("maxpool2x2_backward", "relu_mask", dict(relu_mask=f32(2, 3, 6, 4))),   # dx's shape, not dy's
+    ("conv3x3_backward_data", "relu_mask", dict(relu_mask=f32(2, 5, 5, 4))),  # dy's shape, not dx's
+    ("conv1x1_backward_data", "relu_mask", dict(relu_mask=f32(2, 3, 5, 5))),
+    ("upconv2x2_backward_data", "relu_mask", dict(relu_mask=f32(2, 3, 2, 3))),
+    ("conv3x3_concat_backward_data", "up_relu_mask", dict(up_relu_mask=f32(2, 5, 7, 6))),
+    ("conv3x3_concat_backward_data", "skip_relu_mask", dict(skip_relu_mask=f32(2, 2, 7, 6))),
     ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 7, 7))),    # odd Hs - H
     ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 8, 8))),    # odd Ws - W
     ("crop_concat_forward", "skip", dict(skip=f32(2, 2, 2, 7))),    # Hs < H
@@ -587,6 +602,9 @@ def report_valid_calls():
         image=f32(1, 1), labels=i32(1, 1), weights=f32(1, 1), coarse=f32(2, 1, 1), image_out=f32(1, 1),
         labels_out=i32(1, 1), weights_out=f32(1, 1), quarter_turns=3, flip_rows=False,
         flip_columns=True, gamma=1.0, contrast=-2.0, brightness=0.0)
+    # The optional ReLU masks left out (None), as most calls leave them.
+    for op, masks in MASK_ARGS.items():
+        cases[f"{op} no relu_mask"] = dict(VALID[op](), **{name: None for name in masks})
     print_call_results(cases)
 
 
@@ -613,9 +631,15 @@ def test_sgd_multi_checks_its_sequences():
                   velocities=[f32(4, 3, 3, 3), shared.like(shape=(4,), ptr=params[0].ptr)])
 
 
+# The ops with optional ReLU masks, and their names.
+MASK_ARGS = {"conv3x3_backward_data": ("relu_mask",), "conv1x1_backward_data": ("relu_mask",),
+             "upconv2x2_backward_data": ("relu_mask",), "maxpool2x2_backward": ("relu_mask",),
+             "conv3x3_concat_backward_data": ("up_relu_mask", "skip_relu_mask")}
+
+
 def test_valid_calls_reach_the_device_memory_check():
     results = call_results_in_a_subprocess("report_valid_calls")
-    assert len(results) == len(VALID) + 5
+    assert len(results) == len(VALID) + 5 + len(MASK_ARGS)
     assert_each_met_the_device_memory_check(results)
 
 

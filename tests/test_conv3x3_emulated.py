@@ -111,12 +111,18 @@ def run_forward(lib, version, x, wt, b, relu):
     return y.array.copy()
 
 
-def run_backward_data(lib, version, dy, wt):
+def mask_ptr(relu_mask):
+    """A relu_mask argument: NULL for None, else the mask between NaN guards."""
+    return None if relu_mask is None else Guarded(relu_mask).ptr
+
+
+def run_backward_data(lib, version, dy, wt, relu_mask=None):
     n, o, p, q = dy.shape
     c = wt.shape[1]
     gdy, gw = Guarded(dy), Guarded(wt)
     dx = Guarded(shape=(n, c, p + 2, q + 2), output=True)
-    call(lib, "emulated_conv3x3_backward_data", version, gdy.ptr, gw.ptr, dx.ptr, n, c, p + 2, q + 2, o)
+    call(lib, "emulated_conv3x3_backward_data", version, gdy.ptr, gw.ptr, mask_ptr(relu_mask), dx.ptr,
+         n, c, p + 2, q + 2, o)
     dx.check_guards("conv3x3_backward_data")
     return dx.array.copy()
 
@@ -491,8 +497,8 @@ def test_concat_every_direction(lib, version, shape):
 
     dup = Guarded(shape=up.shape, output=True)
     dskip = Guarded(shape=skip.shape, output=True)
-    call(lib, "emulated_conv3x3_concat_backward_data", version, gdy.ptr, gw.ptr, dup.ptr, dskip.ptr,
-         *dims)
+    call(lib, "emulated_conv3x3_concat_backward_data", version, gdy.ptr, gw.ptr, None, None, dup.ptr,
+         dskip.ptr, *dims)
     dup.check_guards("conv3x3_concat_backward_data dup")
     dskip.check_guards("conv3x3_concat_backward_data dskip")
     want_up, want_skip = ref.conv3x3_concat_backward_data(f64(dy), f64(wt), skip.shape)
@@ -558,7 +564,7 @@ def check_upconv(lib, version, shape, seed=0):
 
     gdy = Guarded(dy)
     dx = Guarded(shape=(n, c, h, w), output=True)
-    call(lib, "emulated_upconv2x2_backward_data", version, gdy.ptr, gw.ptr, dx.ptr, n, c, h, w, o)
+    call(lib, "emulated_upconv2x2_backward_data", version, gdy.ptr, gw.ptr, None, dx.ptr, n, c, h, w, o)
     dx.check_guards(f"{name} backward_data")
     check_conv3x3(dx.array, ref.upconv2x2_backward_data(f64(dy), f64(wt)), version,
                   f"{name} backward_data", k=4 * o, a_max=amax(dy), b_max=amax(wt))
@@ -621,7 +627,8 @@ def run_conv1x1(lib, x, wt, b, dy):
     plain_call(lib, "emulated_conv1x1_forward", Guarded(x).ptr, Guarded(wt).ptr, Guarded(b).ptr, y.ptr,
                n, c, h, w, o)
     dx = Guarded(shape=(n, c, h, w), output=True)
-    plain_call(lib, "emulated_conv1x1_backward_data", Guarded(dy).ptr, Guarded(wt).ptr, dx.ptr, n, c, h, w, o)
+    plain_call(lib, "emulated_conv1x1_backward_data", Guarded(dy).ptr, Guarded(wt).ptr, None, dx.ptr,
+               n, c, h, w, o)
     dw, db = Guarded(shape=(o, c, 1, 1), output=True), Guarded(shape=(o,), output=True)
     plain_call(lib, "emulated_conv1x1_backward_weight", Guarded(x).ptr, Guarded(dy).ptr, dw.ptr, db.ptr,
                n, c, h, w, o)
@@ -775,8 +782,8 @@ def test_maxpool2x2(lib, shape):
 
     dy = rng.uniform(-1, 1, y_ref.shape).astype(np.float32)
     dx = Guarded(shape=shape, output=True)
-    plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(arg.ctypes.data), dx.ptr,
-               n, c, h, w)
+    plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(arg.ctypes.data), None,
+               dx.ptr, n, c, h, w)
     np.testing.assert_array_equal(dx.array, ref.maxpool2x2_backward(dy, arg_ref))
     dx.check_guards("maxpool2x2_backward")
 
@@ -817,3 +824,133 @@ def test_sgd_multi_matches_one_launch_each(lib, device_rate):
         np.testing.assert_allclose(multi_v[i], v, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(multi_p[i], params[i] - v, rtol=1e-6, atol=1e-7)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The ReLU's backward fused into the backward-data ops (relu_mask): the gradient of an input that is
+# a ReLU's output comes out already masked. Same kernel, same sums: the masked result must have the
+# bits of relu_backward(mask, unmasked result), for every version and path (split K, tap-major).
+# ------------------------------------------------------------------------------------------------
+
+def relu_mask_like(rng, shape):
+    """Mask values of every kind: positive (passes), +0 and -0 (a ReLU's zeros), negative and NaN
+    (which relu_backward's `> 0` also stops)."""
+    values = np.array([0.5, 1.0, 0.0, -0.0, -1.0, np.nan], np.float32)
+    return rng.choice(values, size=shape, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]).astype(np.float32)
+
+
+def assert_same_bits(got, want, what):
+    got, want = np.ascontiguousarray(got, np.float32), np.ascontiguousarray(want, np.float32)
+    assert got.shape == want.shape, what
+    differ = got.view(np.uint32) != want.view(np.uint32)
+    assert not differ.any(), f"{what}: {int(differ.sum())} of {got.size} elements differ in their bits"
+
+
+def relu_backward_of(mask, dx):
+    from unet_cuda.ops import reference as ref
+
+    return ref.relu_backward(mask, dx)
+
+
+MASKED_SHAPES = [(2, 3, 5, 7, 5), (1, 30, 14, 13, 33), (1, 32, 20, 21, 70),
+                 (1, 120, 6, 7, 120),  # K split
+                 (1, 32, 5, 6, 128)]   # tap-major (v4-v6), K split
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=str)
+def test_relu_mask_in_backward_data(lib, version, shape):
+    rng = np.random.default_rng(sum(shape) + 7)
+    n, c, h, w, o = shape
+    _, wt, _, dy = make_inputs(rng, *shape)
+    mask = relu_mask_like(rng, (n, c, h, w))
+    plain = run_backward_data(lib, version, dy, wt)
+    masked = run_backward_data(lib, version, dy, wt, relu_mask=mask)
+    assert_same_bits(masked, relu_backward_of(mask, plain), f"conv3x3_backward_data{list(shape)} {version}")
+
+
+@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("shape", [CONCAT_SHAPES[0], CONCAT_SHAPES[6], CONCAT_SHAPES[8]], ids=str)
+def test_relu_mask_in_concat_backward_data(lib, version, shape):
+    n, cu, cs, h, w, hs, ws, o = shape
+    rng = np.random.default_rng(sum(shape) + 8)
+    up, skip, wt, _, dy = _concat_inputs(rng, *shape)
+    up_mask, skip_mask = relu_mask_like(rng, up.shape), relu_mask_like(rng, skip.shape)
+
+    def run(masks):
+        dup, dskip = Guarded(shape=up.shape, output=True), Guarded(shape=skip.shape, output=True)
+        call(lib, "emulated_conv3x3_concat_backward_data", version, Guarded(dy).ptr, Guarded(wt).ptr,
+             *(mask_ptr(m) for m in masks), dup.ptr, dskip.ptr, n, cu, cs, h, w, hs, ws, o)
+        dup.check_guards("dup")
+        dskip.check_guards("dskip")
+        return dup.array.copy(), dskip.array.copy()
+
+    plain_up, plain_skip = run((None, None))
+    masked_up, masked_skip = run((up_mask, skip_mask))
+    assert_same_bits(masked_up, relu_backward_of(up_mask, plain_up), f"dup {shape} {version}")
+    assert_same_bits(masked_skip, relu_backward_of(skip_mask, plain_skip), f"dskip {shape} {version}")
+    only_skip_up, only_skip_skip = run((None, skip_mask))  # one mask alone
+    assert_same_bits(only_skip_up, plain_up, f"dup, no mask {shape} {version}")
+    assert_same_bits(only_skip_skip, masked_skip, f"dskip, its mask alone {shape} {version}")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 5), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3)], ids=str)
+def test_relu_mask_in_upconv2x2_backward_data(lib, version, shape):
+    n, c, h, w, o = shape
+    rng = np.random.default_rng(sum(shape) + 9)
+    _, wt, _, dy = upconv_inputs(rng, *shape)
+    mask = relu_mask_like(rng, (n, c, h, w))
+
+    def run(relu_mask):
+        dx = Guarded(shape=(n, c, h, w), output=True)
+        call(lib, "emulated_upconv2x2_backward_data", version, Guarded(dy).ptr, Guarded(wt).ptr,
+             mask_ptr(relu_mask), dx.ptr, n, c, h, w, o)
+        dx.check_guards("upconv2x2_backward_data")
+        return dx.array.copy()
+
+    assert_same_bits(run(mask), relu_backward_of(mask, run(None)), f"upconv2x2_backward_data{list(shape)} {version}")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 9, 2), (1, 5, 3, 4, 8), (2, 4, 3, 5, 9)], ids=str)
+def test_relu_mask_in_conv1x1_backward_data(lib, shape):
+    """O <= 8 (one thread per pixel) and O = 9 (one thread per element)."""
+    n, c, h, w, o = shape
+    rng = np.random.default_rng(sum(shape) + 10)
+    wt = rng.uniform(-1.0, 1.0, (o, c, 1, 1)).astype(np.float32)
+    dy = rng.uniform(-1.0, 1.0, (n, o, h, w)).astype(np.float32)
+    mask = relu_mask_like(rng, (n, c, h, w))
+
+    def run(relu_mask):
+        dx = Guarded(shape=(n, c, h, w), output=True)
+        plain_call(lib, "emulated_conv1x1_backward_data", Guarded(dy).ptr, Guarded(wt).ptr,
+                   mask_ptr(relu_mask), dx.ptr, n, c, h, w, o)
+        dx.check_guards("conv1x1_backward_data")
+        return dx.array.copy()
+
+    assert_same_bits(run(mask), relu_backward_of(mask, run(None)), f"conv1x1_backward_data{list(shape)}")
+
+
+def test_relu_mask_in_maxpool2x2_backward(lib):
+    """Masked by the pool's output y, the gradient has the bits of relu_backward(x, unmasked dx)
+    where x is a ReLU's output (here with ties, zeros and a NaN)."""
+    from unet_cuda.ops import reference as ref
+
+    rng = np.random.default_rng(12)
+    shape = n, c, h, w = (2, 3, 10, 14)
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    y, arg = ref.maxpool2x2_forward(x)
+    dy = rng.uniform(-1, 1, y.shape).astype(np.float32)
+    argmax = np.ascontiguousarray(arg, np.uint8)
+
+    def run(relu_mask):
+        dx = Guarded(shape=shape, output=True)
+        plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(argmax.ctypes.data),
+                   mask_ptr(relu_mask), dx.ptr, n, c, h, w)
+        dx.check_guards("maxpool2x2_backward")
+        return dx.array.copy()
+
+    masked = run(y)
+    assert_same_bits(masked, relu_backward_of(x, run(None)), "maxpool2x2_backward masked by y")
+    assert_same_bits(masked, ref.maxpool2x2_backward(dy, arg, relu_mask=y), "against the reference")

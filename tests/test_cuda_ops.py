@@ -981,3 +981,112 @@ def test_augment_warp_survives_non_finite_nodes():
     coarse = np.array([[[np.nan, 1e30, -np.inf]] * 3, [[np.inf, -1e38, 3.0]] * 3], dtype=np.float32)
     got = cu.augment_warp(dev(image), dev(labels), dev(weights), dev(coarse), 2, True, True)
     assert set(np.unique(host(got[1]))) <= set(np.unique(labels))
+
+
+# ------------------------------------------------------------------------------------------------
+# The ReLU's backward fused into the backward-data ops (relu_mask): the masked result has the bits of
+# relu_backward(mask, unmasked result) of the same kernel, for every version and path; and a whole
+# network's gradients come out with the same bits fused or not.
+# ------------------------------------------------------------------------------------------------
+
+def relu_mask_like(rng, shape):
+    """Positive values (passed), +0 and -0 (a ReLU's zeros), negatives and NaN (stopped)."""
+    values = np.array([0.5, 1.0, 0.0, -0.0, -1.0, np.nan], np.float32)
+    return rng.choice(values, size=shape, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]).astype(np.float32)
+
+
+def assert_same_bits(got, want, name):
+    got = np.ascontiguousarray(host(got) if isinstance(got, cupy.ndarray) else got, np.float32)
+    want = np.ascontiguousarray(host(want) if isinstance(want, cupy.ndarray) else want, np.float32)
+    assert got.shape == want.shape, name
+    differ = got.view(np.uint32) != want.view(np.uint32)
+    assert not differ.any(), f"{name}: {int(differ.sum())} of {got.size} elements differ in their bits"
+
+
+# (N, C, H, W, O) of dx: awkward, K split (O = 120, 1024), tap-major, and d1b's and u1b's data
+# gradient at full size
+MASKED_SHAPES = [(2, 3, 5, 7, 5), (1, 32, 20, 21, 70), (1, 120, 6, 7, 120), (1, 64, 18, 17, 1024),
+                 (1, 64, 570, 570, 64), (1, 64, 390, 390, 64)]
+
+
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=str)
+def test_relu_mask_in_conv3x3_and_upconv_backward_data(conv3x3_version, shape):
+    n, c, h, w, o = shape
+    rng = np.random.default_rng(sum(shape))
+    mask = dev(relu_mask_like(rng, (n, c, h, w)))
+    dy = dev(rand(rng, n, o, h - 2, w - 2))
+    wt = dev(rand(rng, o, c, 3, 3, scale=1.0 / math.sqrt(9 * c)))
+    plain = cu.conv3x3_backward_data(dy, wt)
+    assert_same_bits(cu.conv3x3_backward_data(dy, wt, relu_mask=mask), cu.relu_backward(mask, plain),
+                     f"conv3x3_backward_data{list(shape)}")
+    if h * w > 200_000:  # the up-convolution's at the smaller full-size shape only
+        return
+    dyu = dev(rand(rng, n, o, 2 * h, 2 * w))
+    wu = dev(rand(rng, o, c, 2, 2, scale=1.0 / math.sqrt(c)))
+    plain = cu.upconv2x2_backward_data(dyu, wu)
+    assert_same_bits(cu.upconv2x2_backward_data(dyu, wu, relu_mask=mask), cu.relu_backward(mask, plain),
+                     f"upconv2x2_backward_data{list(shape)}")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2, 5, 7, 9, 11, 4), (1, 60, 64, 6, 6, 8, 8, 130),
+                                   (1, 64, 32, 5, 5, 7, 9, 128), (1, 64, 64, 392, 392, 568, 568, 64)],
+                         ids=str)
+def test_relu_mask_in_concat_backward_data(conv3x3_version, shape):
+    n, cu_, cs, h, w, hs, ws, o = shape
+    rng = np.random.default_rng(sum(shape))
+    dy = dev(rand(rng, n, o, h - 2, w - 2))
+    wt = dev(rand(rng, o, cu_ + cs, 3, 3, scale=1.0 / math.sqrt(9 * (cu_ + cs))))
+    up_mask = dev(relu_mask_like(rng, (n, cu_, h, w)))
+    skip_mask = dev(relu_mask_like(rng, (n, cs, hs, ws)))
+    skip_shape = (n, cs, hs, ws)
+    dup, dskip = cu.conv3x3_concat_backward_data(dy, wt, skip_shape)
+    mup, mskip = cu.conv3x3_concat_backward_data(dy, wt, skip_shape, up_relu_mask=up_mask,
+                                                 skip_relu_mask=skip_mask)
+    assert_same_bits(mup, cu.relu_backward(up_mask, dup), f"dup {shape}")
+    assert_same_bits(mskip, cu.relu_backward(skip_mask, dskip), f"dskip {shape}")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 9, 2), (1, 64, 388, 388, 2), (2, 4, 3, 5, 9)], ids=str)
+def test_relu_mask_in_conv1x1_backward_data(shape):
+    n, c, h, w, o = shape
+    rng = np.random.default_rng(sum(shape))
+    mask = dev(relu_mask_like(rng, (n, c, h, w)))
+    dy, wt = dev(rand(rng, n, o, h, w)), dev(rand(rng, o, c, 1, 1))
+    assert_same_bits(cu.conv1x1_backward_data(dy, wt, relu_mask=mask),
+                     cu.relu_backward(mask, cu.conv1x1_backward_data(dy, wt)), f"conv1x1_backward_data{list(shape)}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 10, 14), (1, 64, 568, 568)], ids=str)
+def test_relu_mask_in_maxpool_backward(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = dev(np.maximum(small_ints(rng, *shape), 0.0))  # a ReLU's output, with ties and zero windows
+    y, argmax = cu.maxpool2x2_forward(x)
+    dy = dev(rand(rng, *y.shape))
+    assert_same_bits(cu.maxpool2x2_backward(dy, argmax, relu_mask=y),
+                     cu.relu_backward(x, cu.maxpool2x2_backward(dy, argmax)), f"maxpool2x2_backward{list(shape)}")
+
+
+def test_fused_relu_backward_gives_the_network_the_same_gradients(conv3x3_version):
+    """A training step's gradients with the ReLU's backward fused into the consumers, and without."""
+    import unet_cuda as u
+    from unet_cuda import functional as F
+    from unet_cuda.autograd import Tensor
+
+    net = u.UNet(base_channels=8, depth=3, dropout=0.5, seed=4).to("cuda")
+    size = 140
+    rng = np.random.default_rng(9)
+    x = Tensor(dev(rand(rng, 2, 1, size, size)))
+    out = net.output_size(size)
+    labels = dev(rng.integers(0, 2, (2, out, out)).astype(np.int32))
+    weights = dev(rng.uniform(0.5, 2.0, (2, out, out)).astype(np.float32))
+    grads = {}
+    for fuse in (False, True):
+        for p in net.parameters():
+            p.grad = None
+        with F.fused_relu_backward(fuse):
+            seeds = [5, 6, 7, 8][:net.num_dropout_layers()]
+            loss = F.softmax_cross_entropy(net(x, dropout_seeds=seeds), labels, weights)
+        loss.backward()
+        grads[fuse] = [host(p.grad) for p in net.parameters()]
+    for (name, _), a, b in zip(net.named_parameters(), grads[False], grads[True]):
+        assert_same_bits(b, a, f"{name}.grad")

@@ -61,11 +61,11 @@ int emulated_conv3x3_forward(const char* version, const float* x, const float* w
   });
 }
 
-int emulated_conv3x3_backward_data(const char* version, const float* dy, const float* w, float* dx,
-                                   int N, int C, int H, int W, int O, char* error,
-                                   int error_size) {
+int emulated_conv3x3_backward_data(const char* version, const float* dy, const float* w,
+                                   const float* relu_mask, float* dx, int N, int C, int H, int W,
+                                   int O, char* error, int error_size) {
   return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
-    unet::launch_conv3x3_backward_data(dy, w, dx, N, C, H, W, O, v, nullptr);
+    unet::launch_conv3x3_backward_data(dy, w, relu_mask, dx, N, C, H, W, O, v, nullptr);
   });
 }
 
@@ -88,12 +88,13 @@ int emulated_conv3x3_concat_forward(const char* version, const float* up, const 
 }
 
 int emulated_conv3x3_concat_backward_data(const char* version, const float* dy, const float* w,
+                                          const float* up_mask, const float* skip_mask,
                                           float* dup, float* dskip, int N, int Cu, int Cs, int H,
                                           int W, int Hs, int Ws, int O, char* error,
                                           int error_size) {
   return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
-    unet::launch_conv3x3_concat_backward_data(dy, w, dup, dskip, N, Cu, Cs, H, W, Hs, Ws, O, v,
-                                              nullptr);
+    unet::launch_conv3x3_concat_backward_data(dy, w, up_mask, skip_mask, dup, dskip, N, Cu, Cs, H,
+                                              W, Hs, Ws, O, v, nullptr);
   });
 }
 
@@ -148,10 +149,10 @@ int emulated_upconv2x2_forward(const char* version, const float* x, const float*
 }
 
 int emulated_upconv2x2_backward_data(const char* version, const float* dy, const float* w,
-                                     float* dx, int N, int C, int H, int W, int O, char* error,
-                                     int error_size) {
+                                     const float* relu_mask, float* dx, int N, int C, int H,
+                                     int W, int O, char* error, int error_size) {
   return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
-    unet::launch_upconv2x2_backward_data(dy, w, dx, N, C, H, W, O, v, nullptr);
+    unet::launch_upconv2x2_backward_data(dy, w, relu_mask, dx, N, C, H, W, O, v, nullptr);
   });
 }
 
@@ -169,10 +170,11 @@ int emulated_conv1x1_forward(const float* x, const float* w, const float* b, flo
                        [&] { unet::launch_conv1x1_forward(x, w, b, y, N, C, H, W, O, nullptr); });
 }
 
-int emulated_conv1x1_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H,
-                                   int W, int O, char* error, int error_size) {
+int emulated_conv1x1_backward_data(const float* dy, const float* w, const float* relu_mask,
+                                   float* dx, int N, int C, int H, int W, int O, char* error,
+                                   int error_size) {
   return guarded_plain(error, error_size, [&] {
-    unet::launch_conv1x1_backward_data(dy, w, dx, N, C, H, W, O, nullptr);
+    unet::launch_conv1x1_backward_data(dy, w, relu_mask, dx, N, C, H, W, O, nullptr);
   });
 }
 
@@ -244,10 +246,12 @@ int emulated_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N
                        [&] { unet::launch_maxpool2x2_forward(x, y, argmax, N, C, H, W, nullptr); });
 }
 
-int emulated_maxpool2x2_backward(const float* dy, const uint8_t* argmax, float* dx, int N, int C,
-                                 int H, int W, char* error, int error_size) {
-  return guarded_plain(error, error_size,
-                       [&] { unet::launch_maxpool2x2_backward(dy, argmax, dx, N, C, H, W, nullptr); });
+int emulated_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
+                                 float* dx, int N, int C, int H, int W, char* error,
+                                 int error_size) {
+  return guarded_plain(error, error_size, [&] {
+    unet::launch_maxpool2x2_backward(dy, argmax, relu_mask, dx, N, C, H, W, nullptr);
+  });
 }
 
 }  // extern "C"

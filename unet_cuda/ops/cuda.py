@@ -195,11 +195,12 @@ def conv3x3_forward(x, w, b, relu=False):
     return y
 
 
-def conv3x3_backward_data(dy, w):
+def conv3x3_backward_data(dy, w, relu_mask=None):
     n, _, p, q = _shape("conv3x3_backward_data", "dy", dy, 4)
     c = _shape("conv3x3_backward_data", "w", w, 4)[1]
     dx = _empty((n, c, p + 2, q + 2))
-    _C.conv3x3_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version)
+    _C.conv3x3_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version,
+                             relu_mask=relu_mask)
     return dx
 
 
@@ -227,15 +228,18 @@ def conv3x3_concat_forward(up, skip, w, b, relu=False):
     return y
 
 
-def conv3x3_concat_backward_data(dy, w, skip_shape):
+def conv3x3_concat_backward_data(dy, w, skip_shape, up_relu_mask=None, skip_relu_mask=None):
     if _conv3x3_version not in CONV3X3_CONCAT_VERSIONS:
-        return crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)
+        dup, dskip = crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)
+        return (dup if up_relu_mask is None else relu_backward(up_relu_mask, dup),
+                dskip if skip_relu_mask is None else relu_backward(skip_relu_mask, dskip))
     n, _, p, q = _shape("conv3x3_concat_backward_data", "dy", dy, 4)
     c = _shape("conv3x3_concat_backward_data", "w", w, 4)[1]
     skip_shape = _skip_shape("conv3x3_concat_backward_data", skip_shape)
     dup = _empty((n, _size(c - skip_shape[1]), p + 2, q + 2))
     dskip = _empty(skip_shape)
-    _C.conv3x3_concat_backward_data(dy, w, dup, dskip, stream=_stream(), version=_conv3x3_version)
+    _C.conv3x3_concat_backward_data(dy, w, dup, dskip, stream=_stream(), version=_conv3x3_version,
+                                    up_relu_mask=up_relu_mask, skip_relu_mask=skip_relu_mask)
     return dup, dskip
 
 
@@ -259,11 +263,11 @@ def conv1x1_forward(x, w, b):
     return y
 
 
-def conv1x1_backward_data(dy, w):
+def conv1x1_backward_data(dy, w, relu_mask=None):
     n, _, h, width = _shape("conv1x1_backward_data", "dy", dy, 4)
     c = _shape("conv1x1_backward_data", "w", w, 4)[1]
     dx = _empty((n, c, h, width))
-    _C.conv1x1_backward_data(dy, w, dx, stream=_stream())
+    _C.conv1x1_backward_data(dy, w, dx, stream=_stream(), relu_mask=relu_mask)
     return dx
 
 
@@ -284,11 +288,12 @@ def upconv2x2_forward(x, w, b):
     return y
 
 
-def upconv2x2_backward_data(dy, w):
+def upconv2x2_backward_data(dy, w, relu_mask=None):
     n, _, h2, w2 = _shape("upconv2x2_backward_data", "dy", dy, 4)
     c = _shape("upconv2x2_backward_data", "w", w, 4)[1]
     dx = _empty((n, c, h2 // 2, w2 // 2))
-    _C.upconv2x2_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version)
+    _C.upconv2x2_backward_data(dy, w, dx, stream=_stream(), version=_conv3x3_version,
+                               relu_mask=relu_mask)
     return dx
 
 
@@ -319,10 +324,10 @@ def maxpool2x2_forward(x):
     return y, argmax
 
 
-def maxpool2x2_backward(dy, argmax):
+def maxpool2x2_backward(dy, argmax, relu_mask=None):
     n, c, h, width = _shape("maxpool2x2_backward", "dy", dy, 4)
     dx = _empty((n, c, 2 * h, 2 * width))
-    _C.maxpool2x2_backward(dy, argmax, dx, stream=_stream())
+    _C.maxpool2x2_backward(dy, argmax, dx, stream=_stream(), relu_mask=relu_mask)
     return dx
 
 
