@@ -27,7 +27,8 @@ Peers, chosen as what a PyTorch user would run for the same result:
 * loss: ``cross_entropy(reduction="none")`` times the weights, summed and divided by the pixel
   count, plus ``softmax`` for the probabilities ours also returns; backward: the closed form
   ``w (p - onehot) / (N H W)`` in three eager ops (labels as int64, converted up front);
-* element-wise: ``threshold_backward`` (ReLU), ``native_dropout`` (PyTorch's dropout: the mask
+* element-wise: ``threshold_backward`` (ReLU; where our backward-data ops fuse it, their peer is
+  the convolution's gradient alone, and the ReLU's own case is left out of the step's sums), ``native_dropout`` (PyTorch's dropout: the mask
   drawn, applied and stored) and ``native_dropout_backward`` (mask times scale), ``bernoulli_``
   (mask), ``add_`` (accumulation) and the Caffe
   momentum rule over all parameters with ``torch._foreach_*`` (multi-tensor launches);
@@ -91,6 +92,32 @@ def _concat_of(layer, net: Network):
     return next((cat for cat in net.concats if cat.name == f"cat{layer.name[1:-1]}"), None)
 
 
+def _masked_input(layer, net: Network) -> bool:
+    """Whether a training step fuses the ReLU's backward of this layer's input into the layer's
+    backward-data op (its ``relu_mask``; unet_cuda/functional.py): the input is a ReLU's output
+    that no dropout follows. The second convolution of a level reads the first's output, an
+    up-convolution or the 1x1 convolution the output of the level's second (the layer before, at
+    the same size); a level's first convolution reads a pool's output (a smaller size), or in the
+    decoder the concatenation (_masked_skip)."""
+    if layer.first or _concat_of(layer, net) is not None:
+        return False
+    prev = net.layers[[other.name for other in net.layers].index(layer.name) - 1]
+    return (prev.kind == "conv3x3" and prev.out_hw == layer.in_hw
+            and prev.name not in net.dropout_layers)
+
+
+def _skip_layer(net: Network, level: int) -> str:
+    """The layer whose output level ``level`` (0: the top) keeps for the skip connection."""
+    return f"d{level + 1}b"
+
+
+def _masked_skip(cat, net: Network) -> bool:
+    """Whether the decoder's concatenated convolution at ``cat`` masks the skip map's gradient by
+    the skip map (a ReLU's output, unless dropout follows it); ``up`` is never a ReLU's output."""
+    level = net.depth - 1 - int(cat.name[len("cat"):])
+    return _skip_layer(net, level) not in net.dropout_layers
+
+
 def _conv_cases(layer, net: Network) -> list[OpCase]:
     n, c, o = layer.batch, layer.cin, layer.cout
     h = layer.in_hw
@@ -104,20 +131,26 @@ def _conv_cases(layer, net: Network) -> list[OpCase]:
     if cat is not None:
         # the decoder's first convolution of a level reads [up, centre crop of skip] in place
         family = "conv3x3_concat"
-        dims.update(cu=cat.up_channels, cs=cat.skip_channels, hs=cat.skip_hw)
+        dims.update(cu=cat.up_channels, cs=cat.skip_channels, hs=cat.skip_hw,
+                    skip_relu_mask=_masked_skip(cat, net))
         x_str = (f"{shape_str('up', (n, cat.up_channels, h, h))} "
                  f"{shape_str('skip', (n, cat.skip_channels, cat.skip_hw, cat.skip_hw))}")
     fwd_shape = f"{x_str} {shape_str('w', w)} -> {shape_str('y', y)}"
     cases = [OpCase(f"{family}_forward", layer.name, dims, fwd_shape, flops=layer.flops,
                     compute_bound=True)]
     if layer.kind == "conv3x3":
+        # a separate pass only where a consumer of the output does not fuse it (dropout follows)
         cases.append(OpCase("relu_backward", layer.name, dims,
                             f"{shape_str('y', y)} {shape_str('dy', y)} -> {shape_str('dx', y)}",
-                            nbytes=3.0 * F32 * n * o * p * p))
+                            nbytes=3.0 * F32 * n * o * p * p,
+                            in_step=layer.name in net.dropout_layers))
     if not layer.first:
         dx_str = shape_str('dx', x) if cat is None else x_str.replace("up[", "dup[").replace("skip[", "dskip[")
-        cases.append(OpCase(f"{family}_backward_data", layer.name, dims,
-                            f"{shape_str('dy', y)} {shape_str('w', w)} -> {dx_str}",
+        masked = dims.get("skip_relu_mask") if cat is not None else _masked_input(layer, net)
+        data_dims = dict(dims, relu_mask=_masked_input(layer, net)) if cat is None else dims
+        cases.append(OpCase(f"{family}_backward_data", layer.name, data_dims,
+                            f"{shape_str('dy', y)} {shape_str('w', w)} -> {dx_str}"
+                            + (" (ReLU-masked)" if masked else ""),
                             flops=layer.flops, compute_bound=True))
     cases.append(OpCase(f"{family}_backward_weight", layer.name, dims,
                         f"{x_str} {shape_str('dy', y)} -> {shape_str('dw', w)} db[{o}]",
@@ -162,9 +195,10 @@ def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
 
 
 def op_cases(net: Network) -> list[OpCase]:
-    """Every op a training step of ``net`` runs, once per layer it runs at; and crop + concat at
-    each concatenation, which only the unfused path runs, and the optimizer's update one parameter
-    at a time (``in_step`` False)."""
+    """Every op a training step of ``net`` runs, once per layer it runs at, the backward-data ops
+    with the ReLU masks the step gives them; and, with ``in_step`` False: crop + concat at each
+    concatenation, which only the unfused path runs, the optimizer's update one parameter at a
+    time, and the separate ReLU backward of the layers whose consumers all fuse it."""
     cases: list[OpCase] = []
     for layer in net.layers:
         cases += _conv_cases(layer, net)
@@ -176,9 +210,10 @@ def op_cases(net: Network) -> list[OpCase]:
         cases.append(OpCase("maxpool2x2_forward", pool.name, dims,
                             f"{shape_str('x', x)} -> {shape_str('y', y)} argmax",
                             nbytes=elems * F32 + elems / 4 * (F32 + U8)))
-        cases.append(OpCase("maxpool2x2_backward", pool.name, dims,
-                            f"{shape_str('dy', y)} argmax -> {shape_str('dx', x)}",
-                            nbytes=elems / 4 * (F32 + U8) + elems * F32))
+        masked = _skip_layer(net, int(pool.name[len("pool"):]) - 1) not in net.dropout_layers
+        cases.append(OpCase("maxpool2x2_backward", pool.name, dict(dims, relu_mask=masked),
+                            f"{shape_str('dy', y)} argmax{' y' if masked else ''} -> {shape_str('dx', x)}",
+                            nbytes=elems / 4 * (F32 + U8 + (F32 if masked else 0)) + elems * F32))
         # the skip map gets its gradient from the pool and from the concat: one accumulation
         cases.append(OpCase("accumulate_", pool.name.replace("pool", "skip"), dims,
                             f"{shape_str('dst', x)} += {shape_str('src', x)}",
@@ -307,7 +342,7 @@ def make_inputs(case: OpCase, xp, ops) -> dict:
         x = rng.normal((n, c, h, h))
         inputs = dict(x=x, dy=rng.normal((n, c, h // 2, h // 2)))
         if op == "maxpool2x2_backward":
-            inputs["argmax"] = ops.maxpool2x2_forward(x)[1]
+            inputs["y"], inputs["argmax"] = ops.maxpool2x2_forward(x)
         return inputs
     if op == "accumulate_":
         n, c, h = d["n"], d["c"], d["h"]
@@ -354,7 +389,9 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
         return lambda: ops.conv3x3_concat_forward(a["up"], a["skip"], a["w"], a["b"], True)
     if op == "conv3x3_concat_backward_data":
         skip_shape = tuple(a["skip"].shape)
-        return lambda: ops.conv3x3_concat_backward_data(a["dy"], a["w"], skip_shape)
+        skip_mask = a["skip"] if case.dims.get("skip_relu_mask") else None
+        return lambda: ops.conv3x3_concat_backward_data(a["dy"], a["w"], skip_shape,
+                                                        skip_relu_mask=skip_mask)
     if op == "conv3x3_concat_backward_weight":
         return lambda: ops.conv3x3_concat_backward_weight(a["up"], a["skip"], a["dy"])
     if op in ("upconv2x2_forward", "conv1x1_forward"):
@@ -362,7 +399,8 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
         return lambda: fn(a["x"], a["w"], a["b"])
     if op.endswith("_backward_data"):
         fn = getattr(ops, op)
-        return lambda: fn(a["dy"], a["w"])
+        mask = a["x"] if case.dims.get("relu_mask") else None
+        return lambda: fn(a["dy"], a["w"], relu_mask=mask)
     if op.endswith("_backward_weight"):
         fn = getattr(ops, op)
         return lambda: fn(a["x"], a["dy"])
@@ -371,7 +409,8 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
     if op == "maxpool2x2_forward":
         return lambda: ops.maxpool2x2_forward(a["x"])
     if op == "maxpool2x2_backward":
-        return lambda: ops.maxpool2x2_backward(a["dy"], a["argmax"])
+        mask = a["y"] if case.dims.get("relu_mask") else None
+        return lambda: ops.maxpool2x2_backward(a["dy"], a["argmax"], relu_mask=mask)
     if op == "accumulate_":
         return lambda: ops.accumulate_(a["dst"], a["src"])
     if op == "crop_concat_forward":

@@ -140,3 +140,95 @@ def test_unet_gradients_by_finite_differences(depth, size, dropout):
             assert abs(numeric - grad[i]) <= 2e-8 + 1e-5 * abs(numeric), (
                 f"{name}[{i}]: analytic {grad[i]:.9g} vs numeric {numeric:.9g} (rel {err:.2e})")
     print(f"depth {depth}: worst relative gradient error {worst:.2e} over {len(checked)} tensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# The ReLU's backward fused into the consumers' backward-data ops (functional.py, autograd.py)
+# ------------------------------------------------------------------------------------------------
+
+def _count_relu_backward(monkeypatch):
+    calls = []
+    real = u.ops.relu_backward
+
+    def counting(y, dy):
+        calls.append(y.shape)
+        return real(y, dy)
+
+    monkeypatch.setattr(u.ops, "relu_backward", counting)
+    return calls
+
+
+def _unet_gradients(fuse, depth, dropout, dtype):
+    net = u.UNet(in_channels=1, num_classes=2, base_channels=3, depth=depth, dropout=dropout, seed=3)
+    for p in net.parameters():
+        p.data = p.data.astype(dtype)
+        p.data += dtype(0.05) * np.random.default_rng(4).standard_normal(p.data.shape).astype(dtype)
+    size = net.legal_input_sizes(120)[0]
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((2, 1, size, size)).astype(dtype), requires_grad=True)
+    out = net.output_size(size)
+    labels = rng.integers(0, 2, (2, out, out)).astype(np.int32)
+    weights = rng.uniform(0.5, 2.0, (2, out, out)).astype(dtype)
+    with F.fused_relu_backward(fuse):
+        loss = F.softmax_cross_entropy(net(x, dropout_seeds=[11, 12, 13][:net.num_dropout_layers()]),
+                                       labels, weights)
+    loss.backward()
+    return [x.grad] + [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_relu_backward_gives_the_same_bits(monkeypatch, dropout, dtype):
+    """Every gradient of the network, fused or not: the same bits; and the fusion leaves a separate
+    ReLU backward only where a ReLU's output feeds a dropout (depth 3: the last two levels)."""
+    calls = _count_relu_backward(monkeypatch)
+    unfused = _unet_gradients(False, 3, dropout, dtype)
+    relu_layers = 2 * (2 * 3 - 1)  # two 3x3 convolutions per level, going down and coming up
+    assert len(calls) == relu_layers
+    calls.clear()
+    fused = _unet_gradients(True, 3, dropout, dtype)
+    assert len(calls) == (2 if dropout else 0)
+    for a, b in zip(unfused, fused):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_relu_output_with_an_unmasking_consumer_is_masked_once(monkeypatch):
+    """A ReLU's output feeding a masking op (max-pool) and one that does not mask (crop_concat): the
+    engine masks the summed gradient itself, and the result is that of the unfused graph."""
+    rng = np.random.default_rng(6)
+    x = Tensor(rand(rng, 1, 2, 10, 10), requires_grad=True)
+    w, b = Tensor(rand(rng, 2, 2, 3, 3), requires_grad=True), Tensor(rand(rng, 2), requires_grad=True)
+    r = rand(rng, 1, 4, 4, 4)
+    grads = {}
+    calls = _count_relu_backward(monkeypatch)
+    for fuse in (False, True):
+        x.grad = w.grad = b.grad = None
+        with F.fused_relu_backward(fuse):
+            h = F.conv3x3(x, w, b)                       # [1,2,8,8], a ReLU's output
+            cat = F.crop_concat(F.max_pool2x2(h), h)     # pooled (2 ch) and h cropped to 4x4 (2 ch)
+        cat.backward(r)
+        grads[fuse] = (x.grad.copy(), w.grad.copy(), b.grad.copy())
+    assert len(calls) == 2  # once per graph: crop_concat does not mask, so the engine does
+    for a, c in zip(grads[False], grads[True]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_relu_output_as_the_output_is_masked():
+    """backward() started at a ReLU's output passes the given gradient through that ReLU."""
+    rng = np.random.default_rng(7)
+    x = Tensor(rand(rng, 1, 1, 5, 5), requires_grad=False)
+    w, b = Tensor(rand(rng, 1, 1, 3, 3), requires_grad=True), Tensor(np.zeros(1), requires_grad=True)
+    y = F.conv3x3(x, w, b)
+    dy = np.ones(y.shape)
+    y.backward(dy)
+    np.testing.assert_array_equal(b.grad, [float((y.data > 0).sum())])
+
+
+def test_masked_flag_needs_a_relu_output():
+    rng = np.random.default_rng(8)
+    x = Tensor(rand(rng, 1, 1, 4, 4), requires_grad=True)
+    with pytest.raises(ValueError, match="ReLU's output"):
+        Tensor.from_op(x.data, (x,), lambda g: (g,), "identity", masked=(True,))
+    with pytest.raises(ValueError, match="1 inputs"):
+        Tensor.from_op(x.data, (x,), lambda g: (g,), "identity", masked=(False, False))

@@ -787,7 +787,18 @@ def test_op_cases_cover_a_training_step():
     # timed, but a step in the precision modes does not run them
     assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward",
                                                       "sgd_momentum_update_", "dropout_mask",
-                                                      "dropout_forward", "dropout_backward"}
+                                                      "dropout_forward", "dropout_backward",
+                                                      "relu_backward"}
+    # the ReLU's backward runs on its own only where dropout follows the ReLU (d4b, b2); everywhere
+    # else the consumers' backward-data ops (and the pools' backward) take it as their relu_mask
+    relu = [c for c in cases if c.op == "relu_backward"]
+    assert len(relu) == 18 and [c.layer for c in relu if c.in_step] == ["d4b", "b2"]
+    masked = {c.layer for c in cases if c.dims.get("relu_mask") or c.dims.get("skip_relu_mask")}
+    assert masked == {"d1b", "d2b", "d3b", "d4b", "b2", "u1b", "u2b", "u3b", "u4b",  # conv3x3 data
+                      "up2", "up3", "up4", "out",                                    # after a "b"
+                      "u2a", "u3a", "u4a",                                           # their skips
+                      "pool1", "pool2", "pool3"}
+    assert not any(c.dims.get("relu_mask") for c in cases if c.layer in ("up1", "pool4", "u1a"))
     for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
         sgd = next(c for c in cases if c.op == op)
         assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658

@@ -6,6 +6,14 @@ with ``unet_cuda.ops`` and hands ``Tensor.from_op`` a closure that maps the outp
 parents' gradients, again with ``unet_cuda.ops``. ``Tensor.backward`` sorts the graph
 topologically and runs those closures from the output back to the leaves, adding gradients where a
 tensor feeds several ops.
+
+One thing the engine does know is the ReLU, because its backward can be fused into the ops that
+consume its output. An op whose output ends in a ReLU says so (``relu=True``); its closure then
+receives the gradient already passed back through that ReLU. The engine applies the ReLU's backward
+(``ops.relu_backward``) itself, unless every op that consumed the output already did so in its own
+kernel (``masked``: it took the ReLU's output as its gradient's ``relu_mask``). Masking each
+contribution and then summing gives the same bits as summing and then masking, so the result does
+not depend on where the mask is applied.
 """
 
 from __future__ import annotations
@@ -46,24 +54,44 @@ class Tensor:
     tensors by ops.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "name", "_parents", "_backward")
+    __slots__ = ("data", "grad", "requires_grad", "name", "relu_output", "_parents", "_backward",
+                 "_masked", "_grad_masked")
 
     def __init__(self, data, requires_grad: bool = False, name: str = ""):
         self.data = data
         self.grad = None
         self.requires_grad = requires_grad
         self.name = name
+        self.relu_output = False  # the output of an op that ends in a ReLU (data >= 0 or NaN)
         self._parents: tuple[Tensor, ...] = ()
         self._backward: BackwardFn | None = None
+        self._masked: tuple[bool, ...] = ()  # per parent: its gradient comes back ReLU-masked
+        self._grad_masked = False            # every contribution to self.grad came masked
 
     @classmethod
-    def from_op(cls, data, parents: Sequence["Tensor"], backward: BackwardFn, name: str) -> "Tensor":
-        """The output of an op. Records ``backward`` only if some parent needs a gradient."""
+    def from_op(cls, data, parents: Sequence["Tensor"], backward: BackwardFn, name: str, *,
+                relu: bool = False, masked: Sequence[bool] | None = None) -> "Tensor":
+        """The output of an op. Records ``backward`` only if some parent needs a gradient.
+
+        ``relu``: the op ends in a ReLU; ``backward`` is then handed the gradient after the ReLU's
+        backward (the engine's, or the consumers' fused masks). ``masked``: one bool per parent,
+        True where ``backward`` returns that parent's gradient already passed back through the
+        parent's own ReLU (the op used ``parent.data`` as the ``relu_mask`` of its kernel); only
+        a parent with ``relu_output`` may be marked.
+        """
         needs_grad = _grad_enabled and any(p.requires_grad for p in parents)
         out = cls(data, requires_grad=needs_grad, name=name)
+        out.relu_output = relu
         if needs_grad:
             out._parents = tuple(parents)
             out._backward = backward
+            out._masked = tuple(bool(m) for m in masked) if masked is not None else (False,) * len(parents)
+            if len(out._masked) != len(out._parents):
+                raise ValueError(f"op {name}: {len(out._masked)} masked flags for {len(parents)} inputs")
+            for parent, m in zip(out._parents, out._masked):
+                if m and not parent.relu_output:
+                    raise ValueError(f"op {name}: a gradient can be ReLU-masked only for an input "
+                                     f"that is a ReLU's output, not {parent!r}")
         return out
 
     @property
@@ -109,20 +137,27 @@ class Tensor:
                 raise RuntimeError(f"backward() needs an explicit gradient for a non-scalar output {self!r}")
             grad = 1.0
         self.grad = grad
+        self._grad_masked = False
         for node in reversed(self._topological_order()):
             if node._backward is None:
                 continue
-            parent_grads = node._backward(node.grad)
+            grad = node.grad
+            if node.relu_output and not node._grad_masked:
+                grad = ops.relu_backward(node.data, grad)
+            parent_grads = node._backward(grad)
             if len(parent_grads) != len(node._parents):
                 raise RuntimeError(f"op {node.name} returned {len(parent_grads)} gradients for "
                                    f"{len(node._parents)} inputs")
-            for parent, g in zip(node._parents, parent_grads):
+            for parent, g, masked in zip(node._parents, parent_grads, node._masked):
                 if g is None or not parent.requires_grad:
                     continue
                 if parent.grad is None:
                     parent.grad = g
+                    parent._grad_masked = masked
                 else:
                     ops.accumulate_(parent.grad, g)
+                    parent._grad_masked = parent._grad_masked and masked
             node.grad = None
             node._parents = ()
             node._backward = None
+            node._masked = ()

@@ -3,29 +3,58 @@ records how to send the gradient back, again with ``unet_cuda.ops``.
 
 Nothing here computes: every line of math lives in the op functions (docs/OPS.md), so the same
 wiring runs on the NumPy reference and on the CUDA kernels.
+
+The ReLU's backward is fused where it can be (``autograd.py``): an op whose input is a ReLU's
+output passes that input to its backward-data kernel as ``relu_mask`` and marks the gradient it
+returns as masked; when every consumer of a ReLU's output did so, no ``relu_backward`` runs for
+it. ``fused_relu_backward(False)`` turns this off (a separate ``relu_backward`` for every ReLU,
+as a learner might write it): the gradients have the same bits either way.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from . import ops
 from .autograd import Tensor
 
 __all__ = ["conv3x3", "conv3x3_concat", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat",
-           "dropout", "softmax_cross_entropy"]
+           "dropout", "softmax_cross_entropy", "fused_relu_backward"]
+
+_fuse_relu_backward = True
+
+
+@contextlib.contextmanager
+def fused_relu_backward(enabled: bool):
+    """Within this block, ops recorded fuse (``True``) or do not fuse (``False``) the ReLU's
+    backward of their inputs into their own backward-data kernels."""
+    global _fuse_relu_backward
+    previous, _fuse_relu_backward = _fuse_relu_backward, bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse_relu_backward = previous
+
+
+def _masks(x: Tensor) -> bool:
+    """Whether an op recorded now takes ``x``'s ReLU into its backward (``x`` being one's output)."""
+    return _fuse_relu_backward and x.relu_output
 
 
 def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
     """Valid 3x3 convolution with bias, ReLU fused when ``relu``."""
     y = ops.conv3x3_forward(x.data, w.data, b.data, relu)
+    mask_x = _masks(x)
 
-    def backward(dy):
-        if relu:
-            dy = ops.relu_backward(y, dy)
-        dx = ops.conv3x3_backward_data(dy, w.data) if x.requires_grad else None
+    def backward(dy):  # dy: after this op's ReLU (autograd.py)
+        dx = None
+        if x.requires_grad:
+            dx = ops.conv3x3_backward_data(dy, w.data, relu_mask=x.data if mask_x else None)
         dw, db = ops.conv3x3_backward_weight(x.data, dy)
         return dx, dw, db
 
-    return Tensor.from_op(y, (x, w, b), backward, "conv3x3_relu" if relu else "conv3x3")
+    return Tensor.from_op(y, (x, w, b), backward, "conv3x3_relu" if relu else "conv3x3", relu=relu,
+                          masked=(mask_x, False, False))
 
 
 def conv3x3_concat(up: Tensor, skip: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
@@ -34,49 +63,60 @@ def conv3x3_concat(up: Tensor, skip: Tensor, w: Tensor, b: Tensor, relu: bool = 
     crop window of ``skip`` where they are."""
     y = ops.conv3x3_concat_forward(up.data, skip.data, w.data, b.data, relu)
     skip_shape = skip.shape
+    mask_up, mask_skip = _masks(up), _masks(skip)
 
-    def backward(dy):
-        if relu:
-            dy = ops.relu_backward(y, dy)
+    def backward(dy):  # dy: after this op's ReLU (autograd.py)
         dup = dskip = None
         if up.requires_grad or skip.requires_grad:
-            dup, dskip = ops.conv3x3_concat_backward_data(dy, w.data, skip_shape)
+            dup, dskip = ops.conv3x3_concat_backward_data(
+                dy, w.data, skip_shape, up_relu_mask=up.data if mask_up else None,
+                skip_relu_mask=skip.data if mask_skip else None)
         dw, db = ops.conv3x3_concat_backward_weight(up.data, skip.data, dy)
         return dup, dskip, dw, db
 
-    return Tensor.from_op(y, (up, skip, w, b), backward, "conv3x3_concat_relu" if relu else "conv3x3_concat")
+    return Tensor.from_op(y, (up, skip, w, b), backward,
+                          "conv3x3_concat_relu" if relu else "conv3x3_concat", relu=relu,
+                          masked=(mask_up, mask_skip, False, False))
 
 
 def conv1x1(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     y = ops.conv1x1_forward(x.data, w.data, b.data)
+    mask_x = _masks(x)
 
     def backward(dy):
-        dx = ops.conv1x1_backward_data(dy, w.data) if x.requires_grad else None
+        dx = None
+        if x.requires_grad:
+            dx = ops.conv1x1_backward_data(dy, w.data, relu_mask=x.data if mask_x else None)
         dw, db = ops.conv1x1_backward_weight(x.data, dy)
         return dx, dw, db
 
-    return Tensor.from_op(y, (x, w, b), backward, "conv1x1")
+    return Tensor.from_op(y, (x, w, b), backward, "conv1x1", masked=(mask_x, False, False))
 
 
 def max_pool2x2(x: Tensor) -> Tensor:
     y, argmax = ops.maxpool2x2_forward(x.data)
+    mask_x = _masks(x)
 
     def backward(dy):
-        return (ops.maxpool2x2_backward(dy, argmax),)
+        # x at the element taken is y: masking by y > 0 is x's ReLU backward
+        return (ops.maxpool2x2_backward(dy, argmax, relu_mask=y if mask_x else None),)
 
-    return Tensor.from_op(y, (x,), backward, "max_pool2x2")
+    return Tensor.from_op(y, (x,), backward, "max_pool2x2", masked=(mask_x,))
 
 
 def up_conv2x2(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """2x2 stride-2 up-convolution (transposed convolution) with bias."""
     y = ops.upconv2x2_forward(x.data, w.data, b.data)
+    mask_x = _masks(x)
 
     def backward(dy):
-        dx = ops.upconv2x2_backward_data(dy, w.data) if x.requires_grad else None
+        dx = None
+        if x.requires_grad:
+            dx = ops.upconv2x2_backward_data(dy, w.data, relu_mask=x.data if mask_x else None)
         dw, db = ops.upconv2x2_backward_weight(x.data, dy)
         return dx, dw, db
 
-    return Tensor.from_op(y, (x, w, b), backward, "up_conv2x2")
+    return Tensor.from_op(y, (x, w, b), backward, "up_conv2x2", masked=(mask_x, False, False))
 
 
 def crop_concat(up: Tensor, skip: Tensor) -> Tensor:
