@@ -334,13 +334,16 @@ def _ratios(peers: dict, ours: dict) -> dict:
 def _op_summary(records: list[dict]) -> dict:
     """The per-op records added up per precision mode: every op a training step runs once, the 3x3
     convolutions in the mode's version (records with a ``version``), the others shared by all modes;
-    ops the step does not run (``in_step`` false: crop + concat) are left out of the sums."""
+    ops the step does not run (``in_step`` false: crop + concat) are left out of the sums; those it
+    fuses into others but a PyTorch step runs on its own (``peer_in_step``: the ReLU's backward, the
+    skip maps' sums) count in the peer's sum only."""
     op_records = [r for r in records if r.get("kind") == "op" and _ms(r) is not None]
     if not op_records:
         return {}
     in_step = [r for r in op_records if r.get("in_step", True) is not False]
     shared = [r for r in in_step if not r.get("version")]
     versioned = [r for r in in_step if r.get("version")]
+    peer_only = [r for r in op_records if r.get("in_step", True) is False and r.get("peer_in_step")]
     modes = _ordered({r.get("precision") or "fp32" for r in versioned}) or ["fp32"]
     counts, totals, peer_totals = {}, {}, {}
     for mode in modes:
@@ -349,7 +352,7 @@ def _op_summary(records: list[dict]) -> dict:
         totals[mode] = sum(r["ms"] for r in rows)
         # the peer in the mode's setting where it was timed (convolutions), else its FP32 peer
         peers = [next((r[k] for k in (f"peer_{mode}_ms", "peer_fp32_ms", "peer_ms")
-                       if isinstance(r.get(k), (int, float))), None) for r in rows]
+                       if isinstance(r.get(k), (int, float))), None) for r in rows + peer_only]
         if any(v is not None for v in peers):
             peer_totals[mode] = sum(v for v in peers if v is not None)
     out: dict = {"ops_count": counts, "ops_total_ms": totals, "ops_peer_total_ms": peer_totals or None}

@@ -74,6 +74,9 @@ class OpCase:
     # False for an op a training step no longer runs in the precision modes: crop + concat, which
     # the decoder's fused convolution (conv3x3_concat_*, every GEMM version) makes unnecessary
     in_step: bool = True
+    # True for an op our step fuses into another (the ReLU's backward, the skip maps' sums) but a
+    # PyTorch step runs on its own: its peer time still counts in the peer's sum of a step
+    peer_in_step: bool = False
 
     @property
     def id(self) -> str:
@@ -143,7 +146,7 @@ def _conv_cases(layer, net: Network) -> list[OpCase]:
         cases.append(OpCase("relu_backward", layer.name, dims,
                             f"{shape_str('y', y)} {shape_str('dy', y)} -> {shape_str('dx', y)}",
                             nbytes=3.0 * F32 * n * o * p * p,
-                            in_step=layer.name in net.dropout_layers))
+                            in_step=layer.name in net.dropout_layers, peer_in_step=True))
     if not layer.first:
         dx_str = shape_str('dx', x) if cat is None else x_str.replace("up[", "dup[").replace("skip[", "dskip[")
         masked = dims.get("skip_relu_mask") if cat is not None else _masked_input(layer, net)
@@ -196,9 +199,10 @@ def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
 
 def op_cases(net: Network) -> list[OpCase]:
     """Every op a training step of ``net`` runs, once per layer it runs at, the backward-data ops
-    with the ReLU masks the step gives them; and, with ``in_step`` False: crop + concat at each
-    concatenation, which only the unfused path runs, the optimizer's update one parameter at a
-    time, and the separate ReLU backward of the layers whose consumers all fuse it."""
+    with the ReLU masks the step gives them, the pools' backward adding into the skip maps'
+    gradients; and, with ``in_step`` False: crop + concat at each concatenation, which only the
+    unfused path runs, the optimizer's update one parameter at a time, the separate ReLU backward
+    of the layers whose consumers all fuse it, and the skip maps' separate accumulation."""
     cases: list[OpCase] = []
     for layer in net.layers:
         cases += _conv_cases(layer, net)
@@ -211,13 +215,16 @@ def op_cases(net: Network) -> list[OpCase]:
                             f"{shape_str('x', x)} -> {shape_str('y', y)} argmax",
                             nbytes=elems * F32 + elems / 4 * (F32 + U8)))
         masked = _skip_layer(net, int(pool.name[len("pool"):]) - 1) not in net.dropout_layers
-        cases.append(OpCase("maxpool2x2_backward", pool.name, dict(dims, relu_mask=masked),
-                            f"{shape_str('dy', y)} argmax{' y' if masked else ''} -> {shape_str('dx', x)}",
-                            nbytes=elems / 4 * (F32 + U8 + (F32 if masked else 0)) + elems * F32))
-        # the skip map gets its gradient from the pool and from the concat: one accumulation
+        # the skip map gets its gradient from the concatenation's backward (first) and from the
+        # pool's, which adds its own into it (accumulate_into): dx read and written
+        cases.append(OpCase("maxpool2x2_backward", pool.name, dict(dims, relu_mask=masked, accumulate=True),
+                            f"{shape_str('dy', y)} argmax{' y' if masked else ''} -> "
+                            f"{shape_str('dx', x)} (added into)",
+                            nbytes=elems / 4 * (F32 + U8 + (F32 if masked else 0)) + 2 * elems * F32))
+        # the same sum as a separate pass, timed beside it (the unfused path)
         cases.append(OpCase("accumulate_", pool.name.replace("pool", "skip"), dims,
                             f"{shape_str('dst', x)} += {shape_str('src', x)}",
-                            nbytes=3.0 * F32 * elems))
+                            nbytes=3.0 * F32 * elems, in_step=False, peer_in_step=True))
     for cat in net.concats:
         n, cu, hw, cs, hs = cat.batch, cat.up_channels, cat.hw, cat.skip_channels, cat.skip_hw
         dims = dict(n=n, cu=cu, h=hw, cs=cs, hs=hs)
@@ -343,6 +350,7 @@ def make_inputs(case: OpCase, xp, ops) -> dict:
         inputs = dict(x=x, dy=rng.normal((n, c, h // 2, h // 2)))
         if op == "maxpool2x2_backward":
             inputs["y"], inputs["argmax"] = ops.maxpool2x2_forward(x)
+            inputs["dx"] = rng.normal((n, c, h, h))  # what the concatenation's backward left there
         return inputs
     if op == "accumulate_":
         n, c, h = d["n"], d["c"], d["h"]
@@ -410,7 +418,8 @@ def ours(case: OpCase, inputs: dict, ops) -> Callable[[], object]:
         return lambda: ops.maxpool2x2_forward(a["x"])
     if op == "maxpool2x2_backward":
         mask = a["y"] if case.dims.get("relu_mask") else None
-        return lambda: ops.maxpool2x2_backward(a["dy"], a["argmax"], relu_mask=mask)
+        into = a["dx"] if case.dims.get("accumulate") else None
+        return lambda: ops.maxpool2x2_backward(a["dy"], a["argmax"], relu_mask=mask, accumulate_into=into)
     if op == "accumulate_":
         return lambda: ops.accumulate_(a["dst"], a["src"])
     if op == "crop_concat_forward":

@@ -188,6 +188,9 @@ class Driver:
                 self.call(f"maxpool2x2_backward {tag}", lambda: ops.maxpool2x2_backward(dy, argmax))
                 self.call(f"maxpool2x2_backward relu_mask {tag}",
                           lambda: ops.maxpool2x2_backward(dy, argmax, relu_mask=y))
+                into = self.normal(*x.shape)
+                self.call(f"maxpool2x2_backward accumulate {tag}",
+                          lambda: ops.maxpool2x2_backward(dy, argmax, relu_mask=y, accumulate_into=into))
         for up_shape, skip_shape in (((2, 3, 6, 8), (2, 4, 10, 12)), ((1, 5, 7, 7), (1, 2, 7, 7))):
             up, skip = self.normal(*up_shape), self.normal(*skip_shape)
             n, cu, h, w = up_shape

@@ -197,6 +197,7 @@ def test_op(benchmark, bench_env, case):
         "flops": case.flops,
         "bytes": case.nbytes,
         "in_step": case.in_step,   # False: crop + concat, which the fused decoder convolution replaces
+        "peer_in_step": case.peer_in_step,  # True: fused in our step, on its own in PyTorch's
         **timing.as_dict(),
         **benchlib.figures(timing.median_ms, flops=case.flops, nbytes=case.nbytes,
                            ceilings=ceilings, precision=precision),

@@ -452,7 +452,7 @@ void maxpool2x2_forward(py::handle x_obj, py::handle y_obj, py::handle argmax_ob
 
 // relu_mask: None, or the pool's output y (dy's shape), launchers.h.
 void maxpool2x2_backward(py::handle dy_obj, py::handle argmax_obj, py::handle dx_obj,
-                         std::uintptr_t stream, py::handle mask_obj) {
+                         std::uintptr_t stream, py::handle mask_obj, bool accumulate) {
   OpArgs args("maxpool2x2_backward");
   const DeviceArray dy = args.input(dy_obj, "dy", DType::kFloat32, 4);
   const DeviceArray argmax = args.input(argmax_obj, "argmax", DType::kUInt8, 4);
@@ -464,7 +464,7 @@ void maxpool2x2_backward(py::handle dy_obj, py::handle argmax_obj, py::handle dx
   args.check_memory();
   py::gil_scoped_release no_gil;
   launch_maxpool2x2_backward(dy.data<const float>(), argmax.data<const uint8_t>(), relu_mask,
-                             dx.data<float>(), N, C, H, W, as_stream(stream));
+                             dx.data<float>(), accumulate, N, C, H, W, as_stream(stream));
 }
 
 // The crop of skip [N, Cs, Hs, Ws] to H x W: both differences even and >= 0.
@@ -1169,9 +1169,10 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), arg("stream"),
         "y and uint8 argmax [N,C,H/2,W/2] from x[N,C,H,W] (H, W even; first maximum wins).");
   m.def("maxpool2x2_backward", &maxpool2x2_backward, arg("dy"), arg("argmax"), arg("dx"),
-        py::kw_only(), arg("stream"), arg("relu_mask") = py::none(),
+        py::kw_only(), arg("stream"), arg("relu_mask") = py::none(), arg("accumulate") = false,
         "dx[N,C,2h,2w] from dy and argmax [N,C,h,w]; with relu_mask (dy's shape: the pool's "
-        "output y, where x is a ReLU's output), dx is also 0 where it is <= 0.");
+        "output y, where x is a ReLU's output), dx is also 0 where it is <= 0; with accumulate, "
+        "dx += that gradient instead.");
   m.def("crop_concat_forward", &crop_concat_forward, arg("up"), arg("skip"), arg("y"),
         py::kw_only(), arg("stream"),
         "y[N,Cu+Cs,H,W] = [up, centre crop of skip[N,Cs,Hs,Ws]].");

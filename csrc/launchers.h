@@ -124,9 +124,11 @@ void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N,
                                int W, cudaStream_t stream);
 // relu_mask here (null, or shaped as dy): the pool's output y, where its input x is a ReLU's
 // output. dx is then zero where y <= 0 too: the bits of relu_backward(x, dx), since x at the
-// element taken is y, and every other element of dx is zero anyway.
+// element taken is y, and every other element of dx is zero anyway. accumulate: dx += the
+// gradient (dx read and written), the bits of accumulate_(dx, gradient).
 void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
-                                float* dx, int N, int C, int H, int W, cudaStream_t stream);
+                                float* dx, bool accumulate, int N, int C, int H, int W,
+                                cudaStream_t stream);
 
 // crop_concat.cu: y[N,Cu+Cs,H,W] = [up[N,Cu,H,W], centre crop of skip[N,Cs,Hs,Ws]];
 // Hs-H and Ws-W even and >= 0. The backward splits dy into dup and dskip (zero outside the crop).

@@ -13,7 +13,8 @@
 //     writes the maximum and its position.
 //   maxpool2x2_backward_v2_window<Index>: one thread per window; writes all four elements of dx,
 //     dy where argmax names the element and 0 elsewhere (every element written once, no atomics);
-//     with a relu_mask (y, where x is a ReLU's output), 0 there too where y <= 0.
+//     with a relu_mask (y, where x is a ReLU's output), 0 there too where y <= 0; accumulating,
+//     dx += that instead (the skip maps' gradient, which the concatenation's backward began).
 //     (v1 took one thread per dx element: four reads of dy and argmax per window, and three 64-bit
 //     divisions per element, 0.15 ms for the first pool on an H200.)
 // Index is int32_t where the flat indices fit, else int64_t.
@@ -51,7 +52,8 @@ __global__ void maxpool2x2_forward_v2_direct(const float* __restrict__ x, float*
 }
 
 // One thread per window: reads dy and argmax once and writes all four elements of dx.
-template <typename Index>
+// kAccumulate: dx += the gradient (every element read and written: the bits of accumulate_).
+template <typename Index, bool kAccumulate>
 __global__ void maxpool2x2_backward_v2_window(const float* __restrict__ dy,
                                               const uint8_t* __restrict__ argmax,
                                               const float* __restrict__ relu_mask,
@@ -66,10 +68,18 @@ __global__ void maxpool2x2_backward_v2_window(const float* __restrict__ dy,
     float* win = dx + (plane * H + 2 * i) * static_cast<Index>(W) + 2 * j;
     const float g = relu_masked(dy[e], relu_mask, e);  // relu_mask: y, the element taken
     const int a = argmax[e];
-    win[0] = a == 0 ? g : 0.0f;
-    win[1] = a == 1 ? g : 0.0f;
-    win[W] = a == 2 ? g : 0.0f;
-    win[W + 1] = a == 3 ? g : 0.0f;
+    const float v[4] = {a == 0 ? g : 0.0f, a == 1 ? g : 0.0f, a == 2 ? g : 0.0f, a == 3 ? g : 0.0f};
+    if constexpr (kAccumulate) {
+      win[0] += v[0];
+      win[1] += v[1];
+      win[W] += v[2];
+      win[W + 1] += v[3];
+    } else {
+      win[0] = v[0];
+      win[1] = v[1];
+      win[W] = v[2];
+      win[W + 1] = v[3];
+    }
   }
 }
 
@@ -95,15 +105,22 @@ void launch_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N,
 }
 
 void launch_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
-                                float* dx, int N, int C, int H, int W, cudaStream_t stream) {
+                                float* dx, bool accumulate, int N, int C, int H, int W,
+                                cudaStream_t stream) {
   const int64_t planes = static_cast<int64_t>(N) * C;
   const int64_t outputs = planes * (H / 2) * (W / 2);
   if (outputs == 0) return;
   with_index_type(planes * H * W, [&](auto index) {
     using Index = decltype(index);
-    launch_kernel("maxpool2x2_backward_v2_window", maxpool2x2_backward_v2_window<Index>,
-                  dim3(grid_1d(outputs)), dim3(kBlock1d), stream, dy, argmax, relu_mask, dx,
-                  static_cast<Index>(planes), H, W);
+    if (accumulate)
+      launch_kernel("maxpool2x2_backward_v2_window_accumulate",
+                    maxpool2x2_backward_v2_window<Index, true>, dim3(grid_1d(outputs)),
+                    dim3(kBlock1d), stream, dy, argmax, relu_mask, dx, static_cast<Index>(planes),
+                    H, W);
+    else
+      launch_kernel("maxpool2x2_backward_v2_window", maxpool2x2_backward_v2_window<Index, false>,
+                    dim3(grid_1d(outputs)), dim3(kBlock1d), stream, dy, argmax, relu_mask, dx,
+                    static_cast<Index>(planes), H, W);
   });
 }
 

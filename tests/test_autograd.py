@@ -158,7 +158,19 @@ def _count_relu_backward(monkeypatch):
     return calls
 
 
-def _unet_gradients(fuse, depth, dropout, dtype):
+def _count_accumulate(monkeypatch):
+    calls = []
+    real = u.ops.accumulate_
+
+    def counting(dst, src):
+        calls.append(dst.shape)
+        return real(dst, src)
+
+    monkeypatch.setattr(u.ops, "accumulate_", counting)
+    return calls
+
+
+def _unet_gradients(fuse, depth, dropout, dtype, accumulate=None):
     net = u.UNet(in_channels=1, num_classes=2, base_channels=3, depth=depth, dropout=dropout, seed=3)
     for p in net.parameters():
         p.data = p.data.astype(dtype)
@@ -169,7 +181,7 @@ def _unet_gradients(fuse, depth, dropout, dtype):
     out = net.output_size(size)
     labels = rng.integers(0, 2, (2, out, out)).astype(np.int32)
     weights = rng.uniform(0.5, 2.0, (2, out, out)).astype(dtype)
-    with F.fused_relu_backward(fuse):
+    with F.fused_relu_backward(fuse), F.fused_accumulation(fuse if accumulate is None else accumulate):
         loss = F.softmax_cross_entropy(net(x, dropout_seeds=[11, 12, 13][:net.num_dropout_layers()]),
                                        labels, weights)
     loss.backward()
@@ -180,17 +192,25 @@ def _unet_gradients(fuse, depth, dropout, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_relu_backward_gives_the_same_bits(monkeypatch, dropout, dtype):
     """Every gradient of the network, fused or not: the same bits; and the fusion leaves a separate
-    ReLU backward only where a ReLU's output feeds a dropout (depth 3: the last two levels)."""
+    ReLU backward only where a ReLU's output feeds a dropout (depth 3: the last two levels), and no
+    separate accumulation (the skip maps' sums happen in the pools' backward)."""
     calls = _count_relu_backward(monkeypatch)
+    sums = _count_accumulate(monkeypatch)
     unfused = _unet_gradients(False, 3, dropout, dtype)
     relu_layers = 2 * (2 * 3 - 1)  # two 3x3 convolutions per level, going down and coming up
     assert len(calls) == relu_layers
+    assert len(sums) == 2  # the two skip maps, from the pool and from the concatenation
     calls.clear()
+    sums.clear()
     fused = _unet_gradients(True, 3, dropout, dtype)
     assert len(calls) == (2 if dropout else 0)
-    for a, b in zip(unfused, fused):
+    assert len(sums) == 0
+    only_masks = _unet_gradients(True, 3, dropout, dtype, accumulate=False)
+    only_sums = _unet_gradients(False, 3, dropout, dtype, accumulate=True)
+    for a, b, c, d in zip(unfused, fused, only_masks, only_sums):
         assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+        for other in (b, c, d):
+            np.testing.assert_array_equal(a.view(np.uint8), other.view(np.uint8))
 
 
 def test_relu_output_with_an_unmasking_consumer_is_masked_once(monkeypatch):
@@ -228,7 +248,50 @@ def test_relu_output_as_the_output_is_masked():
 def test_masked_flag_needs_a_relu_output():
     rng = np.random.default_rng(8)
     x = Tensor(rand(rng, 1, 1, 4, 4), requires_grad=True)
-    with pytest.raises(ValueError, match="ReLU's output"):
+    with pytest.raises(ValueError, match="recorded op's ReLU"):
         Tensor.from_op(x.data, (x,), lambda g: (g,), "identity", masked=(True,))
     with pytest.raises(ValueError, match="1 inputs"):
         Tensor.from_op(x.data, (x,), lambda g: (g,), "identity", masked=(False, False))
+
+
+def test_accumulating_gradient_first_second_and_alone():
+    """A max-pool's gradient as the only contribution (a new array), as the second (added into
+    the first in its kernel), and two pools of one map: the bits of the unfused graph."""
+    rng = np.random.default_rng(9)
+    x = Tensor(rand(rng, 1, 2, 10, 10), requires_grad=True)
+    w, b = Tensor(rand(rng, 2, 2, 3, 3), requires_grad=True), Tensor(rand(rng, 2), requires_grad=True)
+    r_pool, r_cat = rand(rng, 1, 2, 4, 4), rand(rng, 1, 4, 4, 4)
+    for build in ("alone", "after the concat", "two pools"):
+        grads = []
+        for fuse in (False, True):
+            x.grad = w.grad = b.grad = None
+            with F.fused_accumulation(fuse), F.fused_relu_backward(fuse):
+                h = F.conv3x3(x, w, b)
+                if build == "alone":
+                    out, r = F.max_pool2x2(h), r_pool
+                elif build == "after the concat":
+                    out, r = F.crop_concat(F.max_pool2x2(h), h), r_cat
+                else:
+                    out, r = F.crop_concat(F.max_pool2x2(h), F.max_pool2x2(h)), r_cat
+            out.backward(r)
+            grads.append((x.grad.copy(), w.grad.copy(), b.grad.copy()))
+        for a, c in zip(*grads):
+            np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8), err_msg=build)
+
+
+def test_a_leaf_made_by_a_relu_op_gets_its_own_gradient():
+    """A ReLU op's output made without a tape (no_grad) and then made a leaf: its consumers must not
+    mask, since its gradient is its own and no engine ReLU backward follows."""
+    rng = np.random.default_rng(10)
+    x = Tensor(rand(rng, 1, 2, 9, 9))
+    w, b = Tensor(rand(rng, 2, 2, 3, 3)), Tensor(rand(rng, 2))
+    with no_grad():
+        h = F.conv3x3(x, w, b)
+    assert (h.data == 0).any()
+    h.requires_grad = True
+    w2, b2 = Tensor(rand(rng, 3, 2, 3, 3), requires_grad=True), Tensor(rand(rng, 3), requires_grad=True)
+    r = rand(rng, 1, 3, 5, 5)
+    F.conv3x3(h, w2, b2, relu=False).backward(r)
+    np.testing.assert_array_equal(h.grad, u.ops.conv3x3_backward_data(r, w2.data))
+    with pytest.raises(ValueError, match="recorded op's ReLU"):
+        Tensor.from_op(h.data, (h,), lambda g: (g,), "identity", masked=(True,))

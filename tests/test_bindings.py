@@ -399,6 +399,18 @@ def test_output_overlapping_another_argument(op, arg):
         call(op, **args)
 
 
+@pytest.mark.parametrize("op,mask,out", [("conv3x3_backward_data", "relu_mask", "dx"),
+                                         ("maxpool2x2_backward", "relu_mask", "dx"),
+                                         ("conv3x3_concat_backward_data", "skip_relu_mask", "dskip"),
+                                         ("conv3x3_concat_backward_data", "up_relu_mask", "dup")])
+def test_relu_mask_must_not_overlap_an_output(op, mask, out):
+    """A mask is read while the output is written: the same memory (in place) is refused."""
+    args = VALID[op]()
+    args[mask] = args[mask].like(ptr=args[out].ptr)
+    with pytest.raises(ValueError, match="overlaps"):
+        call(op, **args)
+
+
 def test_malformed_interfaces():
     op = "accumulate_"
     raises_naming(ValueError, op, "src", "masked", src=f32(7, 3).like(mask=object()))
@@ -605,6 +617,7 @@ def report_valid_calls():
     # The optional ReLU masks left out (None), as most calls leave them.
     for op, masks in MASK_ARGS.items():
         cases[f"{op} no relu_mask"] = dict(VALID[op](), **{name: None for name in masks})
+    cases["maxpool2x2_backward accumulate"] = dict(VALID["maxpool2x2_backward"](), accumulate=True)
     print_call_results(cases)
 
 
@@ -639,7 +652,7 @@ MASK_ARGS = {"conv3x3_backward_data": ("relu_mask",), "conv1x1_backward_data": (
 
 def test_valid_calls_reach_the_device_memory_check():
     results = call_results_in_a_subprocess("report_valid_calls")
-    assert len(results) == len(VALID) + 5 + len(MASK_ARGS)
+    assert len(results) == len(VALID) + 6 + len(MASK_ARGS)
     assert_each_met_the_device_memory_check(results)
 
 

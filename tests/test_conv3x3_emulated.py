@@ -783,7 +783,7 @@ def test_maxpool2x2(lib, shape):
     dy = rng.uniform(-1, 1, y_ref.shape).astype(np.float32)
     dx = Guarded(shape=shape, output=True)
     plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(arg.ctypes.data), None,
-               dx.ptr, n, c, h, w)
+               dx.ptr, 0, n, c, h, w)
     np.testing.assert_array_equal(dx.array, ref.maxpool2x2_backward(dy, arg_ref))
     dx.check_guards("maxpool2x2_backward")
 
@@ -947,10 +947,36 @@ def test_relu_mask_in_maxpool2x2_backward(lib):
     def run(relu_mask):
         dx = Guarded(shape=shape, output=True)
         plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(argmax.ctypes.data),
-                   mask_ptr(relu_mask), dx.ptr, n, c, h, w)
+                   mask_ptr(relu_mask), dx.ptr, 0, n, c, h, w)
         dx.check_guards("maxpool2x2_backward")
         return dx.array.copy()
 
     masked = run(y)
     assert_same_bits(masked, relu_backward_of(x, run(None)), "maxpool2x2_backward masked by y")
     assert_same_bits(masked, ref.maxpool2x2_backward(dy, arg, relu_mask=y), "against the reference")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_maxpool2x2_backward_accumulates(lib, masked):
+    """Accumulating into a gradient already there (a skip map's, begun by the concatenation's
+    backward): the bits of accumulate_(dst, the gradient), -0 in dst included."""
+    from unet_cuda.ops import reference as ref
+
+    rng = np.random.default_rng(13)
+    shape = n, c, h, w = (2, 3, 10, 14)
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32)
+    y, arg = ref.maxpool2x2_forward(x)
+    dy = rng.uniform(-1, 1, y.shape).astype(np.float32)
+    start = rng.uniform(-1, 1, shape).astype(np.float32)
+    start[0, 0, 0, :4] = -0.0
+    argmax = np.ascontiguousarray(arg, np.uint8)
+    dst = Guarded(start, output=True)
+    dst.buffer[:GUARD] = dst.buffer[-GUARD:] = OUTPUT_GUARD_VALUE
+    mask = y if masked else None
+    plain_call(lib, "emulated_maxpool2x2_backward", Guarded(dy).ptr, ctypes.c_void_p(argmax.ctypes.data),
+               mask_ptr(mask), dst.ptr, 1, n, c, h, w)
+    dst.check_guards("maxpool2x2_backward accumulate")
+    want = ref.accumulate_(start.copy(), ref.maxpool2x2_backward(dy, arg, relu_mask=mask))
+    assert_same_bits(dst.array, want, "accumulated")
+    assert_same_bits(want, ref.maxpool2x2_backward(dy, arg, relu_mask=mask, accumulate_into=start.copy()),
+                     "the reference's own accumulate_into")

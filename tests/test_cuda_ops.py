@@ -1066,8 +1066,27 @@ def test_relu_mask_in_maxpool_backward(shape):
                      cu.relu_backward(x, cu.maxpool2x2_backward(dy, argmax)), f"maxpool2x2_backward{list(shape)}")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 10, 14), (1, 64, 568, 568)], ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_maxpool_backward_accumulates(shape, masked):
+    """Added into a gradient already there: the bits of accumulate_ after the plain backward."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = dev(np.maximum(small_ints(rng, *shape), 0.0))
+    y, argmax = cu.maxpool2x2_forward(x)
+    dy = dev(rand(rng, *y.shape))
+    start = rand(rng, *shape)
+    start[0, 0, 0, :4] = -0.0
+    mask = y if masked else None
+    want = cu.accumulate_(dev(start), cu.maxpool2x2_backward(dy, argmax, relu_mask=mask))
+    into = dev(start)
+    got = cu.maxpool2x2_backward(dy, argmax, relu_mask=mask, accumulate_into=into)
+    assert got is into
+    assert_same_bits(got, want, f"maxpool2x2_backward accumulate{list(shape)} masked={masked}")
+
+
 def test_fused_relu_backward_gives_the_network_the_same_gradients(conv3x3_version):
-    """A training step's gradients with the ReLU's backward fused into the consumers, and without."""
+    """A training step's gradients with the ReLU's backward fused into the consumers and the skip
+    maps' sums into the pools' backward, and without either."""
     import unet_cuda as u
     from unet_cuda import functional as F
     from unet_cuda.autograd import Tensor
@@ -1083,7 +1102,7 @@ def test_fused_relu_backward_gives_the_network_the_same_gradients(conv3x3_versio
     for fuse in (False, True):
         for p in net.parameters():
             p.grad = None
-        with F.fused_relu_backward(fuse):
+        with F.fused_relu_backward(fuse), F.fused_accumulation(fuse):
             seeds = [5, 6, 7, 8][:net.num_dropout_layers()]
             loss = F.softmax_cross_entropy(net(x, dropout_seeds=seeds), labels, weights)
         loss.backward()

@@ -199,6 +199,8 @@ def _synthetic_records() -> list[dict]:
                    flops=D1B_FLOPS, version="v3_igemm"),
         _op_record("maxpool2x2_forward", "pool1", 0.1, {"fp32": 0.12}, nbytes=1e8),
         _op_record("crop_concat_forward", "cat1", 0.2, {"fp32": 0.3}, nbytes=1e8, in_step=False),
+        # fused into another op in our step, on its own in PyTorch's: the peer's sum only
+        _op_record("relu_backward", "d1a", 0.09, {"fp32": 0.08}, nbytes=1e8, in_step=False, peer_in_step=True),
         # the version progression at d1b
         *(_op_record(op, "d1b", ms, {}, flops=D1B_FLOPS, version=v, kind="op_version",
                      precision=VERSION_PRECISION.get(v, "fp32"))
@@ -323,10 +325,10 @@ def test_collect_synthetic_folder(tmp_path, capsys):
     assert per["bf16"]["infer_ratio"] == pytest.approx(10.0 / 1.5)
 
     # per-op sums per mode: the shared ops once, the 3x3 convolutions of the mode's version, and
-    # not crop + concat (in_step false)
+    # not crop + concat (in_step false); the fused ReLU backward in the peer's sum only
     assert summary["ops_count"] == {"fp32": 4, "tf32": 2, "bf16": 2}
     assert summary["ops_total_ms"] == pytest.approx({"fp32": 7.6, "tf32": 0.6, "bf16": 0.4})
-    assert summary["ops_peer_total_ms"] == pytest.approx({"fp32": 3.42, "tf32": 0.37, "bf16": 0.27})
+    assert summary["ops_peer_total_ms"] == pytest.approx({"fp32": 3.50, "tf32": 0.45, "bf16": 0.35})
     assert per["fp32"]["ops_total_ms"] == pytest.approx(7.6)
     assert summary["slowest_vs_peer"][0]["id"] == "op/conv3x3_backward_weight/d1b/v3_igemm"   # ratio 0.4
     assert summary["loss_check"]["passed"] is True
@@ -788,17 +790,23 @@ def test_op_cases_cover_a_training_step():
     assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward",
                                                       "sgd_momentum_update_", "dropout_mask",
                                                       "dropout_forward", "dropout_backward",
-                                                      "relu_backward"}
+                                                      "relu_backward", "accumulate_"}
+    # the skip maps' sums happen in the pools' backward, which add into the concatenation's part
+    assert all(c.dims.get("accumulate") for c in cases if c.op == "maxpool2x2_backward")
     # the ReLU's backward runs on its own only where dropout follows the ReLU (d4b, b2); everywhere
     # else the consumers' backward-data ops (and the pools' backward) take it as their relu_mask
     relu = [c for c in cases if c.op == "relu_backward"]
     assert len(relu) == 18 and [c.layer for c in relu if c.in_step] == ["d4b", "b2"]
-    masked = {c.layer for c in cases if c.dims.get("relu_mask") or c.dims.get("skip_relu_mask")}
+    masked = {c.layer for c in cases if c.op.endswith("_backward_data") or c.op == "maxpool2x2_backward"
+              if c.dims.get("relu_mask") or c.dims.get("skip_relu_mask")}
     assert masked == {"d1b", "d2b", "d3b", "d4b", "b2", "u1b", "u2b", "u3b", "u4b",  # conv3x3 data
                       "up2", "up3", "up4", "out",                                    # after a "b"
                       "u2a", "u3a", "u4a",                                           # their skips
                       "pool1", "pool2", "pool3"}
-    assert not any(c.dims.get("relu_mask") for c in cases if c.layer in ("up1", "pool4", "u1a"))
+    data = {c.layer: c for c in cases if c.op.endswith("_backward_data")}
+    assert not data["up1"].dims["relu_mask"] and not data["u1a"].dims["skip_relu_mask"]
+    assert data["u4a"].dims["skip_relu_mask"] and "relu_mask" not in data["u4a"].dims  # up: no ReLU
+    assert all(c.peer_in_step for c in cases if c.op in ("relu_backward", "accumulate_"))
     for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
         sgd = next(c for c in cases if c.op == op)
         assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658

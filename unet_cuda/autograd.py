@@ -13,7 +13,9 @@ receives the gradient already passed back through that ReLU. The engine applies 
 (``ops.relu_backward``) itself, unless every op that consumed the output already did so in its own
 kernel (``masked``: it took the ReLU's output as its gradient's ``relu_mask``). Masking each
 contribution and then summing gives the same bits as summing and then masking, so the result does
-not depend on where the mask is applied.
+not depend on where the mask is applied. Likewise an op may hand back a parent's gradient as an
+``AccumulatingGradient``, which adds itself into the gradient already there in its own kernel
+instead of a separate ``ops.accumulate_``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable, Sequence
 
 from . import ops
 
-__all__ = ["Tensor", "no_grad", "is_grad_enabled"]
+__all__ = ["Tensor", "AccumulatingGradient", "no_grad", "is_grad_enabled"]
 
 _grad_enabled = True
 
@@ -44,6 +46,20 @@ def no_grad():
 
 
 BackwardFn = Callable[[object], Sequence[object]]
+
+
+class AccumulatingGradient:
+    """A parent's gradient that its op can add into the gradient already there in the same kernel
+    (``ops.accumulate_`` fused), returned by a backward closure in place of an array.
+
+    ``make(into)`` returns the gradient as a new array when ``into`` is None, else adds it into
+    ``into`` in place and returns ``into``: the bits of ``accumulate_(into, gradient)``.
+    """
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[object], object]):
+        self.make = make
 
 
 class Tensor:
@@ -77,7 +93,7 @@ class Tensor:
         backward (the engine's, or the consumers' fused masks). ``masked``: one bool per parent,
         True where ``backward`` returns that parent's gradient already passed back through the
         parent's own ReLU (the op used ``parent.data`` as the ``relu_mask`` of its kernel); only
-        a parent with ``relu_output`` may be marked.
+        a parent with ``relu_output`` and a recorded backward (not a leaf) may be marked.
         """
         needs_grad = _grad_enabled and any(p.requires_grad for p in parents)
         out = cls(data, requires_grad=needs_grad, name=name)
@@ -89,9 +105,9 @@ class Tensor:
             if len(out._masked) != len(out._parents):
                 raise ValueError(f"op {name}: {len(out._masked)} masked flags for {len(parents)} inputs")
             for parent, m in zip(out._parents, out._masked):
-                if m and not parent.relu_output:
+                if m and not (parent.relu_output and parent._backward is not None):
                     raise ValueError(f"op {name}: a gradient can be ReLU-masked only for an input "
-                                     f"that is a ReLU's output, not {parent!r}")
+                                     f"that a recorded op's ReLU made, not {parent!r}")
         return out
 
     @property
@@ -152,10 +168,13 @@ class Tensor:
                 if g is None or not parent.requires_grad:
                     continue
                 if parent.grad is None:
-                    parent.grad = g
+                    parent.grad = g.make(None) if isinstance(g, AccumulatingGradient) else g
                     parent._grad_masked = masked
                 else:
-                    ops.accumulate_(parent.grad, g)
+                    if isinstance(g, AccumulatingGradient):
+                        g.make(parent.grad)
+                    else:
+                        ops.accumulate_(parent.grad, g)
                     parent._grad_masked = parent._grad_masked and masked
             node.grad = None
             node._parents = ()

@@ -7,8 +7,11 @@ wiring runs on the NumPy reference and on the CUDA kernels.
 The ReLU's backward is fused where it can be (``autograd.py``): an op whose input is a ReLU's
 output passes that input to its backward-data kernel as ``relu_mask`` and marks the gradient it
 returns as masked; when every consumer of a ReLU's output did so, no ``relu_backward`` runs for
-it. ``fused_relu_backward(False)`` turns this off (a separate ``relu_backward`` for every ReLU,
-as a learner might write it): the gradients have the same bits either way.
+it. And the max-pool adds its gradient into the one its input already has (the skip maps: the
+concatenation's backward runs first) in its own kernel, with no ``accumulate_`` after it.
+``fused_relu_backward(False)`` and ``fused_accumulation(False)`` turn these off (a separate
+``relu_backward`` for every ReLU and an ``accumulate_`` for every sum, as a learner might write
+them): the gradients have the same bits either way.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import contextlib
 
 from . import ops
-from .autograd import Tensor
+from .autograd import AccumulatingGradient, Tensor
 
 __all__ = ["conv3x3", "conv3x3_concat", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat",
-           "dropout", "softmax_cross_entropy", "fused_relu_backward"]
+           "dropout", "softmax_cross_entropy", "fused_relu_backward", "fused_accumulation"]
 
 _fuse_relu_backward = True
+_fuse_accumulation = True
 
 
 @contextlib.contextmanager
@@ -36,9 +40,22 @@ def fused_relu_backward(enabled: bool):
         _fuse_relu_backward = previous
 
 
+@contextlib.contextmanager
+def fused_accumulation(enabled: bool):
+    """Within this block, max-pools recorded add their input's gradient into the one already
+    there in their own kernel (``True``) or leave the sum to a separate ``accumulate_``."""
+    global _fuse_accumulation
+    previous, _fuse_accumulation = _fuse_accumulation, bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse_accumulation = previous
+
+
 def _masks(x: Tensor) -> bool:
-    """Whether an op recorded now takes ``x``'s ReLU into its backward (``x`` being one's output)."""
-    return _fuse_relu_backward and x.relu_output
+    """Whether an op recorded now takes ``x``'s ReLU into its backward: ``x`` is the output of a
+    recorded op that ends in a ReLU (not a leaf, whose gradient is its own, not its ReLU's input's)."""
+    return _fuse_relu_backward and x.relu_output and x._backward is not None
 
 
 def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
@@ -96,10 +113,15 @@ def conv1x1(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 def max_pool2x2(x: Tensor) -> Tensor:
     y, argmax = ops.maxpool2x2_forward(x.data)
     mask_x = _masks(x)
+    accumulate = _fuse_accumulation
 
     def backward(dy):
         # x at the element taken is y: masking by y > 0 is x's ReLU backward
-        return (ops.maxpool2x2_backward(dy, argmax, relu_mask=y if mask_x else None),)
+        relu_mask = y if mask_x else None
+        if accumulate:
+            return (AccumulatingGradient(lambda into: ops.maxpool2x2_backward(
+                dy, argmax, relu_mask=relu_mask, accumulate_into=into)),)
+        return (ops.maxpool2x2_backward(dy, argmax, relu_mask=relu_mask),)
 
     return Tensor.from_op(y, (x,), backward, "max_pool2x2", masked=(mask_x,))
 

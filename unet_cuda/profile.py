@@ -159,6 +159,9 @@ class _Recorder:
                 end = cupy.cuda.Event()
                 end.record()
             shapes = " ".join("x".join(map(str, _shape(a))) or "()" for a in args if hasattr(a, "shape"))
+            # array keywords (a relu_mask, accumulate_into) by name: a masked call is its own row
+            shapes += "".join(f" {key}={'x'.join(map(str, _shape(v)))}" for key, v in kwargs.items()
+                              if hasattr(v, "shape"))
             self.calls.append((name, shapes, host, start, end, op_flops(name, args)))
             return result
 

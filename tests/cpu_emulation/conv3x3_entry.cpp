@@ -247,10 +247,11 @@ int emulated_maxpool2x2_forward(const float* x, float* y, uint8_t* argmax, int N
 }
 
 int emulated_maxpool2x2_backward(const float* dy, const uint8_t* argmax, const float* relu_mask,
-                                 float* dx, int N, int C, int H, int W, char* error,
-                                 int error_size) {
+                                 float* dx, int accumulate, int N, int C, int H, int W,
+                                 char* error, int error_size) {
   return guarded_plain(error, error_size, [&] {
-    unet::launch_maxpool2x2_backward(dy, argmax, relu_mask, dx, N, C, H, W, nullptr);
+    unet::launch_maxpool2x2_backward(dy, argmax, relu_mask, dx, accumulate != 0, N, C, H, W,
+                                     nullptr);
   });
 }
 

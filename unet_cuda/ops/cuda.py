@@ -228,11 +228,22 @@ def conv3x3_concat_forward(up, skip, w, b, relu=False):
     return y
 
 
+def _relu_masked(op: str, name: str, mask, grad):
+    """``grad``, or ``relu_backward(mask, grad)`` for a mask of its shape (the unfused path)."""
+    if mask is None:
+        return grad
+    if tuple(getattr(mask, "shape", ())) != tuple(grad.shape):
+        raise ValueError(f"{op}: argument {name} must have shape {tuple(grad.shape)}, the gradient's, "
+                         f"got {getattr(mask, 'shape', type(mask).__name__)}")
+    return relu_backward(mask, grad)
+
+
 def conv3x3_concat_backward_data(dy, w, skip_shape, up_relu_mask=None, skip_relu_mask=None):
     if _conv3x3_version not in CONV3X3_CONCAT_VERSIONS:
+        op = "conv3x3_concat_backward_data"
         dup, dskip = crop_concat_backward(conv3x3_backward_data(dy, w), skip_shape)
-        return (dup if up_relu_mask is None else relu_backward(up_relu_mask, dup),
-                dskip if skip_relu_mask is None else relu_backward(skip_relu_mask, dskip))
+        return (_relu_masked(op, "up_relu_mask", up_relu_mask, dup),
+                _relu_masked(op, "skip_relu_mask", skip_relu_mask, dskip))
     n, _, p, q = _shape("conv3x3_concat_backward_data", "dy", dy, 4)
     c = _shape("conv3x3_concat_backward_data", "w", w, 4)[1]
     skip_shape = _skip_shape("conv3x3_concat_backward_data", skip_shape)
@@ -324,8 +335,12 @@ def maxpool2x2_forward(x):
     return y, argmax
 
 
-def maxpool2x2_backward(dy, argmax, relu_mask=None):
+def maxpool2x2_backward(dy, argmax, relu_mask=None, accumulate_into=None):
     n, c, h, width = _shape("maxpool2x2_backward", "dy", dy, 4)
+    if accumulate_into is not None:  # its shape, dtype and layout: checked by the binding
+        _C.maxpool2x2_backward(dy, argmax, accumulate_into, stream=_stream(), relu_mask=relu_mask,
+                               accumulate=True)
+        return accumulate_into
     dx = _empty((n, c, 2 * h, 2 * width))
     _C.maxpool2x2_backward(dy, argmax, dx, stream=_stream(), relu_mask=relu_mask)
     return dx

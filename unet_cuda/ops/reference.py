@@ -273,13 +273,16 @@ def maxpool2x2_forward(x):
     return best, argmax
 
 
-def maxpool2x2_backward(dy, argmax, relu_mask=None):
+def maxpool2x2_backward(dy, argmax, relu_mask=None, accumulate_into=None):
     """Gradient of the 2x2 max-pool: ``dy`` goes to the window element named by ``argmax``.
 
     ``dx[n,c,2i+a,2j+b] = dy[n,c,i,j]`` if ``argmax[n,c,i,j] == 2a+b``, else 0.
     With ``relu_mask`` (``dy``'s shape: the pool's output ``y``, where its input ``x`` is a ReLU's
     output), ``dx`` is also 0 where ``relu_mask <= 0``. Since ``x`` at the element taken is ``y``,
     that is ``relu_backward(x, dx)`` in the same op.
+    With ``accumulate_into`` (an array of ``dx``'s shape), ``dx`` is added into it in place and it
+    is returned: ``accumulate_(accumulate_into, dx)`` in one pass (the gradient of a map that also
+    feeds another op: the skip connections).
     Shapes: ``dy[N,C,h,w], argmax[N,C,h,w] -> dx[N,C,2h,2w]``.
     """
     op = "maxpool2x2_backward"
@@ -294,7 +297,13 @@ def maxpool2x2_backward(dy, argmax, relu_mask=None):
     dx = np.zeros((n, c, h, 2, w, 2), dtype=dy.dtype)
     for k, (a, b) in enumerate(_POOL_TAPS):
         dx[:, :, :, a, :, b] = np.where(argmax == k, dy, 0)
-    return dx.reshape(n, c, 2 * h, 2 * w)
+    dx = dx.reshape(n, c, 2 * h, 2 * w)
+    if accumulate_into is None:
+        return dx
+    if np.asarray(accumulate_into).shape != dx.shape:
+        raise ValueError(f"{op}: accumulate_into has shape {np.asarray(accumulate_into).shape} but dx "
+                         f"has shape {dx.shape}")
+    return accumulate_(accumulate_into, dx)
 
 
 # --------------------------------------------------------------------------------------------------
