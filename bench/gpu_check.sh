@@ -33,6 +33,8 @@
 #   GPU_TESTS_LIMIT    seconds for gpu-tests (default 240)
 #   PROFILE_PRECISIONS the precisions of the profile stage (default "tf32 bf16 fp32")
 #   SANITIZER_LIMIT    seconds for the four sanitizers together (default 240; each at most 90)
+#   SANITIZER_TOOLS    the sanitizers to run, of "memcheck racecheck initcheck synccheck" (default:
+#                      all four; racecheck takes the longest, over a minute on an H100)
 #   BENCH_LIMIT        seconds for the bench stage (default 420, or what the budget leaves)
 #   NCU_LIMIT          seconds for the ncu stage (default 150)
 #   ISBI_DIR           folder with train-volume.tif and train-labels.tif, for the isbi stage
@@ -220,6 +222,10 @@ if wanted sanitizer; then
   # 90 s per tool, 240 s for the four together, so that one slow tool cannot starve the benchmarks
   san_end=$(( $(date +%s) + ${SANITIZER_LIMIT:-240} ))
   for tool in memcheck racecheck initcheck synccheck; do
+    if [[ " ${SANITIZER_TOOLS:-memcheck racecheck initcheck synccheck} " != *" $tool "* ]]; then
+      skip_stage "sanitizer-$tool" "not in SANITIZER_TOOLS"
+      continue
+    fi
     if [[ -z "$SANITIZER" ]]; then
       skip_stage "sanitizer-$tool" "compute-sanitizer not found"
       continue
