@@ -331,6 +331,10 @@ def _ratios(peers: dict, ours: dict) -> dict:
     return {p: peers[p] / ms for p, ms in ours.items() if p in peers and ms}
 
 
+# The tf32 training steps with the backward's fusions switched off, or all on
+FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
+
+
 def _op_summary(records: list[dict]) -> dict:
     """The per-op records added up per precision mode: every op a training step runs once, the 3x3
     convolutions in the mode's version (records with a ``version``), the others shared by all modes;
@@ -421,12 +425,18 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["wgmma_train_step_ratio"] = (
         {mode: torch_steps["tf32"] / ms for mode, ms in wgmma.items() if ms and "tf32" in torch_steps}
         or None)
+    # the tf32 step with the backward's fusions switched (bench/test_bench_train_step.py), beside
+    # the default's: {variant: ms}
+    fusions = {impl[len("ours_"):]: _by_precision(records, "train_step", impl).get("tf32")
+               for impl in FUSION_IMPLS}
+    summary["fusion_train_step_ms"] = ({k: v for k, v in fusions.items() if v is not None} or None)
     summary["infer_512_ms"] = ours_infer.get("bf16")      # the inference target's figure (bf16)
     summary["infer_512_ms_by_precision"] = ours_infer or None
     summary["torch_infer_512_ms"] = torch_infer or None
     summary["infer_512_ratio"] = _ratios(torch_infer, ours_infer) or None
 
-    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph"), torch_steps),
+    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph")
+                                + FUSION_IMPLS, torch_steps),
                                ("infer", ("ours",), torch_infer)):
         for rec in records:
             if rec.get("kind") == kind and rec.get("impl") in impls and _ms(rec) and peers:

@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from benchlib import Network, shape_str
+from unet_cuda import functional as F
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.99, 0.0
 DROPOUT_P = 0.5
@@ -121,7 +122,7 @@ def _masked_skip(cat, net: Network) -> bool:
     return _skip_layer(net, level) not in net.dropout_layers
 
 
-def _conv_cases(layer, net: Network) -> list[OpCase]:
+def _conv_cases(layer, net: Network, relu_fused: bool) -> list[OpCase]:
     n, c, o = layer.batch, layer.cin, layer.cout
     h = layer.in_hw
     p = layer.out_hw
@@ -134,24 +135,27 @@ def _conv_cases(layer, net: Network) -> list[OpCase]:
     if cat is not None:
         # the decoder's first convolution of a level reads [up, centre crop of skip] in place
         family = "conv3x3_concat"
-        dims.update(cu=cat.up_channels, cs=cat.skip_channels, hs=cat.skip_hw,
-                    skip_relu_mask=_masked_skip(cat, net))
+        dims.update(cu=cat.up_channels, cs=cat.skip_channels, hs=cat.skip_hw)
         x_str = (f"{shape_str('up', (n, cat.up_channels, h, h))} "
                  f"{shape_str('skip', (n, cat.skip_channels, cat.skip_hw, cat.skip_hw))}")
     fwd_shape = f"{x_str} {shape_str('w', w)} -> {shape_str('y', y)}"
     cases = [OpCase(f"{family}_forward", layer.name, dims, fwd_shape, flops=layer.flops,
                     compute_bound=True)]
     if layer.kind == "conv3x3":
-        # a separate pass only where a consumer of the output does not fuse it (dropout follows)
+        # with the ReLU's backward fused, a separate pass only where a consumer of the output does
+        # not take it (dropout follows)
         cases.append(OpCase("relu_backward", layer.name, dims,
                             f"{shape_str('y', y)} {shape_str('dy', y)} -> {shape_str('dx', y)}",
                             nbytes=3.0 * F32 * n * o * p * p,
-                            in_step=layer.name in net.dropout_layers, peer_in_step=True))
+                            in_step=not relu_fused or layer.name in net.dropout_layers, peer_in_step=True))
     if not layer.first:
         dx_str = shape_str('dx', x) if cat is None else x_str.replace("up[", "dup[").replace("skip[", "dskip[")
-        masked = dims.get("skip_relu_mask") if cat is not None else _masked_input(layer, net)
-        data_dims = dict(dims, relu_mask=_masked_input(layer, net)) if cat is None else dims
-        cases.append(OpCase(f"{family}_backward_data", layer.name, data_dims,
+        if cat is not None:
+            masks = dict(skip_relu_mask=relu_fused and _masked_skip(cat, net))
+        else:
+            masks = dict(relu_mask=relu_fused and _masked_input(layer, net))
+        masked = any(masks.values())
+        cases.append(OpCase(f"{family}_backward_data", layer.name, dict(dims, **masks),
                             f"{shape_str('dy', y)} {shape_str('w', w)} -> {dx_str}"
                             + (" (ReLU-masked)" if masked else ""),
                             flops=layer.flops, compute_bound=True))
@@ -174,7 +178,7 @@ def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,
     """Forward, data gradient and weight gradient of each 3x3 layer in ``layers``, once per version."""
     cases = []
     for name in layers:
-        for case in _conv_cases(net.layer(name), net):
+        for case in _conv_cases(net.layer(name), net, F.FUSE_RELU_BACKWARD_DEFAULT):
             if case.op.startswith("conv3x3_"):
                 cases += [replace(case, version=v) for v in versions]
     return cases
@@ -197,15 +201,19 @@ def with_conv3x3_versions(cases: list[OpCase], versions) -> list[OpCase]:
     return out
 
 
-def op_cases(net: Network) -> list[OpCase]:
+def op_cases(net: Network, relu_fused: bool | None = None) -> list[OpCase]:
     """Every op a training step of ``net`` runs, once per layer it runs at, the backward-data ops
-    with the ReLU masks the step gives them, the pools' backward adding into the skip maps'
-    gradients; and, with ``in_step`` False: crop + concat at each concatenation, which only the
-    unfused path runs, the optimizer's update one parameter at a time, the separate ReLU backward
-    of the layers whose consumers all fuse it, and the skip maps' separate accumulation."""
+    with the pools' backward adding into the skip maps' gradients, and, where ``relu_fused`` (the
+    training step's setting when None: ``unet_cuda.functional.FUSE_RELU_BACKWARD_DEFAULT``), the
+    backward-data ops with the ReLU masks that gives them; and, with ``in_step`` False: crop +
+    concat at each concatenation, which only the unfused path runs, the optimizer's update one
+    parameter at a time, the skip maps' separate accumulation, and with ``relu_fused`` the separate
+    ReLU backward of the layers whose consumers all fuse it."""
+    if relu_fused is None:  # as a training step records its ops (unet_cuda/functional.py)
+        relu_fused = F.FUSE_RELU_BACKWARD_DEFAULT
     cases: list[OpCase] = []
     for layer in net.layers:
-        cases += _conv_cases(layer, net)
+        cases += _conv_cases(layer, net, relu_fused)
     for pool in net.pools:
         n, c, h = pool.batch, pool.channels, pool.in_hw
         elems = n * c * h * h
@@ -214,7 +222,7 @@ def op_cases(net: Network) -> list[OpCase]:
         cases.append(OpCase("maxpool2x2_forward", pool.name, dims,
                             f"{shape_str('x', x)} -> {shape_str('y', y)} argmax",
                             nbytes=elems * F32 + elems / 4 * (F32 + U8)))
-        masked = _skip_layer(net, int(pool.name[len("pool"):]) - 1) not in net.dropout_layers
+        masked = relu_fused and _skip_layer(net, int(pool.name[len("pool"):]) - 1) not in net.dropout_layers
         # the skip map gets its gradient from the concatenation's backward (first) and from the
         # pool's, which adds its own into it (accumulate_into): dx read and written
         cases.append(OpCase("maxpool2x2_backward", pool.name, dict(dims, relu_mask=masked, accumulate=True),

@@ -21,6 +21,9 @@ this GPU from ``precision_version``) are each paired with one PyTorch setting (P
 * ``test_train_step_graphed[fp32|tf32|bf16]``: the same step as a CUDA graph
   (``unet_cuda.graph.GraphedTrainStep``, ``train --cuda-graph``): eager warm-up, capture, then
   replays are timed. Skipped with the reason where the module does not import.
+* ``test_train_step_fusions[unfused|relu_fused]``: the tf32 step with the backward's fusions
+  (``unet_cuda.functional``) switched: neither, or the ReLU's backward in its consumers' kernels
+  as well as the default's skip-map sums in the pools' backward; impl ``ours_<variant>``.
 * ``test_train_step_torch[fp32|tf32|bf16]``: the same step in PyTorch, cuDNN autotuned
   (``cudnn.benchmark = True``), in the three settings above.
 * ``test_infer_512_ours[...]`` and ``test_infer_512_torch[...]``: softmax probabilities of a
@@ -325,6 +328,37 @@ def test_train_step_graphed(benchmark, env, data, initial_state, precision):
     rec["graph_steps"] = graphed.steps
     benchlib.record(benchmark, rec)
     assert np.isfinite(loss_after), f"our graphed {precision} step gave a non-finite loss {loss_after}"
+
+
+# The backward's fusions (unet_cuda/functional.py) switched, in the tf32 step, beside the default
+# (the skip maps' sums in the pools' backward; the ReLU's backward on its own): neither fusion, and
+# both (the ReLU's backward in its consumers' kernels too). (fused_relu_backward, fused_accumulation)
+FUSIONS = {"unfused": (False, False), "relu_fused": (True, True)}
+
+
+@pytest.mark.parametrize("variant", list(FUSIONS))
+def test_train_step_fusions(benchmark, env, data, initial_state, variant):
+    """impl "ours_unfused" / "ours_relu_fused": what each fusion buys, measured in one run."""
+    benchlib.skip_if_out_of_time(pytest, 20)
+    relu, accumulate = FUSIONS[variant]
+    net, opt, batch = _our_training_setup(data, initial_state)
+    default_step = _eager_step(net, opt, *batch)
+
+    def step():
+        with F.fused_relu_backward(relu), F.fused_accumulation(accumulate):
+            return default_step()
+
+    with cu.use_precision("tf32"):
+        timing = benchlib.time_gpu(step, env["ours"], warmup=2, budget_ms=1500, min_repeats=5,
+                                   max_repeats=20, flush=False)
+        loss_after = float(step())
+        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    impl = f"ours_{variant}"
+    rec = _step_record(f"train_step/{impl}/tf32", impl, "tf32",
+                       f"unet_cuda train step, tf32, backward {variant.replace('_', ' ')}", timing, env,
+                       loss_after)
+    benchlib.record(benchmark, rec)
+    assert np.isfinite(loss_after), f"the {variant} step gave a non-finite loss {loss_after}"
 
 
 WGMMA = "v6_tf32_wgmma"

@@ -56,8 +56,16 @@ inline unsigned int grid_1d(int64_t n, int block = kBlock1d) {
 // A gradient with a ReLU's backward fused in: v where relu_mask[i] > 0, else 0 (the bits of
 // relu_backward(relu_mask, v)); v itself where relu_mask is null. The backward-data ops take the
 // mask where their input x is a ReLU's output (x itself), so that no separate ReLU pass is needed.
+// On the GPU the mask is read through the read-only path (ld.global.nc): the compiler may then
+// issue the reads of a thread's whole epilogue ahead of its stores. A plain load could alias the
+// stores, so each one waited for the store before it (a load, a store, a load... in the SASS of
+// v6's epilogue: one memory latency per element).
 __host__ __device__ inline float relu_masked(float v, const float* relu_mask, int64_t i) {
+#if defined(__CUDA_ARCH__)
+  return relu_mask == nullptr || __ldg(relu_mask + i) > 0.0f ? v : 0.0f;
+#else
   return relu_mask == nullptr || relu_mask[i] > 0.0f ? v : 0.0f;
+#endif
 }
 
 // Whether p is 16-byte aligned (a float4 load, a 16-byte cp.async).

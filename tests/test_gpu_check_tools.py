@@ -790,9 +790,20 @@ def test_op_cases_cover_a_training_step():
     assert {c.op for c in cases if not c.in_step} == {"crop_concat_forward", "crop_concat_backward",
                                                       "sgd_momentum_update_", "dropout_mask",
                                                       "dropout_forward", "dropout_backward",
-                                                      "relu_backward", "accumulate_"}
+                                                      "accumulate_"}
     # the skip maps' sums happen in the pools' backward, which add into the concatenation's part
     assert all(c.dims.get("accumulate") for c in cases if c.op == "maxpool2x2_backward")
+    # by default the ReLU's backward runs on its own (unet_cuda.functional.FUSE_RELU_BACKWARD_DEFAULT)
+    assert not any(c.dims.get("relu_mask") or c.dims.get("skip_relu_mask") for c in cases)
+    for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
+        sgd = next(c for c in cases if c.op == op)
+        assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
+    assert all((c.flops is None) != (c.nbytes is None) for c in cases)
+
+
+def test_op_cases_with_the_relu_backward_fused():
+    cases = op_cases.op_cases(benchlib.network(), relu_fused=True)
+    assert len(cases) == 121
     # the ReLU's backward runs on its own only where dropout follows the ReLU (d4b, b2); everywhere
     # else the consumers' backward-data ops (and the pools' backward) take it as their relu_mask
     relu = [c for c in cases if c.op == "relu_backward"]
@@ -807,10 +818,6 @@ def test_op_cases_cover_a_training_step():
     assert not data["up1"].dims["relu_mask"] and not data["u1a"].dims["skip_relu_mask"]
     assert data["u4a"].dims["skip_relu_mask"] and "relu_mask" not in data["u4a"].dims  # up: no ReLU
     assert all(c.peer_in_step for c in cases if c.op in ("relu_backward", "accumulate_"))
-    for op in ("sgd_momentum_update_", "sgd_momentum_update_multi_"):
-        sgd = next(c for c in cases if c.op == op)
-        assert sum(int(np.prod(s)) for s in sgd.param_shapes) == 31_030_658
-    assert all((c.flops is None) != (c.nbytes is None) for c in cases)
 
 
 def test_conv3x3_versions_per_precision():

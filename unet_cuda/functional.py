@@ -9,9 +9,10 @@ output passes that input to its backward-data kernel as ``relu_mask`` and marks 
 returns as masked; when every consumer of a ReLU's output did so, no ``relu_backward`` runs for
 it. And the max-pool adds its gradient into the one its input already has (the skip maps: the
 concatenation's backward runs first) in its own kernel, with no ``accumulate_`` after it.
-``fused_relu_backward(False)`` and ``fused_accumulation(False)`` turn these off (a separate
+``fused_relu_backward(enabled)`` and ``fused_accumulation(enabled)`` switch them (off: a separate
 ``relu_backward`` for every ReLU and an ``accumulate_`` for every sum, as a learner might write
-them): the gradients have the same bits either way.
+them): the gradients have the same bits either way. By default the sums are fused and the ReLU's
+backward is not (``FUSE_*_DEFAULT`` below: measured).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from .autograd import AccumulatingGradient, Tensor
 __all__ = ["conv3x3", "conv3x3_concat", "conv1x1", "max_pool2x2", "up_conv2x2", "crop_concat",
            "dropout", "softmax_cross_entropy", "fused_relu_backward", "fused_accumulation"]
 
-_fuse_relu_backward = True
-_fuse_accumulation = True
+# The fusions an op recorded outside a fused_* block uses. The ReLU's backward in its consumers
+# measured slower than its own passes in the tf32 step (H100, eb6a939: the backward-data ops 0.96 ms
+# slower in all, against 0.47 ms of ReLU passes saved): each masked store waits for its mask's load
+# (docs/CONV3X3.md, "Fusing the ReLU's backward"). It stays available, and is timed beside the
+# default in every GPU check (bench/test_bench_train_step.py, test_train_step_fusions).
+FUSE_RELU_BACKWARD_DEFAULT = False
+FUSE_ACCUMULATION_DEFAULT = True
+_fuse_relu_backward = FUSE_RELU_BACKWARD_DEFAULT
+_fuse_accumulation = FUSE_ACCUMULATION_DEFAULT
 
 
 @contextlib.contextmanager
