@@ -56,16 +56,23 @@ inline unsigned int grid_1d(int64_t n, int block = kBlock1d) {
 // A gradient with a ReLU's backward fused in: v where relu_mask[i] > 0, else 0 (the bits of
 // relu_backward(relu_mask, v)); v itself where relu_mask is null. The backward-data ops take the
 // mask where their input x is a ReLU's output (x itself), so that no separate ReLU pass is needed.
-// On the GPU the mask is read through the read-only path (ld.global.nc): the compiler may then
-// issue the reads of a thread's whole epilogue ahead of its stores. A plain load could alias the
-// stores, so each one waited for the store before it (a load, a store, a load... in the SASS of
-// v6's epilogue: one memory latency per element).
-__host__ __device__ inline float relu_masked(float v, const float* relu_mask, int64_t i) {
+// relu_masked reads and applies in one step. An epilogue that stores as it goes then reads,
+// stores, reads, stores: a read may not pass a store it could alias, so each element waits a full
+// memory latency (the SASS of v6's epilogue). v6 therefore reads a row's mask values first
+// (relu_mask_value: 1 where there is no mask), then stores them applied (relu_masked_by). The mask
+// is read through the read-only path (ld.global.nc) on the GPU: it is never written by the kernel.
+__host__ __device__ inline float relu_mask_value(const float* relu_mask, int64_t i) {
 #if defined(__CUDA_ARCH__)
-  return relu_mask == nullptr || __ldg(relu_mask + i) > 0.0f ? v : 0.0f;
+  return relu_mask == nullptr ? 1.0f : __ldg(relu_mask + i);
 #else
-  return relu_mask == nullptr || relu_mask[i] > 0.0f ? v : 0.0f;
+  return relu_mask == nullptr ? 1.0f : relu_mask[i];
 #endif
+}
+__host__ __device__ inline float relu_masked_by(float v, float mask_value) {
+  return mask_value > 0.0f ? v : 0.0f;
+}
+__host__ __device__ inline float relu_masked(float v, const float* relu_mask, int64_t i) {
+  return relu_masked_by(v, relu_mask_value(relu_mask, i));
 }
 
 // Whether p is 16-byte aligned (a float4 load, a 16-byte cp.async).

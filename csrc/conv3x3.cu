@@ -660,6 +660,14 @@ struct Conv3x3BackwardDataGemm {
     const int64_t e = static_cast<int64_t>(c) * H * W;
     r.p[e] = relu_masked(v, r.mask, e);
   }
+  // the same in two steps (ViewReadsBeforeStore, implicit_gemm.cuh)
+  static constexpr bool kReadsBeforeStore = true;
+  __device__ float store_input(const CRow& r, int c) const {
+    return relu_mask_value(r.mask, static_cast<int64_t>(c) * H * W);
+  }
+  __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
+    r.p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
+  }
 };
 
 // K is walked image by image in slices of bk pixels that never straddle two images (the last
@@ -812,6 +820,14 @@ struct Conv3x3ConcatBackwardDataGemm : Conv3x3BackwardDataGemm {
       const int64_t e = static_cast<int64_t>(c - Cu) * Hs * Ws;
       r.skip_p[e] = relu_masked(v, r.skip_mask, e);
     }
+  }
+  __device__ float store_input(const CRow& r, int c) const {
+    return c < Cu ? relu_mask_value(r.up_mask, static_cast<int64_t>(c) * H * W)
+                  : relu_mask_value(r.skip_mask, static_cast<int64_t>(c - Cu) * Hs * Ws);
+  }
+  __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
+    if (c < Cu) r.up_p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
+    else r.skip_p[static_cast<int64_t>(c - Cu) * Hs * Ws] = relu_masked_by(v, mask_value);
   }
 };
 

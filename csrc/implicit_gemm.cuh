@@ -1177,6 +1177,17 @@ struct CoreMatrixCopy {
   }
 };
 
+// A view whose store reads a value of its own for each element (kReadsBeforeStore: the data
+// gradients' relu_mask) gives that read as store_input(row, n) and the store as
+// store_with(row, n, v, input). v6's epilogue then issues all of a row's reads before its stores:
+// a read may not pass an earlier store it could alias, so read, store, read, store... made each
+// element wait a full memory latency.
+template <class Gemm, class = void>
+struct ViewReadsBeforeStore : std::false_type {};
+template <class Gemm>
+struct ViewReadsBeforeStore<Gemm, std::void_t<decltype(Gemm::kReadsBeforeStore)>>
+    : std::bool_constant<Gemm::kReadsBeforeStore> {};
+
 template <class Gemm, class Tile>
 struct V6Layout {
   static constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK;
@@ -1306,14 +1317,36 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
       const int64_t m = m0 + wg_m * kGroupRows + 64 * i + 16 * w + gid + 8 * v;
       if (m >= g.M) continue;
       const typename Gemm::CRow row = g.c_row(m);
+      if constexpr (ViewReadsBeforeStore<Gemm>::value) {
+        float input[NT][PN / 8][2];  // the row's reads first, all of them ...
 #pragma unroll
-      for (int jn = 0; jn < NT; ++jn) {
+        for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
-        for (int j = 0; j < PN / 8; ++j) {
+          for (int j = 0; j < PN / 8; ++j)
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
-            if (n < g.cols) g.store(row, n, acc[i][jn][4 * j + 2 * v + q]);
+            for (int q = 0; q < 2; ++q) {
+              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
+              input[jn][j][q] = n < g.cols ? g.store_input(row, n) : 0.0f;
+            }
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn)  // ... then its stores
+#pragma unroll
+          for (int j = 0; j < PN / 8; ++j)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
+              if (n < g.cols) g.store_with(row, n, acc[i][jn][4 * j + 2 * v + q], input[jn][j][q]);
+            }
+      } else {
+#pragma unroll
+        for (int jn = 0; jn < NT; ++jn) {
+#pragma unroll
+          for (int j = 0; j < PN / 8; ++j) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
+              if (n < g.cols) g.store(row, n, acc[i][jn][4 * j + 2 * v + q]);
+            }
           }
         }
       }
@@ -1332,6 +1365,7 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
 
 template <class Gemm>
 struct SplitPartialGemm : Gemm {
+  static constexpr bool kReadsBeforeStore = false;  // partial sums: the view's store comes later
   float* part;  // [splits, cols, M]: consecutive m, as the mma and FFMA stores write them
 
   struct CRow {

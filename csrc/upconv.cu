@@ -233,6 +233,14 @@ struct Upconv2x2BackwardDataGemm {
     const int64_t e = static_cast<int64_t>(c) * H * W;
     r.p[e] = relu_masked(v, r.mask, e);
   }
+  // the same in two steps (ViewReadsBeforeStore, implicit_gemm.cuh)
+  static constexpr bool kReadsBeforeStore = true;
+  __device__ float store_input(const CRow& r, int c) const {
+    return relu_mask_value(r.mask, static_cast<int64_t>(c) * H * W);
+  }
+  __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
+    r.p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
+  }
 };
 
 // dw[c, (o,t)]: A[c, k] = x[n, c, pixel k] (contiguous in k), B[k, (o,t)] = dy[n, o, 2i+ky, 2j+kx].
