@@ -622,10 +622,7 @@ struct Conv3x3BackwardDataGemm {
     const float* p;  // &wf[c, 0]
     bool valid;
   };
-  struct CRow {
-    float* p;           // &dx[n, 0, yy, xx]
-    const float* mask;  // &relu_mask[n, 0, yy, xx], or null
-  };
+  using CRow = MaskedOutputRow;  // dx[n, 0, yy, xx] and the mask there
 
   __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
@@ -653,20 +650,18 @@ struct Conv3x3BackwardDataGemm {
   }
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    const int64_t e = p.n * C * H * W + p.pix;
-    return {dx + e, relu_mask ? relu_mask + e : nullptr};
+    return CRow::at(dx, relu_mask, p.n * C * H * W + p.pix);
   }
   __device__ void store(const CRow& r, int c, float v) const {
-    const int64_t e = static_cast<int64_t>(c) * H * W;
-    r.p[e] = relu_masked(v, r.mask, e);
+    r.store(static_cast<int64_t>(c) * H * W, v);
   }
   // the same in two steps (ViewReadsBeforeStore, implicit_gemm.cuh)
   static constexpr bool kReadsBeforeStore = true;
   __device__ float store_input(const CRow& r, int c) const {
-    return relu_mask_value(r.mask, static_cast<int64_t>(c) * H * W);
+    return r.input(static_cast<int64_t>(c) * H * W);
   }
   __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
-    r.p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
+    r.store_with(static_cast<int64_t>(c) * H * W, v, mask_value);
   }
 };
 
@@ -798,36 +793,28 @@ struct Conv3x3ConcatBackwardDataGemm : Conv3x3BackwardDataGemm {
   const float* skip_mask = nullptr;
 
   struct CRow {
-    float* up_p;             // &dup[n, 0, yy, xx]
-    float* skip_p;           // &dskip[n, 0, yy + oy, xx + ox]
-    const float* up_mask;    // the same elements of the masks, or null
-    const float* skip_mask;
+    MaskedOutputRow up;    // dup[n, 0, yy, xx]
+    MaskedOutputRow skip;  // dskip[n, 0, yy + oy, xx + ox]
   };
 
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    const int64_t up_e = p.n * Cu * H * W + p.pix;
-    const int64_t skip_e =
-        p.n * (C - Cu) * Hs * Ws + static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox);
-    return {dx + up_e, dskip + skip_e, relu_mask ? relu_mask + up_e : nullptr,
-            skip_mask ? skip_mask + skip_e : nullptr};
+    return {MaskedOutputRow::at(dx, relu_mask, p.n * Cu * H * W + p.pix),
+            MaskedOutputRow::at(dskip, skip_mask, p.n * (C - Cu) * Hs * Ws +
+                                                      static_cast<int64_t>(p.i + oy) * Ws + (p.j + ox))};
   }
+  // channel c lies in up (c < Cu) or in skip's crop window
   __device__ void store(const CRow& r, int c, float v) const {
-    if (c < Cu) {
-      const int64_t e = static_cast<int64_t>(c) * H * W;
-      r.up_p[e] = relu_masked(v, r.up_mask, e);
-    } else {
-      const int64_t e = static_cast<int64_t>(c - Cu) * Hs * Ws;
-      r.skip_p[e] = relu_masked(v, r.skip_mask, e);
-    }
+    if (c < Cu) r.up.store(static_cast<int64_t>(c) * H * W, v);
+    else r.skip.store(static_cast<int64_t>(c - Cu) * Hs * Ws, v);
   }
   __device__ float store_input(const CRow& r, int c) const {
-    return c < Cu ? relu_mask_value(r.up_mask, static_cast<int64_t>(c) * H * W)
-                  : relu_mask_value(r.skip_mask, static_cast<int64_t>(c - Cu) * Hs * Ws);
+    return c < Cu ? r.up.input(static_cast<int64_t>(c) * H * W)
+                  : r.skip.input(static_cast<int64_t>(c - Cu) * Hs * Ws);
   }
   __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
-    if (c < Cu) r.up_p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
-    else r.skip_p[static_cast<int64_t>(c - Cu) * Hs * Ws] = relu_masked_by(v, mask_value);
+    if (c < Cu) r.up.store_with(static_cast<int64_t>(c) * H * W, v, mask_value);
+    else r.skip.store_with(static_cast<int64_t>(c - Cu) * Hs * Ws, v, mask_value);
   }
 };
 

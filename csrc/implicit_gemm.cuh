@@ -1188,6 +1188,25 @@ template <class Gemm>
 struct ViewReadsBeforeStore<Gemm, std::void_t<decltype(Gemm::kReadsBeforeStore)>>
     : std::bool_constant<Gemm::kReadsBeforeStore> {};
 
+// One row of a data gradient as a GEMM view's output (its CRow), with the optional relu_mask of
+// the same tensor: p and mask point at the row's first element, an element lies `offset` further
+// in both. store applies the mask in one step, input / store_with in two (kReadsBeforeStore).
+struct MaskedOutputRow {
+  float* p;
+  const float* mask;  // null: no mask
+
+  __device__ static MaskedOutputRow at(float* out, const float* relu_mask, int64_t e) {
+    return {out + e, relu_mask ? relu_mask + e : nullptr};
+  }
+  __device__ void store(int64_t offset, float v) const {
+    p[offset] = relu_masked(v, mask, offset);
+  }
+  __device__ float input(int64_t offset) const { return relu_mask_value(mask, offset); }
+  __device__ void store_with(int64_t offset, float v, float mask_value) const {
+    p[offset] = relu_masked_by(v, mask_value);
+  }
+};
+
 template <class Gemm, class Tile>
 struct V6Layout {
   static constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK;

@@ -200,10 +200,7 @@ struct Upconv2x2BackwardDataGemm {
     const float* p;  // &w[0, c, 0]
     bool valid;
   };
-  struct CRow {
-    float* p;           // &dx[n, 0, i, j]
-    const float* mask;  // &relu_mask[n, 0, i, j], or null
-  };
+  using CRow = MaskedOutputRow;  // dx[n, 0, i, j] and the mask there
 
   __host__ __device__ int64_t k_tiles(int bk) const { return ceil_div(K, bk); }
   __device__ KPos k_pos(int64_t tile, int bk, int kk) const {
@@ -226,20 +223,18 @@ struct Upconv2x2BackwardDataGemm {
   }
   __device__ CRow c_row(int64_t m) const {
     const PixelIndex p = pixel_index(m, H, W);
-    const int64_t e = p.n * C * H * W + p.pix;
-    return {dx + e, relu_mask ? relu_mask + e : nullptr};
+    return CRow::at(dx, relu_mask, p.n * C * H * W + p.pix);
   }
   __device__ void store(const CRow& r, int c, float v) const {
-    const int64_t e = static_cast<int64_t>(c) * H * W;
-    r.p[e] = relu_masked(v, r.mask, e);
+    r.store(static_cast<int64_t>(c) * H * W, v);
   }
   // the same in two steps (ViewReadsBeforeStore, implicit_gemm.cuh)
   static constexpr bool kReadsBeforeStore = true;
   __device__ float store_input(const CRow& r, int c) const {
-    return relu_mask_value(r.mask, static_cast<int64_t>(c) * H * W);
+    return r.input(static_cast<int64_t>(c) * H * W);
   }
   __device__ void store_with(const CRow& r, int c, float v, float mask_value) const {
-    r.p[static_cast<int64_t>(c) * H * W] = relu_masked_by(v, mask_value);
+    r.store_with(static_cast<int64_t>(c) * H * W, v, mask_value);
   }
 };
 
