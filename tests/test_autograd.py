@@ -146,27 +146,16 @@ def test_unet_gradients_by_finite_differences(depth, size, dropout):
 # The ReLU's backward fused into the consumers' backward-data ops (functional.py, autograd.py)
 # ------------------------------------------------------------------------------------------------
 
-def _count_relu_backward(monkeypatch):
+def _count_calls(monkeypatch, op):
+    """The shapes of the first array argument of every call of ``unet_cuda.ops.<op>`` from now on."""
     calls = []
-    real = u.ops.relu_backward
+    real = getattr(u.ops, op)
 
-    def counting(y, dy):
-        calls.append(y.shape)
-        return real(y, dy)
+    def counting(first, *args, **kwargs):
+        calls.append(first.shape)
+        return real(first, *args, **kwargs)
 
-    monkeypatch.setattr(u.ops, "relu_backward", counting)
-    return calls
-
-
-def _count_accumulate(monkeypatch):
-    calls = []
-    real = u.ops.accumulate_
-
-    def counting(dst, src):
-        calls.append(dst.shape)
-        return real(dst, src)
-
-    monkeypatch.setattr(u.ops, "accumulate_", counting)
+    monkeypatch.setattr(u.ops, op, counting)
     return calls
 
 
@@ -194,8 +183,8 @@ def test_fused_relu_backward_gives_the_same_bits(monkeypatch, dropout, dtype):
     """Every gradient of the network, fused or not: the same bits; and the fusion leaves a separate
     ReLU backward only where a ReLU's output feeds a dropout (depth 3: the last two levels), and no
     separate accumulation (the skip maps' sums happen in the pools' backward)."""
-    calls = _count_relu_backward(monkeypatch)
-    sums = _count_accumulate(monkeypatch)
+    calls = _count_calls(monkeypatch, "relu_backward")
+    sums = _count_calls(monkeypatch, "accumulate_")
     unfused = _unet_gradients(False, 3, dropout, dtype)
     relu_layers = 2 * (2 * 3 - 1)  # two 3x3 convolutions per level, going down and coming up
     assert len(calls) == relu_layers
@@ -221,7 +210,7 @@ def test_relu_output_with_an_unmasking_consumer_is_masked_once(monkeypatch):
     w, b = Tensor(rand(rng, 2, 2, 3, 3), requires_grad=True), Tensor(rand(rng, 2), requires_grad=True)
     r = rand(rng, 1, 4, 4, 4)
     grads = {}
-    calls = _count_relu_backward(monkeypatch)
+    calls = _count_calls(monkeypatch, "relu_backward")
     for fuse in (False, True):
         x.grad = w.grad = b.grad = None
         with F.fused_relu_backward(fuse):

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from conv3x3_tolerance import check_conv3x3, precision
+from relu_masks import assert_same_bits, relu_mask_like
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cpu_emulation"
@@ -831,20 +832,6 @@ def test_sgd_multi_matches_one_launch_each(lib, device_rate):
 # a ReLU's output comes out already masked. Same kernel, same sums: the masked result must have the
 # bits of relu_backward(mask, unmasked result), for every version and path (split K, tap-major).
 # ------------------------------------------------------------------------------------------------
-
-def relu_mask_like(rng, shape):
-    """Mask values of every kind: positive (passes), +0 and -0 (a ReLU's zeros), negative and NaN
-    (which relu_backward's `> 0` also stops)."""
-    values = np.array([0.5, 1.0, 0.0, -0.0, -1.0, np.nan], np.float32)
-    return rng.choice(values, size=shape, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]).astype(np.float32)
-
-
-def assert_same_bits(got, want, what):
-    got, want = np.ascontiguousarray(got, np.float32), np.ascontiguousarray(want, np.float32)
-    assert got.shape == want.shape, what
-    differ = got.view(np.uint32) != want.view(np.uint32)
-    assert not differ.any(), f"{what}: {int(differ.sum())} of {got.size} elements differ in their bits"
-
 
 def relu_backward_of(mask, dx):
     from unet_cuda.ops import reference as ref

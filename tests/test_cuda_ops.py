@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from conv3x3_tolerance import check_conv3x3 as assert_conv3x3_close
+from relu_masks import assert_same_bits, relu_mask_like
 from unet_cuda import ops
 from unet_cuda.ops import reference as ref
 
@@ -988,20 +989,6 @@ def test_augment_warp_survives_non_finite_nodes():
 # relu_backward(mask, unmasked result) of the same kernel, for every version and path; and a whole
 # network's gradients come out with the same bits fused or not.
 # ------------------------------------------------------------------------------------------------
-
-def relu_mask_like(rng, shape):
-    """Positive values (passed), +0 and -0 (a ReLU's zeros), negatives and NaN (stopped)."""
-    values = np.array([0.5, 1.0, 0.0, -0.0, -1.0, np.nan], np.float32)
-    return rng.choice(values, size=shape, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]).astype(np.float32)
-
-
-def assert_same_bits(got, want, name):
-    got = np.ascontiguousarray(host(got) if isinstance(got, cupy.ndarray) else got, np.float32)
-    want = np.ascontiguousarray(host(want) if isinstance(want, cupy.ndarray) else want, np.float32)
-    assert got.shape == want.shape, name
-    differ = got.view(np.uint32) != want.view(np.uint32)
-    assert not differ.any(), f"{name}: {int(differ.sum())} of {got.size} elements differ in their bits"
-
 
 # (N, C, H, W, O) of dx: awkward, K split (O = 120, 1024), tap-major, and d1b's and u1b's data
 # gradient at full size
