@@ -32,38 +32,35 @@ __all__ = ["conv3x3", "conv3x3_concat", "conv1x1", "max_pool2x2", "up_conv2x2", 
 # default in every GPU check (bench/test_bench_train_step.py, test_train_step_fusions).
 FUSE_RELU_BACKWARD_DEFAULT = False
 FUSE_ACCUMULATION_DEFAULT = True
-_fuse_relu_backward = FUSE_RELU_BACKWARD_DEFAULT
-_fuse_accumulation = FUSE_ACCUMULATION_DEFAULT
+# The settings ops read when they are recorded.
+_fusions = {"relu_backward": FUSE_RELU_BACKWARD_DEFAULT, "accumulation": FUSE_ACCUMULATION_DEFAULT}
 
 
 @contextlib.contextmanager
+def _fusion(name: str, enabled: bool):
+    previous, _fusions[name] = _fusions[name], bool(enabled)
+    try:
+        yield
+    finally:
+        _fusions[name] = previous
+
+
 def fused_relu_backward(enabled: bool):
     """Within this block, ops recorded fuse (``True``) or do not fuse (``False``) the ReLU's
     backward of their inputs into their own backward-data kernels."""
-    global _fuse_relu_backward
-    previous, _fuse_relu_backward = _fuse_relu_backward, bool(enabled)
-    try:
-        yield
-    finally:
-        _fuse_relu_backward = previous
+    return _fusion("relu_backward", enabled)
 
 
-@contextlib.contextmanager
 def fused_accumulation(enabled: bool):
     """Within this block, max-pools recorded add their input's gradient into the one already
     there in their own kernel (``True``) or leave the sum to a separate ``accumulate_``."""
-    global _fuse_accumulation
-    previous, _fuse_accumulation = _fuse_accumulation, bool(enabled)
-    try:
-        yield
-    finally:
-        _fuse_accumulation = previous
+    return _fusion("accumulation", enabled)
 
 
 def _masks(x: Tensor) -> bool:
     """Whether an op recorded now takes ``x``'s ReLU into its backward: ``x`` is the output of a
     recorded op that ends in a ReLU (not a leaf, whose gradient is its own, not its ReLU's input's)."""
-    return _fuse_relu_backward and x.relu_output and x._backward is not None
+    return _fusions["relu_backward"] and x.relu_output and x._backward is not None
 
 
 def conv3x3(x: Tensor, w: Tensor, b: Tensor, relu: bool = True) -> Tensor:
@@ -121,7 +118,7 @@ def conv1x1(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 def max_pool2x2(x: Tensor) -> Tensor:
     y, argmax = ops.maxpool2x2_forward(x.data)
     mask_x = _masks(x)
-    accumulate = _fuse_accumulation
+    accumulate = _fusions["accumulation"]
 
     def backward(dy):
         # x at the element taken is y: masking by y > 0 is x's ReLU backward
