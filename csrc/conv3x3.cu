@@ -100,8 +100,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "common.cuh"
 #include "implicit_gemm.cuh"
@@ -1085,14 +1090,15 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                              std::to_string(g.P) + " x " + std::to_string(g.Q) + " pixels " +
                              "exceed the GEMM versions' 32-bit pixel and K-tile indices; use " +
                              "v1_direct or v2_smem");
-  const BackwardWeightPlan plan = plan_backward_weight(version, N, g.C, g.H, g.W, g.O, true);
-  // Fast path of v4 and v5: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
-  // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned.
-  const bool vec_a = (static_cast<int64_t>(g.P) * g.Q) % 4 == 0 && aligned16(g.dy);
-  with_split_partials(dw, g.split_stride, plan.splits, stream, [&](float* out) {
-    g.out = out;
-    launch_gemm(name, g, version, plan.tile, plan.splits, vec_a, false, stream);
-  });
+  // Fast path of v4-v6: A = dy[n, o, pixels] in 16-byte pieces, when every plane of dy is a
+  // whole number of them (P*Q % 4 == 0: every even-sized U-Net layer) and dy is aligned. The plan:
+  // plan_backward_weight's GEMM (plan_weight_gemm) by rule, or a measured one.
+  const bool vec_a = plane % 4 == 0 && aligned16(g.dy);
+  run_weight_gemm(op, version, g.O, g.cols, N, plane, dw, g.split_stride, stream,
+                  [&](float* out, const GemmTile& tile, int splits) {
+                    g.out = out;
+                    launch_gemm(name, g, version, tile, splits, vec_a, false, stream);
+                  });
 }
 
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
@@ -1176,6 +1182,88 @@ bool conv3x3_version_available(Conv3x3Version version) {
 bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions
   return version == Conv3x3Version::kV3Igemm || version == Conv3x3Version::kV4Tf32Mma ||
          version == Conv3x3Version::kV5Bf16Mma || version == Conv3x3Version::kV6Tf32Wgmma;
+}
+
+// =================================================================================================
+// The table of measured plans (launchers.h, "Plans measured instead of ruled"): one per module,
+// read and written by the GEMMs of conv3x3.cu and upconv.cu (implicit_gemm.cuh, chosen_gemm_plan)
+// =================================================================================================
+
+namespace {
+
+struct GemmPlanKeyLess {
+  bool operator()(const GemmPlanKey& a, const GemmPlanKey& b) const {
+    return std::tie(a.op, a.version, a.M, a.cols, a.K, a.images) <
+           std::tie(b.op, b.version, b.M, b.cols, b.K, b.images);
+  }
+};
+
+struct GemmPlanTable {
+  std::mutex mutex;
+  std::map<GemmPlanKey, TunedGemmPlan, GemmPlanKeyLess> entries;
+  std::atomic<bool> autotune{false};
+};
+
+GemmPlanTable& gemm_plan_table() {
+  static GemmPlanTable table;
+  return table;
+}
+
+}  // namespace
+
+bool find_tuned_gemm_plan(const GemmPlanKey& key, GemmPlan* plan) {
+  GemmPlanTable& table = gemm_plan_table();
+  const std::lock_guard<std::mutex> lock(table.mutex);
+  const auto found = table.entries.find(key);
+  if (found == table.entries.end()) return false;
+  *plan = found->second.plan;
+  return true;
+}
+
+void record_tuned_gemm_plan(const TunedGemmPlan& tuned) {
+  GemmPlanTable& table = gemm_plan_table();
+  const std::lock_guard<std::mutex> lock(table.mutex);
+  table.entries.insert_or_assign(tuned.key, tuned);
+}
+
+void set_gemm_autotune(bool enabled) { gemm_plan_table().autotune.store(enabled); }
+bool gemm_autotune() { return gemm_plan_table().autotune.load(); }
+
+GemmPlan gemm_plan_rule(const GemmPlanKey& key) { return gemm_plans(key).front(); }
+std::vector<GemmPlan> gemm_plan_candidates(const GemmPlanKey& key) { return gemm_plans(key); }
+
+std::vector<TunedGemmPlan> tuned_gemm_plans() {
+  GemmPlanTable& table = gemm_plan_table();
+  const std::lock_guard<std::mutex> lock(table.mutex);
+  std::vector<TunedGemmPlan> plans;
+  for (const auto& entry : table.entries) plans.push_back(entry.second);
+  return plans;
+}
+
+void set_tuned_gemm_plan(const GemmPlanKey& key, const GemmPlan& plan) {
+  const std::vector<GemmPlan> plans = gemm_plans(key);  // checks the key
+  bool offered = false;
+  std::string names;
+  for (const GemmPlan& p : plans) {
+    offered = offered || same_plan(p, plan);
+    names += (names.empty() ? "" : ", ") + std::to_string(p.bm) + "x" + std::to_string(p.bn) +
+             "/" + std::to_string(p.splits);
+  }
+  if (!offered)
+    throw std::invalid_argument(
+        "GEMM plan of " + key.op + " (" + version_name(key.version) + ", M " +
+        std::to_string(key.M) + ", cols " + std::to_string(key.cols) + ", K " +
+        std::to_string(key.K) + ", images " + std::to_string(key.images) + "): tile " +
+        std::to_string(plan.bm) + " x " + std::to_string(plan.bn) + " in " +
+        std::to_string(plan.splits) + " slices is not one of its plans (tile/slices): " + names);
+  const double unmeasured = std::numeric_limits<double>::quiet_NaN();
+  record_tuned_gemm_plan({key, plan, plans.front(), unmeasured, unmeasured, 0});
+}
+
+void clear_tuned_gemm_plans() {
+  GemmPlanTable& table = gemm_plan_table();
+  const std::lock_guard<std::mutex> lock(table.mutex);
+  table.entries.clear();
 }
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {

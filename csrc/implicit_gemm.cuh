@@ -18,10 +18,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -1432,6 +1435,12 @@ __global__ void conv3x3_split_k_reduce(const float* __restrict__ part, float* __
 // Launchers: version dispatch, tile choice, split-K plan, grid limits
 // =================================================================================================
 
+// The table of measured plans (launchers.h), one for the whole module (conv3x3.cu holds it):
+// whether it has an entry for `key` (then in *plan), and the entry of a tuning.
+bool find_tuned_gemm_plan(const GemmPlanKey& key, GemmPlan* plan);
+void record_tuned_gemm_plan(const TunedGemmPlan& tuned);
+
+
 namespace {
 
 // Blocks wanted in flight: two waves of an H100's 132 SMs. A constant rather than the device's
@@ -1771,26 +1780,252 @@ const char* version_name(Conv3x3Version version) {
   return "unknown";
 }
 
-// Forward or backward data through a GEMM version (v3-v5), for the plain view or its concatenated
+// =================================================================================================
+// Plans by measurement (launchers.h, "Plans measured instead of ruled"): the plans a version
+// offers a GEMM, the rule's among them, and the choice of one by timing each.
+// =================================================================================================
+
+bool is_weight_gradient_op(const std::string& op) {
+  const std::string tail = "_backward_weight";
+  return op.size() > tail.size() && op.compare(op.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// The block tiles a version offers an M x cols GEMM: v3's, v4's and v5's large and small ones;
+// v6's 128 x 128 and 128 x 64, its 256 x 64 for the forward and backward data of more than 128
+// rows, and for the weight gradients its 128 x 256 and 64 x 192 where weight_gemm_tile would take
+// them (columns a whole number of 256; at most 64 rows and columns a whole number of 192).
+std::vector<GemmTile> gemm_tiles(Conv3x3Version version, bool weight, int64_t M, int64_t cols) {
+  switch (version) {
+    case Conv3x3Version::kV3Igemm:
+      return {{true, V3Large::kBM, V3Large::kBN, kV3BK}, {false, V3Small::kBM, V3Small::kBN, kV3BK}};
+    case Conv3x3Version::kV4Tf32Mma:
+    case Conv3x3Version::kV5Bf16Mma:
+      return {{true, V4Large::kBM, V4Large::kBN, kV4BK}, {false, V4Small::kBM, V4Small::kBN, kV4BK}};
+    case Conv3x3Version::kV6Tf32Wgmma: {
+      std::vector<GemmTile> tiles{{true, V6Square::kBM, V6Square::kBN, kV6BK, kSMs},
+                                  {false, V6Narrow::kBM, V6Narrow::kBN, kV6BK, 0}};
+      if (!weight && M > kV6BM) tiles.push_back({false, V6Tall::kBM, V6Tall::kBN, kV6BK, kSMs});
+      if (weight && cols % V6Wide::kBN == 0)
+        tiles.push_back({true, V6Wide::kBM, V6Wide::kBN, V6Wide::kBK, kSMs});
+      if (weight && M <= V6Rows64::kBM && cols % V6Rows64::kBN == 0)
+        tiles.push_back({true, V6Rows64::kBM, V6Rows64::kBN, V6Rows64::kBK, kSMs});
+      return tiles;
+    }
+    default:
+      return {};
+  }
+}
+
+// Checks a key (launchers.h) and says whether it names a weight gradient.
+bool check_gemm_plan_key(const GemmPlanKey& key) {
+  bool known = false;
+  for (const char* op : kGemmPlanOps) known = known || key.op == op;
+  if (!known) {
+    std::string ops;
+    for (const char* op : kGemmPlanOps) ops += std::string(ops.empty() ? "" : ", ") + op;
+    throw std::invalid_argument("GEMM plan: no op " + key.op + " has GEMM plans; those that do: " +
+                                ops);
+  }
+  if (!conv3x3_fuses_concat(key.version))  // the GEMM versions
+    throw std::invalid_argument(std::string("GEMM plan: ") + version_name(key.version) +
+                                " runs no GEMM; only v3_igemm to v6_tf32_wgmma have plans");
+  const bool weight = is_weight_gradient_op(key.op);
+  if (key.M < 1 || key.cols < 1 || key.K < 1 || key.images < 1 || (!weight && key.images != 1))
+    throw std::invalid_argument("GEMM plan of " + key.op + ": needs M, cols, K >= 1 and images " +
+                                (weight ? ">= 1" : "= 1 (only a weight gradient sums over images)") +
+                                "; got M " + std::to_string(key.M) + ", cols " +
+                                std::to_string(key.cols) + ", K " + std::to_string(key.K) +
+                                ", images " + std::to_string(key.images));
+  return weight;
+}
+
+GemmPlan plan_of(const GemmTile& tile, int splits) { return {tile.bm, tile.bn, splits}; }
+bool same_plan(const GemmPlan& a, const GemmPlan& b) {
+  return a.bm == b.bm && a.bn == b.bn && a.splits == b.splits;
+}
+
+// The rule's plan (plan_output, plan_weight_gemm) and its tile.
+GemmTile gemm_rule_tile(const GemmPlanKey& key, bool weight, int* splits) {
+  if (weight) {
+    const WeightGemmPlan plan = plan_weight_gemm(key.version, key.M, key.cols, key.images, key.K);
+    *splits = plan.splits;
+    return plan.tile;
+  }
+  const OutputPlan plan = plan_output(key.version, key.M, key.cols, key.K);
+  *splits = plan.splits;
+  return plan.tile;
+}
+
+// The most slices a plan in `tile` may take: the planners' limits (a slice sums at least
+// kMinSplitK k, or kMinSplitPixels pixels in a weight gradient; kMaxSplits; the workspace), and
+// at most four times kTargetBlocks blocks.
+int64_t most_splits(const GemmPlanKey& key, bool weight, const GemmTile& tile) {
+  const int64_t tiles = ceil_div<int64_t>(key.M, tile.bm) * ceil_div<int64_t>(key.cols, tile.bn);
+  int64_t s = std::min(kMaxSplits, std::max<int64_t>(4 * kTargetBlocks / tiles, 1));
+  s = std::min(s, kMaxSplitWorkspaceBytes / (4 * key.M * key.cols));
+  if (weight) {
+    const int64_t units = key.images * ceil_div<int64_t>(key.K, tile.bk);
+    s = std::min(s, units * tile.bk / kMinSplitPixels);
+  } else {
+    s = std::min(s, key.K / kMinSplitK);
+  }
+  return std::max<int64_t>(s, 1);
+}
+
+// The split counts tried in every tile, up to most_splits.
+constexpr int kSplitLadder[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128};
+
+std::vector<GemmPlan> gemm_plans(const GemmPlanKey& key) {
+  const bool weight = check_gemm_plan_key(key);
+  int rule_splits = 1;
+  const GemmTile rule_tile = gemm_rule_tile(key, weight, &rule_splits);
+  std::vector<GemmPlan> plans{plan_of(rule_tile, rule_splits)};
+  for (const GemmTile& tile : gemm_tiles(key.version, weight, key.M, key.cols)) {
+    const int64_t most = most_splits(key, weight, tile);
+    for (int s : kSplitLadder)
+      if (s <= most && !same_plan(plan_of(tile, s), plans.front()))
+        plans.push_back(plan_of(tile, s));
+  }
+  return plans;
+}
+
+// The tile of a plan of this key (one of gemm_plans'), for the launchers.
+GemmTile gemm_plan_tile(const GemmPlanKey& key, const GemmPlan& plan) {
+  const bool weight = is_weight_gradient_op(key.op);
+  int rule_splits = 1;
+  std::vector<GemmTile> tiles = gemm_tiles(key.version, weight, key.M, key.cols);
+  tiles.push_back(gemm_rule_tile(key, weight, &rule_splits));
+  for (const GemmTile& tile : tiles)
+    if (tile.bm == plan.bm && tile.bn == plan.bn) return tile;
+  throw std::logic_error(key.op + ": " + version_name(key.version) + " has no " +
+                         std::to_string(plan.bm) + " x " + std::to_string(plan.bn) + " tile here");
+}
+
+// Whether `stream` is being captured into a CUDA graph (where nothing may synchronise).
+bool stream_capturing(cudaStream_t stream) {
+#ifdef UNET_CPU_EMULATION
+  (void)stream;
+  return false;
+#else
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();  // e.g. the legacy stream while another one captures: do not time
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+#endif
+}
+
+// Timed runs of a plan, after one untimed run that warms up (and fails early).
+constexpr int kTunedRuns = 3;
+
+// The mean time of one run of `run`, in ms, measured on `stream` (the CPU emulation times its
+// own synchronous runs).
+template <class Run>
+double time_gemm_plan(Run&& run, cudaStream_t stream) {
+  run();
+#ifdef UNET_CPU_EMULATION
+  (void)stream;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kTunedRuns; ++i) run();
+  const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
+  return took.count() / kTunedRuns;
+#else
+  struct Events {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Events() {
+      if (start) cudaEventDestroy(start);
+      if (stop) cudaEventDestroy(stop);
+    }
+  } events;
+  CUDA_CHECK(cudaEventCreate(&events.start), "GEMM plan timing");
+  CUDA_CHECK(cudaEventCreate(&events.stop), "GEMM plan timing");
+  CUDA_CHECK(cudaEventRecord(events.start, stream), "GEMM plan timing");
+  for (int i = 0; i < kTunedRuns; ++i) run();
+  CUDA_CHECK(cudaEventRecord(events.stop, stream), "GEMM plan timing");
+  CUDA_CHECK(cudaEventSynchronize(events.stop), "GEMM plan timing");
+  float ms = 0.0f;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop), "GEMM plan timing");
+  return static_cast<double>(ms) / kTunedRuns;
+#endif
+}
+
+// The plan a GEMM runs: the table's entry for its key; else, with autotuning on and the stream
+// not being captured, the fastest of gemm_plans(key) (each run by execute(plan), which must
+// overwrite the GEMM's outputs: it runs several times), entered in the table; else the rule's.
+// A plan that throws is left out; where the rule's throws, so does this.
+template <class Execute>
+GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStream_t stream,
+                          Execute&& execute) {
+  GemmPlan plan = rule;
+  if (find_tuned_gemm_plan(key, &plan) || !gemm_autotune() || stream_capturing(stream)) return plan;
+  const double unmeasured = std::numeric_limits<double>::infinity();
+  TunedGemmPlan tuned{key, rule, rule, unmeasured, unmeasured, 0};
+  for (const GemmPlan& candidate : gemm_plans(key)) {
+    double ms = unmeasured;
+    const bool is_rule = same_plan(candidate, rule);
+    try {
+      ms = time_gemm_plan([&] { execute(candidate); }, stream);
+    } catch (const std::exception&) {
+      if (is_rule) throw;
+      continue;
+    }
+    ++tuned.candidates;
+    if (is_rule) tuned.rule_ms = ms;
+    if (ms < tuned.ms) {
+      tuned.ms = ms;
+      tuned.plan = candidate;
+    }
+  }
+  record_tuned_gemm_plan(tuned);
+  return tuned.plan;
+}
+
+// Forward or backward data through a GEMM version (v3-v6), for the plain view or its concatenated
 // twin. `op` and the version name make the kernel's name in errors, e.g.
-// "conv3x3_forward_v4_tf32_mma". K is split (plan_output) only where the output tiles are too few.
+// "conv3x3_forward_v4_tf32_mma". The plan: chosen_gemm_plan's, whose rule (plan_output) splits K
+// only where the output tiles are too few.
 template <class Gemm>
 void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version version, bool vec_b,
                      cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
-  const OutputPlan plan = plan_output(version, g.M, g.cols, g.K);
-  if (plan.splits == 1) {
-    launch_gemm(name, g, version, plan.tile, 1, false, vec_b, stream);
-    return;
-  }
-  const int64_t count = g.M * g.cols;
-  Workspace workspace(plan.splits * count, stream, "conv3x3 split-K workspace");
-  const SplitPartialGemm<Gemm> partial{g, workspace.data()};
-  launch_gemm(name, partial, version, plan.tile, plan.splits, false, vec_b, stream);
-  const std::string epilogue = op + "_split_k_epilogue";
-  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
-                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),
-                plan.splits);
+  const GemmPlanKey key{op, version, g.M, g.cols, g.K, 1};
+  const auto execute = [&](const GemmPlan& plan) {
+    const GemmTile tile = gemm_plan_tile(key, plan);
+    if (plan.splits == 1) {
+      launch_gemm(name, g, version, tile, 1, false, vec_b, stream);
+      return;
+    }
+    const int64_t count = g.M * g.cols;
+    Workspace workspace(plan.splits * count, stream, "conv3x3 split-K workspace");
+    const SplitPartialGemm<Gemm> partial{g, workspace.data()};
+    launch_gemm(name, partial, version, tile, plan.splits, false, vec_b, stream);
+    const std::string epilogue = op + "_split_k_epilogue";
+    launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
+                  dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),
+                  plan.splits);
+  };
+  const OutputPlan rule = plan_output(version, g.M, g.cols, g.K);
+  execute(chosen_gemm_plan(key, plan_of(rule.tile, rule.splits), stream, execute));
+}
+
+// A weight gradient (K over the pixels of `images` images of `pixels` each) through a GEMM
+// version, into dw (`count` elements): launch(out, tile, splits) launches its view summing into
+// `out`, which is dw itself for one slice, else a workspace of the slices' partials that
+// conv3x3_split_k_reduce adds into dw in slice order (with_split_partials). The plan:
+// chosen_gemm_plan's, whose rule is plan_weight_gemm.
+template <class Launch>
+void run_weight_gemm(const std::string& op, Conv3x3Version version, int64_t M, int64_t cols,
+                     int64_t images, int64_t pixels, float* dw, int64_t count, cudaStream_t stream,
+                     Launch&& launch) {
+  const GemmPlanKey key{op, version, M, cols, pixels, images};
+  const auto execute = [&](const GemmPlan& plan) {
+    const GemmTile tile = gemm_plan_tile(key, plan);
+    with_split_partials(dw, count, plan.splits, stream,
+                        [&](float* out) { launch(out, tile, plan.splits); });
+  };
+  const WeightGemmPlan rule = plan_weight_gemm(version, M, cols, images, pixels);
+  execute(chosen_gemm_plan(key, plan_of(rule.tile, rule.splits), stream, execute));
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace unet {
 
@@ -76,6 +78,7 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
                                            cudaStream_t stream);
 // How many slices (split-K) the weight gradient of `version` sums separately for these shapes,
 // then adds in slice order; 1 for v1_direct. A function of the shapes only, never of the GPU.
+// These four functions report the planners' rules; a GEMM with a measured plan (below) runs that.
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O);
 // The columns of the block tile its GEMM versions take (the columns being 9C: 128 or 64; v6's
 // 256 where 9C is a whole number of 256), 0 where no GEMM runs (v1, v2, the few-channel kernel).
@@ -89,6 +92,54 @@ int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, in
 // backward data) walks K tap by tap (the tap-major views of conv3x3.cu), for images whose
 // channels x pixels are under 2^31 elements (larger ones take the 64-bit views).
 bool conv3x3_tap_major(Conv3x3Version version, int channels);
+
+// Plans measured instead of ruled (docs/CONV3X3.md, "Plans by measurement"). Every GEMM of the
+// GEMM versions (v3-v6: the 3x3 convolutions' three directions, plain and concatenated, and the
+// up-convolutions') runs in a block tile with K in `splits` slices, which the planners choose
+// from the shapes by fixed rules (the same plan, and the same bits, on every GPU). With autotuning
+// on, the first call of each GEMM instead times every plan its version offers on the GPU at hand
+// (cudaEvents, on the call's stream; never inside a CUDA graph capture, where the rule's plan
+// runs) and keeps the fastest in a table that later calls read, as cuDNN's benchmark mode does.
+// Plans sum in other orders: results change in their last bits between plans, never beyond the
+// version's tolerance. The table can be read, saved and set again (the same plans, the same bits).
+//
+// A GEMM is known by its op (e.g. "conv3x3_forward", "upconv2x2_backward_weight"), version, and
+// dimensions: M rows, `cols` columns and K, the sum's length; for the weight gradients, whose K
+// runs over the pixels of every image, K is the pixels of one image and `images` the images
+// (1 for the other GEMMs).
+struct GemmPlanKey {
+  std::string op;
+  Conv3x3Version version;
+  int64_t M, cols, K, images;
+};
+struct GemmPlan {
+  int bm, bn, splits;
+};
+struct TunedGemmPlan {
+  GemmPlanKey key;
+  GemmPlan plan;     // the plan its calls run
+  GemmPlan rule;     // the planners' plan for it
+  double ms;         // measured time of `plan` (NaN where set by hand)
+  double rule_ms;    // and of `rule`
+  int candidates;    // plans timed (0 where set by hand)
+};
+// The ops whose GEMMs have plans; a weight gradient's name ends in "_backward_weight".
+inline constexpr const char* kGemmPlanOps[] = {
+    "conv3x3_forward",        "conv3x3_backward_data",        "conv3x3_backward_weight",
+    "conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight",
+    "upconv2x2_forward",      "upconv2x2_backward_data",      "upconv2x2_backward_weight"};
+void set_gemm_autotune(bool enabled);
+bool gemm_autotune();
+// The rule's plan and every plan of the key's version (the rule's first); throws
+// std::invalid_argument for an unknown op, a version that is not a GEMM version, or dimensions
+// below 1.
+GemmPlan gemm_plan_rule(const GemmPlanKey& key);
+std::vector<GemmPlan> gemm_plan_candidates(const GemmPlanKey& key);
+// The table: every entry, in key order; one entry set (the plan must be one of the key's
+// candidates, else std::invalid_argument naming them); all entries cleared.
+std::vector<TunedGemmPlan> tuned_gemm_plans();
+void set_tuned_gemm_plan(const GemmPlanKey& key, const GemmPlan& plan);
+void clear_tuned_gemm_plans();
 
 // bias_backward.cu: db[o] = sum over n and the HW pixels of dy[n,o,:] (dy is [N,O,HW]); shared by
 // the backward_weight launchers of every convolution (but conv1x1's for O <= 8, which sums db with

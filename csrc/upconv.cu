@@ -352,15 +352,16 @@ void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw
   const int64_t count = static_cast<int64_t>(O) * C * 4;  // elements of dw
   if (upconv_uses_gemm(version) && count > 0) {
     const std::string name = std::string("upconv2x2_backward_weight_") + version_name(version);
-    // The split of the pixel sum, from the shapes alone (as for conv3x3)
-    const WeightGemmPlan plan =
-        plan_weight_gemm(version, C, int64_t{4} * O, N, static_cast<int64_t>(H) * W);
+    // The split of the pixel sum: plan_weight_gemm's, from the shapes alone (as for conv3x3), or
+    // a measured plan
+    const int64_t plane = static_cast<int64_t>(H) * W;
     // 16-byte copies of A = x[n, c, pixels] when every plane is a whole number of them
-    const bool vec_a = (static_cast<int64_t>(H) * W) % 4 == 0 && aligned16(x);
-    with_split_partials(dw, count, plan.splits, stream, [&](float* out) {
-      const Upconv2x2BackwardWeightGemm g{x, dy, out, C, H, W, O, C, 4 * O, count, N};
-      launch_gemm(name, g, version, plan.tile, plan.splits, vec_a, false, stream);
-    });
+    const bool vec_a = plane % 4 == 0 && aligned16(x);
+    run_weight_gemm("upconv2x2_backward_weight", version, C, int64_t{4} * O, N, plane, dw, count,
+                    stream, [&](float* out, const GemmTile& tile, int splits) {
+                      const Upconv2x2BackwardWeightGemm g{x, dy, out, C, H, W, O, C, 4 * O, count, N};
+                      launch_gemm(name, g, version, tile, splits, vec_a, false, stream);
+                    });
   } else if (count > 0) {
     const int64_t blocks = static_cast<int64_t>(O) * C;
     if (blocks > INT32_MAX)

@@ -480,6 +480,11 @@ def _concat_inputs(rng, n, cu, cs, h, w, hs, ws, o):
 @pytest.mark.parametrize("version", GEMM_VERSIONS)
 @pytest.mark.parametrize("shape", CONCAT_SHAPES, ids=str)
 def test_concat_every_direction(lib, version, shape):
+    check_concat(lib, version, shape)
+
+
+def check_concat(lib, version, shape):
+    """All three directions of the concatenated-input convolution against the float64 reference."""
     from unet_cuda.ops import reference as ref
 
     n, cu, cs, h, w, hs, ws, o = shape
@@ -967,3 +972,154 @@ def test_maxpool2x2_backward_accumulates(lib, masked):
     assert_same_bits(dst.array, want, "accumulated")
     assert_same_bits(want, ref.maxpool2x2_backward(dy, arg, relu_mask=mask, accumulate_into=start.copy()),
                      "the reference's own accumulate_into")
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans by measurement (csrc/launchers.h, "Plans measured instead of ruled"): every plan a version
+# offers a GEMM computes the same convolution; autotuning times them all and keeps one.
+# ------------------------------------------------------------------------------------------------
+
+def tuned_table(lib):
+    """The table of measured plans: {(op, version, M, cols, K, images): entry}."""
+    text = ctypes.create_string_buffer(1 << 16)
+    needed = lib.emulated_tuned_gemm_plans(text, len(text))
+    assert needed <= len(text), "the table's text was cut"
+    table = {}
+    for line in text.value.decode().splitlines():
+        op, version, *numbers = line.split()
+        m, cols, k, images, bm, bn, splits, rule_bm, rule_bn, rule_splits, candidates = map(int, numbers)
+        table[(op, version, m, cols, k, images)] = {
+            "plan": (bm, bn, splits), "rule": (rule_bm, rule_bn, rule_splits), "candidates": candidates}
+    return table
+
+
+def _plan_key_args(key):
+    op, version, m, cols, k, images = key
+    return [op.encode(), version.encode(), ctypes.c_int64(m), ctypes.c_int64(cols), ctypes.c_int64(k),
+            ctypes.c_int64(images)]
+
+
+def plan_candidates(lib, key):
+    """Every plan of the key, the rule's first; or the error, raised as ValueError."""
+    most = 1024
+    plans = (ctypes.c_int * (3 * most))()
+    error = ctypes.create_string_buffer(1024)
+    count = lib.emulated_gemm_plan_candidates(*_plan_key_args(key), plans, most, error, len(error))
+    if count < 0:
+        raise ValueError(error.value.decode())
+    assert count <= most
+    return [tuple(plans[3 * i:3 * i + 3]) for i in range(count)]
+
+
+def set_plan(lib, key, plan):
+    error = ctypes.create_string_buffer(1024)
+    if lib.emulated_set_tuned_gemm_plan(*_plan_key_args(key), *plan, error, len(error)) != 0:
+        raise ValueError(error.value.decode())
+
+
+@pytest.fixture()
+def plans(lib):
+    """A clean table with autotuning off, before and after the test."""
+    lib.emulated_set_gemm_autotune(0)
+    lib.emulated_clear_tuned_gemm_plans()
+    yield lib
+    lib.emulated_set_gemm_autotune(0)
+    lib.emulated_clear_tuned_gemm_plans()
+
+
+# Each case runs and checks some ops against the reference at shapes where the versions offer
+# several tiles and split counts: K of 1152 (two slices of 512 or more) for the forward and
+# backward data, 2 x 1056 pixels for the weight gradient; the up-convolution's weight gradient
+# has 4O = 256 columns (v6's 128 x 256 tile).
+PLAN_CASES = [
+    ("conv3x3_forward", lambda lib, v: check_forward(lib, v, (1, 128, 6, 7, 8))),
+    ("conv3x3_backward_data", lambda lib, v: check_backward_data(lib, v, (1, 8, 6, 7, 128))),
+    ("conv3x3_backward_weight", lambda lib, v: check_backward_weight(lib, v, (2, 8, 34, 35, 8))),
+    ("conv3x3_concat", lambda lib, v: check_concat(lib, v, (1, 64, 64, 6, 7, 8, 9, 128))),
+    ("upconv2x2", lambda lib, v: check_upconv(lib, v, (1, 64, 8, 8, 64))),
+]
+
+
+@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: c[0])
+def test_every_plan_computes_the_convolution(plans, version, case):
+    name, run = case
+    if (name == "conv3x3_concat" and version != "v6_tf32_wgmma") or (
+            name == "upconv2x2" and version in ("v3_igemm", "v5_bf16_mma")):
+        pytest.skip("the same tiles and plans as the plain convolution's, checked there")
+    lib = plans
+    # Autotuned: every plan of every GEMM of the case is timed, one kept per GEMM, and the results
+    # (those of the plans kept) are right.
+    lib.emulated_set_gemm_autotune(1)
+    run(lib, version)
+    lib.emulated_set_gemm_autotune(0)
+    table = tuned_table(lib)
+    assert table, f"{name}: autotuning entered no plan"
+    several = 0
+    for key, entry in table.items():
+        assert key[1] == version, key
+        candidates = plan_candidates(lib, key)
+        assert len(set(candidates)) == len(candidates), f"{key}: a plan offered twice: {candidates}"
+        assert entry["rule"] == candidates[0], key
+        assert entry["candidates"] == len(candidates), f"{key}: {entry['candidates']} of {len(candidates)} timed"
+        assert entry["plan"] in candidates, key
+        several += len(candidates) > 1
+    assert several, f"{name}: no GEMM with more than one plan; the case tests nothing"
+    # Each plan set by hand: the same convolution, within the version's tolerance.
+    for key in table:
+        for plan in plan_candidates(lib, key):
+            lib.emulated_clear_tuned_gemm_plans()
+            set_plan(lib, key, plan)
+            assert tuned_table(lib)[key]["plan"] == plan
+            try:
+                run(lib, version)
+            except AssertionError as exc:
+                raise AssertionError(f"plan {plan} of {key}: {exc}") from None
+
+
+def test_plan_candidates_and_rules(plans):
+    lib = plans
+    v6 = "v6_tf32_wgmma"
+    # d4b's forward (62 x 62 outputs, 512 channels, K = 9 x 512): the rule's plan first, as the
+    # planner's split count says; v6's three output tiles; never more slices than K / 512.
+    key = ("conv3x3_forward", v6, 62 * 62, 512, 9 * 512, 1)
+    candidates = plan_candidates(lib, key)
+    rule = candidates[0]
+    assert rule[:2] == (128, 128)
+    assert rule[2] == lib.emulated_conv3x3_forward_splits(v6.encode(), 1, 512, 64, 64, 512)
+    assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (256, 64)}
+    assert max(plan[2] for plan in candidates) <= 9 * 512 // 512
+    assert (128, 128, 1) in candidates and len(set(candidates)) == len(candidates)
+    # d1b's weight gradient: the 64 x 192 tile and its wave-balanced 88 slices by rule.
+    key = ("conv3x3_backward_weight", v6, 64, 9 * 64, 568 * 568, 1)
+    candidates = plan_candidates(lib, key)
+    assert candidates[0] == (64, 192, lib.emulated_conv3x3_backward_weight_splits(v6.encode(), 1, 64, 570, 570, 64))
+    assert candidates[0] == (64, 192, 88)
+    assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (64, 192)}
+    # An up-convolution's weight gradient with 4O = 256 columns: v6's wide tile among its plans;
+    # v4's two tiles.
+    assert (128, 256) in {p[:2] for p in plan_candidates(lib, ("upconv2x2_backward_weight", v6, 64, 256, 4096, 1))}
+    assert {p[:2] for p in plan_candidates(lib, ("conv3x3_forward", "v4_tf32_mma", 3844, 512, 4608, 1))} == {
+        (128, 128), (64, 64)}
+
+
+def test_plans_refused_by_name(plans):
+    lib = plans
+    key = ("conv3x3_forward", "v6_tf32_wgmma", 20, 8, 1152, 1)
+    with pytest.raises(ValueError, match=r"96 x 128 in 1 slices is not one of its plans.*128x128/1"):
+        set_plan(lib, key, (96, 128, 1))
+    with pytest.raises(ValueError, match="not one of its plans"):
+        set_plan(lib, key, (128, 128, 3))  # K = 1152 allows two slices of 512 at most
+    with pytest.raises(ValueError, match="no op conv3x3_sideways has GEMM plans"):
+        plan_candidates(lib, ("conv3x3_sideways",) + key[1:])
+    with pytest.raises(ValueError, match="v1_direct runs no GEMM"):
+        plan_candidates(lib, (key[0], "v1_direct") + key[2:])
+    with pytest.raises(ValueError, match="images = 1"):
+        plan_candidates(lib, key[:5] + (2,))
+    with pytest.raises(ValueError, match="needs M, cols, K >= 1"):
+        plan_candidates(lib, (key[0], key[1], 0) + key[3:])
+    assert tuned_table(lib) == {}
+    set_plan(lib, key, (128, 64, 2))
+    assert tuned_table(lib) == {key: {"plan": (128, 64, 2), "rule": plan_candidates(lib, key)[0], "candidates": 0}}
+    lib.emulated_clear_tuned_gemm_plans()
+    assert tuned_table(lib) == {}

@@ -10,6 +10,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "launchers.h"
 
@@ -138,6 +139,59 @@ int emulated_conv3x3_backward_data_splits(const char* version, int N, int C, int
   unet::Conv3x3Version v;
   if (!parse_version(version, &v)) return -1;
   return unet::conv3x3_backward_data_splits(v, N, C, H, W, O);
+}
+
+// The measured plans of the GEMMs (launchers.h, "Plans measured instead of ruled").
+void emulated_set_gemm_autotune(int enabled) { unet::set_gemm_autotune(enabled != 0); }
+
+void emulated_clear_tuned_gemm_plans() { unet::clear_tuned_gemm_plans(); }
+
+// The table, one line per entry: op version M cols K images bm bn splits rule_bm rule_bn
+// rule_splits candidates. Returns the bytes needed (more than `size`: the text was cut).
+int emulated_tuned_gemm_plans(char* text, int size) {
+  std::string lines;
+  for (const unet::TunedGemmPlan& t : unet::tuned_gemm_plans()) {
+    const char* version = "?";
+    for (const unet::Conv3x3VersionName& v : unet::kConv3x3Versions)
+      if (v.version == t.key.version) version = v.name;
+    char line[256];
+    std::snprintf(line, sizeof line, "%s %s %lld %lld %lld %lld %d %d %d %d %d %d %d\n",
+                  t.key.op.c_str(), version, static_cast<long long>(t.key.M),
+                  static_cast<long long>(t.key.cols), static_cast<long long>(t.key.K),
+                  static_cast<long long>(t.key.images), t.plan.bm, t.plan.bn, t.plan.splits,
+                  t.rule.bm, t.rule.bn, t.rule.splits, t.candidates);
+    lines += line;
+  }
+  std::snprintf(text, size, "%s", lines.c_str());
+  return static_cast<int>(lines.size()) + 1;
+}
+
+// The key's plans as (bm, bn, splits) triples in `plans` (room for `most`); returns their number.
+int emulated_gemm_plan_candidates(const char* op, const char* version, int64_t M, int64_t cols,
+                                  int64_t K, int64_t images, int* plans, int most, char* error,
+                                  int error_size) {
+  int count = 0;
+  const int status = guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    const std::vector<unet::GemmPlan> all =
+        unet::gemm_plan_candidates({op, v, M, cols, K, images});
+    for (const unet::GemmPlan& p : all) {
+      if (count < most) {
+        plans[3 * count] = p.bm;
+        plans[3 * count + 1] = p.bn;
+        plans[3 * count + 2] = p.splits;
+      }
+      ++count;
+    }
+  });
+  return status == 0 ? count : -1;
+}
+
+int emulated_set_tuned_gemm_plan(const char* op, const char* version, int64_t M, int64_t cols,
+                                 int64_t K, int64_t images, int bm, int bn, int splits,
+                                 char* error, int error_size) {
+  return guarded(version, error, error_size, [&](unet::Conv3x3Version v) {
+    unet::set_tuned_gemm_plan({op, v, M, cols, K, images}, {bm, bn, splits});
+  });
 }
 
 int emulated_upconv2x2_forward(const char* version, const float* x, const float* w, const float* b,
