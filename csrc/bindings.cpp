@@ -1055,6 +1055,75 @@ PYBIND11_MODULE(_C, m) {
         "Slices (split-K) the GEMM versions sum separately for this direction of x[N,C,H,W] -> O "
         "channels (only where the output tiles are too few); 1 for v1 and v2.");
   }
+  // Plans by measurement (launchers.h, "Plans measured instead of ruled"); unet_cuda.ops.cuda
+  // wraps them (autotune, tuned_plans, set_tuned_plans, ...).
+  {
+    auto key_of = [](const char* fn, const std::string& op, const std::string& version, int64_t M,
+                     int64_t cols, int64_t K, int64_t images) {
+      return GemmPlanKey{op, conv3x3_version_arg(fn, version), M, cols, K, images};
+    };
+    auto plan_tuple = [](const GemmPlan& p) { return py::make_tuple(p.bm, p.bn, p.splits); };
+    auto version_of = [](Conv3x3Version version) {
+      for (const Conv3x3VersionName& v : kConv3x3Versions)
+        if (v.version == version) return std::string(v.name);
+      return std::string("unknown");
+    };
+    py::list ops;
+    for (const char* op : kGemmPlanOps) ops.append(op);
+    m.attr("GEMM_PLAN_OPS") = py::tuple(ops);
+    m.def("set_gemm_autotune", &set_gemm_autotune, arg("enabled"),
+          "With True, the first call of each GEMM (v3-v6) times every plan of its version and "
+          "keeps the fastest in the table of tuned plans; with False, plans come from the table "
+          "or the rule.");
+    m.def("gemm_autotune", &gemm_autotune, "Whether autotuning is on.");
+    m.def(
+        "gemm_plan_candidates",
+        [key_of, plan_tuple](const std::string& op, const std::string& version, int64_t M,
+                             int64_t cols, int64_t K, int64_t images) {
+          py::list plans;
+          for (const GemmPlan& p :
+               gemm_plan_candidates(key_of("gemm_plan_candidates", op, version, M, cols, K, images)))
+            plans.append(plan_tuple(p));
+          return plans;
+        },
+        arg("op"), arg("version"), arg("M"), arg("cols"), arg("K"), arg("images") = 1,
+        "Every plan (bm, bn, splits) the version offers this GEMM, the rule's first. For a "
+        "weight gradient K is the pixels of one image and `images` the images.");
+    m.def(
+        "tuned_gemm_plans",
+        [plan_tuple, version_of]() {
+          py::list entries;
+          for (const TunedGemmPlan& t : tuned_gemm_plans()) {
+            py::dict e;
+            e["op"] = t.key.op;
+            e["version"] = version_of(t.key.version);
+            e["M"] = t.key.M;
+            e["cols"] = t.key.cols;
+            e["K"] = t.key.K;
+            e["images"] = t.key.images;
+            e["plan"] = plan_tuple(t.plan);
+            e["rule"] = plan_tuple(t.rule);
+            e["ms"] = t.ms;
+            e["rule_ms"] = t.rule_ms;
+            e["candidates"] = t.candidates;
+            entries.append(e);
+          }
+          return entries;
+        },
+        "The table: one dict per GEMM (op, version, M, cols, K, images, plan, rule, ms, rule_ms, "
+        "candidates); ms and rule_ms are NaN, candidates 0, where a plan was set by hand.");
+    m.def(
+        "set_tuned_gemm_plan",
+        [key_of](const std::string& op, const std::string& version, int64_t M, int64_t cols,
+                 int64_t K, int64_t images, int bm, int bn, int splits) {
+          set_tuned_gemm_plan(key_of("set_tuned_gemm_plan", op, version, M, cols, K, images),
+                              {bm, bn, splits});
+        },
+        arg("op"), arg("version"), arg("M"), arg("cols"), arg("K"), arg("images"), arg("bm"),
+        arg("bn"), arg("splits"),
+        "Enters a plan for one GEMM: one of gemm_plan_candidates' (ValueError otherwise).");
+    m.def("clear_tuned_gemm_plans", &clear_tuned_gemm_plans, "Empties the table.");
+  }
   m.def(
       "conv3x3_version_available",
       [](const std::string& version) {

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the 3x3 convolutions multiply in on the GPU: fp32, tf32 (default there) "
                         "or bf16 (fastest; probabilities differ by about 1e-2 from fp32). The CPU "
                         "computes in fp32 only")
+    p.add_argument("--autotune", action="store_true",
+                   help="GPU only: time every block tile and K split of each convolution's GEMM at its "
+                        "first call on this GPU and keep the fastest (as cudnn.benchmark does); pays "
+                        "off over many tiles or images. Probabilities differ in their last bits")
+    p.add_argument("--plans", metavar="FILE", default=None,
+                   help="GPU only: run the GEMM plans saved in FILE (plans.json of a training run with "
+                        "--autotune)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -143,6 +150,15 @@ def _main(argv=None) -> int:
             ops.set_precision(precision, device)
         except ValueError as exc:
             return fail(f"--precision: {exc}")
+        if args.plans is not None:
+            try:
+                ops.load_tuned_plans(args.plans, device)
+            except ValueError as exc:
+                return fail(f"--plans: {exc}")
+        try:
+            ops.set_autotune(args.autotune, device)
+        except ValueError as exc:
+            return fail(f"--autotune: {exc}")
         model, meta = load_model(args.checkpoint, device)
         if model.config["in_channels"] != 1:
             raise CheckpointError(f"checkpoint {args.checkpoint} holds a network for {model.config['in_channels']} "

@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=25, metavar="N", help="rows to print (25; 0 for all)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write every row as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autotune", action="store_true",
+                   help="GPU only: the warm-up step times every GEMM plan (tile, K split) of each "
+                        "convolution and keeps the fastest, as train --autotune does; the timed steps "
+                        "run those, and --json gets the table of plans")
     return p
 
 
@@ -320,6 +324,10 @@ def _main(argv=None) -> int:
         out = sizes.output_size(tile, depth)
     except ValueError as exc:  # IllegalSizeError is one
         return fail(f"--tile: {exc}" if isinstance(exc, sizes.IllegalSizeError) else f"--precision: {exc}")
+    try:
+        ops.set_autotune(args.autotune, device)
+    except ValueError as exc:
+        return fail(f"--autotune: {exc}")
     rng = np.random.default_rng(args.seed)
     n = args.batch_size
     x = rng.random((n, 1, tile, tile), dtype=np.float32)
@@ -337,8 +345,11 @@ def _main(argv=None) -> int:
         raise
     print(format_profile(profile, top=args.top or None))
     if args.json:
+        data = profile.to_json()
+        if args.autotune:
+            data["plans"] = ops.tuned_plans()
         try:
-            Path(args.json).write_text(json.dumps(profile.to_json(), indent=1))
+            Path(args.json).write_text(json.dumps(data, indent=1))
         except OSError as exc:
             return fail(f"--json {args.json}: cannot write it ({exc.strerror or exc})")
     return 0

@@ -81,6 +81,7 @@ outputs in --out
   last.ckpt            the latest checkpoint (weights, optimiser, step, RNG states, history),
                        written atomically every --checkpoint-every steps and at the end
   best.ckpt            the checkpoint with the lowest validation pixel error
+  plans.json           with --autotune: the GEMM plans measured (--plans runs them again)
   history.json         loss per step and validation metrics
   training_curve.png   loss and validation metrics over the steps
   prediction.png       a validation image, its predicted probability and the errors
@@ -143,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tta", action="store_true", help="average validation predictions over 4 flips")
     run.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--autotune", action="store_true",
+                     help="GPU only: at its first call, time every block tile and K split that the "
+                          "convolution kernel offers each GEMM (the 3x3 and 2x2 convolutions, every "
+                          "direction) on this GPU and keep the fastest, as cudnn.benchmark does; by "
+                          "default fixed rules choose them from the shapes. The first step takes some "
+                          "seconds longer and results differ from the rules' in their last bits. The "
+                          "plans chosen are written to OUT/plans.json")
+    run.add_argument("--plans", metavar="FILE", default=None,
+                     help="GPU only: run the GEMM plans saved in FILE (the plans.json of an --autotune "
+                          "run): the same plans, so the same bits, without timing anything")
     run.add_argument("--cuda-graph", action="store_true",
                      help="GPU only: capture one whole training step (forward, loss, backward, SGD update) "
                           "as a CUDA graph after one eager warm-up step, and replay it every step after "
@@ -173,6 +184,23 @@ def choose_device(requested: str | None) -> str:
         return ops.choose_device(requested, hint="Use --device cpu to train on the CPU.")
     except ops.CudaUnavailableError as exc:
         raise TrainingError(str(exc)) from None
+
+
+PLANS_FILE = "plans.json"
+
+
+def apply_plan_options(args, cfg: dict) -> None:
+    """--autotune and --plans: GPU options, refused on the CPU with the reason; a bad --plans file
+    is refused before training starts."""
+    if args.plans is not None:
+        try:
+            ops.load_tuned_plans(args.plans, cfg["device"])
+        except ValueError as exc:
+            raise TrainingError(f"--plans: {exc}") from None
+    try:
+        ops.set_autotune(args.autotune, cfg["device"])
+    except ValueError as exc:
+        raise TrainingError(f"--autotune: {exc}") from None
 
 
 def check_cuda_graph(cfg: dict) -> None:
@@ -517,6 +545,10 @@ def _main(argv=None) -> int:
             validate_config(cfg)
         else:
             cfg, notes = resolve_config(args)
+        apply_plan_options(args, cfg)
+        if args.autotune:
+            notes.append("--autotune: the first call of each convolution times its plans; they are written "
+                         f"to {out_dir / PLANS_FILE}")
         if args.cuda_graph:
             check_cuda_graph(cfg)
             notes.append("--cuda-graph: the first step of this run is the eager warm-up, the second captures the "
@@ -576,6 +608,8 @@ def _main(argv=None) -> int:
             signal.signal(s, handler)
 
     _write_json_atomic(out_dir / "history.json", trainer.history)
+    if args.autotune:
+        ops.save_tuned_plans(out_dir / PLANS_FILE)
     if interrupted:
         return 130
     figures = []

@@ -179,16 +179,51 @@ def set_precision(name: str, device: str) -> None:
     _cuda_backend().set_precision(name)
 
 
+def set_autotune(enabled: bool, device: str) -> None:
+    """Autotuning of the GPU's GEMM plans (``unet_cuda.ops.cuda.set_autotune``) on or off; on
+    "cpu", where no GEMM kernel runs, asking for it is a ValueError."""
+    if device == "cpu":
+        if enabled:
+            raise ValueError("autotuning times the GPU's convolution kernels; the CPU backend has none "
+                             "(use --device cuda, or drop --autotune)")
+        return
+    _cuda_backend().set_autotune(enabled)
+
+
+def load_tuned_plans(path, device: str) -> int:
+    """Enters the GEMM plans saved in ``path`` (``unet_cuda.ops.cuda.load_tuned_plans``) and returns
+    how many; on "cpu" a ValueError."""
+    if device == "cpu":
+        raise ValueError("saved GEMM plans choose the GPU's convolution kernels; the CPU backend has none "
+                         "(use --device cuda, or drop --plans)")
+    return _cuda_backend().load_tuned_plans(path)
+
+
+def tuned_plans() -> list[dict]:
+    """The CUDA backend's table of GEMM plans (``unet_cuda.ops.cuda.tuned_plans``); empty where
+    that backend was never loaded."""
+    cuda = sys.modules.get(f"{__name__}.cuda")
+    return cuda.tuned_plans() if cuda is not None else []
+
+
+def save_tuned_plans(path) -> int:
+    """Writes the CUDA backend's table of GEMM plans to ``path`` (JSON) and returns its entries."""
+    return _cuda_backend().save_tuned_plans(path)
+
+
 @contextlib.contextmanager
 def restoring_precision():
-    """Within this block ``set_precision`` may be called freely; on leaving it the CUDA backend's
-    conv3x3 version is what it was before (the command lines use it, so that running ``main()``
-    inside a program leaves that program's setting alone)."""
+    """Within this block ``set_precision`` and ``set_autotune`` may be called freely; on leaving it
+    the CUDA backend's conv3x3 version and autotuning are what they were before (the command lines
+    use it, so that running ``main()`` inside a program leaves that program's settings alone). The
+    table of tuned plans keeps what the block entered."""
     cuda = sys.modules.get(f"{__name__}.cuda")
     previous = cuda.get_conv3x3_version() if cuda is not None else None
+    autotune = cuda.get_autotune() if cuda is not None else False
     try:
         yield
     finally:
         cuda = sys.modules.get(f"{__name__}.cuda")
         if cuda is not None:
             cuda.set_conv3x3_version(previous or cuda.STARTUP_CONV3X3_VERSION)
+            cuda.set_autotune(autotune)

@@ -187,6 +187,132 @@ def use_precision(name: str):
         yield
 
 
+# Plans by measurement (csrc/launchers.h, docs/CONV3X3.md "Plans by measurement"). Every GEMM of
+# the GEMM versions (v3-v6: the 3x3 convolutions, plain and concatenated, and the up-convolutions)
+# runs in a block tile with K split into slices, both chosen by fixed rules from the shapes: the
+# same plan, and the same bits, on every GPU. With autotuning on, the first call of each GEMM times
+# every plan its version offers on this GPU and keeps the fastest, as cudnn.benchmark does for
+# cuDNN; later calls with the same shapes read the table. Plans sum in other orders, so results
+# differ in their last bits from the rule's (within the version's tolerance); save the table and
+# set it again to repeat a run's plans exactly.
+
+def set_autotune(enabled: bool) -> None:
+    """Autotuning on (True) or off (False) for every later GEMM; the table stays."""
+    _C.set_gemm_autotune(bool(enabled))
+
+
+def get_autotune() -> bool:
+    return bool(_C.gemm_autotune())
+
+
+@contextlib.contextmanager
+def autotuning(enabled: bool = True):
+    """``with autotuning(): ...`` runs the block with autotuning on, then restores the setting."""
+    previous = get_autotune()
+    set_autotune(enabled)
+    try:
+        yield
+    finally:
+        set_autotune(previous)
+
+
+def _finite_or_none(value):
+    return value if value is not None and numpy.isfinite(value) else None
+
+
+def tuned_plans() -> list[dict]:
+    """The table: one dict per GEMM with its key (``op``, ``version``, ``M``, ``cols``, ``K``,
+    ``images``), the ``plan`` its calls run and the rule's (``rule``), each a list
+    ``[bm, bn, splits]``, their measured times ``ms`` and ``rule_ms`` (None where the plan was set
+    by hand) and how many plans were timed (``candidates``). JSON-ready."""
+    plans = []
+    for entry in _C.tuned_gemm_plans():
+        entry = dict(entry)
+        entry["plan"], entry["rule"] = list(entry["plan"]), list(entry["rule"])
+        entry["ms"], entry["rule_ms"] = _finite_or_none(entry["ms"]), _finite_or_none(entry["rule_ms"])
+        plans.append(entry)
+    return plans
+
+
+def gemm_plan_candidates(op: str, version: str, M: int, cols: int, K: int, images: int = 1) -> list[tuple]:
+    """Every plan ``(bm, bn, splits)`` that ``version`` offers one GEMM, the rule's first."""
+    return [tuple(p) for p in _C.gemm_plan_candidates(op, version, int(M), int(cols), int(K), int(images))]
+
+
+_PLAN_FIELDS = ("op", "version", "M", "cols", "K", "images", "plan")
+
+
+def set_tuned_plans(plans) -> int:
+    """Enters plans into the table (entries as ``tuned_plans()`` returns them; other fields are
+    ignored) and returns how many. Every entry is checked first: a missing field, or a plan its
+    version does not offer that GEMM, is a ValueError naming the entry, and then none is entered."""
+    checked = []
+    for i, entry in enumerate(plans):
+        missing = [f for f in _PLAN_FIELDS if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise ValueError(f"set_tuned_plans: entry {i} lacks {', '.join(missing)}: {entry!r}")
+        plan = entry["plan"]
+        if not isinstance(plan, (list, tuple)) or len(plan) != 3:
+            raise ValueError(f"set_tuned_plans: entry {i}: plan must be [bm, bn, splits], got {plan!r}")
+        key = (entry["op"], entry["version"], int(entry["M"]), int(entry["cols"]), int(entry["K"]),
+               int(entry["images"]))
+        try:
+            offered = [tuple(p) for p in _C.gemm_plan_candidates(*key)]
+        except ValueError as exc:
+            raise ValueError(f"set_tuned_plans: entry {i}: {exc}") from None
+        if tuple(int(v) for v in plan) not in offered:
+            raise ValueError(f"set_tuned_plans: entry {i} ({key[0]}, {key[1]}, M {key[2]}, cols {key[3]}, "
+                             f"K {key[4]}, images {key[5]}): plan {list(plan)} is not one of {offered}")
+        checked.append((key, tuple(int(v) for v in plan)))
+    for key, plan in checked:
+        _C.set_tuned_gemm_plan(*key, *plan)
+    return len(checked)
+
+
+def clear_tuned_plans() -> None:
+    """Empties the table: every GEMM plans by rule again (or is timed anew with autotuning on)."""
+    _C.clear_tuned_gemm_plans()
+
+
+def _device_name() -> str | None:
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    except Exception:  # no device: the file then names none
+        return None
+    name = props.get("name", b"")
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
+def save_tuned_plans(path) -> int:
+    """Writes the table as JSON (with the GPU's name: plans are timed on one card) and returns how
+    many entries it holds."""
+    import json
+    from pathlib import Path
+
+    plans = tuned_plans()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"device": _device_name(), "plans": plans}, indent=1) + "\n")
+    tmp.replace(path)
+    return len(plans)
+
+
+def load_tuned_plans(path) -> int:
+    """Enters the plans of a file written by ``save_tuned_plans`` (set_tuned_plans checks each) and
+    returns how many. Plans timed on another GPU still compute the same convolutions; they may just
+    not be this card's fastest."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"load_tuned_plans: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("plans"), list):
+        raise ValueError(f"load_tuned_plans: {path} is not a table of plans (a JSON object with a list 'plans')")
+    return set_tuned_plans(data["plans"])
+
+
 def conv3x3_forward(x, w, b, relu=False):
     n, _, h, width = _shape("conv3x3_forward", "x", x, 4)
     o = _shape("conv3x3_forward", "w", w, 4)[0]
