@@ -790,7 +790,7 @@ def test_weight_gradients_and_loss_are_bitwise_reproducible():
     assert all(bitwise_equal(losses[0], other) for other in losses[1:])
 
 
-def test_conv3x3_weight_gradient_is_bitwise_reproducible(conv3x3_version):
+def test_conv3x3_weight_gradient_wide_tiles_are_bitwise_reproducible(conv3x3_version):
     # C = 256: v6's 128 x 256 tile; C = 64, O = 40: its 64 x 192 tile; K split in two over 2 x 1122
     # pixels
     rng = np.random.default_rng(32)
@@ -1071,20 +1071,26 @@ def test_maxpool_backward_accumulates(shape, masked):
     assert_same_bits(got, want, f"maxpool2x2_backward accumulate{list(shape)} masked={masked}")
 
 
+def network_case(base_channels, dropout, size, batch, seed):
+    """A depth-3 U-Net on the GPU (weights seeded 4) and a batch for it: input, labels, weights."""
+    import unet_cuda as u
+    from unet_cuda.autograd import Tensor
+
+    net = u.UNet(base_channels=base_channels, depth=3, dropout=dropout, seed=4).to("cuda")
+    rng = np.random.default_rng(seed)
+    x = Tensor(dev(rand(rng, batch, 1, size, size)))
+    out = net.output_size(size)
+    labels = dev(rng.integers(0, 2, (batch, out, out)).astype(np.int32))
+    weights = dev(rng.uniform(0.5, 2.0, (batch, out, out)).astype(np.float32))
+    return net, x, labels, weights
+
+
 def test_fused_relu_backward_gives_the_network_the_same_gradients(conv3x3_version):
     """A training step's gradients with the ReLU's backward fused into the consumers and the skip
     maps' sums into the pools' backward, and without either."""
-    import unet_cuda as u
     from unet_cuda import functional as F
-    from unet_cuda.autograd import Tensor
 
-    net = u.UNet(base_channels=8, depth=3, dropout=0.5, seed=4).to("cuda")
-    size = 140
-    rng = np.random.default_rng(9)
-    x = Tensor(dev(rand(rng, 2, 1, size, size)))
-    out = net.output_size(size)
-    labels = dev(rng.integers(0, 2, (2, out, out)).astype(np.int32))
-    weights = dev(rng.uniform(0.5, 2.0, (2, out, out)).astype(np.float32))
+    net, x, labels, weights = network_case(base_channels=8, dropout=0.5, size=140, batch=2, seed=9)
     grads = {}
     for fuse in (False, True):
         for p in net.parameters():
@@ -1096,3 +1102,54 @@ def test_fused_relu_backward_gives_the_network_the_same_gradients(conv3x3_versio
         grads[fuse] = [host(p.grad) for p in net.parameters()]
     for (name, _), a, b in zip(net.named_parameters(), grads[False], grads[True]):
         assert_same_bits(b, a, f"{name}.grad")
+
+
+def test_autotuned_plans_compute_the_same_step(conv3x3_version, tmp_path):
+    """Autotuning (every GEMM's plans timed at its first call, the fastest kept): a training
+    step's gradients stay within the version's tolerance of the rule's plans, the table holds each
+    GEMM of the step with the plans it timed, and the same plans set again from a saved table give
+    the same bits."""
+    from unet_cuda import functional as F
+
+    if conv3x3_version in ("v1_direct", "v2_smem"):
+        pytest.skip("v1 and v2 run no GEMM: nothing to plan")
+    net, x, labels, weights = network_case(base_channels=32, dropout=0.0, size=124, batch=1, seed=10)
+
+    def gradients():
+        for p in net.parameters():
+            p.grad = None
+        F.softmax_cross_entropy(net(x), labels, weights).backward()
+        return [host(p.grad) for p in net.parameters()]
+
+    cu.clear_tuned_plans()
+    try:
+        by_rule = gradients()
+        with cu.autotuning():
+            tuned = gradients()
+        assert not cu.get_autotune()
+        plans = cu.tuned_plans()
+        assert plans and all(e["version"] == conv3x3_version for e in plans)
+        ops_planned = {e["op"] for e in plans}
+        assert {"conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight",
+                "conv3x3_concat_forward", "upconv2x2_forward"} <= ops_planned, ops_planned
+        for e in plans:
+            offered = cu.gemm_plan_candidates(e["op"], e["version"], e["M"], e["cols"], e["K"], e["images"])
+            assert e["candidates"] == len(offered), e
+            assert tuple(e["plan"]) in offered and tuple(e["rule"]) == offered[0], e
+            assert 0 < e["ms"] <= e["rule_ms"], e
+        again = gradients()  # from the table, without timing
+        assert cu.tuned_plans() == plans
+        path = tmp_path / "plans.json"
+        assert cu.save_tuned_plans(path) == len(plans)
+        cu.clear_tuned_plans()
+        assert cu.load_tuned_plans(path) == len(plans)
+        reloaded = gradients()
+    finally:
+        cu.clear_tuned_plans()
+    for (name, _), a, b, c, d in zip(net.named_parameters(), by_rule, tuned, again, reloaded):
+        assert_same_bits(c, b, f"{name}.grad, the table's plans again")
+        assert_same_bits(d, b, f"{name}.grad, the saved table's plans")
+        scale = float(np.abs(a).max()) or 1.0
+        tol = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 6e-2}[cu.CONV3X3_VERSION_PRECISION[conv3x3_version]]
+        err = float(np.abs(b - a).max()) / scale
+        assert err <= tol, f"{name}.grad: autotuned plans {err:.2e} of the largest value from the rule's"
