@@ -335,6 +335,25 @@ def _ratios(peers: dict, ours: dict) -> dict:
 FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
 
 
+def _autotune_tables(records: list[dict]) -> dict:
+    """Per precision, from the autotuned step's table of plans: the GEMMs, how many of them left
+    the rule's plan, and the rule's and the chosen plans' times summed (ms, as measured while
+    tuning)."""
+    tables = {}
+    for rec in records:
+        if rec.get("kind") != "train_step" or rec.get("impl") != "ours_autotuned" or not rec.get("plans"):
+            continue
+        timed = [e for e in rec["plans"] if e.get("ms") is not None and e.get("rule_ms") is not None]
+        tables[rec.get("precision", "fp32")] = {
+            "gemms": len(rec["plans"]),
+            "changed": sum(1 for e in rec["plans"] if list(e.get("plan", [])) != list(e.get("rule", []))),
+            "rule_ms": sum(e["rule_ms"] for e in timed),
+            "chosen_ms": sum(e["ms"] for e in timed),
+            "first_step_s": rec.get("first_step_s"),
+        }
+    return tables
+
+
 def _op_summary(records: list[dict]) -> dict:
     """The per-op records added up per precision mode: every op a training step runs once, the 3x3
     convolutions in the mode's version (records with a ``version``), the others shared by all modes;
@@ -430,13 +449,20 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     fusions = {impl[len("ours_"):]: _by_precision(records, "train_step", impl).get("tf32")
                for impl in FUSION_IMPLS}
     summary["fusion_train_step_ms"] = ({k: v for k, v in fusions.items() if v is not None} or None)
+    # the step with the GEMM plans measured (autotuned) instead of ruled, per precision, and what
+    # its table says: GEMMs whose plan changed, and the time the rule's plans took against the
+    # chosen ones (summed over the step's GEMMs, as timed during tuning)
+    autotuned = _by_precision(records, "train_step", "ours_autotuned")
+    summary["autotuned_train_step_ms"] = autotuned or None
+    summary["autotuned_train_step_ratio"] = _ratios(torch_steps, autotuned) or None
+    summary["autotune_tables"] = _autotune_tables(records) or None
     summary["infer_512_ms"] = ours_infer.get("bf16")      # the inference target's figure (bf16)
     summary["infer_512_ms_by_precision"] = ours_infer or None
     summary["torch_infer_512_ms"] = torch_infer or None
     summary["infer_512_ratio"] = _ratios(torch_infer, ours_infer) or None
 
-    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph")
-                                + FUSION_IMPLS, torch_steps),
+    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph",
+                                               "ours_autotuned") + FUSION_IMPLS, torch_steps),
                                ("infer", ("ours",), torch_infer)):
         for rec in records:
             if rec.get("kind") == kind and rec.get("impl") in impls and _ms(rec) and peers:
@@ -696,6 +722,8 @@ def read_profiles(outdir: Path) -> dict:
                                                          "host_ms", "gpu_ms")}
         profiles[name]["rows"] = rows[:PROFILE_ROWS]
         profiles[name]["rows_left_out"] = max(len(rows) - PROFILE_ROWS, 0)
+        if data.get("plans"):  # profile --autotune: the GEMM plans its timed steps ran
+            profiles[name]["plans"] = data["plans"]
     return profiles
 
 

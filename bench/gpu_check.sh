@@ -10,7 +10,8 @@
 #   env         versions and settings (CuPy, CUDA, PyTorch, cuDNN, TF32 defaults)
 #   gpu-tests   pytest -m gpu (JUnit XML in OUTDIR/gpu-tests.xml)
 #   profile-*   one training step of the paper's network op by op, in tf32, bf16 and fp32
-#               (python -m unet_cuda.profile -> OUTDIR/profile-<precision>.json)
+#               (python -m unet_cuda.profile -> OUTDIR/profile-<precision>.json), and tf32 again
+#               with the GEMM plans measured (--autotune -> OUTDIR/profile-tf32-autotuned.json)
 #   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
@@ -32,6 +33,7 @@
 #                      process). The NumPy references dominate their time, and they run on the CPU
 #   GPU_TESTS_LIMIT    seconds for gpu-tests (default 240)
 #   PROFILE_PRECISIONS the precisions of the profile stage (default "tf32 bf16 fp32")
+#   PROFILE_AUTOTUNE_PRECISIONS  those profiled again with --autotune (default "tf32"; "" for none)
 #   SANITIZER_LIMIT    seconds for the four sanitizers together (default 240; each at most 90)
 #   SANITIZER_TOOLS    the sanitizers to run, of "memcheck racecheck initcheck synccheck" (default:
 #                      all four; racecheck takes the longest, over a minute on an H100)
@@ -201,6 +203,11 @@ if wanted profile; then
   for precision in ${PROFILE_PRECISIONS:-tf32 bf16 fp32}; do
     run_stage "profile-$precision" 60 "$PY" -m unet_cuda.profile --precision "$precision" --top 0 \
       --json "$OUTDIR/profile-$precision.json"
+  done
+  # the same step with the GEMM plans measured (profile --autotune), op by op beside the rules'
+  for precision in ${PROFILE_AUTOTUNE_PRECISIONS-tf32}; do
+    run_stage "profile-$precision-autotuned" 90 "$PY" -m unet_cuda.profile --precision "$precision" \
+      --autotune --top 0 --json "$OUTDIR/profile-$precision-autotuned.json"
   done
 else
   for precision in tf32 bf16 fp32; do skip_stage "profile-$precision" "not in GPU_CHECK_STAGES"; done
