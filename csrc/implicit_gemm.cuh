@@ -1086,6 +1086,15 @@ using V6Wide = V6Tile<kV6BM, 256, 16, 6>;
 // copies and a third less of dy from L2. 192 divides 9C where C is a multiple of 64 (576 for d1b
 // and u4b, 1152 for u4a's concatenation); four stages of 32 k, 128 KB. weight_gemm_tile.
 using V6Rows64 = V6Tile<64, 192, kV6BK, kV6Stages>;
+// The forward's and backward data's tall-and-wide tile, 256 x 128, offered only to measurement
+// (gemm_tiles; the rules never take it): each warpgroup owns 128 rows by 128 columns (two
+// 64 x 128 products per k8 step, 128 accumulators per thread), so each stage's B (the weights)
+// serves twice the rows of the 128 x 128 tile and A twice the columns of the 256 x 64 one: per
+// FLOP, a quarter fewer bytes from L2 than the square tile. Half the blocks, though: the deep
+// layers, whose blocks make a single partial wave, need a split K to fill the GPU, which costs a
+// pass over the partials; whether it pays is for autotuning to time. K steps of 16 in 6 stages,
+// 147 KB, as the wide tile.
+using V6Big = V6Tile<kV6TallBM, 128, 16, 6>;
 // The planners count the waves of these four tiles with one block per SM (GemmTile::wave_blocks =
 // kSMs): their stages alone take more than half of an SM's 228 KB of shared memory, so a second
 // block never fits (their registers, 255 per thread at most for 256 threads, say the same).
@@ -1094,7 +1103,8 @@ constexpr bool one_block_per_sm() {
   return 2 * sizeof(float) * Tile::kStages * (Tile::kBM + Tile::kBN) * Tile::kBK > 228 * 1024;
 }
 static_assert(one_block_per_sm<V6Square>() && one_block_per_sm<V6Tall>() &&
-                  one_block_per_sm<V6Wide>() && one_block_per_sm<V6Rows64>(),
+                  one_block_per_sm<V6Wide>() && one_block_per_sm<V6Rows64>() &&
+                  one_block_per_sm<V6Big>(),
               "the wave counts of the planners assume one block per SM");
 
 // Element (row, k) of a ROWS x BK operand tile in the canonical K-major unswizzled layout
@@ -1236,8 +1246,9 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
   constexpr int kGroupRows = BM / kGroupsM, kGroupCols = BN / kGroupsN, MT = kGroupRows / 64;
   constexpr int PN = kGroupCols < 128 ? kGroupCols : 128, NT = kGroupCols / PN;
   static_assert((BM == kV6BM && (BN == 64 || BN == 128 || BN == 256)) ||
-                    (BM == kV6TallBM && BN == 64) || (BM == 64 && BN == 192),
-                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64, 128 x 256, 64 x 192");
+                    (BM == kV6TallBM && (BN == 64 || BN == 128)) || (BM == 64 && BN == 192),
+                "the tiles of this kernel: 128 x 128, 128 x 64, 256 x 64, 256 x 128, 128 x 256, "
+                "64 x 192");
   static_assert(kGroupCols % PN == 0, "whole products per warpgroup");
   static_assert(BK % 8 == 0, "whole k8 products");
   static_assert(S >= 3, "a stage being copied, one multiplied, one retiring");
@@ -1619,7 +1630,7 @@ struct IsWeightGradient<Gemm, std::void_t<decltype(Gemm::kWeightGradient)>>
 
 // v6's tiles (gemm_tile, weight_gemm_tile): 128 x 128; where the output has at most 64 columns
 // (the 64-channel layers), 256 x 64 (v6_rows) or 128 x 64; the weight gradients' 128 x 256 and
-// 64 x 192.
+// 64 x 192; and, where a measured plan takes it (gemm_tiles), the output GEMMs' 256 x 128.
 template <class Gemm, bool VEC_A, bool VEC_B>
 void run_v6(const char* name, const Gemm& g, const GemmTile& tile, int splits, cudaStream_t stream) {
   if (tile.bm == V6Square::kBM && tile.bn == V6Square::kBN)
@@ -1628,6 +1639,10 @@ void run_v6(const char* name, const Gemm& g, const GemmTile& tile, int splits, c
     return launch_v6<Gemm, V6Tall, VEC_A, VEC_B>(name, g, splits, stream);
   if (tile.bm == V6Narrow::kBM && tile.bn == V6Narrow::kBN)
     return launch_v6<Gemm, V6Narrow, VEC_A, VEC_B>(name, g, splits, stream);
+  if constexpr (!IsWeightGradient<Gemm>::value) {
+    if (tile.bm == V6Big::kBM && tile.bn == V6Big::kBN)
+      return launch_v6<Gemm, V6Big, VEC_A, VEC_B>(name, g, splits, stream);
+  }
   if constexpr (IsWeightGradient<Gemm>::value) {
     if (tile.bm == V6Wide::kBM && tile.bn == V6Wide::kBN)
       return launch_v6<Gemm, V6Wide, VEC_A, VEC_B>(name, g, splits, stream);
@@ -1792,7 +1807,7 @@ bool is_weight_gradient_op(const std::string& op) {
 
 // The block tiles a version offers an M x cols GEMM: v3's, v4's and v5's large and small ones;
 // v6's 128 x 128 and 128 x 64, its 256 x 64 for the forward and backward data of more than 128
-// rows, and for the weight gradients its 128 x 256 and 64 x 192 where weight_gemm_tile would take
+// rows, and its 256 x 128 where they have more than 64 columns too; for the weight gradients its 128 x 256 and 64 x 192 where weight_gemm_tile would take
 // them (columns a whole number of 256; at most 64 rows and columns a whole number of 192).
 std::vector<GemmTile> gemm_tiles(Conv3x3Version version, bool weight, int64_t M, int64_t cols) {
   switch (version) {
@@ -1805,6 +1820,8 @@ std::vector<GemmTile> gemm_tiles(Conv3x3Version version, bool weight, int64_t M,
       std::vector<GemmTile> tiles{{true, V6Square::kBM, V6Square::kBN, kV6BK, kSMs},
                                   {false, V6Narrow::kBM, V6Narrow::kBN, kV6BK, 0}};
       if (!weight && M > kV6BM) tiles.push_back({false, V6Tall::kBM, V6Tall::kBN, kV6BK, kSMs});
+      if (!weight && M > kV6BM && cols > V6Narrow::kBN)
+        tiles.push_back({true, V6Big::kBM, V6Big::kBN, V6Big::kBK, kSMs});
       if (weight && cols % V6Wide::kBN == 0)
         tiles.push_back({true, V6Wide::kBM, V6Wide::kBN, V6Wide::kBK, kSMs});
       if (weight && M <= V6Rows64::kBM && cols % V6Rows64::kBN == 0)

@@ -1030,21 +1030,27 @@ def plans(lib):
 # Each case runs and checks some ops against the reference at shapes where the versions offer
 # several tiles and split counts: K of 1152 (two slices of 512 or more) for the forward and
 # backward data, 2 x 1056 pixels for the weight gradient; the up-convolution's weight gradient
-# has 4O = 256 columns (v6's 128 x 256 tile).
+# has 4O = 256 columns (v6's 128 x 256 tile). The "rows" cases have more than 128 rows and 64
+# columns: v6's 256-row tiles, 256 x 128 among them (offered to measurement only).
 PLAN_CASES = [
     ("conv3x3_forward", lambda lib, v: check_forward(lib, v, (1, 128, 6, 7, 8))),
     ("conv3x3_backward_data", lambda lib, v: check_backward_data(lib, v, (1, 8, 6, 7, 128))),
     ("conv3x3_backward_weight", lambda lib, v: check_backward_weight(lib, v, (2, 8, 34, 35, 8))),
     ("conv3x3_concat", lambda lib, v: check_concat(lib, v, (1, 64, 64, 6, 7, 8, 9, 128))),
     ("upconv2x2", lambda lib, v: check_upconv(lib, v, (1, 64, 8, 8, 64))),
+    ("conv3x3_forward_rows", lambda lib, v: check_forward(lib, v, (1, 128, 14, 13, 72))),
+    ("conv3x3_backward_data_rows", lambda lib, v: check_backward_data(lib, v, (1, 72, 12, 14, 128))),
+    ("conv3x3_concat_rows", lambda lib, v: check_concat(lib, v, (1, 32, 32, 13, 15, 15, 17, 72))),
 ]
+V6_ONLY_PLAN_CASES = ("conv3x3_concat", "conv3x3_forward_rows", "conv3x3_backward_data_rows",
+                      "conv3x3_concat_rows")
 
 
 @pytest.mark.parametrize("version", GEMM_VERSIONS)
 @pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: c[0])
 def test_every_plan_computes_the_convolution(plans, version, case):
     name, run = case
-    if (name == "conv3x3_concat" and version != "v6_tf32_wgmma") or (
+    if (name in V6_ONLY_PLAN_CASES and version != "v6_tf32_wgmma") or (
             name == "upconv2x2" and version in ("v3_igemm", "v5_bf16_mma")):
         pytest.skip("the same tiles and plans as the plain convolution's, checked there")
     lib = plans
@@ -1065,6 +1071,8 @@ def test_every_plan_computes_the_convolution(plans, version, case):
         assert entry["plan"] in candidates, key
         several += len(candidates) > 1
     assert several, f"{name}: no GEMM with more than one plan; the case tests nothing"
+    if name.endswith("_rows"):
+        assert any((256, 128) in {p[:2] for p in plan_candidates(lib, key)} for key in table), name
     # Each plan set by hand: the same convolution, within the version's tolerance.
     for key in table:
         for plan in plan_candidates(lib, key):
@@ -1087,7 +1095,7 @@ def test_plan_candidates_and_rules(plans):
     rule = candidates[0]
     assert rule[:2] == (128, 128)
     assert rule[2] == lib.emulated_conv3x3_forward_splits(v6.encode(), 1, 512, 64, 64, 512)
-    assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (256, 64)}
+    assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (256, 64), (256, 128)}
     assert max(plan[2] for plan in candidates) <= 9 * 512 // 512
     assert (128, 128, 1) in candidates and len(set(candidates)) == len(candidates)
     # d1b's weight gradient: the 64 x 192 tile and its wave-balanced 88 slices by rule.
