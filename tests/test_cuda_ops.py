@@ -1153,3 +1153,43 @@ def test_autotuned_plans_compute_the_same_step(conv3x3_version, tmp_path):
         tol = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 6e-2}[cu.CONV3X3_VERSION_PRECISION[conv3x3_version]]
         err = float(np.abs(b - a).max()) / scale
         assert err <= tol, f"{name}.grad: autotuned plans {err:.2e} of the largest value from the rule's"
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 24, 24, 192), (1, 64, 70, 70, 64)], ids=str)
+def test_every_gemm_plan_matches_the_reference(conv3x3_version, shape):
+    """Each plan its version offers a layer's three GEMMs, set by hand in turn, against the float64
+    reference: the tiles the rules never take (v6's 256 x 128) and every split count included. The
+    GEMM of each direction (csrc/launchers.h): forward M = N P Q pixels, cols = O, K = 9C; backward
+    data M = N H W, cols = C, K = 9O; weight gradient M = O, cols = 9C, K = P Q per image."""
+    if conv3x3_version in ("v1_direct", "v2_smem"):
+        pytest.skip("v1 and v2 run no GEMM: nothing to plan")
+    n, c, h, w, o = shape
+    x, wt, b, dy, y_ref, dx_ref, dw_ref, _ = conv3x3_case(n, c, h, w, o, True, 3)
+    p, q = h - 2, w - 2
+    amax = lambda a: float(np.abs(a).max())  # noqa: E731
+    directions = [
+        ("conv3x3_forward", (n * p * q, o, 9 * c, 1), lambda: cu.conv3x3_forward(dev(x), dev(wt), dev(b), relu=True),
+         y_ref, 9 * c, amax(x), amax(wt)),
+        ("conv3x3_backward_data", (n * h * w, c, 9 * o, 1), lambda: cu.conv3x3_backward_data(dev(dy), dev(wt)),
+         dx_ref, 9 * o, amax(dy), amax(wt)),
+        ("conv3x3_backward_weight", (o, 9 * c, p * q, n), lambda: cu.conv3x3_backward_weight(dev(x), dev(dy))[0],
+         dw_ref, n * p * q, amax(dy), amax(x)),
+    ]
+    cu.clear_tuned_plans()
+    try:
+        for op, dims, run, want, k, a_max, b_max in directions:
+            candidates = cu.gemm_plan_candidates(op, conv3x3_version, *dims)
+            assert len(candidates) > 1, f"{op}{list(shape)}: one plan only"
+            cu.clear_tuned_plans()
+            with cu.autotuning():  # the op's GEMM is the one these dims name: autotuning enters it
+                run()
+            assert [(e["op"], e["M"], e["cols"], e["K"], e["images"]) for e in cu.tuned_plans()] == [(op, *dims)]
+            for plan in candidates:
+                cu.clear_tuned_plans()
+                cu.set_tuned_plans([dict(zip(("op", "version", "M", "cols", "K", "images"), (op, conv3x3_version, *dims)),
+                                         plan=list(plan))])
+                got = host(run())
+                assert_conv3x3_close(got, want, conv3x3_version, f"{op}{list(shape)} plan {plan}",
+                                     k=k, a_max=a_max, b_max=b_max)
+    finally:
+        cu.clear_tuned_plans()
