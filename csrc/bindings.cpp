@@ -1106,12 +1106,14 @@ PYBIND11_MODULE(_C, m) {
             e["ms"] = t.ms;
             e["rule_ms"] = t.rule_ms;
             e["candidates"] = t.candidates;
+            e["uses"] = t.uses;
             entries.append(e);
           }
           return entries;
         },
         "The table: one dict per GEMM (op, version, M, cols, K, images, plan, rule, ms, rule_ms, "
-        "candidates); ms and rule_ms are NaN, candidates 0, where a plan was set by hand.");
+        "candidates, uses); ms and rule_ms are NaN, candidates 0, where a plan was set by hand or "
+        "entered inside a CUDA graph capture; uses counts the calls that ran the plan.");
     m.def(
         "set_tuned_gemm_plan",
         [key_of](const std::string& op, const std::string& version, int64_t M, int64_t cols,

@@ -1199,7 +1199,8 @@ struct GemmPlanKeyLess {
 };
 
 struct GemmPlanTable {
-  std::mutex mutex;
+  std::mutex mutex;         // the entries'
+  std::mutex tuning_mutex;  // held through one tuning (chosen_gemm_plan)
   std::map<GemmPlanKey, TunedGemmPlan, GemmPlanKeyLess> entries;
   std::atomic<bool> autotune{false};
 };
@@ -1216,15 +1217,19 @@ bool find_tuned_gemm_plan(const GemmPlanKey& key, GemmPlan* plan) {
   const std::lock_guard<std::mutex> lock(table.mutex);
   const auto found = table.entries.find(key);
   if (found == table.entries.end()) return false;
+  ++found->second.uses;
   *plan = found->second.plan;
   return true;
 }
 
-void record_tuned_gemm_plan(const TunedGemmPlan& tuned) {
+void record_tuned_gemm_plan(const TunedGemmPlan& tuned, bool replace) {
   GemmPlanTable& table = gemm_plan_table();
   const std::lock_guard<std::mutex> lock(table.mutex);
-  table.entries.insert_or_assign(tuned.key, tuned);
+  if (replace) table.entries.insert_or_assign(tuned.key, tuned);
+  else table.entries.insert({tuned.key, tuned});
 }
+
+std::mutex& gemm_tuning_mutex() { return gemm_plan_table().tuning_mutex; }
 
 void set_gemm_autotune(bool enabled) { gemm_plan_table().autotune.store(enabled); }
 bool gemm_autotune() { return gemm_plan_table().autotune.load(); }
@@ -1257,7 +1262,7 @@ void set_tuned_gemm_plan(const GemmPlanKey& key, const GemmPlan& plan) {
         std::to_string(plan.bm) + " x " + std::to_string(plan.bn) + " in " +
         std::to_string(plan.splits) + " slices is not one of its plans (tile/slices): " + names);
   const double unmeasured = std::numeric_limits<double>::quiet_NaN();
-  record_tuned_gemm_plan({key, plan, plans.front(), unmeasured, unmeasured, 0});
+  record_tuned_gemm_plan({key, plan, plans.front(), unmeasured, unmeasured, 0, 0}, true);
 }
 
 void clear_tuned_gemm_plans() {

@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -1447,9 +1448,12 @@ __global__ void conv3x3_split_k_reduce(const float* __restrict__ part, float* __
 // =================================================================================================
 
 // The table of measured plans (launchers.h), one for the whole module (conv3x3.cu holds it):
-// whether it has an entry for `key` (then in *plan), and the entry of a tuning.
+// whether it has an entry for `key` (then in *plan, and the entry counts one more use); an entry
+// entered, replacing one of the same key or (replace false) not; and the lock that one tuning at a
+// time holds, so that no two time the same GEMM, or time while another runs.
 bool find_tuned_gemm_plan(const GemmPlanKey& key, GemmPlan* plan);
-void record_tuned_gemm_plan(const TunedGemmPlan& tuned);
+void record_tuned_gemm_plan(const TunedGemmPlan& tuned, bool replace);
+std::mutex& gemm_tuning_mutex();
 
 
 namespace {
@@ -1847,12 +1851,20 @@ bool check_gemm_plan_key(const GemmPlanKey& key) {
     throw std::invalid_argument(std::string("GEMM plan: ") + version_name(key.version) +
                                 " runs no GEMM; only v3_igemm to v6_tf32_wgmma have plans");
   const bool weight = is_weight_gradient_op(key.op);
+  const std::string dims = "; got M " + std::to_string(key.M) + ", cols " +
+                           std::to_string(key.cols) + ", K " + std::to_string(key.K) +
+                           ", images " + std::to_string(key.images);
   if (key.M < 1 || key.cols < 1 || key.K < 1 || key.images < 1 || (!weight && key.images != 1))
     throw std::invalid_argument("GEMM plan of " + key.op + ": needs M, cols, K >= 1 and images " +
                                 (weight ? ">= 1" : "= 1 (only a weight gradient sums over images)") +
-                                "; got M " + std::to_string(key.M) + ", cols " +
-                                std::to_string(key.cols) + ", K " + std::to_string(key.K) +
-                                ", images " + std::to_string(key.images));
+                                dims);
+  // Bounds that keep the planners' products (4 M cols bytes of partials, images x K) in 64 bits;
+  // every GEMM the launchers run is far inside them.
+  constexpr int64_t kMaxDim = INT32_MAX, kMaxProduct = int64_t{1} << 60;
+  if (key.M > kMaxDim || key.cols > kMaxDim || key.K > kMaxDim || key.images > kMaxDim ||
+      key.M * key.cols > kMaxProduct || key.images * key.K > kMaxProduct)
+    throw std::invalid_argument("GEMM plan of " + key.op + ": M, cols, K and images must be below "
+                                "2^31, M x cols and images x K at most 2^60" + dims);
   return weight;
 }
 
@@ -1873,18 +1885,27 @@ GemmTile gemm_rule_tile(const GemmPlanKey& key, bool weight, int* splits) {
   return plan.tile;
 }
 
-// The most slices a plan in `tile` may take: the planners' limits (a slice sums at least
-// kMinSplitK k, or kMinSplitPixels pixels in a weight gradient; kMaxSplits; the workspace), and
-// at most four times kTargetBlocks blocks.
+// A slice of a measured plan sums at least this many k (pixels, in a weight gradient): a quarter
+// of the rules' kMinSplitK and kMinSplitPixels. The rules' floors guess where a split stops
+// paying; timing need not guess, and the rules leave some GEMMs far short of the 132 SMs: the
+// paper's up-convolutions' weight gradients get 32 to 64 blocks by rule (the wide tile; sums of
+// 784 to 38,416 pixels split once per 1024 pixels at most, 1 to 37 slices).
+constexpr int64_t kMeasuredMinSplitK = 256;
+static_assert(kMeasuredMinSplitK >= V6Big::kBK && kMeasuredMinSplitK >= kV6BK,
+              "a slice of the output GEMMs holds whole K tiles");
+
+// The most slices a plan in `tile` may take: a slice sums at least kMeasuredMinSplitK k or pixels
+// (and at least one K tile), at most kMaxSplits slices and the workspace, at most four times
+// kTargetBlocks blocks.
 int64_t most_splits(const GemmPlanKey& key, bool weight, const GemmTile& tile) {
   const int64_t tiles = ceil_div<int64_t>(key.M, tile.bm) * ceil_div<int64_t>(key.cols, tile.bn);
   int64_t s = std::min(kMaxSplits, std::max<int64_t>(4 * kTargetBlocks / tiles, 1));
   s = std::min(s, kMaxSplitWorkspaceBytes / (4 * key.M * key.cols));
   if (weight) {
     const int64_t units = key.images * ceil_div<int64_t>(key.K, tile.bk);
-    s = std::min(s, units * tile.bk / kMinSplitPixels);
+    s = std::min({s, units, units * tile.bk / kMeasuredMinSplitK});
   } else {
-    s = std::min(s, key.K / kMinSplitK);
+    s = std::min(s, key.K / kMeasuredMinSplitK);
   }
   return std::max<int64_t>(s, 1);
 }
@@ -1898,7 +1919,10 @@ std::vector<GemmPlan> gemm_plans(const GemmPlanKey& key) {
   const GemmTile rule_tile = gemm_rule_tile(key, weight, &rule_splits);
   std::vector<GemmPlan> plans{plan_of(rule_tile, rule_splits)};
   for (const GemmTile& tile : gemm_tiles(key.version, weight, key.M, key.cols)) {
-    const int64_t most = most_splits(key, weight, tile);
+    // a tile whose grid passes CUDA's limits is not offered (checked_grid would refuse it)
+    if (ceil_div<int64_t>(key.M, tile.bm) > kMaxGridX || ceil_div<int64_t>(key.cols, tile.bn) > kMaxGridYZ)
+      continue;
+    const int64_t most = std::min(most_splits(key, weight, tile), kMaxGridYZ);
     for (int s : kSplitLadder)
       if (s <= most && !same_plan(plan_of(tile, s), plans.front()))
         plans.push_back(plan_of(tile, s));
@@ -1925,65 +1949,88 @@ bool stream_capturing(cudaStream_t stream) {
   return false;
 #else
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
-    cudaGetLastError();  // e.g. the legacy stream while another one captures: do not time
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  if (err == cudaErrorStreamCaptureImplicit) {  // the legacy stream while another one captures
+    cudaGetLastError();
     return true;
   }
+  CUDA_CHECK(err, "GEMM plan timing: cudaStreamIsCapturing");
   return status != cudaStreamCaptureStatusNone;
 #endif
 }
 
-// Timed runs of a plan, after one untimed run that warms up (and fails early).
-constexpr int kTunedRuns = 3;
+// Timed runs of a plan, after one untimed run that warms up (and fails early); the median is its
+// time. The CPU emulation, whose times mean nothing, runs each plan once more only.
+#ifdef UNET_CPU_EMULATION
+constexpr int kTunedRuns = 1;
+#else
+constexpr int kTunedRuns = 5;
+#endif
 
-// The mean time of one run of `run`, in ms, measured on `stream` (the CPU emulation times its
-// own synchronous runs).
+// The median time of one run of `run`, in ms, measured on `stream` between events around each run
+// (the CPU emulation times its own synchronous runs).
 template <class Run>
 double time_gemm_plan(Run&& run, cudaStream_t stream) {
   run();
+  double ms[kTunedRuns];
 #ifdef UNET_CPU_EMULATION
   (void)stream;
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < kTunedRuns; ++i) run();
-  const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
-  return took.count() / kTunedRuns;
+  for (int i = 0; i < kTunedRuns; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    ms[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
 #else
   struct Events {
-    cudaEvent_t start = nullptr, stop = nullptr;
+    cudaEvent_t at[kTunedRuns + 1] = {};
     ~Events() {
-      if (start) cudaEventDestroy(start);
-      if (stop) cudaEventDestroy(stop);
+      for (cudaEvent_t e : at)
+        if (e) cudaEventDestroy(e);
     }
   } events;
-  CUDA_CHECK(cudaEventCreate(&events.start), "GEMM plan timing");
-  CUDA_CHECK(cudaEventCreate(&events.stop), "GEMM plan timing");
-  CUDA_CHECK(cudaEventRecord(events.start, stream), "GEMM plan timing");
-  for (int i = 0; i < kTunedRuns; ++i) run();
-  CUDA_CHECK(cudaEventRecord(events.stop, stream), "GEMM plan timing");
-  CUDA_CHECK(cudaEventSynchronize(events.stop), "GEMM plan timing");
-  float ms = 0.0f;
-  CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop), "GEMM plan timing");
-  return static_cast<double>(ms) / kTunedRuns;
+  for (cudaEvent_t& e : events.at) CUDA_CHECK(cudaEventCreate(&e), "GEMM plan timing");
+  CUDA_CHECK(cudaEventRecord(events.at[0], stream), "GEMM plan timing");
+  for (int i = 0; i < kTunedRuns; ++i) {
+    run();
+    CUDA_CHECK(cudaEventRecord(events.at[i + 1], stream), "GEMM plan timing");
+  }
+  CUDA_CHECK(cudaEventSynchronize(events.at[kTunedRuns]), "GEMM plan timing");
+  for (int i = 0; i < kTunedRuns; ++i) {
+    float took = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&took, events.at[i], events.at[i + 1]), "GEMM plan timing");
+    ms[i] = took;
+  }
 #endif
+  std::sort(ms, ms + kTunedRuns);
+  return ms[kTunedRuns / 2];
 }
 
-// The plan a GEMM runs: the table's entry for its key; else, with autotuning on and the stream
-// not being captured, the fastest of gemm_plans(key) (each run by execute(plan), which must
-// overwrite the GEMM's outputs: it runs several times), entered in the table; else the rule's.
-// A plan that throws is left out; where the rule's throws, so does this.
+// The plan a GEMM runs: the table's entry for its key; else the rule's with autotuning off; else,
+// outside a CUDA graph capture, the fastest of gemm_plans(key), each run by execute(plan) (which
+// must overwrite the GEMM's outputs: it runs several times), entered in the table. Inside a
+// capture, where nothing may synchronise, the rule's plan is entered untimed instead, so that the
+// eager calls after it run the plan the graph holds. A plan whose partials do not fit in memory
+// is left out (the rule's, never); any other error ends the call, as it would with that plan.
 template <class Execute>
 GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStream_t stream,
                           Execute&& execute) {
   GemmPlan plan = rule;
-  if (find_tuned_gemm_plan(key, &plan) || !gemm_autotune() || stream_capturing(stream)) return plan;
-  const double unmeasured = std::numeric_limits<double>::infinity();
-  TunedGemmPlan tuned{key, rule, rule, unmeasured, unmeasured, 0};
+  if (find_tuned_gemm_plan(key, &plan) || !gemm_autotune()) return plan;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (stream_capturing(stream)) {
+    record_tuned_gemm_plan({key, rule, rule, nan, nan, 0, 0}, false);
+    find_tuned_gemm_plan(key, &plan);  // the entry's plan, whichever thread entered it
+    return plan;
+  }
+  const std::lock_guard<std::mutex> tuning(gemm_tuning_mutex());
+  if (find_tuned_gemm_plan(key, &plan)) return plan;  // another thread tuned it meanwhile
+  TunedGemmPlan tuned{key, rule, rule, std::numeric_limits<double>::infinity(), nan, 0, 0};
   for (const GemmPlan& candidate : gemm_plans(key)) {
-    double ms = unmeasured;
     const bool is_rule = same_plan(candidate, rule);
+    double ms = 0.0;
     try {
       ms = time_gemm_plan([&] { execute(candidate); }, stream);
-    } catch (const std::exception&) {
+    } catch (const WorkspaceAllocationError&) {
       if (is_rule) throw;
       continue;
     }
@@ -1994,8 +2041,9 @@ GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStre
       tuned.plan = candidate;
     }
   }
-  record_tuned_gemm_plan(tuned);
-  return tuned.plan;
+  record_tuned_gemm_plan(tuned, false);
+  find_tuned_gemm_plan(key, &plan);
+  return plan;
 }
 
 // Forward or backward data through a GEMM version (v3-v6), for the plain view or its concatenated

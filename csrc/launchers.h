@@ -98,10 +98,12 @@ bool conv3x3_tap_major(Conv3x3Version version, int channels);
 // up-convolutions') runs in a block tile with K in `splits` slices, which the planners choose
 // from the shapes by fixed rules (the same plan, and the same bits, on every GPU). With autotuning
 // on, the first call of each GEMM instead times every plan its version offers on the GPU at hand
-// (cudaEvents, on the call's stream; never inside a CUDA graph capture, where the rule's plan
-// runs) and keeps the fastest in a table that later calls read, as cuDNN's benchmark mode does.
-// Plans sum in other orders: results change in their last bits between plans, never beyond the
-// version's tolerance. The table can be read, saved and set again (the same plans, the same bits).
+// (cudaEvents, on the call's stream) and keeps the fastest in a table that later calls read, as
+// cuDNN's benchmark mode does; inside a CUDA graph capture, where nothing may synchronise, the
+// rule's plan enters the table untimed (the graph holds it). Tuning is serialised, and the first
+// plan entered for a GEMM stays (but where set by hand). Plans sum in other orders: results change
+// in their last bits between plans, never beyond the version's tolerance. The table can be read,
+// saved and set again: the same plans, the same bits, for GEMMs of the same shapes and version.
 //
 // A GEMM is known by its op (e.g. "conv3x3_forward", "upconv2x2_backward_weight"), version, and
 // dimensions: M rows, `cols` columns and K, the sum's length; for the weight gradients, whose K
@@ -119,9 +121,10 @@ struct TunedGemmPlan {
   GemmPlanKey key;
   GemmPlan plan;     // the plan its calls run
   GemmPlan rule;     // the planners' plan for it
-  double ms;         // measured time of `plan` (NaN where set by hand)
+  double ms;         // measured time of `plan` (NaN where set by hand, or entered in a capture)
   double rule_ms;    // and of `rule`
-  int candidates;    // plans timed (0 where set by hand)
+  int candidates;    // plans timed (0 where set by hand, or entered in a capture)
+  int64_t uses;      // calls that ran `plan` from the table
 };
 // The ops whose GEMMs have plans; a weight gradient's name ends in "_backward_weight".
 inline constexpr const char* kGemmPlanOps[] = {

@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 
@@ -39,8 +41,14 @@ void keep_workspace_memory() {
   done[device].store(true);
 }
 
+// What a Workspace throws when its allocation fails (no CUDA error is left pending): the plans by
+// measurement (implicit_gemm.cuh, chosen_gemm_plan) skip a plan whose partials do not fit.
+struct WorkspaceAllocationError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // `floats` floats of device memory, allocated and freed in stream order on `stream`; `what` names
-// it in the error thrown when the allocation fails.
+// it in the error thrown when the allocation fails (a WorkspaceAllocationError).
 class Workspace {
  public:
   Workspace(int64_t floats, cudaStream_t stream, const char* what) : stream_(stream) {
@@ -51,7 +59,9 @@ class Workspace {
     if (err != cudaSuccess) {
       ptr_ = nullptr;
       cudaGetLastError();  // the error is thrown here, not left for the next op's launch check
-      throw_cuda_error(err, what, "cudaMallocAsync", __FILE__, __LINE__);
+      throw WorkspaceAllocationError(std::string(what) + ": cudaMallocAsync of " +
+                                     std::to_string(floats * sizeof(float)) + " bytes failed: " +
+                                     cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
     }
   }
   ~Workspace() {

@@ -987,9 +987,10 @@ def tuned_table(lib):
     table = {}
     for line in text.value.decode().splitlines():
         op, version, *numbers = line.split()
-        m, cols, k, images, bm, bn, splits, rule_bm, rule_bn, rule_splits, candidates = map(int, numbers)
+        m, cols, k, images, bm, bn, splits, rule_bm, rule_bn, rule_splits, candidates, uses = map(int, numbers)
         table[(op, version, m, cols, k, images)] = {
-            "plan": (bm, bn, splits), "rule": (rule_bm, rule_bn, rule_splits), "candidates": candidates}
+            "plan": (bm, bn, splits), "rule": (rule_bm, rule_bn, rule_splits), "candidates": candidates,
+            "uses": uses}
     return table
 
 
@@ -1041,9 +1042,11 @@ PLAN_CASES = [
     ("conv3x3_forward_rows", lambda lib, v: check_forward(lib, v, (1, 128, 14, 13, 72))),
     ("conv3x3_backward_data_rows", lambda lib, v: check_backward_data(lib, v, (1, 72, 12, 14, 128))),
     ("conv3x3_concat_rows", lambda lib, v: check_concat(lib, v, (1, 32, 32, 13, 15, 15, 17, 72))),
+    # the first layer's K = 9: one partial K tile, in the 256-row tiles too
+    ("conv3x3_forward_k9_rows", lambda lib, v: check_forward(lib, v, (1, 1, 14, 13, 72))),
 ]
 V6_ONLY_PLAN_CASES = ("conv3x3_concat", "conv3x3_forward_rows", "conv3x3_backward_data_rows",
-                      "conv3x3_concat_rows")
+                      "conv3x3_concat_rows", "conv3x3_forward_k9_rows")
 
 
 @pytest.mark.parametrize("version", GEMM_VERSIONS)
@@ -1064,6 +1067,7 @@ def test_every_plan_computes_the_convolution(plans, version, case):
     several = 0
     for key, entry in table.items():
         assert key[1] == version, key
+        assert entry["uses"] == 1, f"{key}: the tuned plan ran {entry['uses']} times from the table"
         candidates = plan_candidates(lib, key)
         assert len(set(candidates)) == len(candidates), f"{key}: a plan offered twice: {candidates}"
         assert entry["rule"] == candidates[0], key
@@ -1078,25 +1082,26 @@ def test_every_plan_computes_the_convolution(plans, version, case):
         for plan in plan_candidates(lib, key):
             lib.emulated_clear_tuned_gemm_plans()
             set_plan(lib, key, plan)
-            assert tuned_table(lib)[key]["plan"] == plan
+            assert tuned_table(lib)[key]["plan"] == plan and tuned_table(lib)[key]["uses"] == 0
             try:
                 run(lib, version)
             except AssertionError as exc:
                 raise AssertionError(f"plan {plan} of {key}: {exc}") from None
+            assert tuned_table(lib)[key]["uses"] == 1, f"{key}: the plan set was not the one that ran"
 
 
 def test_plan_candidates_and_rules(plans):
     lib = plans
     v6 = "v6_tf32_wgmma"
     # d4b's forward (62 x 62 outputs, 512 channels, K = 9 x 512): the rule's plan first, as the
-    # planner's split count says; v6's three output tiles; never more slices than K / 512.
+    # planner's split count says; v6's four output tiles; never more slices than K / 256.
     key = ("conv3x3_forward", v6, 62 * 62, 512, 9 * 512, 1)
     candidates = plan_candidates(lib, key)
     rule = candidates[0]
     assert rule[:2] == (128, 128)
     assert rule[2] == lib.emulated_conv3x3_forward_splits(v6.encode(), 1, 512, 64, 64, 512)
     assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (256, 64), (256, 128)}
-    assert max(plan[2] for plan in candidates) <= 9 * 512 // 512
+    assert max(plan[2] for plan in candidates) == 16  # of the ladder, the last within 9 * 512 / 256
     assert (128, 128, 1) in candidates and len(set(candidates)) == len(candidates)
     # d1b's weight gradient: the 64 x 192 tile and its wave-balanced 88 slices by rule.
     key = ("conv3x3_backward_weight", v6, 64, 9 * 64, 568 * 568, 1)
@@ -1104,6 +1109,12 @@ def test_plan_candidates_and_rules(plans):
     assert candidates[0] == (64, 192, lib.emulated_conv3x3_backward_weight_splits(v6.encode(), 1, 64, 570, 570, 64))
     assert candidates[0] == (64, 192, 88)
     assert {plan[:2] for plan in candidates} == {(128, 128), (128, 64), (64, 192)}
+    # up2's weight gradient (1024 x 2048 outputs over 28 x 28 pixels): by rule the wide tile, one
+    # slice (64 blocks); measured plans may split its 784 pixels in three.
+    key = ("upconv2x2_backward_weight", v6, 1024, 2048, 28 * 28, 1)
+    candidates = plan_candidates(lib, key)
+    assert candidates[0] == (128, 256, 1)
+    assert {p[2] for p in candidates} == {1, 2, 3}
     # An up-convolution's weight gradient with 4O = 256 columns: v6's wide tile among its plans;
     # v4's two tiles.
     assert (128, 256) in {p[:2] for p in plan_candidates(lib, ("upconv2x2_backward_weight", v6, 64, 256, 4096, 1))}
@@ -1117,7 +1128,7 @@ def test_plans_refused_by_name(plans):
     with pytest.raises(ValueError, match=r"96 x 128 in 1 slices is not one of its plans.*128x128/1"):
         set_plan(lib, key, (96, 128, 1))
     with pytest.raises(ValueError, match="not one of its plans"):
-        set_plan(lib, key, (128, 128, 3))  # K = 1152 allows two slices of 512 at most
+        set_plan(lib, key, (128, 128, 6))  # K = 1152 allows four slices of 256 at most
     with pytest.raises(ValueError, match="no op conv3x3_sideways has GEMM plans"):
         plan_candidates(lib, ("conv3x3_sideways",) + key[1:])
     with pytest.raises(ValueError, match="v1_direct runs no GEMM"):
@@ -1128,6 +1139,7 @@ def test_plans_refused_by_name(plans):
         plan_candidates(lib, (key[0], key[1], 0) + key[3:])
     assert tuned_table(lib) == {}
     set_plan(lib, key, (128, 64, 2))
-    assert tuned_table(lib) == {key: {"plan": (128, 64, 2), "rule": plan_candidates(lib, key)[0], "candidates": 0}}
+    assert tuned_table(lib) == {key: {"plan": (128, 64, 2), "rule": plan_candidates(lib, key)[0], "candidates": 0,
+                                      "uses": 0}}
     lib.emulated_clear_tuned_gemm_plans()
     assert tuned_table(lib) == {}

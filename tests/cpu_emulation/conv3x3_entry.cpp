@@ -147,7 +147,7 @@ void emulated_set_gemm_autotune(int enabled) { unet::set_gemm_autotune(enabled !
 void emulated_clear_tuned_gemm_plans() { unet::clear_tuned_gemm_plans(); }
 
 // The table, one line per entry: op version M cols K images bm bn splits rule_bm rule_bn
-// rule_splits candidates. Returns the bytes needed (more than `size`: the text was cut).
+// rule_splits candidates uses. Returns the bytes needed (more than `size`: the text was cut).
 int emulated_tuned_gemm_plans(char* text, int size) {
   std::string lines;
   for (const unet::TunedGemmPlan& t : unet::tuned_gemm_plans()) {
@@ -155,11 +155,12 @@ int emulated_tuned_gemm_plans(char* text, int size) {
     for (const unet::Conv3x3VersionName& v : unet::kConv3x3Versions)
       if (v.version == t.key.version) version = v.name;
     char line[256];
-    std::snprintf(line, sizeof line, "%s %s %lld %lld %lld %lld %d %d %d %d %d %d %d\n",
+    std::snprintf(line, sizeof line, "%s %s %lld %lld %lld %lld %d %d %d %d %d %d %d %lld\n",
                   t.key.op.c_str(), version, static_cast<long long>(t.key.M),
                   static_cast<long long>(t.key.cols), static_cast<long long>(t.key.K),
                   static_cast<long long>(t.key.images), t.plan.bm, t.plan.bn, t.plan.splits,
-                  t.rule.bm, t.rule.bn, t.rule.splits, t.candidates);
+                  t.rule.bm, t.rule.bn, t.rule.splits, t.candidates,
+                  static_cast<long long>(t.uses));
     lines += line;
   }
   std::snprintf(text, size, "%s", lines.c_str());
