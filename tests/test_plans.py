@@ -188,3 +188,100 @@ def test_collect_keeps_the_autotuned_profile_and_its_plans(tmp_path):
     assert set(profiles) == {"tf32", "tf32-autotuned"}
     assert profiles["tf32-autotuned"]["step_ms"] == 13.5 and profiles["tf32-autotuned"]["plans"] == plans
     assert "plans" not in profiles["tf32"]
+
+
+def test_the_results_markdown_lists_the_plans_off_the_rule():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plot_results
+
+    plans = [
+        {"op": "upconv2x2_backward_weight", "M": 1024, "cols": 2048, "K": 784, "images": 1,
+         "plan": [128, 128, 3], "rule": [128, 256, 1], "ms": 0.05, "rule_ms": 0.10},
+        {"op": "conv3x3_forward", "M": 3844, "cols": 512, "K": 4608, "images": 1,
+         "plan": [256, 128, 2], "rule": [128, 128, 3], "ms": 0.20, "rule_ms": 0.22},
+        {"op": "conv3x3_backward_weight", "M": 64, "cols": 576, "K": 322624, "images": 1,
+         "plan": [64, 192, 88], "rule": [64, 192, 88], "ms": 0.33, "rule_ms": 0.33},
+    ]
+    results = {"benchmarks": [{"kind": "train_step", "impl": "ours_autotuned", "precision": "tf32",
+                               "version": "v6_tf32_wgmma", "ms": 13.9, "first_step_s": 2.0, "plans": plans}]}
+    lines = plot_results.autotune_table(results)
+    text = "\n".join(lines)
+    assert "3 GEMMs, 2 off the rule; their rule plans 0.650 ms, the plans kept 0.580 ms" in text
+    rows = [line for line in lines if line.startswith("| upconv") or line.startswith("| conv3x3")]
+    assert rows == [  # the plan that stays the rule's is not listed; the largest saving first
+        "| upconv2x2_backward_weight | 1024 x 2048 x 784 | 128 x 256 / 1 | 0.100 | 128 x 128 / 3 | 0.050 | 2.00 |",
+        "| conv3x3_forward | 3844 x 512 x 4608 | 128 x 128 / 3 | 0.220 | 256 x 128 / 2 | 0.200 | 1.10 |",
+    ]
+    assert plot_results.autotune_table({"benchmarks": []}) == []
+    assert text in plot_results.render_markdown(results)
+
+
+# ------------------------------------------------------------------------------------------------
+# A table's entries and files, checked before any plan is entered (unet_cuda/plans.py)
+# ------------------------------------------------------------------------------------------------
+
+def _entry(**changes):
+    entry = dict(zip(("op", "version", "M", "cols", "K", "images"), D4B_FORWARD), plan=[128, 128, 1])
+    entry.update(changes)
+    return entry
+
+
+@needs_extension
+def test_checked_entries_accept_good_ones_and_ignore_other_fields():
+    from unet_cuda.plans import checked_entries
+
+    good = [_entry(ms=0.2, rule_ms=0.3, uses=7), _entry(plan=(256, 128, 2))]
+    assert checked_entries(good, _C.gemm_plan_candidates) == [(D4B_FORWARD, (128, 128, 1)),
+                                                               (D4B_FORWARD, (256, 128, 2))]
+    assert checked_entries([], _C.gemm_plan_candidates) == []
+
+
+@needs_extension
+@pytest.mark.parametrize("bad, message", [
+    ({"plan": [128, 128, 1]}, "entry 1 lacks op, version, M, cols, K, images"),
+    (_entry(M=None), "entry 1: M must be whole numbers"),
+    (_entry(M=3844.0), "entry 1: M must be whole numbers"),
+    (_entry(images=True), "entry 1: images must be whole numbers"),
+    (_entry(op=5), "entry 1: op must be text"),
+    (_entry(plan=[128, 128]), r"entry 1: plan must be \[bm, bn, splits\]"),
+    (_entry(plan=[128, 128.9, 1]), "three whole numbers"),
+    (_entry(plan=[96, 128, 1]), r"entry 1 \(conv3x3_forward, v6_tf32_wgmma, M 3844.*plan \[96, 128, 1\] is not one of"),
+    (_entry(version="v9"), "entry 1: gemm_plan_candidates: argument version must be one of"),
+    (_entry(M=2 ** 31), "entry 1: .*below 2\\^31"),      # refused, not a crash in the planners
+    (_entry(M=2 ** 70), "entry 1: "),                     # past int64: the binding's own refusal
+    ("not an entry", "entry 1 must be a JSON object"),
+])
+def test_checked_entries_name_the_first_bad_entry(bad, message):
+    from unet_cuda.plans import checked_entries
+
+    with pytest.raises(ValueError, match=message):
+        checked_entries([_entry(), bad], _C.gemm_plan_candidates)
+
+
+@needs_extension
+def test_huge_dimensions_are_refused_not_crashing():
+    for dims in ((2 ** 31, 512, 4608, 1), (2 ** 31 - 1, 2 ** 31 - 1, 4608, 1), (64, 576, 2 ** 31 - 1, 2 ** 30)):
+        with pytest.raises(ValueError, match="below 2\\^31, M x cols and images x K at most 2\\^60"):
+            _C.gemm_plan_candidates("conv3x3_backward_weight", V6, *dims)
+    # at the bounds: plans, computed without overflow (one slice: no room for partials)
+    assert {p[2] for p in _C.gemm_plan_candidates("conv3x3_backward_weight", V6, 2 ** 30, 2 ** 30, 4608, 1)} == {1}
+
+
+def test_plans_files(tmp_path):
+    from unet_cuda.plans import read_plans_file, write_plans_file
+
+    path = tmp_path / "plans.json"
+    write_plans_file(path, [_entry()], "NVIDIA H100 80GB HBM3")
+    assert read_plans_file(path) == [_entry()]
+    assert not list(tmp_path.glob("*.tmp"))
+    for text, message in (("{not json", "cannot read"), ('{"plans": {}}', "not a table of plans"),
+                          ("[]", "not a table of plans")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_plans_file(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_plans_file(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="must be a list of entries"):
+        from unet_cuda.plans import checked_entries
+
+        checked_entries({"plans": []}, lambda *key: [])

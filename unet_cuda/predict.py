@@ -67,9 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU only: time every block tile and K split of each convolution's GEMM at its "
                         "first call on this GPU and keep the fastest (as cudnn.benchmark does); pays "
                         "off over many tiles or images. Probabilities differ in their last bits")
-    p.add_argument("--plans", metavar="FILE", default=None,
-                   help="GPU only: run the GEMM plans saved in FILE (plans.json of a training run with "
-                        "--autotune)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -150,11 +147,6 @@ def _main(argv=None) -> int:
             ops.set_precision(precision, device)
         except ValueError as exc:
             return fail(f"--precision: {exc}")
-        if args.plans is not None:
-            try:
-                ops.load_tuned_plans(args.plans, device)
-            except ValueError as exc:
-                return fail(f"--plans: {exc}")
         try:
             ops.set_autotune(args.autotune, device)
         except ValueError as exc:

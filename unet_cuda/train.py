@@ -81,7 +81,8 @@ outputs in --out
   last.ckpt            the latest checkpoint (weights, optimiser, step, RNG states, history),
                        written atomically every --checkpoint-every steps and at the end
   best.ckpt            the checkpoint with the lowest validation pixel error
-  plans.json           with --autotune: the GEMM plans measured (--plans runs them again)
+  plans.json           with --autotune (or --plans): the GEMM plans run, with each checkpoint
+                       (--plans FILE runs them again)
   history.json         loss per step and validation metrics
   training_curve.png   loss and validation metrics over the steps
   prediction.png       a validation image, its predicted probability and the errors
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "direction) on this GPU and keep the fastest, as cudnn.benchmark does; by "
                           "default fixed rules choose them from the shapes. The first step takes some "
                           "seconds longer and results differ from the rules' in their last bits. The "
-                          "plans chosen are written to OUT/plans.json")
+                          "plans chosen are kept in every checkpoint, which --resume runs with again "
+                          "(the same bits as an unbroken run), and written to OUT/plans.json")
     run.add_argument("--plans", metavar="FILE", default=None,
                      help="GPU only: run the GEMM plans saved in FILE (the plans.json of an --autotune "
                           "run): the same plans, so the same bits, without timing anything")
@@ -318,10 +320,20 @@ class Trainer:
     def save(self, name: str = LAST_CHECKPOINT) -> Path:
         meta = {"step": self.step, "config": self.cfg, "rng": self.rng_states(), "history": self.history,
                 "best_pixel_error": self.best_pixel_error if math.isfinite(self.best_pixel_error) else None,
-                "dataset": self.dataset_name}
-        return save_checkpoint(self.out_dir / name, model_config=self.model.config,
+                "dataset": self.dataset_name,
+                # the GEMM plans the GPU ran (measured ones, with --autotune or --plans): a resumed
+                # run takes them again, so that it continues with the same bits
+                "gemm_plans": ops.tuned_plans() if self.cfg["device"] == "cuda" else []}
+        path = save_checkpoint(self.out_dir / name, model_config=self.model.config,
                                model_state=self.model.state_dict(),
                                optimizer_state=self.optimizer.state_dict(), meta=meta)
+        if meta["gemm_plans"]:  # measured plans (--autotune): also as a file for --plans
+            try:
+                ops.save_tuned_plans(self.out_dir / PLANS_FILE)
+            except OSError as exc:
+                self.log(f"note: cannot write {self.out_dir / PLANS_FILE} ({exc.strerror or exc}); the "
+                         f"checkpoint {path.name} holds the plans")
+        return path
 
     def restore(self, checkpoint: dict) -> None:
         saved = checkpoint["model_config"]
@@ -340,6 +352,13 @@ class Trainer:
         self.set_rng_states(meta["rng"])
         self.history = meta["history"]
         self.best_pixel_error = meta.get("best_pixel_error") or math.inf
+        plans = meta.get("gemm_plans") or []
+        if plans and self.cfg["device"] == "cuda":
+            try:
+                ops.set_tuned_plans(plans, self.cfg["device"])
+            except ValueError as exc:
+                self.log(f"note: the checkpoint's GEMM plans do not apply to this build ({exc}); the rules "
+                         "plan instead, so results may differ in their last bits from an unbroken run")
 
     # -------------------------------------------------------------- one step
     def next_batch(self):
@@ -608,8 +627,6 @@ def _main(argv=None) -> int:
             signal.signal(s, handler)
 
     _write_json_atomic(out_dir / "history.json", trainer.history)
-    if args.autotune:
-        ops.save_tuned_plans(out_dir / PLANS_FILE)
     if interrupted:
         return 130
     figures = []

@@ -199,6 +199,14 @@ def load_tuned_plans(path, device: str) -> int:
     return _cuda_backend().load_tuned_plans(path)
 
 
+def set_tuned_plans(plans, device: str) -> int:
+    """Enters GEMM plans (``unet_cuda.ops.cuda.set_tuned_plans``: each checked, a ValueError names a
+    bad one) and returns how many; on "cpu" a ValueError."""
+    if device == "cpu":
+        raise ValueError("GEMM plans choose the GPU's convolution kernels; the CPU backend has none")
+    return _cuda_backend().set_tuned_plans(plans)
+
+
 def tuned_plans() -> list[dict]:
     """The CUDA backend's table of GEMM plans (``unet_cuda.ops.cuda.tuned_plans``); empty where
     that backend was never loaded."""
@@ -213,13 +221,14 @@ def save_tuned_plans(path) -> int:
 
 @contextlib.contextmanager
 def restoring_precision():
-    """Within this block ``set_precision`` and ``set_autotune`` may be called freely; on leaving it
-    the CUDA backend's conv3x3 version and autotuning are what they were before (the command lines
-    use it, so that running ``main()`` inside a program leaves that program's settings alone). The
-    table of tuned plans keeps what the block entered."""
+    """Within this block ``set_precision``, ``set_autotune`` and ``load_tuned_plans`` may be called
+    freely; on leaving it the CUDA backend's conv3x3 version, autotuning and table of GEMM plans are
+    what they were before (the command lines use it, so that running ``main()`` inside a program
+    leaves that program's settings alone; the table's plans come back without their timings)."""
     cuda = sys.modules.get(f"{__name__}.cuda")
     previous = cuda.get_conv3x3_version() if cuda is not None else None
     autotune = cuda.get_autotune() if cuda is not None else False
+    plans = cuda.tuned_plans() if cuda is not None else []
     try:
         yield
     finally:
@@ -227,3 +236,5 @@ def restoring_precision():
         if cuda is not None:
             cuda.set_conv3x3_version(previous or cuda.STARTUP_CONV3X3_VERSION)
             cuda.set_autotune(autotune)
+            cuda.clear_tuned_plans()
+            cuda.set_tuned_plans(plans)

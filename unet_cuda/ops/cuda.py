@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "Build it where the CUDA toolkit (nvcc) is installed: pip install --no-build-isolation -e ."
     ) from exc
 
+from .. import plans as _plans  # noqa: E402
 from .reference import array_sequence  # noqa: E402
 from .reference import __all__  # noqa: E402  the same functions, by the contract (docs/OPS.md)
 
@@ -239,31 +240,12 @@ def gemm_plan_candidates(op: str, version: str, M: int, cols: int, K: int, image
     return [tuple(p) for p in _C.gemm_plan_candidates(op, version, int(M), int(cols), int(K), int(images))]
 
 
-_PLAN_FIELDS = ("op", "version", "M", "cols", "K", "images", "plan")
-
-
 def set_tuned_plans(plans) -> int:
     """Enters plans into the table (entries as ``tuned_plans()`` returns them; other fields are
-    ignored) and returns how many. Every entry is checked first: a missing field, or a plan its
-    version does not offer that GEMM, is a ValueError naming the entry, and then none is entered."""
-    checked = []
-    for i, entry in enumerate(plans):
-        missing = [f for f in _PLAN_FIELDS if not isinstance(entry, dict) or f not in entry]
-        if missing:
-            raise ValueError(f"set_tuned_plans: entry {i} lacks {', '.join(missing)}: {entry!r}")
-        plan = entry["plan"]
-        if not isinstance(plan, (list, tuple)) or len(plan) != 3:
-            raise ValueError(f"set_tuned_plans: entry {i}: plan must be [bm, bn, splits], got {plan!r}")
-        key = (entry["op"], entry["version"], int(entry["M"]), int(entry["cols"]), int(entry["K"]),
-               int(entry["images"]))
-        try:
-            offered = [tuple(p) for p in _C.gemm_plan_candidates(*key)]
-        except ValueError as exc:
-            raise ValueError(f"set_tuned_plans: entry {i}: {exc}") from None
-        if tuple(int(v) for v in plan) not in offered:
-            raise ValueError(f"set_tuned_plans: entry {i} ({key[0]}, {key[1]}, M {key[2]}, cols {key[3]}, "
-                             f"K {key[4]}, images {key[5]}): plan {list(plan)} is not one of {offered}")
-        checked.append((key, tuple(int(v) for v in plan)))
+    ignored) and returns how many. Every entry is checked first (``unet_cuda.plans``): a missing or
+    mistyped field, or a plan its version does not offer that GEMM, is a ValueError naming the
+    entry, and then none is entered. An entry replaces the table's for the same GEMM."""
+    checked = _plans.checked_entries(plans, _C.gemm_plan_candidates)
     for key, plan in checked:
         _C.set_tuned_gemm_plan(*key, *plan)
     return len(checked)
@@ -286,31 +268,20 @@ def _device_name() -> str | None:
 def save_tuned_plans(path) -> int:
     """Writes the table as JSON (with the GPU's name: plans are timed on one card) and returns how
     many entries it holds."""
-    import json
-    from pathlib import Path
-
     plans = tuned_plans()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"device": _device_name(), "plans": plans}, indent=1) + "\n")
-    tmp.replace(path)
+    _plans.write_plans_file(path, plans, _device_name())
     return len(plans)
 
 
 def load_tuned_plans(path) -> int:
     """Enters the plans of a file written by ``save_tuned_plans`` (set_tuned_plans checks each) and
-    returns how many. Plans timed on another GPU still compute the same convolutions; they may just
-    not be this card's fastest."""
-    import json
-    from pathlib import Path
-
+    returns how many. A plan applies to the GEMM of its key alone: same op, version and dimensions
+    (so the same tile size, batch and precision). Plans timed on another GPU still compute the same
+    convolutions; they may just not be this card's fastest."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"load_tuned_plans: cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("plans"), list):
-        raise ValueError(f"load_tuned_plans: {path} is not a table of plans (a JSON object with a list 'plans')")
-    return set_tuned_plans(data["plans"])
+        return set_tuned_plans(_plans.read_plans_file(path))
+    except ValueError as exc:
+        raise ValueError(f"load_tuned_plans: {exc}") from None
 
 
 def conv3x3_forward(x, w, b, relu=False):
