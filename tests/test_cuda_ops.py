@@ -1129,16 +1129,15 @@ def test_autotuned_plans_compute_the_same_step(conv3x3_version, tmp_path):
         assert not cu.get_autotune()
         plans = cu.tuned_plans()
         assert plans and all(e["version"] == conv3x3_version for e in plans)
-        ops_planned = {e["op"] for e in plans}
-        assert {"conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight",
-                "conv3x3_concat_forward", "upconv2x2_forward"} <= ops_planned, ops_planned
+        assert {e["op"] for e in plans} == set(_C.GEMM_PLAN_OPS)  # every GEMM op of the network
+        assert all(e["uses"] == 1 for e in plans), plans  # tuned, then run from the table once
         for e in plans:
             offered = cu.gemm_plan_candidates(e["op"], e["version"], e["M"], e["cols"], e["K"], e["images"])
             assert e["candidates"] == len(offered), e
             assert tuple(e["plan"]) in offered and tuple(e["rule"]) == offered[0], e
             assert 0 < e["ms"] <= e["rule_ms"], e
         again = gradients()  # from the table, without timing
-        assert cu.tuned_plans() == plans
+        assert [{**e, "uses": 2} for e in plans] == cu.tuned_plans()
         path = tmp_path / "plans.json"
         assert cu.save_tuned_plans(path) == len(plans)
         cu.clear_tuned_plans()
@@ -1191,5 +1190,37 @@ def test_every_gemm_plan_matches_the_reference(conv3x3_version, shape):
                 got = host(run())
                 assert_conv3x3_close(got, want, conv3x3_version, f"{op}{list(shape)} plan {plan}",
                                      k=k, a_max=a_max, b_max=b_max)
+    finally:
+        cu.clear_tuned_plans()
+
+
+def test_autotuning_inside_a_capture_enters_the_rule_untimed(conv3x3_version):
+    """A GEMM first met inside a CUDA graph capture with autotuning on: nothing is timed (a capture
+    cannot synchronise), the rule's plan enters the table, and the eager calls after it run that
+    plan, the graph's, instead of tuning: the same bits from the graph and from an eager call."""
+    if conv3x3_version in ("v1_direct", "v2_smem"):
+        pytest.skip("v1 and v2 run no GEMM: nothing to plan")
+    rng = np.random.default_rng(44)
+    x, wt, b = dev(rand(rng, 1, 64, 40, 40)), dev(rand(rng, 96, 64, 3, 3, scale=0.05)), dev(rand(rng, 96))
+    pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+    cu.clear_tuned_plans()
+    try:
+        with cupy.cuda.using_allocator(pool.malloc), stream:
+            cu.conv3x3_forward(x, wt, b, relu=True)  # warms the pool; autotuning off: no entry
+            assert cu.tuned_plans() == []
+            with cu.autotuning():
+                stream.begin_capture()
+                try:
+                    y_graph = cu.conv3x3_forward(x, wt, b, relu=True)
+                finally:
+                    graph = stream.end_capture()
+                graph.launch(stream)
+                (entry,) = cu.tuned_plans()
+                assert entry["plan"] == entry["rule"] and entry["candidates"] == 0 and entry["ms"] is None
+                y_eager = cu.conv3x3_forward(x, wt, b, relu=True)  # reads the entry: no tuning
+            stream.synchronize()
+        (after,) = cu.tuned_plans()
+        assert after["candidates"] == 0 and after["uses"] == 2, after
+        assert_same_bits(host(y_graph), host(y_eager), "the captured and the eager forward")
     finally:
         cu.clear_tuned_plans()
