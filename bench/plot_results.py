@@ -385,8 +385,48 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
             lines.append(f"| {r.get('op')} | {r.get('layer')} | {precision} | {r.get('shape', '')} "
                          f"| {_cell(r.get('ms'), 3)} | {rate} | {_cell(r.get('pct_of_ceiling'), 1)} "
                          f"| {_cell(r.get('peer_ms'), 3)} | {_cell(r.get('ratio'))} | {settings} |")
+    lines += autotune_table(results)
     lines += ncu_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _plan_cell(plan) -> str:
+    return f"{plan[0]} x {plan[1]} / {plan[2]}" if plan and len(plan) == 3 else "-"
+
+
+def autotune_table(results: dict) -> list[str]:
+    """The autotuned steps' tables of plans (train_step/ours_autotuned/<precision>): per precision a
+    line of totals, then every GEMM whose measured plan differs from the rule's, the largest saving
+    first."""
+    records = [r for r in results.get("benchmarks") or []
+               if r.get("kind") == "train_step" and r.get("impl") == "ours_autotuned" and r.get("plans")]
+    if not records:
+        return []
+    lines = ["", "GEMM plans measured in the autotuned training steps (tile bm x bn / K slices; the rule's "
+                 "plan and the one kept, as timed while tuning):"]
+    for rec in records:
+        plans = rec["plans"]
+        changed = [e for e in plans if list(e.get("plan", [])) != list(e.get("rule", []))]
+        timed = [e for e in plans if _num(e.get("ms")) is not None and _num(e.get("rule_ms")) is not None]
+        rule_ms = sum(e["rule_ms"] for e in timed)
+        chosen_ms = sum(e["ms"] for e in timed)
+        lines += ["", f"**{rec.get('precision')}** ({rec.get('version')}): {len(plans)} GEMMs, {len(changed)} off "
+                      f"the rule; their rule plans {_cell(rule_ms, 3)} ms, the plans kept {_cell(chosen_ms, 3)} ms; "
+                      f"the step {_cell(rec.get('ms'), 2)} ms (first step, tuning: {_cell(rec.get('first_step_s'), 1)} s).",
+                  "", "| op | M x cols x K (images) | rule | ms | kept | ms | rule / kept |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def saving(e):
+            return (e.get("rule_ms") or 0.0) - (e.get("ms") or 0.0)
+
+        for e in sorted(changed, key=saving, reverse=True):
+            dims = f"{e.get('M')} x {e.get('cols')} x {e.get('K')}"
+            if e.get("images", 1) != 1:
+                dims += f" ({e['images']})"
+            ratio = e["rule_ms"] / e["ms"] if _num(e.get("ms")) and _num(e.get("rule_ms")) else None
+            lines.append(f"| {e.get('op')} | {dims} | {_plan_cell(e.get('rule'))} | {_cell(e.get('rule_ms'), 3)} "
+                         f"| {_plan_cell(e.get('plan'))} | {_cell(e.get('ms'), 3)} | {_cell(ratio)} |")
+    return lines
 
 
 # Nsight Compute's figures of each profiled GEMM kernel that the table shows (metric names as ncu
