@@ -130,6 +130,35 @@ def test_same_seed_gives_bitwise_identical_weights():
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_autotuned_resume_keeps_the_plans(tmp_path: Path):
+    """train --autotune: the checkpoint keeps the measured plans and plans.json holds them; a
+    resume runs them again (without --autotune), and a run given them with --plans computes the
+    same 8 steps bit for bit."""
+    import json
+
+    from unet_cuda.checkpoint import load_checkpoint
+    from unet_cuda.ops import cuda as cu
+    from unet_cuda.train import main
+
+    common = ["--device", "cuda", "--base-channels", "4", "--depth", "3", "--tile", "92",
+              "--val-every", "4", "--no-plots", "--quiet"]
+    assert main(common + ["--steps", "4", "--autotune", "--out", str(tmp_path / "split")]) == 0
+    assert cu.tuned_plans() == [] and not cu.get_autotune()  # main() leaves the caller's settings
+    plans = load_checkpoint(tmp_path / "split" / "last.ckpt")["meta"]["gemm_plans"]
+    assert plans and all(e["candidates"] > 0 for e in plans)
+    saved = json.loads((tmp_path / "split" / "plans.json").read_text())["plans"]
+    assert [e["plan"] for e in saved] == [e["plan"] for e in plans]
+    assert main(["--out", str(tmp_path / "split"), "--resume", "--steps", "8", "--quiet", "--no-plots"]) == 0
+    assert main(common + ["--steps", "8", "--plans", str(tmp_path / "split" / "plans.json"),
+                          "--out", str(tmp_path / "straight")]) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "last.ckpt")
+    split = load_checkpoint(tmp_path / "split" / "last.ckpt")
+    assert [e["plan"] for e in split["meta"]["gemm_plans"]] == [e["plan"] for e in plans]
+    assert straight["meta"]["history"]["loss"] == split["meta"]["history"]["loss"]
+    for name, value in straight["model_state"].items():
+        np.testing.assert_array_equal(value, split["model_state"][name], err_msg=name)
+
+
 def test_resume_on_the_gpu_is_bit_identical(tmp_path: Path):
     """train.py on the GPU: 4 steps + resume to 8 equals 8 uninterrupted steps, bit for bit."""
     from unet_cuda.checkpoint import load_checkpoint
