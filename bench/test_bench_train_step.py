@@ -31,6 +31,9 @@ this GPU from ``precision_version``) are each paired with one PyTorch setting (P
   tile of 700 px, 516 px out, mirrored borders; ``unet_cuda.tiling.inference_tile``), the same for
   PyTorch, in each mode and setting, including the host-side tiling and copies; wall time. The
   inference target is the bf16 figure.
+* ``test_train_step_autotuned[fp32|tf32|bf16]`` (last): our step with every GEMM's plan (tile and
+  K split) measured on this GPU at its first call (``unet_cuda.ops.cuda.autotuning``) instead of
+  ruled; impl ``ours_autotuned``, its record keeping the table of plans.
 
 Step times are CUDA-event medians (no synchronisation inside the step; our loss stays on the
 device); pytest-benchmark's own statistics are the synchronised wall time of a step.
