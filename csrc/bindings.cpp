@@ -1107,13 +1107,17 @@ PYBIND11_MODULE(_C, m) {
             e["rule_ms"] = t.rule_ms;
             e["candidates"] = t.candidates;
             e["uses"] = t.uses;
+            py::list timed;
+            for (const auto& [p, ms] : t.timed) timed.append(py::make_tuple(p.bm, p.bn, p.splits, ms));
+            e["timed"] = timed;
             entries.append(e);
           }
           return entries;
         },
         "The table: one dict per GEMM (op, version, M, cols, K, images, plan, rule, ms, rule_ms, "
-        "candidates, uses); ms and rule_ms are NaN, candidates 0, where a plan was set by hand or "
-        "entered inside a CUDA graph capture; uses counts the calls that ran the plan.");
+        "candidates, uses, timed); ms and rule_ms are NaN, candidates 0, where a plan was set by "
+        "hand or entered inside a CUDA graph capture; uses counts the calls that ran the plan; "
+        "timed lists every plan timed as (bm, bn, splits, ms).");
     m.def(
         "set_tuned_gemm_plan",
         [key_of](const std::string& op, const std::string& version, int64_t M, int64_t cols,

@@ -1262,7 +1262,7 @@ void set_tuned_gemm_plan(const GemmPlanKey& key, const GemmPlan& plan) {
         std::to_string(plan.bm) + " x " + std::to_string(plan.bn) + " in " +
         std::to_string(plan.splits) + " slices is not one of its plans (tile/slices): " + names);
   const double unmeasured = std::numeric_limits<double>::quiet_NaN();
-  record_tuned_gemm_plan({key, plan, plans.front(), unmeasured, unmeasured, 0, 0}, true);
+  record_tuned_gemm_plan({key, plan, plans.front(), unmeasured, unmeasured, 0, 0, {}}, true);
 }
 
 void clear_tuned_gemm_plans() {

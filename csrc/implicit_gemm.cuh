@@ -2018,13 +2018,13 @@ GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStre
   if (find_tuned_gemm_plan(key, &plan) || !gemm_autotune()) return plan;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (stream_capturing(stream)) {
-    record_tuned_gemm_plan({key, rule, rule, nan, nan, 0, 0}, false);
+    record_tuned_gemm_plan({key, rule, rule, nan, nan, 0, 0, {}}, false);
     find_tuned_gemm_plan(key, &plan);  // the entry's plan, whichever thread entered it
     return plan;
   }
   const std::lock_guard<std::mutex> tuning(gemm_tuning_mutex());
   if (find_tuned_gemm_plan(key, &plan)) return plan;  // another thread tuned it meanwhile
-  TunedGemmPlan tuned{key, rule, rule, std::numeric_limits<double>::infinity(), nan, 0, 0};
+  TunedGemmPlan tuned{key, rule, rule, std::numeric_limits<double>::infinity(), nan, 0, 0, {}};
   for (const GemmPlan& candidate : gemm_plans(key)) {
     const bool is_rule = same_plan(candidate, rule);
     double ms = 0.0;
@@ -2035,6 +2035,7 @@ GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStre
       continue;
     }
     ++tuned.candidates;
+    tuned.timed.emplace_back(candidate, ms);
     if (is_rule) tuned.rule_ms = ms;
     if (ms < tuned.ms) {
       tuned.ms = ms;

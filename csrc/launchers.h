@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace unet {
@@ -125,6 +126,7 @@ struct TunedGemmPlan {
   double rule_ms;    // and of `rule`
   int candidates;    // plans timed (0 where set by hand, or entered in a capture)
   int64_t uses;      // calls that ran `plan` from the table
+  std::vector<std::pair<GemmPlan, double>> timed;  // every plan timed, with its time, in order
 };
 // The ops whose GEMMs have plans; a weight gradient's name ends in "_backward_weight".
 inline constexpr const char* kGemmPlanOps[] = {

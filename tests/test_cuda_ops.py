@@ -1133,7 +1133,8 @@ def test_autotuned_plans_compute_the_same_step(conv3x3_version, tmp_path):
         assert all(e["uses"] == 1 for e in plans), plans  # tuned, then run from the table once
         for e in plans:
             offered = cu.gemm_plan_candidates(e["op"], e["version"], e["M"], e["cols"], e["K"], e["images"])
-            assert e["candidates"] == len(offered), e
+            assert e["candidates"] == len(offered) == len(e["timed"]), e
+            assert [tuple(t[:3]) for t in e["timed"]] == offered and min(t[3] for t in e["timed"]) == e["ms"], e
             assert tuple(e["plan"]) in offered and tuple(e["rule"]) == offered[0], e
             assert 0 < e["ms"] <= e["rule_ms"], e
         again = gradients()  # from the table, without timing

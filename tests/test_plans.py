@@ -75,6 +75,7 @@ def test_set_and_clear(table):
         zip(("op", "version", "M", "cols", "K", "images"), D4B_FORWARD))
     assert entry["plan"] == (256, 64, 2) and entry["rule"] == table.gemm_plan_candidates(*D4B_FORWARD)[0]
     assert math.isnan(entry["ms"]) and math.isnan(entry["rule_ms"]) and entry["candidates"] == 0
+    assert entry["timed"] == [] and entry["uses"] == 0
     table.set_tuned_gemm_plan(*D4B_FORWARD, 128, 128, 1)  # replaces it
     assert [e["plan"] for e in table.tuned_gemm_plans()] == [(128, 128, 1)]
     table.clear_tuned_gemm_plans()

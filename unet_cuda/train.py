@@ -323,7 +323,8 @@ class Trainer:
                 "dataset": self.dataset_name,
                 # the GEMM plans the GPU ran (measured ones, with --autotune or --plans): a resumed
                 # run takes them again, so that it continues with the same bits
-                "gemm_plans": ops.tuned_plans() if self.cfg["device"] == "cuda" else []}
+                "gemm_plans": ([{k: v for k, v in e.items() if k != "timed"} for e in ops.tuned_plans()]
+                               if self.cfg["device"] == "cuda" else [])}
         path = save_checkpoint(self.out_dir / name, model_config=self.model.config,
                                model_state=self.model.state_dict(),
                                optimizer_state=self.optimizer.state_dict(), meta=meta)

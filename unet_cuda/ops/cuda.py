@@ -225,11 +225,14 @@ def tuned_plans() -> list[dict]:
     """The table: one dict per GEMM with its key (``op``, ``version``, ``M``, ``cols``, ``K``,
     ``images``), the ``plan`` its calls run and the rule's (``rule``), each a list
     ``[bm, bn, splits]``, their measured times ``ms`` and ``rule_ms`` (None where the plan was set
-    by hand) and how many plans were timed (``candidates``). JSON-ready."""
+    by hand or entered in a graph capture), how many plans were timed (``candidates``) and each with
+    its time (``timed``: ``[bm, bn, splits, ms]``), and the calls that ran the plan (``uses``).
+    JSON-ready."""
     plans = []
     for entry in _C.tuned_gemm_plans():
         entry = dict(entry)
         entry["plan"], entry["rule"] = list(entry["plan"]), list(entry["rule"])
+        entry["timed"] = [list(t) for t in entry["timed"]]
         entry["ms"], entry["rule_ms"] = _finite_or_none(entry["ms"]), _finite_or_none(entry["rule_ms"])
         plans.append(entry)
     return plans
