@@ -709,7 +709,8 @@ PROFILE_ROWS = 200
 
 
 def read_profiles(outdir: Path) -> dict:
-    """``profile-<precision>.json`` files, by precision: the step's totals and its largest rows."""
+    """``profile-<name>.json`` files by name (a precision, or ``<precision>-autotuned`` for
+    ``profile --autotune``, with its table of plans): the step's totals and its largest rows."""
     profiles = {}
     for path in sorted(outdir.glob("profile-*.json")):
         data, reason = read_json(path)

@@ -211,6 +211,9 @@ if wanted profile; then
   done
 else
   for precision in tf32 bf16 fp32; do skip_stage "profile-$precision" "not in GPU_CHECK_STAGES"; done
+  for precision in ${PROFILE_AUTOTUNE_PRECISIONS-tf32}; do
+    skip_stage "profile-$precision-autotuned" "not in GPU_CHECK_STAGES"
+  done
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -1037,7 +1037,8 @@ PYBIND11_MODULE(_C, m) {
       arg("N"), arg("C"), arg("H"), arg("W"), arg("O"), py::kw_only(),
       arg("version") = kConv3x3DefaultVersion,
       "Slices (split-K) the weight gradient of `version` sums separately for x[N,C,H,W] and "
-      "O output channels, then adds in a fixed order; a function of the shapes only.");
+      "O output channels, then adds in a fixed order, by rule (a function of the shapes only; a "
+      "measured plan in the table of tuned plans overrides it).");
   for (const auto& [fn_name, splits] :
        {std::pair{"conv3x3_forward_splits", &conv3x3_forward_splits},
         std::pair{"conv3x3_backward_data_splits", &conv3x3_backward_data_splits}}) {
@@ -1053,7 +1054,8 @@ PYBIND11_MODULE(_C, m) {
         arg("N"), arg("C"), arg("H"), arg("W"), arg("O"), py::kw_only(),
         arg("version") = kConv3x3DefaultVersion,
         "Slices (split-K) the GEMM versions sum separately for this direction of x[N,C,H,W] -> O "
-        "channels (only where the output tiles are too few); 1 for v1 and v2.");
+        "channels (only where the output tiles are too few), by rule (a measured plan in the table "
+        "of tuned plans overrides it); 1 for v1 and v2.");
   }
   // Plans by measurement (launchers.h, "Plans measured instead of ruled"); unet_cuda.ops.cuda
   // wraps them (autotune, tuned_plans, set_tuned_plans, ...).
@@ -1073,8 +1075,9 @@ PYBIND11_MODULE(_C, m) {
     m.attr("GEMM_PLAN_OPS") = py::tuple(ops);
     m.def("set_gemm_autotune", &set_gemm_autotune, arg("enabled"),
           "With True, the first call of each GEMM (v3-v6) times every plan of its version and "
-          "keeps the fastest in the table of tuned plans; with False, plans come from the table "
-          "or the rule.");
+          "keeps the fastest in the table of tuned plans (inside a CUDA graph capture, where "
+          "nothing can be timed, the rule's plan enters untimed); with False, plans come from the "
+          "table or the rule.");
     m.def("gemm_autotune", &gemm_autotune, "Whether autotuning is on.");
     m.def(
         "gemm_plan_candidates",

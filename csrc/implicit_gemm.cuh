@@ -1885,8 +1885,8 @@ GemmTile gemm_rule_tile(const GemmPlanKey& key, bool weight, int* splits) {
   return plan.tile;
 }
 
-// A slice of a measured plan sums at least this many k (pixels, in a weight gradient): a quarter
-// of the rules' kMinSplitK and kMinSplitPixels. The rules' floors guess where a split stops
+// A slice of a measured plan sums at least this many k (pixels, in a weight gradient): half the
+// rules' kMinSplitK, a quarter of their kMinSplitPixels. The rules' floors guess where a split stops
 // paying; timing need not guess, and the rules leave some GEMMs far short of the 132 SMs: the
 // paper's up-convolutions' weight gradients get 32 to 64 blocks by rule (the wide tile; sums of
 // 784 to 38,416 pixels split once per 1024 pixels at most, 1 to 37 slices).

@@ -136,8 +136,9 @@ inline constexpr const char* kGemmPlanOps[] = {
 void set_gemm_autotune(bool enabled);
 bool gemm_autotune();
 // The rule's plan and every plan of the key's version (the rule's first); throws
-// std::invalid_argument for an unknown op, a version that is not a GEMM version, or dimensions
-// below 1.
+// std::invalid_argument for an unknown op, a version that is not a GEMM version, dimensions
+// below 1 or past the bounds (2^31 each, 2^60 for M x cols and images x K), or images other than 1
+// for a GEMM that is no weight gradient.
 GemmPlan gemm_plan_rule(const GemmPlanKey& key);
 std::vector<GemmPlan> gemm_plan_candidates(const GemmPlanKey& key);
 // The table: every entry, in key order; one entry set (the plan must be one of the key's

@@ -305,3 +305,18 @@ def test_profile_prints_the_plans_measured():
         "  upconv2x2_backward_weight 1024x2048x784: rule 128x256/1 0.100 ms -> 128x128/3 0.050 ms",
         "  conv3x3_forward 3844x512x4608: rule 128x128/3 0.220 ms -> 256x128/2 0.200 ms",
     ]
+
+
+def test_cpu_checkpoints_hold_no_plans_and_drop_a_stale_plans_file(tmp_path):
+    """A checkpoint records the GEMM plans and whether the run autotunes; on the CPU there are none,
+    and a plans.json left in OUT by an earlier GPU segment goes (it no longer matches)."""
+    from unet_cuda.checkpoint import load_checkpoint
+    from unet_cuda.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "plans.json").write_text('{"device": "GPU", "plans": []}')
+    assert main(TINY[:-3] + ["--out", str(out), "--quiet", "--no-plots"]) == 0
+    meta = load_checkpoint(out / "last.ckpt")["meta"]
+    assert meta["gemm_plans"] == [] and meta["autotune"] is False
+    assert not (out / "plans.json").exists()

@@ -276,8 +276,9 @@ def format_profile(profile: Profile, top: int | None = None) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def format_plans(plans: list[dict]) -> str:
-    """Two lines on the GEMM plans measured in the warm-up step (--autotune): how many GEMMs, how
-    many left the rule's plan, and the time of the rules' plans against the plans kept."""
+    """The GEMM plans measured in the warm-up step (--autotune): a line of how many GEMMs, how many
+    left the rule's plan, and the time of the rules' plans against the plans kept; then the (up to)
+    five largest savings, a line each."""
     timed = [e for e in plans if e.get("ms") is not None and e.get("rule_ms") is not None]
     changed = [e for e in plans if list(e["plan"]) != list(e["rule"])]
     rule_ms, kept_ms = sum(e["rule_ms"] for e in timed), sum(e["ms"] for e in timed)

@@ -152,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "default fixed rules choose them from the shapes. The first step takes some "
                           "seconds longer and results differ from the rules' in their last bits. The "
                           "plans chosen are kept in every checkpoint, which --resume runs with again "
-                          "(the same bits as an unbroken run), and written to OUT/plans.json")
+                          "(timing only the GEMMs not met yet, as an unbroken run would), and written to "
+                          "OUT/plans.json")
     run.add_argument("--plans", metavar="FILE", default=None,
                      help="GPU only: run the GEMM plans saved in FILE (the plans.json of an --autotune "
-                          "run): the same plans, so the same bits, without timing anything")
+                          "run): the same plans, so the same bits, for GEMMs of the same shapes and "
+                          "precision; with --resume they replace the checkpoint's")
     run.add_argument("--cuda-graph", action="store_true",
                      help="GPU only: capture one whole training step (forward, loss, backward, SGD update) "
                           "as a CUDA graph after one eager warm-up step, and replay it every step after "
@@ -277,10 +279,13 @@ def validate_config(cfg: dict) -> None:
 class Trainer:
     """One training run: data, model, optimiser, RNGs, history; steps, validation and checkpoints."""
 
-    def __init__(self, cfg: dict, out_dir: Path, log=print, cuda_graph: bool = False):
+    def __init__(self, cfg: dict, out_dir: Path, log=print, cuda_graph: bool = False, autotune: bool = False):
         self.cfg = cfg
         # --cuda-graph: a run option, not part of cfg (it changes how a step runs, not what it computes).
         self.cuda_graph = bool(cuda_graph)
+        # --autotune: a run option too; kept in the checkpoints so that a resumed run times the GEMMs
+        # it has not met yet, as the unbroken run would have
+        self.autotune = bool(autotune)
         self.graphed_step = None  # unet_cuda.graph.GraphedTrainStep, built at the first step
         self.out_dir = Path(out_dir)
         self.log = log
@@ -324,16 +329,20 @@ class Trainer:
                 # the GEMM plans the GPU ran (measured ones, with --autotune or --plans): a resumed
                 # run takes them again, so that it continues with the same bits
                 "gemm_plans": ([{k: v for k, v in e.items() if k != "timed"} for e in ops.tuned_plans()]
-                               if self.cfg["device"] == "cuda" else [])}
+                               if self.cfg["device"] == "cuda" else []),
+                "autotune": self.autotune}
         path = save_checkpoint(self.out_dir / name, model_config=self.model.config,
                                model_state=self.model.state_dict(),
                                optimizer_state=self.optimizer.state_dict(), meta=meta)
-        if meta["gemm_plans"]:  # measured plans (--autotune): also as a file for --plans
-            try:
-                ops.save_tuned_plans(self.out_dir / PLANS_FILE)
-            except OSError as exc:
-                self.log(f"note: cannot write {self.out_dir / PLANS_FILE} ({exc.strerror or exc}); the "
-                         f"checkpoint {path.name} holds the plans")
+        plans_file = self.out_dir / PLANS_FILE
+        try:
+            if meta["gemm_plans"]:  # measured plans (--autotune, --plans): also as a file for --plans
+                ops.save_tuned_plans(plans_file)
+            elif plans_file.exists():  # an earlier segment's, which these checkpoints no longer run
+                plans_file.unlink()
+        except OSError as exc:
+            self.log(f"note: cannot write {plans_file} ({exc.strerror or exc}); the checkpoint {path.name} "
+                     "holds the plans")
         return path
 
     def restore(self, checkpoint: dict) -> None:
@@ -354,7 +363,9 @@ class Trainer:
         self.history = meta["history"]
         self.best_pixel_error = meta.get("best_pixel_error") or math.inf
         plans = meta.get("gemm_plans") or []
-        if plans and self.cfg["device"] == "cuda":
+        if plans and self.cfg["device"] != "cuda":
+            self.log("note: the checkpoint's GEMM plans choose GPU kernels; this run on the CPU leaves them")
+        elif plans:
             try:
                 ops.set_tuned_plans(plans, self.cfg["device"])
             except ValueError as exc:
@@ -562,6 +573,9 @@ def _main(argv=None) -> int:
             if cfg["device"] == "cpu" and args.precision is None:
                 cfg["precision"] = "fp32"
             notes = [f"resuming from step {checkpoint['meta']['step']} of {cfg['steps']}"]
+            if checkpoint["meta"].get("autotune") and cfg["device"] == "cuda" and not args.autotune:
+                args.autotune = True  # the run was started with it: GEMMs not yet met are timed
+                notes.append("--autotune: on, as the run was started (the checkpoint's plans are kept)")
             validate_config(cfg)
         else:
             cfg, notes = resolve_config(args)
@@ -579,9 +593,11 @@ def _main(argv=None) -> int:
             raise TrainingError(f"--out {out_dir}: cannot create the output folder ({exc.strerror})") from None
         for note in notes:
             print(note, file=sys.stderr)
-        trainer = Trainer(cfg, out_dir, cuda_graph=args.cuda_graph)
+        trainer = Trainer(cfg, out_dir, cuda_graph=args.cuda_graph, autotune=args.autotune)
         if checkpoint is not None:
             trainer.restore(checkpoint)
+            if args.plans is not None:  # --plans wins over the checkpoint's plans
+                ops.load_tuned_plans(args.plans, cfg["device"])
         model = trainer.model
         print(f"{model!r} on {cfg['device']} ({cfg['precision']}); data {trainer.dataset_name}: {len(trainer.train_set)} train / "
               f"{len(trainer.val_set)} val images; tile {cfg['tile']} -> {model.output_size(cfg['tile'])}",

@@ -193,7 +193,8 @@ def use_precision(name: str):
 # runs in a block tile with K split into slices, both chosen by fixed rules from the shapes: the
 # same plan, and the same bits, on every GPU. With autotuning on, the first call of each GEMM times
 # every plan its version offers on this GPU and keeps the fastest, as cudnn.benchmark does for
-# cuDNN; later calls with the same shapes read the table. Plans sum in other orders, so results
+# cuDNN (inside a CUDA graph capture, where nothing can be timed, the rule's plan enters the table
+# untimed); later calls with the same shapes read the table. Plans sum in other orders, so results
 # differ in their last bits from the rule's (within the version's tolerance); save the table and
 # set it again to repeat a run's plans exactly.
 
