@@ -289,7 +289,7 @@ def test_plans_files(tmp_path):
 
 
 def test_profile_prints_the_plans_measured():
-    from unet_cuda.profile import format_plans
+    from unet_cuda.plans import format_plans
 
     plans = [
         {"op": "conv3x3_forward", "M": 3844, "cols": 512, "K": 4608, "plan": [256, 128, 2],
@@ -320,3 +320,28 @@ def test_cpu_checkpoints_hold_no_plans_and_drop_a_stale_plans_file(tmp_path):
     meta = load_checkpoint(out / "last.ckpt")["meta"]
     assert meta["gemm_plans"] == [] and meta["autotune"] is False
     assert not (out / "plans.json").exists()
+
+
+def test_the_plans_command_shows_a_table_and_draws_it(tmp_path, capsys):
+    from unet_cuda import plans as p
+
+    entries = [
+        {"op": "conv3x3_forward", "version": V6, "M": 3844, "cols": 512, "K": 4608, "images": 1,
+         "plan": [256, 128, 2], "rule": [128, 128, 3], "ms": 0.20, "rule_ms": 0.22},
+        {"op": "conv3x3_backward_weight", "version": V6, "M": 512, "cols": 4608, "K": 2704, "images": 2,
+         "plan": [128, 128, 4], "rule": [128, 256, 2], "ms": 0.15, "rule_ms": 0.24},
+        {"op": "conv3x3_backward_data", "version": V6, "M": 4096, "cols": 512, "K": 4608, "images": 1,
+         "plan": [128, 128, 1], "rule": [128, 128, 1], "ms": 0.25, "rule_ms": 0.25},
+    ]
+    path = tmp_path / "plans.json"
+    p.write_plans_file(path, entries, "NVIDIA H100 80GB HBM3")
+    assert p.main([str(path), "--plot", str(tmp_path / "plans.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("GEMM plans measured: 3 GEMMs, 2 off the rule; the rules' plans 0.710 ms, "
+                               "the plans kept 0.600 ms")
+    assert lines[1] == "  conv3x3_backward_weight 512x4608x2704 (2 images): rule 128x256/2 0.240 ms -> 128x128/4 0.150 ms"
+    assert lines[2] == "  conv3x3_forward 3844x512x4608: rule 128x128/3 0.220 ms -> 256x128/2 0.200 ms"
+    assert lines[3] == str(tmp_path / "plans.png") and (tmp_path / "plans.png").stat().st_size > 1000
+    (tmp_path / "bad.json").write_text('{"plans": [{"op": "conv3x3_forward"}]}')
+    assert p.main([str(tmp_path / "bad.json")]) == 2
+    assert "every entry needs op, M, cols, K, plan and rule" in capsys.readouterr().err

@@ -41,6 +41,7 @@ import numpy as np
 from . import functional as F
 from . import ops, sizes
 from .cli import fail, restores_precision
+from .plans import format_plans
 from .model import UNet
 from .optim import SGD
 
@@ -274,24 +275,6 @@ def format_profile(profile: Profile, top: int | None = None) -> str:
 # ------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------
-
-def format_plans(plans: list[dict]) -> str:
-    """The GEMM plans measured in the warm-up step (--autotune): a line of how many GEMMs, how many
-    left the rule's plan, and the time of the rules' plans against the plans kept; then the (up to)
-    five largest savings, a line each."""
-    timed = [e for e in plans if e.get("ms") is not None and e.get("rule_ms") is not None]
-    changed = [e for e in plans if list(e["plan"]) != list(e["rule"])]
-    rule_ms, kept_ms = sum(e["rule_ms"] for e in timed), sum(e["ms"] for e in timed)
-    lines = [f"GEMM plans measured: {len(plans)} GEMMs, {len(changed)} off the rule; the rules' plans "
-             f"{rule_ms:.3f} ms, the plans kept {kept_ms:.3f} ms (per run: medians of five, timed while tuning)"]
-    best = sorted(changed, key=lambda e: (e.get("rule_ms") or 0.0) - (e.get("ms") or 0.0), reverse=True)[:5]
-    for e in best:
-        lines.append(f"  {e['op']} {e['M']}x{e['cols']}x{e['K']}: rule {e['rule'][0]}x{e['rule'][1]}/{e['rule'][2]} "
-                     f"{e['rule_ms']:.3f} ms -> {e['plan'][0]}x{e['plan'][1]}/{e['plan'][2]} {e['ms']:.3f} ms"
-                     if e.get("ms") is not None and e.get("rule_ms") is not None else
-                     f"  {e['op']} {e['M']}x{e['cols']}x{e['K']}: {e['plan']} (set by hand)")
-    return "\n".join(lines)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
