@@ -1202,6 +1202,9 @@ struct GemmPlanTable {
   std::mutex mutex;         // the entries'
   std::mutex tuning_mutex;  // held through one tuning (chosen_gemm_plan)
   std::map<GemmPlanKey, TunedGemmPlan, GemmPlanKeyLess> entries;
+  // whether entries is empty, readable without the lock: every GEMM asks, and the table stays
+  // empty unless plans are measured or set
+  std::atomic<bool> empty{true};
   std::atomic<bool> autotune{false};
 };
 
@@ -1214,6 +1217,7 @@ GemmPlanTable& gemm_plan_table() {
 
 bool find_tuned_gemm_plan(const GemmPlanKey& key, GemmPlan* plan) {
   GemmPlanTable& table = gemm_plan_table();
+  if (table.empty.load()) return false;
   const std::lock_guard<std::mutex> lock(table.mutex);
   const auto found = table.entries.find(key);
   if (found == table.entries.end()) return false;
@@ -1227,6 +1231,7 @@ void record_tuned_gemm_plan(const TunedGemmPlan& tuned, bool replace) {
   const std::lock_guard<std::mutex> lock(table.mutex);
   if (replace) table.entries.insert_or_assign(tuned.key, tuned);
   else table.entries.insert({tuned.key, tuned});
+  table.empty.store(false);
 }
 
 std::mutex& gemm_tuning_mutex() { return gemm_plan_table().tuning_mutex; }
@@ -1269,6 +1274,7 @@ void clear_tuned_gemm_plans() {
   GemmPlanTable& table = gemm_plan_table();
   const std::lock_guard<std::mutex> lock(table.mutex);
   table.entries.clear();
+  table.empty.store(true);
 }
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {

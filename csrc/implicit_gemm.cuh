@@ -1930,13 +1930,10 @@ std::vector<GemmPlan> gemm_plans(const GemmPlanKey& key) {
   return plans;
 }
 
-// The tile of a plan of this key (one of gemm_plans'), for the launchers.
+// The tile of a plan of this key (one of gemm_plans') whose tile is not the rule's, for the
+// launchers (run_planned_gemm takes the rule's own tile as it is).
 GemmTile gemm_plan_tile(const GemmPlanKey& key, const GemmPlan& plan) {
-  const bool weight = is_weight_gradient_op(key.op);
-  int rule_splits = 1;
-  std::vector<GemmTile> tiles = gemm_tiles(key.version, weight, key.M, key.cols);
-  tiles.push_back(gemm_rule_tile(key, weight, &rule_splits));
-  for (const GemmTile& tile : tiles)
+  for (const GemmTile& tile : gemm_tiles(key.version, is_weight_gradient_op(key.op), key.M, key.cols))
     if (tile.bm == plan.bm && tile.bn == plan.bn) return tile;
   throw std::logic_error(key.op + ": " + version_name(key.version) + " has no " +
                          std::to_string(plan.bm) + " x " + std::to_string(plan.bn) + " tile here");
@@ -2047,51 +2044,59 @@ GemmPlan chosen_gemm_plan(const GemmPlanKey& key, const GemmPlan& rule, cudaStre
   return plan;
 }
 
+// Runs one GEMM in the plan chosen for it (chosen_gemm_plan), the rule's being `rule_tile` in
+// `rule_splits` slices: run(tile, splits) launches it in a plan. A plan in the rule's tile runs
+// that tile as it is; only another plan's tile is looked up (gemm_plan_tile).
+template <class Run>
+void run_planned_gemm(const GemmPlanKey& key, const GemmTile& rule_tile, int rule_splits,
+                      cudaStream_t stream, Run&& run) {
+  const GemmPlan rule = plan_of(rule_tile, rule_splits);
+  const auto execute = [&](const GemmPlan& plan) {
+    const bool rule_tile_plan = plan.bm == rule.bm && plan.bn == rule.bn;
+    run(rule_tile_plan ? rule_tile : gemm_plan_tile(key, plan), plan.splits);
+  };
+  execute(chosen_gemm_plan(key, rule, stream, execute));
+}
+
 // Forward or backward data through a GEMM version (v3-v6), for the plain view or its concatenated
 // twin. `op` and the version name make the kernel's name in errors, e.g.
-// "conv3x3_forward_v4_tf32_mma". The plan: chosen_gemm_plan's, whose rule (plan_output) splits K
+// "conv3x3_forward_v4_tf32_mma". The plan: run_planned_gemm's, whose rule (plan_output) splits K
 // only where the output tiles are too few.
 template <class Gemm>
 void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version version, bool vec_b,
                      cudaStream_t stream) {
   const std::string name = op + "_" + version_name(version);
-  const GemmPlanKey key{op, version, g.M, g.cols, g.K, 1};
-  const auto execute = [&](const GemmPlan& plan) {
-    const GemmTile tile = gemm_plan_tile(key, plan);
-    if (plan.splits == 1) {
+  const OutputPlan rule = plan_output(version, g.M, g.cols, g.K);
+  run_planned_gemm({op, version, g.M, g.cols, g.K, 1}, rule.tile, rule.splits, stream,
+                   [&](const GemmTile& tile, int splits) {
+    if (splits == 1) {
       launch_gemm(name, g, version, tile, 1, false, vec_b, stream);
       return;
     }
     const int64_t count = g.M * g.cols;
-    Workspace workspace(plan.splits * count, stream, "conv3x3 split-K workspace");
+    Workspace workspace(splits * count, stream, "conv3x3 split-K workspace");
     const SplitPartialGemm<Gemm> partial{g, workspace.data()};
-    launch_gemm(name, partial, version, tile, plan.splits, false, vec_b, stream);
+    launch_gemm(name, partial, version, tile, splits, false, vec_b, stream);
     const std::string epilogue = op + "_split_k_epilogue";
     launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
-                  dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()),
-                  plan.splits);
-  };
-  const OutputPlan rule = plan_output(version, g.M, g.cols, g.K);
-  execute(chosen_gemm_plan(key, plan_of(rule.tile, rule.splits), stream, execute));
+                  dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), splits);
+  });
 }
 
 // A weight gradient (K over the pixels of `images` images of `pixels` each) through a GEMM
 // version, into dw (`count` elements): launch(out, tile, splits) launches its view summing into
 // `out`, which is dw itself for one slice, else a workspace of the slices' partials that
 // conv3x3_split_k_reduce adds into dw in slice order (with_split_partials). The plan:
-// chosen_gemm_plan's, whose rule is plan_weight_gemm.
+// run_planned_gemm's, whose rule is plan_weight_gemm.
 template <class Launch>
 void run_weight_gemm(const std::string& op, Conv3x3Version version, int64_t M, int64_t cols,
                      int64_t images, int64_t pixels, float* dw, int64_t count, cudaStream_t stream,
                      Launch&& launch) {
-  const GemmPlanKey key{op, version, M, cols, pixels, images};
-  const auto execute = [&](const GemmPlan& plan) {
-    const GemmTile tile = gemm_plan_tile(key, plan);
-    with_split_partials(dw, count, plan.splits, stream,
-                        [&](float* out) { launch(out, tile, plan.splits); });
-  };
   const WeightGemmPlan rule = plan_weight_gemm(version, M, cols, images, pixels);
-  execute(chosen_gemm_plan(key, plan_of(rule.tile, rule.splits), stream, execute));
+  run_planned_gemm({op, version, M, cols, pixels, images}, rule.tile, rule.splits, stream,
+                   [&](const GemmTile& tile, int splits) {
+    with_split_partials(dw, count, splits, stream, [&](float* out) { launch(out, tile, splits); });
+  });
 }
 
 }  // namespace
