@@ -333,6 +333,9 @@ def _ratios(peers: dict, ours: dict) -> dict:
 
 # The tf32 training steps with the backward's fusions switched off, or all on
 FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
+# the tf32 steps with a named Hopper kernel in place of the tf32 mode's version (v6, v7), eager and
+# graphed
+KERNEL_STEP_IMPLS = ("ours_wgmma", "ours_wgmma_graph", "ours_halo", "ours_halo_graph")
 
 
 def _autotune_tables(records: list[dict]) -> dict:
@@ -437,13 +440,15 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["train_step_ratio"] = _ratios(torch_steps, ours_steps) or None
     summary["graphed_train_step_ms"] = graphed_steps or None
     summary["graphed_train_step_ratio"] = _ratios(torch_steps, graphed_steps) or None
-    # The tf32 step with the Hopper kernel (v6_tf32_wgmma) instead of v4, eager and graphed.
-    wgmma = {mode: _by_precision(records, "train_step", impl).get("tf32")
-             for mode, impl in (("eager", "ours_wgmma"), ("graph", "ours_wgmma_graph"))}
-    summary["wgmma_train_step_ms"] = wgmma if any(v is not None for v in wgmma.values()) else None
-    summary["wgmma_train_step_ratio"] = (
-        {mode: torch_steps["tf32"] / ms for mode, ms in wgmma.items() if ms and "tf32" in torch_steps}
-        or None)
+    # The tf32 step with the Hopper kernels in place of the tf32 mode's version, eager and
+    # graphed: v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo").
+    for kernel in ("wgmma", "halo"):
+        steps = {mode: _by_precision(records, "train_step", impl).get("tf32")
+                 for mode, impl in (("eager", f"ours_{kernel}"), ("graph", f"ours_{kernel}_graph"))}
+        summary[f"{kernel}_train_step_ms"] = steps if any(v is not None for v in steps.values()) else None
+        summary[f"{kernel}_train_step_ratio"] = (
+            {mode: torch_steps["tf32"] / ms for mode, ms in steps.items() if ms and "tf32" in torch_steps}
+            or None)
     # the tf32 step with the backward's fusions switched (bench/test_bench_train_step.py), beside
     # the default's: {variant: ms}
     fusions = {impl[len("ours_"):]: _by_precision(records, "train_step", impl).get("tf32")
@@ -461,8 +466,8 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["torch_infer_512_ms"] = torch_infer or None
     summary["infer_512_ratio"] = _ratios(torch_infer, ours_infer) or None
 
-    for kind, impls, peers in (("train_step", ("ours", "ours_graph", "ours_wgmma", "ours_wgmma_graph",
-                                               "ours_autotuned") + FUSION_IMPLS, torch_steps),
+    for kind, impls, peers in (("train_step", ("ours", "ours_graph") + KERNEL_STEP_IMPLS
+                                + ("ours_autotuned",) + FUSION_IMPLS, torch_steps),
                                ("infer", ("ours",), torch_infer)):
         for rec in records:
             if rec.get("kind") == kind and rec.get("impl") in impls and _ms(rec) and peers:
@@ -481,7 +486,7 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     versions = {}
     for rec in records:
         if (rec.get("kind") in ("train_step", "infer", "op") and rec.get("version")
-                and rec.get("impl") not in ("torch", "ours_wgmma", "ours_wgmma_graph")):
+                and rec.get("impl") not in ("torch",) + KERNEL_STEP_IMPLS):
             versions.setdefault(rec.get("precision"), rec["version"])
     per: dict = {}
     for p in PRECISIONS:

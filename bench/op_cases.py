@@ -170,7 +170,8 @@ def _conv_cases(layer, net: Network, relu_fused: bool) -> list[OpCase]:
 # 256, 64² x 512, 28² x 1024); with_conv3x3_versions() gives the cases of every layer once per version
 # asked for (the precision modes' versions, in bench/test_bench_kernels.py).
 CONV3X3_VERSION_LAYERS = ("d1b", "d3b", "d4b", "b2")
-CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
+                    "v7_tf32_halo")
 
 
 def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,

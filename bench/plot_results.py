@@ -34,7 +34,8 @@ DEFAULT_PNG = ROOT / "bench" / "plots" / "results.png"
 DEFAULT_MD = ROOT / "bench" / "plots" / "results.md"
 README = ROOT / "README.md"
 PRECISIONS = ("fp32", "tf32", "bf16")
-VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
+                 "v7_tf32_halo")
 CONV_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 # the decoder's first convolution of a level, on [up, crop of skip] in place
 CONCAT_CONV_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight")
@@ -355,6 +356,7 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
                          f"| {t.get('comparison')} {t.get('goal')}{unit} "
                          f"| {_cell(t.get('met')) if t.get('met') is not None else 'not measured'} "
                          f"| {t.get('card') or '-'} |")
+    lines += kernel_steps_table(results)
     check = summary.get("loss_check")
     if check:
         lines += ["", f"Loss against PyTorch FP32 after one step: relative error "
@@ -388,6 +390,30 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
     lines += autotune_table(results)
     lines += ncu_table(results)
     return "\n".join(lines) + "\n"
+
+
+# The tf32 steps with a named kernel in place of the tf32 mode's version (summary keys of
+# bench/collect_results.py): the kernel, its summary key.
+KERNEL_STEPS = (("v6_tf32_wgmma", "wgmma"), ("v7_tf32_halo", "halo"))
+
+
+def kernel_steps_table(results: dict) -> list[str]:
+    """The tf32 training step per Hopper kernel, eager and as a CUDA graph, beside the tf32 mode's
+    own step: where a kernel that is not yet the mode's default stands."""
+    summary = results.get("summary") or {}
+    rows = []
+    for version, key in KERNEL_STEPS:
+        ms = summary.get(f"{key}_train_step_ms") or {}
+        ratio = summary.get(f"{key}_train_step_ratio") or {}
+        if any(_num(v) is not None for v in ms.values()):
+            rows.append(f"| {version} | {_cell(ms.get('eager'))} | {_cell(ms.get('graph'))} "
+                        f"| {_cell(ratio.get('eager'))} | {_cell(ratio.get('graph'))} |")
+    if not rows:
+        return []
+    default = (summary.get("train_step_ms") or {}).get("tf32")
+    return ["", f"The tf32 training step by 3x3 kernel (the tf32 mode's own: {_cell(default)} ms):", "",
+            "| kernel | step (ms) | as a CUDA graph (ms) | PyTorch / ours | as a graph |",
+            "|---|---|---|---|---|"] + rows
 
 
 def _plan_cell(plan) -> str:

@@ -31,6 +31,9 @@ this GPU from ``precision_version``) are each paired with one PyTorch setting (P
   tile of 700 px, 516 px out, mirrored borders; ``unet_cuda.tiling.inference_tile``), the same for
   PyTorch, in each mode and setting, including the host-side tiling and copies; wall time. The
   inference target is the bf16 figure.
+* ``test_train_step_halo[eager|graph]``: the tf32 step with v7_tf32_halo (the input window copied
+  once for the nine taps) in place of the tf32 mode's version, where it can run (Hopper); impl
+  ``ours_halo`` / ``ours_halo_graph``.
 * ``test_train_step_autotuned[fp32|tf32|bf16]`` (last): our step with every GEMM's plan (tile and
   K split) measured on this GPU at its first call (``unet_cuda.ops.cuda.autotuning``) instead of
   ruled; impl ``ours_autotuned``, its record keeping the table of plans.
@@ -518,8 +521,34 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
     benchlib.record(benchmark, rec)
 
 
-# The measured plans last: an experiment beside the headline figures above, which the stage's time
-# budget must reach first.
+HALO = "v7_tf32_halo"
+
+
+# The experiments last, after the headline figures above, which the stage's time budget must reach
+# first: v7's step, then the measured plans.
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_train_step_halo(benchmark, env, data, initial_state, mode):
+    """impl "ours_halo" / "ours_halo_graph": the tf32 step with v7_tf32_halo, whose forward and
+    backward data copy each input window once for the nine taps (v6's GEMMs for the rest), eager
+    and as a CUDA graph, where it can run (a Hopper GPU, an sm_90a build)."""
+    if not cu.conv3x3_version_available(HALO):
+        pytest.skip(f"{HALO} cannot run on this GPU or build (it needs sm_90a)")
+    if mode == "graph" and _GRAPH_SKIP:
+        pytest.skip(_GRAPH_SKIP)
+    benchlib.skip_if_out_of_time(pytest, 20)
+    net, opt, batch = _our_training_setup(data, initial_state)
+    with cu.use_conv3x3_version(HALO):
+        step = _graphed_step(net, opt, *batch)[1] if mode == "graph" else _eager_step(net, opt, *batch)
+        timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
+                                   max_repeats=30, flush=False)
+        loss_after = float(step())
+        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
+    impl = "ours_halo" if mode == "eager" else "ours_halo_graph"
+    rec = _step_record(f"train_step/{impl}/tf32", impl, "tf32",
+                       f"unet_cuda train step, tf32 with {HALO} ({mode})", timing, env, loss_after)
+    rec["version"] = HALO
+    benchlib.record(benchmark, rec)
+    assert np.isfinite(loss_after), f"the {HALO} step ({mode}) gave a non-finite loss {loss_after}"
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_train_step_autotuned(benchmark, env, data, initial_state, precision):
     """impl "ours_autotuned": the step with every GEMM's plan (tile, K split) measured on this GPU

@@ -32,6 +32,8 @@
 //   v4_tf32_mma  v3's GEMM on TF32 tensor cores (mma.sync), cp.async x2       36.4-39.6   46.7-63.5
 //   v5_bf16_mma  bf16 tensor cores (twice v4's rate), 4-stage cp.async        43.9-48.4   57.1-75.3
 //   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA, shared-memory descriptors  36.5-54.1   55.4-80.3
+//   v7_tf32_halo  v6 with each input window copied once for the nine taps       (not yet measured)
+//                 (forward and backward data; conv3x3_halo.cuh); v6 for the rest
 // (TFLOP/s, forward and both gradients together at layers d1b, d3b, d4b and b2, from
 // bench/results/results-82e8d82-h100-80gb-hbm3.json and results-53cf464-h100-80gb-hbm3.json; the
 // copies and the K order of v4-v6 changed in between; the table per layer: docs/CONV3X3.md).
@@ -70,6 +72,10 @@
 //     each issuing wgmma.mma_async.m64nNk8 (N = 64, 96 or 128) for each 64 of its rows and N of
 //     its columns (TF32, operands read by the tensor cores from shared memory in the canonical
 //     K-major layout), fed by v5's cp.async pipeline (4 stages; 6 of half the K for 128 x 256).
+//   conv3x3_v7_tf32_halo<Gemm, Tile> (conv3x3_halo.cuh): a block's 16 x 8 output patch by 128 (or
+//     64) output channels; per slice of 8 input channels the patch's input window (with its 2-pixel
+//     border) is copied once, and the nine taps' A operands are nine wgmma descriptors into it;
+//     conv3x3_halo_weights lays the weights out as its stages hold them.
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
@@ -110,6 +116,7 @@
 
 #include "common.cuh"
 #include "implicit_gemm.cuh"
+#include "conv3x3_halo.cuh"
 #include "launchers.h"
 #include "reduce.cuh"
 
@@ -972,6 +979,7 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
   BackwardWeightPlan plan;
   switch (version) {
     case Conv3x3Version::kV1Direct:
+    case Conv3x3Version::kV7Tf32Halo:  // never asked: its callers take gemm_version (v6)
       break;
     case Conv3x3Version::kV2Smem: {
       const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
@@ -1101,6 +1109,104 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
                   });
 }
 
+// =================================================================================================
+// v7 (conv3x3_halo.cuh): the forward and backward data with the input window copied once per slice
+// of 8 channels for all nine taps
+// =================================================================================================
+
+// v7 takes an op whose correlation sums at least one slice's worth of channels (the first layer's
+// C = 1 would multiply 7 zeros for each channel: v6 there) and whose sources each hold fewer than
+// 2^31 elements per image (the window copies address them with ints); v6's GEMMs otherwise.
+bool halo_applies(const HaloSource& first, const HaloSource& second) {
+  const auto fits = [](const HaloSource& t) {
+    return int64_t{t.channels} * t.h * t.w <= INT32_MAX;
+  };
+  return first.channels + second.channels >= kHaloSliceChannels && fits(first) && fits(second);
+}
+
+// v7's plan, from the shapes alone (the same on every GPU): 128 output channels a block, or 64
+// where the output has no more; the slices split over blockIdx.z only where the output tiles are
+// too few to fill the GPU, by v4-v6's rule (plan_output): two waves, at least kMinSplitK of K a
+// split, balanced over the waves of the blocks an SM holds.
+struct HaloPlan {
+  int bn;
+  int splits;
+};
+
+HaloPlan plan_halo(int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
+  static_assert(HaloWide::kPW == HaloNarrow::kPW && HaloWide::kPH == HaloNarrow::kPH,
+                "one patch for both tiles");
+  const int bn = out_channels > HaloNarrow::kBN ? HaloWide::kBN : HaloNarrow::kBN;
+  const int64_t M = N * out_h * out_w;
+  const int64_t tiles = N * ceil_div(out_h, HaloWide::kPH) * ceil_div(out_w, HaloWide::kPW) *
+                        ceil_div(out_channels, bn);
+  HaloPlan plan{bn, 1};
+  if (tiles > 0 && tiles < kTargetBlocks) {
+    const int64_t slices = ceil_div(in_channels, kHaloSliceChannels);
+    int64_t s = ceil_div(kTargetBlocks, tiles);
+    s = std::min(s, slices * kHaloSliceK / kMinSplitK);
+    s = std::min(s, kMaxSplits);
+    s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * out_channels, 1)));
+    const int64_t wave_blocks =
+        kSMs * (bn == HaloWide::kBN ? HaloWide::kBlocksPerSM : HaloNarrow::kBlocksPerSM);
+    plan.splits = static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), wave_blocks));
+  }
+  return plan;
+}
+
+template <class Gemm, class Tile>
+void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t images,
+                 const float* wt, int splits, cudaStream_t stream) {
+  constexpr auto kernel = conv3x3_v7_tf32_halo<Gemm, Tile>;
+  if (!v6_available(stream))
+    throw std::runtime_error(std::string(name) +
+                             ": v7_tf32_halo needs a Hopper GPU (compute capability 9.0) and a "
+                             "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
+  allow_dynamic_smem<kernel>(Tile::kSmemBytes, name);
+  const dim3 grid = checked_grid(name, images * in.patches, in.o_tiles, splits);
+  launch_kernel_smem(name, kernel, grid, dim3(kHaloThreads), Tile::kSmemBytes, stream, g, in, wt);
+}
+
+// The op whose output view is `g` (M = N x out_h x out_w pixels, cols output channels), reading
+// `in` (its sources set) with the weights w [O, C, 3, 3] (flip: the backward data's, whose
+// outputs are the C channels), in v7's plan: the weights arranged for it (conv3x3_halo_weights),
+// then one launch, or with K split, the partials into a workspace and the view's epilogue over
+// their sum in split order (conv3x3_split_k_epilogue, as for v4-v6).
+template <class Gemm>
+void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N, const float* w,
+                   int C, int O, bool flip, cudaStream_t stream) {
+  const std::string name = op + "_v7_tf32_halo";
+  const HaloPlan plan = plan_halo(N, in.out_h, in.out_w, g.cols, in.channels());
+  in.patches_x = ceil_div(in.out_w, HaloWide::kPW);
+  in.patches = in.patches_x * ceil_div(in.out_h, HaloWide::kPH);
+  in.slices = ceil_div(in.channels(), kHaloSliceChannels);
+  in.o_tiles = ceil_div(g.cols, plan.bn);
+  const int64_t count = int64_t{in.slices} * in.o_tiles * plan.bn * kHaloSliceK;
+  Workspace wt(count, stream, "conv3x3 v7 weights");
+  launch_kernel("conv3x3_halo_weights", conv3x3_halo_weights, dim3(grid_1d(count)), dim3(kBlock1d),
+                stream, w, wt.data(), C, O, flip, plan.bn, in.o_tiles, count);
+  const auto launch = [&](const auto& view, int splits) {
+    using View = std::decay_t<decltype(view)>;
+    if (plan.bn == HaloWide::kBN)
+      launch_halo<View, HaloWide>(name.c_str(), view, in, N, wt.data(), splits, stream);
+    else
+      launch_halo<View, HaloNarrow>(name.c_str(), view, in, N, wt.data(), splits, stream);
+  };
+  if (plan.splits == 1) {
+    launch(g, 1);
+    return;
+  }
+  const int64_t outputs = g.M * g.cols;
+  Workspace workspace(plan.splits * outputs, stream, "conv3x3 split-K workspace");
+  launch(SplitPartialGemm<Gemm>{g, workspace.data()}, plan.splits);
+  const std::string epilogue = op + "_split_k_epilogue";
+  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(outputs)),
+                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), plan.splits);
+}
+
+// A source that holds no channels (the second of a plain convolution): never read.
+HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
+
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
 void check_concat_version(const char* op, Conv3x3Version version) {
   if (!conv3x3_fuses_concat(version))
@@ -1176,12 +1282,11 @@ bool v6_available(cudaStream_t stream) {
 }
 
 bool conv3x3_version_available(Conv3x3Version version) {
-  return version != Conv3x3Version::kV6Tf32Wgmma || v6_available();
+  return gemm_version(version) != Conv3x3Version::kV6Tf32Wgmma || v6_available();
 }
 
-bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions
-  return version == Conv3x3Version::kV3Igemm || version == Conv3x3Version::kV4Tf32Mma ||
-         version == Conv3x3Version::kV5Bf16Mma || version == Conv3x3Version::kV6Tf32Wgmma;
+bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, and v7
+  return is_gemm_version(gemm_version(version));
 }
 
 // =================================================================================================
@@ -1278,25 +1383,33 @@ void clear_tuned_gemm_plans() {
 }
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
-  return plan_backward_weight(version, N, C, H, W, O).splits;
+  return plan_backward_weight(gemm_version(version), N, C, H, W, O).splits;
 }
 
 int conv3x3_backward_weight_tile_columns(Conv3x3Version version, int N, int C, int H, int W, int O) {
-  return plan_backward_weight(version, N, C, H, W, O).tile.bn;
+  return plan_backward_weight(gemm_version(version), N, C, H, W, O).tile.bn;
 }
 
 bool conv3x3_tap_major(Conv3x3Version version, int channels) {
-  return tap_major(version, channels, 0);
+  return version != Conv3x3Version::kV7Tf32Halo && tap_major(version, channels, 0);
 }
 
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;  // v1, v2: no split
-  return plan_output(version, static_cast<int64_t>(N) * (H - 2) * (W - 2), O, int64_t{9} * C).splits;
+  if (version == Conv3x3Version::kV7Tf32Halo &&
+      halo_applies({nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
+    return plan_halo(N, H - 2, W - 2, O, C).splits;
+  return plan_output(gemm_version(version), static_cast<int64_t>(N) * (H - 2) * (W - 2), O,
+                     int64_t{9} * C).splits;
 }
 
 int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;
-  return plan_output(version, static_cast<int64_t>(N) * H * W, C, int64_t{9} * O).splits;
+  if (version == Conv3x3Version::kV7Tf32Halo &&
+      halo_applies({nullptr, O, H - 2, W - 2, -2, -2}, no_halo_source(nullptr)))
+    return plan_halo(N, H, W, C, O).splits;
+  return plan_output(gemm_version(version), static_cast<int64_t>(N) * H * W, C, int64_t{9} * O)
+      .splits;
 }
 
 void launch_conv3x3_forward(const float* x, const float* w, const float* b, float* y, int N, int C,
@@ -1319,6 +1432,15 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
       return;
     }
     default:
+      if (version == Conv3x3Version::kV7Tf32Halo) {
+        const HaloSource source{x, C, H, W, 0, 0};
+        if (halo_applies(source, no_halo_source(x))) {
+          run_halo_conv("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu),
+                        {source, no_halo_source(x), P, Q}, N, w, C, O, false, stream);
+          return;
+        }
+        version = gemm_version(version);
+      }
       if (tap_major(version, C, int64_t{H} * W)) {
         const RearrangedWeights wt = tap_major_weights(w, C, O, stream);
         const Conv3x3ForwardTapGemm g{forward_gemm(x, wt.data(), b, y, N, C, H, W, O, relu)};
@@ -1350,6 +1472,16 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
       return;
     }
     default: {
+      if (version == Conv3x3Version::kV7Tf32Halo) {
+        const HaloSource source{dy, O, H - 2, W - 2, -2, -2};
+        if (halo_applies(source, no_halo_source(dy))) {
+          run_halo_conv("conv3x3_backward_data",
+                        backward_data_gemm(dy, nullptr, dx, relu_mask, N, C, H, W, O),
+                        {source, no_halo_source(dy), H, W}, N, w, C, O, true, stream);
+          return;
+        }
+        version = gemm_version(version);
+      }
       if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
         const RearrangedWeights wf = flipped_tap_major_weights(w, C, O, stream);
         const TapMajorBackwardData<Conv3x3BackwardDataGemm> g{
@@ -1368,6 +1500,7 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream) {
+  version = gemm_version(version);  // v7: v6's GEMM
   const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
   if (count > 0) {
     if (version == Conv3x3Version::kV1Direct) {
@@ -1422,6 +1555,17 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
                                    cudaStream_t stream) {
   check_concat_version("conv3x3_concat_forward", version);
   if (static_cast<int64_t>(N) * O * (H - 2) * (W - 2) == 0) return;
+  if (version == Conv3x3Version::kV7Tf32Halo) {
+    const HaloSource first{up, Cu, H, W, 0, 0}, second{skip, Cs, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+    if (halo_applies(first, second)) {
+      const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip,
+                                       Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+      run_halo_conv("conv3x3_concat_forward", g, {first, second, H - 2, W - 2}, N, w, Cu + Cs, O,
+                    false, stream);
+      return;
+    }
+    version = gemm_version(version);
+  }
   if (tap_major(version, Cu, int64_t{H} * W) && tap_major(version, Cs, int64_t{Hs} * Ws)) {
     const RearrangedWeights wt = tap_major_weights(w, Cu + Cs, O, stream);
     const Conv3x3ConcatForwardTapGemm g{
@@ -1446,6 +1590,18 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, const 
                   dim3(grid_1d(skip_total)), dim3(kBlock1d), stream, dskip,
                   static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
   if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
+  if (version == Conv3x3Version::kV7Tf32Halo) {
+    const HaloSource source{dy, O, H - 2, W - 2, -2, -2};
+    if (halo_applies(source, no_halo_source(dy))) {
+      const Conv3x3ConcatBackwardDataGemm g{
+          backward_data_gemm(dy, nullptr, dup, up_mask, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
+          (Hs - H) / 2, (Ws - W) / 2, skip_mask};
+      run_halo_conv("conv3x3_concat_backward_data", g, {source, no_halo_source(dy), H, W}, N, w,
+                    Cu + Cs, O, true, stream);
+      return;
+    }
+    version = gemm_version(version);
+  }
   if (tap_major(version, O, int64_t{H - 2} * (W - 2))) {
     const RearrangedWeights wf = flipped_tap_major_weights(w, Cu + Cs, O, stream);
     const TapMajorBackwardData<Conv3x3ConcatBackwardDataGemm> g{
@@ -1466,6 +1622,7 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
                                            int W, int Hs, int Ws, int O, Conv3x3Version version,
                                            cudaStream_t stream) {
   check_concat_version("conv3x3_concat_backward_weight", version);
+  version = gemm_version(version);  // v7: v6's GEMM
   if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
     const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O), skip,
                                             Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};

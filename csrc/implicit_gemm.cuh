@@ -1221,6 +1221,48 @@ struct MaskedOutputRow {
   }
 };
 
+// Stores row m of a warpgroup's m64nN accumulators through the view's epilogue: register
+// 4 j + 2 v + q of acc[jn] holds column PN jn + 8 j + 2 tig + q of the row (v: which of the lane's
+// two rows, 8 apart); `n_first` is the warpgroup's first column. A view that reads a value per
+// element for its store (ViewReadsBeforeStore) reads the whole row's first. (v6 and v7.)
+template <class Gemm, int NT, int PN>
+__device__ __forceinline__ void store_wgmma_row(const Gemm& g, int64_t m,
+                                                const float (&acc)[NT][PN / 2], int v,
+                                                int n_first, int tig) {
+  const typename Gemm::CRow row = g.c_row(m);
+  if constexpr (ViewReadsBeforeStore<Gemm>::value) {
+    float input[NT][PN / 8][2];  // the row's reads first, all of them ...
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+      for (int j = 0; j < PN / 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n_first + PN * jn + 8 * j + 2 * tig + q;
+          input[jn][j][q] = n < g.cols ? g.store_input(row, n) : 0.0f;
+        }
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)  // ... then its stores
+#pragma unroll
+      for (int j = 0; j < PN / 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n_first + PN * jn + 8 * j + 2 * tig + q;
+          if (n < g.cols) g.store_with(row, n, acc[jn][4 * j + 2 * v + q], input[jn][j][q]);
+        }
+  } else {
+#pragma unroll
+    for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+      for (int j = 0; j < PN / 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n_first + PN * jn + 8 * j + 2 * tig + q;
+          if (n < g.cols) g.store(row, n, acc[jn][4 * j + 2 * v + q]);
+        }
+  }
+}
+
 template <class Gemm, class Tile>
 struct V6Layout {
   static constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK;
@@ -1350,40 +1392,7 @@ __global__ void __launch_bounds__(kV6Threads) conv3x3_v6_tf32_wgmma(const Gemm g
     for (int v = 0; v < 2; ++v) {
       const int64_t m = m0 + wg_m * kGroupRows + 64 * i + 16 * w + gid + 8 * v;
       if (m >= g.M) continue;
-      const typename Gemm::CRow row = g.c_row(m);
-      if constexpr (ViewReadsBeforeStore<Gemm>::value) {
-        float input[NT][PN / 8][2];  // the row's reads first, all of them ...
-#pragma unroll
-        for (int jn = 0; jn < NT; ++jn)
-#pragma unroll
-          for (int j = 0; j < PN / 8; ++j)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
-              input[jn][j][q] = n < g.cols ? g.store_input(row, n) : 0.0f;
-            }
-#pragma unroll
-        for (int jn = 0; jn < NT; ++jn)  // ... then its stores
-#pragma unroll
-          for (int j = 0; j < PN / 8; ++j)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
-              if (n < g.cols) g.store_with(row, n, acc[i][jn][4 * j + 2 * v + q], input[jn][j][q]);
-            }
-      } else {
-#pragma unroll
-        for (int jn = 0; jn < NT; ++jn) {
-#pragma unroll
-          for (int j = 0; j < PN / 8; ++j) {
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int n = n0 + wg_n * kGroupCols + PN * jn + 8 * j + 2 * tig + q;
-              if (n < g.cols) g.store(row, n, acc[i][jn][4 * j + 2 * v + q]);
-            }
-          }
-        }
-      }
+      store_wgmma_row<Gemm, NT, PN>(g, m, acc[i], v, n0 + wg_n * kGroupCols, tig);
     }
   }
 }
@@ -1793,6 +1802,18 @@ WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols,
   return {tile, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
 }
 
+// The GEMM version an op of `version` runs its GEMMs with: v7 runs v6's wherever its own kernel
+// (conv3x3_halo.cuh) does not apply; every other version its own.
+Conv3x3Version gemm_version(Conv3x3Version version) {
+  return version == Conv3x3Version::kV7Tf32Halo ? Conv3x3Version::kV6Tf32Wgmma : version;
+}
+
+// The versions whose ops are GEMMs of the views above: v3-v6 (what the plan table knows).
+bool is_gemm_version(Conv3x3Version version) {
+  return version == Conv3x3Version::kV3Igemm || version == Conv3x3Version::kV4Tf32Mma ||
+         version == Conv3x3Version::kV5Bf16Mma || version == Conv3x3Version::kV6Tf32Wgmma;
+}
+
 const char* version_name(Conv3x3Version version) {
   for (const Conv3x3VersionName& v : kConv3x3Versions)
     if (v.version == version) return v.name;
@@ -1847,7 +1868,11 @@ bool check_gemm_plan_key(const GemmPlanKey& key) {
     throw std::invalid_argument("GEMM plan: no op " + key.op + " has GEMM plans; those that do: " +
                                 ops);
   }
-  if (!conv3x3_fuses_concat(key.version))  // the GEMM versions
+  if (key.version == Conv3x3Version::kV7Tf32Halo)
+    throw std::invalid_argument(
+        "GEMM plan: v7_tf32_halo's forward and backward data run its own kernel, which has no "
+        "plans, and its other ops v6's GEMMs: name v6_tf32_wgmma for those");
+  if (!is_gemm_version(key.version))
     throw std::invalid_argument(std::string("GEMM plan: ") + version_name(key.version) +
                                 " runs no GEMM; only v3_igemm to v6_tf32_wgmma have plans");
   const bool weight = is_weight_gradient_op(key.op);

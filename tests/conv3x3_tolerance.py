@@ -11,7 +11,7 @@ of the kernels (test_conv3x3_emulated.py).
   ``max |got - ref| <= 8u * sqrt(K) * max|A| * max|B|`` (several standard deviations of that sum).
 * bf16 (v5_bf16_mma): the same reasoning with bf16's 7-bit mantissa (``u = 2**-8``, rounded to
   nearest even): ``||got - ref|| / ||ref|| <= 2e-2`` and the same max bound with that ``u``.
-* TF32 by truncation (v6_tf32_wgmma: Hopper's wgmma reads the upper 19 bits of each float32, no
+* TF32 by truncation (v6_tf32_wgmma and v7_tf32_halo: Hopper's wgmma reads the upper 19 bits of each float32, no
   rounding): an operand is off by up to ``2**-10`` of its size, so ``u = 2**-10`` and a relative L2
   bound of ``1e-2``.
 
@@ -30,8 +30,8 @@ import math
 
 import numpy as np
 
-TF32_VERSIONS = frozenset({"v4_tf32_mma", "v6_tf32_wgmma"})
-TRUNCATING_VERSIONS = frozenset({"v6_tf32_wgmma"})  # TF32 by truncation, not rounding
+TF32_VERSIONS = frozenset({"v4_tf32_mma", "v6_tf32_wgmma", "v7_tf32_halo"})
+TRUNCATING_VERSIONS = frozenset({"v6_tf32_wgmma", "v7_tf32_halo"})  # TF32 by truncation, not rounding
 BF16_VERSIONS = frozenset({"v5_bf16_mma"})
 FP32_REL = 2e-5
 MIN_L2_ELEMENTS = 64

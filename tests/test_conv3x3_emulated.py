@@ -41,7 +41,8 @@ OUTPUT_GUARD_VALUE = 1234.5
 
 
 def test_registry_is_read():
-    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+    assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
+                        "v7_tf32_halo")
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +440,7 @@ def test_empty_sums(lib, version):
 
 
 def test_precision_names():
-    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32"]
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,6 +449,7 @@ def test_precision_names():
 # ------------------------------------------------------------------------------------------------
 
 GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
+CONCAT_VERSIONS = GEMM_VERSIONS + ("v7_tf32_halo",)  # v7's kernel reads the two inputs too
 # (N, Cu, Cs, H, W, Hs, Ws, O)
 CONCAT_SHAPES = [
     (1, 3, 2, 5, 7, 9, 11, 4),       # odd sizes, crop offsets (2, 2)
@@ -477,7 +479,7 @@ def _concat_inputs(rng, n, cu, cs, h, w, hs, ws, o):
     return up, skip, wt, b, dy
 
 
-@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("version", CONCAT_VERSIONS)
 @pytest.mark.parametrize("shape", CONCAT_SHAPES, ids=str)
 def test_concat_every_direction(lib, version, shape):
     check_concat(lib, version, shape)
@@ -833,6 +835,63 @@ def test_sgd_multi_matches_one_launch_each(lib, device_rate):
 
 
 # ------------------------------------------------------------------------------------------------
+# v7_tf32_halo (csrc/conv3x3_halo.cuh): the forward and backward data read each input window once
+# for the nine taps, through shifted wgmma descriptors. Its own paths: slices of 8 channels (a
+# partial last one), 16 x 8 output patches (partial at the right and bottom edges, several per
+# image and several images), 128 output channels a block or 64 (O <= 64), a partial column tile,
+# K split over the slices, the backward data's 2-pixel zero border, a concatenation whose parts
+# share a slice, and the ReLU masks. The first layer (C < 8) runs v6's GEMM.
+# ------------------------------------------------------------------------------------------------
+
+V7 = "v7_tf32_halo"
+# (N, C, H, W, O); the forward sums C channels into O, the backward data O into C.
+HALO_SHAPES = [
+    (1, 8, 12, 20, 16),    # one whole slice; a 10 x 18 output: two patches across, two down
+    (2, 13, 19, 23, 70),   # a partial slice both ways; O = 70: one partial tile of 128 columns
+    (1, 16, 30, 30, 130),  # two column tiles (128 + 2) forward, 130 channels summed backward
+    (3, 9, 10, 11, 8),     # three images of one partial patch each; 8 channels out backward
+    (1, 40, 11, 12, 64),   # 64 output channels: the 64-column tile, exactly full
+    (1, 64, 27, 37, 72),   # patches partial in both directions, many slices
+]
+
+
+@pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
+def test_v7_forward_and_backward_data(lib, shape):
+    n, c, h, w, o = shape
+    assert lib.emulated_conv3x3_tap_major(V7.encode(), c) == 0  # its own kernel, no GEMM view
+    check_forward(lib, V7, shape, relu=True, seed=sum(shape))
+    check_forward(lib, V7, shape, relu=False, seed=sum(shape) + 1)
+    check_backward_data(lib, V7, shape, seed=sum(shape) + 2)
+
+
+# v7 splits K (its slices) as v4-v6 do: where the output tiles are too few for two waves, with at
+# least 512 of K a split. (1, 256, 9, 9, 40): one tile, 32 slices of 72 k -> 4 splits (the backward
+# data sums 40 channels: 5 slices, no split); b2 at batch 1 (28 x 28 outputs of 1024 channels from
+# 1024): 8 patches x 8 column tiles = 64 blocks -> 4 splits (256 blocks, two waves of 132).
+def test_v7_split_plans(lib):
+    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 256, 9, 9, 40) == 4
+    assert lib.emulated_conv3x3_backward_data_splits(V7.encode(), 1, 256, 9, 9, 40) == 1
+    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 1024, 30, 30, 1024) == 4
+    assert lib.emulated_conv3x3_backward_data_splits(V7.encode(), 1, 1024, 30, 30, 1024) == 4
+    # d1b (568 x 568 outputs of 64 channels): 2556 patches, no split; the first layer (C = 1)
+    # is v6's GEMM, by v6's plan
+    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 64, 570, 570, 64) == 1
+    assert (lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 1, 572, 572, 64)
+            == lib.emulated_conv3x3_forward_splits(b"v6_tf32_wgmma", 1, 1, 572, 572, 64))
+    check_forward(lib, V7, (1, 256, 9, 9, 40), relu=True, seed=11)
+    check_backward_data(lib, V7, (1, 40, 9, 9, 256), seed=12)  # 32 slices summed backward: split
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 5, 6, 12, 10, 16, 14, 20),     # 11 channels: the first slice holds up's 5 and 3 of skip's
+    (2, 16, 16, 14, 14, 18, 20, 70),   # crop offsets (2, 3); both parts whole slices
+    (1, 4, 60, 8, 9, 12, 11, 130),     # a split K (64 channels into 130: 8 slices; 130 back: 17)
+], ids=str)
+def test_v7_concat(lib, shape):
+    check_concat(lib, V7, shape)
+
+
+# ------------------------------------------------------------------------------------------------
 # The ReLU's backward fused into the backward-data ops (relu_mask): the gradient of an input that is
 # a ReLU's output comes out already masked. Same kernel, same sums: the masked result must have the
 # bits of relu_backward(mask, unmasked result), for every version and path (split K, tap-major).
@@ -861,7 +920,7 @@ def test_relu_mask_in_backward_data(lib, version, shape):
     assert_same_bits(masked, relu_backward_of(mask, plain), f"conv3x3_backward_data{list(shape)} {version}")
 
 
-@pytest.mark.parametrize("version", GEMM_VERSIONS)
+@pytest.mark.parametrize("version", CONCAT_VERSIONS)
 @pytest.mark.parametrize("shape", [CONCAT_SHAPES[0], CONCAT_SHAPES[6], CONCAT_SHAPES[8]], ids=str)
 def test_relu_mask_in_concat_backward_data(lib, version, shape):
     n, cu, cs, h, w, hs, ws, o = shape

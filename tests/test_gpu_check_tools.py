@@ -521,6 +521,29 @@ def test_summary_of_the_wgmma_step():
     assert cr.summarize(_synthetic_records(), card=GPU)["wgmma_train_step_ms"] is None
 
 
+def test_summary_and_table_of_the_halo_step():
+    """The tf32 step with v7_tf32_halo (impl ours_halo / ours_halo_graph) gets summary figures of
+    its own, leaves the tf32 mode's version alone, and results.md lists it beside v6's step."""
+    records = _synthetic_records()
+    step = {"kind": "train_step", "shape": "x[1,1,572,572]", "flops": 902e9, "precision": "tf32",
+            "version": "v7_tf32_halo"}
+    records[:0] = [{**step, "id": "train_step/ours_halo/tf32", "impl": "ours_halo", "ms": 3.6},
+                   {**step, "id": "train_step/ours_halo_graph/tf32", "impl": "ours_halo_graph", "ms": 3.0},
+                   {**step, "id": "train_step/ours_wgmma/tf32", "impl": "ours_wgmma", "ms": 4.5,
+                    "version": "v6_tf32_wgmma"}]
+    summary = cr.summarize(records, card=GPU)
+    assert summary["halo_train_step_ms"] == {"eager": 3.6, "graph": 3.0}
+    assert summary["halo_train_step_ratio"] == {"eager": 9.0 / 3.6, "graph": 9.0 / 3.0}
+    assert summary["wgmma_train_step_ms"] == {"eager": 4.5, "graph": None}
+    assert summary["per_precision"]["tf32"]["version"] == "v4_tf32_mma"
+    halo = next(r for r in records if r["id"] == "train_step/ours_halo/tf32")
+    assert halo["ratio"] == 9.0 / 3.6 and halo["peer_precision"] == "tf32"
+    lines = plot_results.kernel_steps_table({"summary": summary})
+    assert "| v7_tf32_halo | 3.60 | 3.00 | 2.50 | 3.00 |" in lines
+    assert "| v6_tf32_wgmma | 4.50 | - | 2.00 | - |" in lines
+    assert plot_results.kernel_steps_table({"summary": cr.summarize(_synthetic_records(), card=GPU)}) == []
+
+
 def test_commit_given_where_the_checkout_has_no_git(tmp_path):
     (tmp_path / "meta.txt").write_text(f"commit={COMMIT}\ncommit_source=GPU_CHECK_COMMIT\n"
                                        "git_error=git rev-parse HEAD failed (see info.log)\n")
@@ -827,7 +850,7 @@ def test_conv3x3_versions_per_precision():
     table = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign)
                  and getattr(node.target, "id", None) == "CONV3X3_VERSION_PRECISION")
     assert [benchlib.conv3x3_precision(v, table) for v in op_cases.CONV3X3_VERSIONS] == \
-        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32"]
+        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32"]
     assert benchlib.conv3x3_precision("v9_other", table) == "fp32"
     assert tuple(benchlib.TORCH_SETTINGS) == benchlib.PRECISIONS == cr.PRECISIONS
     modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
@@ -845,7 +868,7 @@ def test_conv3x3_versions_per_precision():
     assert [c.version for c in up1] == list(modes.values())
     assert all(c.version is None for c in expanded if not c.op.startswith(("conv3x3_", "upconv2x2_")))
     versions = op_cases.conv3x3_version_cases(benchlib.network())
-    assert len(versions) == 4 * 3 * 6 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
+    assert len(versions) == 4 * 3 * 7 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 
 
 def test_ceilings():

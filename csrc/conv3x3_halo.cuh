@@ -1,0 +1,290 @@
+// conv3x3_halo.cuh: v7_tf32_halo, the forward and the backward data of the 3x3 convolution on
+// Hopper's warpgroup MMA (sm_90a), with the input copied once for all nine taps. Included by
+// conv3x3.cu, after implicit_gemm.cuh (whose wgmma, cp.async and split-K pieces it uses).
+//
+// What v7 changes over v6, and why. v4-v6 build the im2col matrix A in shared memory one K tile
+// at a time: for each tap (ky, kx) and channel, the block's 128 pixels, each a 4-byte cp.async.
+// An input element is read by nine taps, so it is copied up to nine times, and at 32 FLOPs per
+// byte copied the copies, not the tensor cores, set v6's pace (ncu: warps waiting on cp.async).
+//
+// v7 lays a block's input window in shared memory so that every tap's A is the same memory seen
+// from another start address. A block computes an output patch of PH x PW pixels (its rows of the
+// GEMM) for BN output channels (its columns). For each slice of 8 input channels it copies the
+// window the patch reads, (PH + 2) x (PW + 2) pixels, once, as
+//     window[g][p][c % 4]   g = c / 4 (two groups of 4 channels), p = r * WP + s (WP = PW + 2),
+// 16 bytes per pixel and group. An m64 wgmma product of v7 covers an 8 x 8 "unit" of the patch:
+// its 64 rows are the unit's 8 output rows of 8 pixels, and in the canonical K-major layout (PTX
+// ISA, "Shared Memory Matrix Layout") a core matrix is 8 rows of 16 bytes: here 8 consecutive
+// pixels of one window row, 4 channels each. So the A operand of tap (ky, kx) for the unit at
+// (uy, ux) is the descriptor
+//     start  window + ((8 uy + ky) * WP + 8 ux + kx) * 16 bytes
+//     SBO    WP * 16 bytes (the next core matrix: the next output row)
+//     LBO    WP * (PH + 2) * 16 bytes (the next 4 channels: k 4..7 of the k8 product)
+// and the nine taps are nine descriptors over one copy. Per slice a block copies the window
+// (1,440 floats for a 16 x 8 patch) and the 9 x 8 x BN weights of the slice (prearranged in
+// global memory in the canonical layout, so their copy is a straight run of 16-byte pieces), and
+// issues 9 products of k8 per unit: 72 of K per stage, where v6 copies 128 x 32 floats of A for
+// 32 of K. Per FLOP, a third of v6's bytes and a sixth of its copy instructions for A.
+//
+// The tiles (HaloTile): a 16 x 8 patch (two units side by side, one per warpgroup) by 128 output
+// channels, or by 64 where the output has at most 64 channels. Four stages of one 8-channel slice
+// each (42 KB a stage for 128 columns), K split over the slices (SplitPartialGemm) where the output
+// tiles are too few to fill the GPU, as for v4-v6.
+//
+// Which ops: the plain and the concatenated convolutions' forward (input x, or up and the crop
+// of skip) and backward data (input dy, read with a 2-pixel zero border: the full correlation with
+// the flipped kernel). The output goes through the GEMM views' own epilogues (conv3x3.cu: bias and
+// ReLU; the ReLU mask of the data gradients; the two outputs of the concatenation): a block's
+// output pixel (n, i, j) is the view's row m = (n * P + i) * Q + j. The weight gradients and the
+// up-convolutions run v6 (their K is the pixels; nothing there is copied nine times).
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "implicit_gemm.cuh"
+
+namespace unet {
+
+// One tensor the input channels come from: [N, channels, h, w]. Output pixel (i, j) reads its
+// window from pixel (i + oy + r, j + ox + s), r, s in 0..2 (oy = ox = -2 for the backward data's
+// border; the crop offset for the skip tensor); pixels outside the tensor read zero.
+struct HaloSource {
+  const float* p;
+  int channels, h, w, oy, ox;
+};
+
+// The input of a v7 convolution: channels [0, first.channels) from `first`, the rest from
+// `second` (a concatenation; second.channels 0 otherwise), over outputs of out_h x out_w pixels.
+struct HaloInput {
+  HaloSource first, second;
+  int out_h, out_w;
+  int patches_x, patches;  // patches per output row of patches, and per image
+  int slices;              // ceil(channels / 8)
+  int o_tiles;             // ceil(output channels / BN)
+  __host__ __device__ int channels() const { return first.channels + second.channels; }
+};
+
+constexpr int kHaloSliceChannels = 8;                   // channels per stage: one k8 per tap
+constexpr int kHaloSliceK = 9 * kHaloSliceChannels;     // K of a stage: 72
+constexpr int kHaloStages = 4;
+constexpr int kHaloThreads = 256;                       // two warpgroups
+
+// A v7 block tile: a patch of UW x UH units of 8 x 8 output pixels by BN output channels. The two
+// warpgroups share the units (unit u = kUnitsPerGroup * warpgroup + i, at (u / UW, u % UW)), each
+// with all BN columns: one m64nBNk8 product per unit and tap, BN / 2 accumulators per unit and
+// thread.
+template <int UW, int UH, int BN_>
+struct HaloTile {
+  static constexpr int kBN = BN_;
+  static constexpr int kUnitsW = UW, kUnits = UW * UH, kUnitsPerGroup = kUnits / 2;
+  static_assert(kUnits % 2 == 0, "the units split over the two warpgroups");
+  static constexpr int kPW = 8 * UW, kPH = 8 * UH;           // the output patch
+  static constexpr int kWP = kPW + 2, kHP = kPH + 2;         // its input window
+  static constexpr int kWindowPixels = kWP * kHP;
+  static constexpr int kAFloats = kHaloSliceChannels * kWindowPixels;
+  static constexpr int kBFloats = BN_ * kHaloSliceK;
+  static constexpr int kStageFloats = kAFloats + kBFloats;
+  static_assert(kAFloats % 4 == 0 && kBFloats % 4 == 0, "every stage part starts 16-byte aligned");
+  static constexpr size_t kSmemBytes = sizeof(float) * kHaloStages * kStageFloats;
+  static constexpr int kACopies = ceil_div(kAFloats, kHaloThreads);       // per thread, 4 bytes
+  static constexpr int kBCopies = ceil_div(kBFloats / 4, kHaloThreads);   // per thread, 16 bytes
+  // Blocks an SM holds (228 KB of shared memory, 1 KB of it per block for the system): the wave
+  // size of the split planner.
+  static constexpr int kBlocksPerSM = static_cast<int>(228 * 1024 / (kSmemBytes + 1024));
+  static_assert(kSmemBytes <= 227 * 1024 && kBlocksPerSM >= 1, "a block fits an SM");
+};
+using HaloWide = HaloTile<2, 1, 128>;    // 16 x 8 pixels by 128 channels: 170 KB, 1 block per SM
+using HaloNarrow = HaloTile<2, 1, 64>;   // by 64 channels (the 64-channel outputs): 97 KB, 2
+
+// The slice weights of output-channel tile `tile`, as a stage holds them: B of tap t is rows
+// (output channels) x k8 (the slice's 8 channels) in v6's canonical layout (V6Smem<BN, 72>, k =
+// 8 t + channel): wt[(slice * o_tiles + tile) * BN * 72 + V6Smem::at(row, k)]. Zero past either
+// channel count. Forward: w[o, c, tap] for output o and input c. flip (the backward data): the
+// outputs are dx's channels c and the inputs dy's o, and tap t takes w[o, c, 8 - t].
+__global__ void conv3x3_halo_weights(const float* __restrict__ w, float* __restrict__ wt, int C,
+                                     int O, bool flip, int bn, int o_tiles, int64_t total) {
+  const int out_channels = flip ? C : O, in_channels = flip ? O : C;
+  const int per_block = bn * kHaloSliceK;
+  for (int64_t e = global_thread(); e < total; e += grid_stride()) {
+    const int64_t block = e / per_block;
+    const int rest = static_cast<int>(e - block * per_block);
+    const int row = rest / kHaloSliceK, k = rest - row * kHaloSliceK;
+    const int tap = k / kHaloSliceChannels, cl = k - tap * kHaloSliceChannels;
+    const int slice = static_cast<int>(block / o_tiles), tile = static_cast<int>(block % o_tiles);
+    const int oc = tile * bn + row, ic = slice * kHaloSliceChannels + cl;
+    float v = 0.0f;
+    if (oc < out_channels && ic < in_channels)
+      v = flip ? w[(static_cast<int64_t>(ic) * C + oc) * 9 + 8 - tap]
+               : w[(static_cast<int64_t>(oc) * C + ic) * 9 + tap];
+    // V6Smem<bn, 72>::at(row, k), bn a runtime value here
+    const int at = (k / 8) * bn * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
+    wt[block * per_block + at] = v;
+  }
+}
+
+// Where one of a thread's window copies reads within an image, decided once per block: its
+// channel within the slice, and its pixel's offset in each source's channel plane (-1: outside
+// that tensor, zero).
+struct HaloCopy {
+  int channel;
+  int first_offset, second_offset;
+};
+
+__device__ __forceinline__ int halo_pixel_offset(const HaloSource& t, int i, int j) {
+  const int y = i + t.oy, x = j + t.ox;
+  return y >= 0 && y < t.h && x >= 0 && x < t.w ? y * t.w + x : -1;
+}
+
+// One block: patch blockIdx.x (image n = blockIdx.x / patches, then patch row, patch column),
+// output channels blockIdx.y * BN .., input-channel slices of split blockIdx.z. `g`: the op's
+// GEMM view, for its M, cols and epilogue only; `wt`: conv3x3_halo_weights' arrangement.
+template <class Gemm, class Tile>
+__global__ void __launch_bounds__(kHaloThreads) conv3x3_v7_tf32_halo(const Gemm g, const HaloInput in,
+                                                                     const float* __restrict__ wt) {
+  constexpr int BN = Tile::kBN, S = kHaloStages, MT = Tile::kUnitsPerGroup;
+  constexpr int WP = Tile::kWP, HP = Tile::kHP;
+  static_assert(BN == 64 || BN == 128, "m64n64k8 or m64n128k8 products");
+#ifdef UNET_CPU_EMULATION
+  float* smem = cpu_emulation::dynamic_shared<float>();
+#else
+  extern __shared__ __align__(16) float smem[];
+#endif
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int64_t n = blockIdx.x / in.patches;
+  const int patch = static_cast<int>(blockIdx.x - n * in.patches);
+  const int py = patch / in.patches_x;
+  const int i0 = py * Tile::kPH, j0 = (patch - py * in.patches_x) * Tile::kPW;
+  const int o_tile = blockIdx.y;
+  int64_t t_begin, t_end;
+  k_tile_range(in.slices, t_begin, t_end);
+
+  // This image's channel 0 of each source, and where each of this thread's window copies reads.
+  const HaloSource first = in.first, second = in.second;
+  const float* const first_image = first.p + n * first.channels * first.h * first.w;
+  const float* const second_image = second.p + n * second.channels * second.h * second.w;
+  const int first_plane = first.h * first.w, second_plane = second.h * second.w;
+  HaloCopy copies[Tile::kACopies];
+#pragma unroll
+  for (int r = 0; r < Tile::kACopies; ++r) {
+    // copy r of the thread: float e of the window, window[g][p][c % 4] (e = (g * HP*WP + p) * 4 + c % 4)
+    const int e = tid + kHaloThreads * r;
+    const int group = e / (4 * Tile::kWindowPixels);
+    const int p = (e - group * 4 * Tile::kWindowPixels) / 4;
+    const int wy = p / WP, wx = p - wy * WP;
+    copies[r].channel = e < Tile::kAFloats ? 4 * group + e % 4 : kHaloSliceChannels;  // past: none
+    copies[r].first_offset = halo_pixel_offset(first, i0 + wy, j0 + wx);
+    copies[r].second_offset = second.channels > 0 ? halo_pixel_offset(second, i0 + wy, j0 + wx) : -1;
+  }
+  const float* const wt_tile = wt + static_cast<int64_t>(o_tile) * Tile::kBFloats;
+  const int64_t wt_slice_stride = static_cast<int64_t>(in.o_tiles) * Tile::kBFloats;
+  const int channels = in.channels();
+
+  // The copies of slice `t` into stage s, as one commit group (an empty one past this block's
+  // slices, so that the count of groups in flight is the same every iteration).
+  auto issue = [&](int64_t t, int s) {
+    if (t < t_end) {
+      float* const a = smem + s * Tile::kStageFloats;
+      float* const b = a + Tile::kAFloats;
+      const int c0 = static_cast<int>(t) * kHaloSliceChannels;
+#pragma unroll
+      for (int r = 0; r < Tile::kACopies; ++r) {
+        const int e = tid + kHaloThreads * r;
+        if (Tile::kAFloats % kHaloThreads != 0 && e >= Tile::kAFloats) break;
+        const int c = c0 + copies[r].channel;
+        const float* src = first_image;
+        bool valid = false;
+        if (c < first.channels) {
+          valid = copies[r].first_offset >= 0;
+          src = first_image + c * first_plane + (valid ? copies[r].first_offset : 0);
+        } else if (c < channels) {
+          valid = copies[r].second_offset >= 0;
+          src = second_image + (c - first.channels) * second_plane +
+                (valid ? copies[r].second_offset : 0);
+        }
+        cp_async_4_or_zero(a + e, src, valid);
+      }
+      const float* const wsrc = wt_tile + t * wt_slice_stride;
+#pragma unroll
+      for (int r = 0; r < Tile::kBCopies; ++r) {
+        const int piece = tid + kHaloThreads * r;
+        if ((Tile::kBFloats / 4) % kHaloThreads != 0 && piece >= Tile::kBFloats / 4) break;
+        cp_async_16(b + 4 * piece, wsrc + 4 * piece);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT][1][BN / 2];  // [unit][one product of BN columns][its registers]
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) acc[i][0][j] = 0.0f;
+    wgmma_fence_operands(acc[i][0]);
+  }
+
+  // The descriptors of stage 0, tap (0, 0): A of each of this warpgroup's units, B of the slice;
+  // every other lies a constant number of bytes further (stage, tap).
+  uint64_t a_desc0[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int u = warpgroup * MT + i, uy = u / Tile::kUnitsW, ux = u - uy * Tile::kUnitsW;
+    a_desc0[i] = wgmma_descriptor(shared_address(smem) + 16 * ((8 * uy) * WP + 8 * ux),
+                                  16 * WP * HP, 16 * WP);
+  }
+  const uint64_t b_desc0 =
+      wgmma_descriptor(shared_address(smem + Tile::kAFloats), V6Smem<BN, kHaloSliceK>::kLeadingBytes,
+                       V6Smem<BN, kHaloSliceK>::kStrideBytes);
+  constexpr uint32_t kStageBytes = sizeof(float) * Tile::kStageFloats;
+
+  // v6's pipeline: slice t in stage (t - t_begin) % S; at iteration t the products of slice t are
+  // issued and those of t - 1 waited for, so at the barrier of iteration t every warpgroup is
+  // done with slice t - 2, whose stage takes slice t + S - 2.
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) issue(t_begin + s, s);
+  int s = 0;
+  for (int64_t t = t_begin; t < t_end; ++t, s = s + 1 == S ? 0 : s + 1) {
+    cp_async_wait<S - 3>();  // this thread's copies of slice t have landed ...
+    fence_proxy_async();     // ... and are visible to the tensor cores' reads ...
+    __syncthreads();         // ... for every thread's copies; and slice t - 2 is retired
+    issue(t + S - 2, s >= 2 ? s - 2 : s + S - 2);
+    const uint32_t stage_bytes = s * kStageBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int tap = 0; tap < 9; ++tap) {
+      const int ky = tap / 3, kx = tap % 3;
+      const uint64_t db = wgmma_descriptor_advance(
+          b_desc0, stage_bytes + sizeof(float) * tap * BN * kHaloSliceChannels);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const uint64_t da = wgmma_descriptor_advance(a_desc0[i], stage_bytes + 16 * (ky * WP + kx));
+        wgmma_tf32<BN>(acc[i][0], da, db, true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < MT; ++i) wgmma_fence_operands(acc[i][0]);
+  cp_async_wait<0>();  // only empty groups are left
+
+  // Row 16 w + gid + 8 v of a unit's product is its output row 2 w + v, pixel gid.
+  const int lane = tid % 32, w = (tid % 128) / 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int u = warpgroup * MT + i, uy = u / Tile::kUnitsW, ux = u - uy * Tile::kUnitsW;
+    const int j = j0 + 8 * ux + gid;
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      const int ii = i0 + 8 * uy + 2 * w + v;
+      if (ii >= in.out_h || j >= in.out_w) continue;
+      const int64_t m = (n * in.out_h + ii) * in.out_w + j;
+      store_wgmma_row<Gemm, 1, BN>(g, m, acc[i], v, o_tile * BN, tig);
+    }
+  }
+}
+
+}  // namespace unet
