@@ -91,6 +91,8 @@ def test_command_line_on_the_cpu(tmp_path):
     (["--device", "cpu", "--precision", "bf16"], "--precision: precision bf16 runs on the GPU's tensor cores"),
     (["--device", "cpu", "--tile", "35", "--depth", "2"], "--tile: input size 35 is illegal"),
     (["--device", "cpu", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--device", "cpu", "--kernel", "v7_tf32_halo"],
+     "--kernel v7_tf32_halo: the kernel versions are the CUDA backend's; on the CPU the convolutions are NumPy's"),
     (["--device", "cpu", "--depth", "40"], "--depth 40 / --base-channels 8: this tool profiles networks up to depth 8"),
     (["--device", "cpu", "--tile", "92", "--depth", "3", "--base-channels", "2", "--json", "."],
      "--json .: cannot write it"),

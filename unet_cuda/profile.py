@@ -22,6 +22,7 @@ inside a graph there are no op calls left to time).
 
     python -m unet_cuda.profile                          # the paper's network on a GPU, else a small one
     python -m unet_cuda.profile --precision bf16 --top 15
+    python -m unet_cuda.profile --kernel v7_tf32_halo        # one 3x3 kernel version by name
     python -m unet_cuda.profile --device cpu --json profile.json
 """
 
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, metavar="N")
     p.add_argument("--precision", choices=ops.PRECISIONS, default=None,
                    help="the 3x3 convolutions' precision on the GPU (default tf32); the CPU computes in fp32")
+    p.add_argument("--kernel", metavar="VERSION", default=None,
+                   help="GPU only: the 3x3 convolutions' kernel version by name (unet_cuda.ops.cuda."
+                        "CONV3X3_VERSIONS, e.g. v7_tf32_halo) in place of the precision's; the precision "
+                        "is the kernel's (a different --precision is refused)")
     p.add_argument("--steps", type=int, default=3, metavar="N", help="timed steps after one warm-up step (3)")
     p.add_argument("--top", type=int, default=25, metavar="N", help="rows to print (25; 0 for all)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write every row as JSON")
@@ -300,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "convolution and keeps the fastest, as train --autotune does; the timed steps "
                         "run those, and --json gets the table of plans")
     return p
+
+
+def _set_kernel(name: str, precision: str | None, gpu: bool) -> str | None:
+    """Runs the 3x3 convolutions with kernel version ``name``; what is wrong with the request, or
+    None."""
+    if not gpu:
+        return "the kernel versions are the CUDA backend's; on the CPU the convolutions are NumPy's"
+    from .ops import cuda  # noqa: PLC0415 (CuPy: only on the GPU)
+
+    if name not in cuda.CONV3X3_VERSIONS:
+        return f"not a kernel version; one of {', '.join(cuda.CONV3X3_VERSIONS)}"
+    own = cuda.CONV3X3_VERSION_PRECISION[name]
+    if precision is not None and precision != own:
+        return f"computes in {own}, not in --precision {precision}"
+    if not cuda.conv3x3_version_available(name):
+        return "cannot run on this GPU or build (v6 and v7 need a Hopper GPU and an sm_90a build)"
+    cuda.set_conv3x3_version(name)
+    return None
 
 
 def _main(argv=None) -> int:
@@ -325,6 +348,10 @@ def _main(argv=None) -> int:
         out = sizes.output_size(tile, depth)
     except ValueError as exc:  # IllegalSizeError is one
         return fail(f"--tile: {exc}" if isinstance(exc, sizes.IllegalSizeError) else f"--precision: {exc}")
+    if args.kernel is not None:
+        problem = _set_kernel(args.kernel, args.precision, gpu)
+        if problem:
+            return fail(f"--kernel {args.kernel}: {problem}")
     try:
         ops.set_autotune(args.autotune, device)
     except ValueError as exc:
