@@ -1114,6 +1114,9 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 // of 8 channels for all nine taps
 // =================================================================================================
 
+// A source that holds no channels (the second of a plain convolution): never read.
+HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
+
 // v7 takes an op whose correlation sums at least one slice's worth of channels (the first layer's
 // C = 1 would multiply 7 zeros for each channel: v6 there) and whose sources each hold fewer than
 // 2^31 elements per image (the window copies address them with ints); v6's GEMMs otherwise.
@@ -1124,8 +1127,8 @@ bool halo_applies(const HaloSource& first, const HaloSource& second) {
   return first.channels + second.channels >= kHaloSliceChannels && fits(first) && fits(second);
 }
 
-// v7's plan, from the shapes alone (the same on every GPU): 128 output channels a block, or 64
-// where the output has no more; the slices split over blockIdx.z only where the output tiles are
+// v7's plan, from the shapes alone (the same on every GPU): 128 output channels a block (16 x 8
+// pixels), or 64 where the output has no more (16 x 16 pixels); the slices split over blockIdx.z only where the output tiles are
 // too few to fill the GPU, by v4-v6's rule (plan_output): two waves, at least kMinSplitK of K a
 // split, balanced over the waves of the blocks an SM holds.
 struct HaloPlan {
@@ -1133,13 +1136,22 @@ struct HaloPlan {
   int splits;
 };
 
+// The patches of an out_h x out_w output in the tile of `bn` columns (HaloWide's or HaloTall's).
+struct HaloPatches {
+  int x, per_image;
+};
+HaloPatches halo_patches(int bn, int out_h, int out_w) {
+  const int pw = bn == HaloWide::kBN ? HaloWide::kPW : HaloTall::kPW;
+  const int ph = bn == HaloWide::kBN ? HaloWide::kPH : HaloTall::kPH;
+  const int x = ceil_div(out_w, pw);
+  return {x, x * ceil_div(out_h, ph)};
+}
+
 HaloPlan plan_halo(int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
-  static_assert(HaloWide::kPW == HaloNarrow::kPW && HaloWide::kPH == HaloNarrow::kPH,
-                "one patch for both tiles");
-  const int bn = out_channels > HaloNarrow::kBN ? HaloWide::kBN : HaloNarrow::kBN;
+  const int bn = out_channels > HaloTall::kBN ? HaloWide::kBN : HaloTall::kBN;
   const int64_t M = N * out_h * out_w;
-  const int64_t tiles = N * ceil_div(out_h, HaloWide::kPH) * ceil_div(out_w, HaloWide::kPW) *
-                        ceil_div(out_channels, bn);
+  const int64_t tiles =
+      N * halo_patches(bn, out_h, out_w).per_image * ceil_div(out_channels, bn);
   HaloPlan plan{bn, 1};
   if (tiles > 0 && tiles < kTargetBlocks) {
     const int64_t slices = ceil_div(in_channels, kHaloSliceChannels);
@@ -1147,8 +1159,7 @@ HaloPlan plan_halo(int64_t N, int out_h, int out_w, int out_channels, int in_cha
     s = std::min(s, slices * kHaloSliceK / kMinSplitK);
     s = std::min(s, kMaxSplits);
     s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * out_channels, 1)));
-    const int64_t wave_blocks =
-        kSMs * (bn == HaloWide::kBN ? HaloWide::kBlocksPerSM : HaloNarrow::kBlocksPerSM);
+    const int64_t wave_blocks = kSMs * kHaloBlocksPerSM;
     plan.splits = static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), wave_blocks));
   }
   return plan;
@@ -1158,10 +1169,6 @@ template <class Gemm, class Tile>
 void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t images,
                  const float* wt, int splits, cudaStream_t stream) {
   constexpr auto kernel = conv3x3_v7_tf32_halo<Gemm, Tile>;
-  if (!v6_available(stream))
-    throw std::runtime_error(std::string(name) +
-                             ": v7_tf32_halo needs a Hopper GPU (compute capability 9.0) and a "
-                             "build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
   allow_dynamic_smem<kernel>(Tile::kSmemBytes, name);
   const dim3 grid = checked_grid(name, images * in.patches, in.o_tiles, splits);
   launch_kernel_smem(name, kernel, grid, dim3(kHaloThreads), Tile::kSmemBytes, stream, g, in, wt);
@@ -1176,21 +1183,31 @@ template <class Gemm>
 void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N, const float* w,
                    int C, int O, bool flip, cudaStream_t stream) {
   const std::string name = op + "_v7_tf32_halo";
+  if (!v6_available(stream))
+    throw std::runtime_error(name + ": v7_tf32_halo needs a Hopper GPU (compute capability 9.0) "
+                             "and a build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
+  // A concatenation without up channels reads skip alone: as the first source, so that the
+  // kernel's stand-in address for the copies that read nothing is a tensor that has elements.
+  if (in.first.channels == 0) {
+    in.first = in.second;
+    in.second = no_halo_source(in.first.p);
+  }
   const HaloPlan plan = plan_halo(N, in.out_h, in.out_w, g.cols, in.channels());
-  in.patches_x = ceil_div(in.out_w, HaloWide::kPW);
-  in.patches = in.patches_x * ceil_div(in.out_h, HaloWide::kPH);
+  const HaloPatches patches = halo_patches(plan.bn, in.out_h, in.out_w);
+  in.patches_x = patches.x;
+  in.patches = patches.per_image;
   in.slices = ceil_div(in.channels(), kHaloSliceChannels);
   in.o_tiles = ceil_div(g.cols, plan.bn);
   const int64_t count = int64_t{in.slices} * in.o_tiles * plan.bn * kHaloSliceK;
   Workspace wt(count, stream, "conv3x3 v7 weights");
-  launch_kernel("conv3x3_halo_weights", conv3x3_halo_weights, dim3(grid_1d(count)), dim3(kBlock1d),
-                stream, w, wt.data(), C, O, flip, plan.bn, in.o_tiles, count);
+  launch_kernel("conv3x3_halo_weights", conv3x3_halo_weights, dim3(grid_1d(count / 9)),
+                dim3(kBlock1d), stream, w, wt.data(), C, O, flip, plan.bn, in.o_tiles, in.slices);
   const auto launch = [&](const auto& view, int splits) {
     using View = std::decay_t<decltype(view)>;
     if (plan.bn == HaloWide::kBN)
       launch_halo<View, HaloWide>(name.c_str(), view, in, N, wt.data(), splits, stream);
     else
-      launch_halo<View, HaloNarrow>(name.c_str(), view, in, N, wt.data(), splits, stream);
+      launch_halo<View, HaloTall>(name.c_str(), view, in, N, wt.data(), splits, stream);
   };
   if (plan.splits == 1) {
     launch(g, 1);
@@ -1203,9 +1220,6 @@ void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N
   launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(outputs)),
                 dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), plan.splits);
 }
-
-// A source that holds no channels (the second of a plain convolution): never read.
-HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
 
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
 void check_concat_version(const char* op, Conv3x3Version version) {

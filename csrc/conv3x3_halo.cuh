@@ -24,10 +24,11 @@
 // (1,440 floats for a 16 x 8 patch) and the 9 x 8 x BN weights of the slice (prearranged in
 // global memory in the canonical layout, so their copy is a straight run of 16-byte pieces), and
 // issues 9 products of k8 per unit: 72 of K per stage, where v6 copies 128 x 32 floats of A for
-// 32 of K. Per FLOP, a third of v6's bytes and a sixth of its copy instructions for A.
+// 32 of K. Per FLOP, a sixth of v6's bytes and copy instructions for A; with B (now most of what a
+// stage copies), 0.6x v6's bytes.
 //
 // The tiles (HaloTile): a 16 x 8 patch (two units side by side, one per warpgroup) by 128 output
-// channels, or by 64 where the output has at most 64 channels. Four stages of one 8-channel slice
+// channels, or a 16 x 16 patch (two units per warpgroup) by 64 where the output has at most 64. Four stages of one 8-channel slice
 // each (42 KB a stage for 128 columns), K split over the slices (SplitPartialGemm) where the output
 // tiles are too few to fill the GPU, as for v4-v6.
 //
@@ -89,37 +90,52 @@ struct HaloTile {
   static constexpr size_t kSmemBytes = sizeof(float) * kHaloStages * kStageFloats;
   static constexpr int kACopies = ceil_div(kAFloats, kHaloThreads);       // per thread, 4 bytes
   static constexpr int kBCopies = ceil_div(kBFloats / 4, kHaloThreads);   // per thread, 16 bytes
-  // Blocks an SM holds (228 KB of shared memory, 1 KB of it per block for the system): the wave
-  // size of the split planner.
-  static constexpr int kBlocksPerSM = static_cast<int>(228 * 1024 / (kSmemBytes + 1024));
-  static_assert(kSmemBytes <= 227 * 1024 && kBlocksPerSM >= 1, "a block fits an SM");
+  static_assert(kSmemBytes <= 227 * 1024, "a block fits an SM");
 };
-using HaloWide = HaloTile<2, 1, 128>;    // 16 x 8 pixels by 128 channels: 170 KB, 1 block per SM
-using HaloNarrow = HaloTile<2, 1, 64>;   // by 64 channels (the 64-channel outputs): 97 KB, 2
+// Both tiles hold one block per SM: the 16 x 16 one's 115 KB of shared memory would leave room for
+// a second, but not its registers (ptxas for sm_90a: 170-176 per thread for the 16 x 8 tile,
+// 184-204 for the 16 x 16 one; two blocks of 256 threads need 128 or fewer). The split planner
+// counts its waves with this.
+constexpr int kHaloBlocksPerSM = 1;
+// 16 x 8 pixels by 128 channels: 170 KB, 64 accumulators per thread.
+using HaloWide = HaloTile<2, 1, 128>;
+// 16 x 16 pixels by 64 channels, for the outputs of 64 channels or fewer (the 64-channel layers,
+// where each block reads all of B, the layer's weights, for its pixels): two units per warpgroup,
+// so that a stage's B serves 256 pixels, as v6's tall 256 x 64 tile does (measured 0.68-0.79x the
+// 128-row tile's time there). 115 KB, 64 accumulators per thread.
+using HaloTall = HaloTile<2, 2, 64>;
 
 // The slice weights of output-channel tile `tile`, as a stage holds them: B of tap t is rows
 // (output channels) x k8 (the slice's 8 channels) in v6's canonical layout (V6Smem<BN, 72>, k =
 // 8 t + channel): wt[(slice * o_tiles + tile) * BN * 72 + V6Smem::at(row, k)]. Zero past either
 // channel count. Forward: w[o, c, tap] for output o and input c. flip (the backward data): the
 // outputs are dx's channels c and the inputs dy's o, and tap t takes w[o, c, 8 - t].
+// One thread per (output channel, input channel) of the padded ranges, its nine taps: the nine
+// floats are contiguous in w, and consecutive threads take the pair next to it in memory (the
+// input channel forward, the output channel flipped), so the reads coalesce.
 __global__ void conv3x3_halo_weights(const float* __restrict__ w, float* __restrict__ wt, int C,
-                                     int O, bool flip, int bn, int o_tiles, int64_t total) {
+                                     int O, bool flip, int bn, int o_tiles, int slices) {
   const int out_channels = flip ? C : O, in_channels = flip ? O : C;
-  const int per_block = bn * kHaloSliceK;
+  const int out_padded = o_tiles * bn, in_padded = slices * kHaloSliceChannels;
+  const int64_t total = static_cast<int64_t>(out_padded) * in_padded;
   for (int64_t e = global_thread(); e < total; e += grid_stride()) {
-    const int64_t block = e / per_block;
-    const int rest = static_cast<int>(e - block * per_block);
-    const int row = rest / kHaloSliceK, k = rest - row * kHaloSliceK;
-    const int tap = k / kHaloSliceChannels, cl = k - tap * kHaloSliceChannels;
-    const int slice = static_cast<int>(block / o_tiles), tile = static_cast<int>(block % o_tiles);
-    const int oc = tile * bn + row, ic = slice * kHaloSliceChannels + cl;
-    float v = 0.0f;
-    if (oc < out_channels && ic < in_channels)
-      v = flip ? w[(static_cast<int64_t>(ic) * C + oc) * 9 + 8 - tap]
-               : w[(static_cast<int64_t>(oc) * C + ic) * 9 + tap];
-    // V6Smem<bn, 72>::at(row, k), bn a runtime value here
-    const int at = (k / 8) * bn * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
-    wt[block * per_block + at] = v;
+    // the fast index: the one along which w's (o, c) pairs are contiguous
+    const int64_t major = flip ? e / out_padded : e / in_padded;
+    const int minor = static_cast<int>(e - major * (flip ? out_padded : in_padded));
+    const int oc = flip ? minor : static_cast<int>(major), ic = flip ? static_cast<int>(major) : minor;
+    const int slice = ic / kHaloSliceChannels, cl = ic - slice * kHaloSliceChannels;
+    const int tile = oc / bn, row = oc - tile * bn;
+    float* const block = wt + (static_cast<int64_t>(slice) * o_tiles + tile) * bn * kHaloSliceK;
+    const bool inside = oc < out_channels && ic < in_channels;
+    const float* const src = w + (flip ? static_cast<int64_t>(ic) * C + oc
+                                       : static_cast<int64_t>(oc) * C + ic) * 9;
+#pragma unroll
+    for (int tap = 0; tap < 9; ++tap) {
+      const int k = kHaloSliceChannels * tap + cl;
+      // V6Smem<bn, 72>::at(row, k), bn a runtime value here
+      const int at = (k / 8) * bn * 8 + (row / 8) * 64 + ((k % 8) / 4) * 32 + (row % 8) * 4 + k % 4;
+      block[at] = inside ? src[flip ? 8 - tap : tap] : 0.0f;
+    }
   }
 }
 

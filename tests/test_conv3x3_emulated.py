@@ -891,6 +891,21 @@ def test_v7_concat(lib, shape):
     check_concat(lib, V7, shape)
 
 
+def test_v7_concat_without_up_channels_reads_skip_alone(lib):
+    """Cu = 0 with up passed as a null pointer (an empty array's): skip becomes the only source, and
+    no copy takes null for its stand-in address (the emulated cp.async refuses one)."""
+    from unet_cuda.ops import reference as ref
+
+    n, cu, cs, h, w, hs, ws, o = 1, 0, 9, 6, 7, 10, 9, 12
+    up, skip, wt, b, dy = _concat_inputs(np.random.default_rng(21), n, cu, cs, h, w, hs, ws, o)
+    y = Guarded(shape=(n, o, h - 2, w - 2), output=True)
+    call(lib, "emulated_conv3x3_concat_forward", V7, None, Guarded(skip).ptr, Guarded(wt).ptr,
+         Guarded(b).ptr, y.ptr, n, cu, cs, h, w, hs, ws, o, 1)
+    y.check_guards("conv3x3_concat_forward")
+    check_conv3x3(y.array, ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
+                  V7, "conv3x3_concat_forward without up", k=9 * cs, a_max=amax(skip), b_max=amax(wt))
+
+
 # ------------------------------------------------------------------------------------------------
 # The ReLU's backward fused into the backward-data ops (relu_mask): the gradient of an input that is
 # a ReLU's output comes out already masked. Same kernel, same sums: the masked result must have the
