@@ -333,9 +333,10 @@ def _ratios(peers: dict, ours: dict) -> dict:
 
 # The tf32 training steps with the backward's fusions switched off, or all on
 FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
-# the tf32 steps with a named Hopper kernel in place of the tf32 mode's version (v6, v7), eager and
-# graphed
-KERNEL_STEP_IMPLS = ("ours_wgmma", "ours_wgmma_graph", "ours_halo", "ours_halo_graph")
+# the steps with a named Hopper kernel in place of their mode's version, eager and graphed: the
+# summary's key for each (impl "ours_<key>" and "ours_<key>_graph") and the mode it runs in
+KERNEL_STEPS = {"wgmma": "tf32", "halo": "tf32", "halo_bf16": "bf16"}  # v6, v7, v8
+KERNEL_STEP_IMPLS = tuple(f"ours_{key}{graph}" for key in KERNEL_STEPS for graph in ("", "_graph"))
 
 
 def _autotune_tables(records: list[dict]) -> dict:
@@ -440,15 +441,16 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["train_step_ratio"] = _ratios(torch_steps, ours_steps) or None
     summary["graphed_train_step_ms"] = graphed_steps or None
     summary["graphed_train_step_ratio"] = _ratios(torch_steps, graphed_steps) or None
-    # The tf32 step with the Hopper kernels in place of the tf32 mode's version, eager and
-    # graphed: v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo").
-    for kernel in ("wgmma", "halo"):
-        steps = {mode: _by_precision(records, "train_step", impl).get("tf32")
+    # The steps with the Hopper kernels in place of their mode's version, eager and graphed:
+    # v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo") in tf32, v8_bf16_halo ("halo_bf16") in bf16;
+    # their ratios to PyTorch's step in the same mode.
+    for kernel, mode_precision in KERNEL_STEPS.items():
+        steps = {mode: _by_precision(records, "train_step", impl).get(mode_precision)
                  for mode, impl in (("eager", f"ours_{kernel}"), ("graph", f"ours_{kernel}_graph"))}
         summary[f"{kernel}_train_step_ms"] = steps if any(v is not None for v in steps.values()) else None
         summary[f"{kernel}_train_step_ratio"] = (
-            {mode: torch_steps["tf32"] / ms for mode, ms in steps.items() if ms and "tf32" in torch_steps}
-            or None)
+            {mode: torch_steps[mode_precision] / ms for mode, ms in steps.items()
+             if ms and mode_precision in torch_steps} or None)
     # the tf32 step with the backward's fusions switched (bench/test_bench_train_step.py), beside
     # the default's: {variant: ms}
     fusions = {impl[len("ours_"):]: _by_precision(records, "train_step", impl).get("tf32")

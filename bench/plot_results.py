@@ -35,7 +35,7 @@ DEFAULT_MD = ROOT / "bench" / "plots" / "results.md"
 README = ROOT / "README.md"
 PRECISIONS = ("fp32", "tf32", "bf16")
 VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                 "v7_tf32_halo")
+                 "v7_tf32_halo", "v8_bf16_halo")
 CONV_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 # the decoder's first convolution of a level, on [up, crop of skip] in place
 CONCAT_CONV_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight")
@@ -392,28 +392,29 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The tf32 steps with a named kernel in place of the tf32 mode's version (summary keys of
-# bench/collect_results.py): the kernel, its summary key.
-KERNEL_STEPS = (("v6_tf32_wgmma", "wgmma"), ("v7_tf32_halo", "halo"))
+# The steps with a named kernel in place of their mode's version (summary keys of
+# bench/collect_results.py): the kernel, its summary key, its mode.
+KERNEL_STEPS = (("v6_tf32_wgmma", "wgmma", "tf32"), ("v7_tf32_halo", "halo", "tf32"),
+                ("v8_bf16_halo", "halo_bf16", "bf16"))
 
 
 def kernel_steps_table(results: dict) -> list[str]:
-    """The tf32 training step per Hopper kernel, eager and as a CUDA graph, beside the tf32 mode's
-    own step: where a kernel that is not yet the mode's default stands."""
+    """The training step per Hopper kernel, eager and as a CUDA graph, beside its mode's own step:
+    where a kernel that is not yet the mode's default stands."""
     summary = results.get("summary") or {}
+    own = summary.get("train_step_ms") or {}
     rows = []
-    for version, key in KERNEL_STEPS:
+    for version, key, precision in KERNEL_STEPS:
         ms = summary.get(f"{key}_train_step_ms") or {}
         ratio = summary.get(f"{key}_train_step_ratio") or {}
         if any(_num(v) is not None for v in ms.values()):
-            rows.append(f"| {version} | {_cell(ms.get('eager'))} | {_cell(ms.get('graph'))} "
-                        f"| {_cell(ratio.get('eager'))} | {_cell(ratio.get('graph'))} |")
+            rows.append(f"| {version} | {precision} | {_cell(own.get(precision))} | {_cell(ms.get('eager'))} "
+                        f"| {_cell(ms.get('graph'))} | {_cell(ratio.get('eager'))} | {_cell(ratio.get('graph'))} |")
     if not rows:
         return []
-    default = (summary.get("train_step_ms") or {}).get("tf32")
-    return ["", f"The tf32 training step by 3x3 kernel (the tf32 mode's own: {_cell(default)} ms):", "",
-            "| kernel | step (ms) | as a CUDA graph (ms) | PyTorch / ours | as a graph |",
-            "|---|---|---|---|---|"] + rows
+    return ["", "The training step by 3x3 kernel, beside its mode's own:", "",
+            "| kernel | mode | the mode's step (ms) | step (ms) | as a CUDA graph (ms) | PyTorch / ours "
+            "| as a graph |", "|---|---|---|---|---|---|---|"] + rows
 
 
 def _plan_cell(plan) -> str:

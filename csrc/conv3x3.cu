@@ -34,6 +34,8 @@
 //   v6_tf32_wgmma Hopper (sm_90a): warpgroup MMA, shared-memory descriptors  36.5-54.1   55.4-80.3
 //   v7_tf32_halo  v6 with each input window copied once for the nine taps       (not yet measured)
 //                 (forward and backward data; conv3x3_halo.cuh); v6 for the rest
+//   v8_bf16_halo  v7 in bf16: the window rounded into a bf16 one per 16 channels, (not yet measured)
+//                 bf16 weights, wgmma k16 (Hopper); v5 for the rest
 // (TFLOP/s, forward and both gradients together at layers d1b, d3b, d4b and b2, from
 // bench/results/results-82e8d82-h100-80gb-hbm3.json and results-53cf464-h100-80gb-hbm3.json; the
 // copies and the K order of v4-v6 changed in between; the table per layer: docs/CONV3X3.md).
@@ -72,10 +74,12 @@
 //     each issuing wgmma.mma_async.m64nNk8 (N = 64, 96 or 128) for each 64 of its rows and N of
 //     its columns (TF32, operands read by the tensor cores from shared memory in the canonical
 //     K-major layout), fed by v5's cp.async pipeline (4 stages; 6 of half the K for 128 x 256).
-//   conv3x3_v7_tf32_halo<Gemm, Tile> (conv3x3_halo.cuh): a block's 16 x 8 output patch by 128 (or
-//     64) output channels; per slice of 8 input channels the patch's input window (with its 2-pixel
-//     border) is copied once, and the nine taps' A operands are nine wgmma descriptors into it;
-//     conv3x3_halo_weights lays the weights out as its stages hold them.
+//   conv3x3_v7_tf32_halo<Gemm, Tile> (conv3x3_halo.cuh): a block's 16 x 8 output patch by 128
+//     output channels (16 x 16 by 64); per slice of 8 input channels the patch's input window
+//     (with its 2-pixel border) is copied once, and the nine taps' A operands are nine wgmma
+//     descriptors into it; conv3x3_halo_weights lays the weights out as its stages hold them.
+//   conv3x3_v8_bf16_halo<Gemm, Tile>: the same in bf16, 16 channels a slice, the window rounded
+//     into a bf16 copy of it in shared memory before its products.
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
@@ -979,7 +983,8 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
   BackwardWeightPlan plan;
   switch (version) {
     case Conv3x3Version::kV1Direct:
-    case Conv3x3Version::kV7Tf32Halo:  // never asked: its callers take gemm_version (v6)
+    case Conv3x3Version::kV7Tf32Halo:  // never asked: their callers take gemm_version (v6, v5)
+    case Conv3x3Version::kV8Bf16Halo:
       break;
     case Conv3x3Version::kV2Smem: {
       const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
@@ -1110,53 +1115,64 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 }
 
 // =================================================================================================
-// v7 (conv3x3_halo.cuh): the forward and backward data with the input window copied once per slice
-// of 8 channels for all nine taps
+// v7 and v8 (conv3x3_halo.cuh): the forward and backward data with the input window copied once
+// per slice of channels for all nine taps, in TF32 (v7) or bf16 (v8)
 // =================================================================================================
+
+bool is_halo_version(Conv3x3Version version) {
+  return version == Conv3x3Version::kV7Tf32Halo || version == Conv3x3Version::kV8Bf16Halo;
+}
 
 // A source that holds no channels (the second of a plain convolution): never read.
 HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
 
-// v7 takes an op whose correlation sums at least one slice's worth of channels (the first layer's
-// C = 1 would multiply 7 zeros for each channel: v6 there) and whose sources each hold fewer than
-// 2^31 elements per image (the window copies address them with ints); v6's GEMMs otherwise.
+// v7 and v8 take an op whose correlation sums at least 8 channels (the first layer's C = 1 would
+// multiply 7 zeros for each channel: their GEMM version there) and whose sources each hold fewer
+// than 2^31 elements per image (the window copies address them with ints); the GEMMs of
+// gemm_version otherwise.
+constexpr int kHaloMinChannels = 8;
 bool halo_applies(const HaloSource& first, const HaloSource& second) {
   const auto fits = [](const HaloSource& t) {
     return int64_t{t.channels} * t.h * t.w <= INT32_MAX;
   };
-  return first.channels + second.channels >= kHaloSliceChannels && fits(first) && fits(second);
+  return first.channels + second.channels >= kHaloMinChannels && fits(first) && fits(second);
 }
 
-// v7's plan, from the shapes alone (the same on every GPU): 128 output channels a block (16 x 8
-// pixels), or 64 where the output has no more (16 x 16 pixels); the slices split over blockIdx.z only where the output tiles are
-// too few to fill the GPU, by v4-v6's rule (plan_output): two waves, at least kMinSplitK of K a
-// split, balanced over the waves of the blocks an SM holds.
+// The plan of v7 or v8, from the shapes alone (the same on every GPU): 128 output channels a
+// block (16 x 8 pixels), or 64 where the output has no more (16 x 16 pixels); the slices split
+// over blockIdx.z only where the output tiles are too few to fill the GPU, by v4-v6's rule
+// (plan_output): two waves, at least kMinSplitK of K a split, balanced over whole waves.
 struct HaloPlan {
   int bn;
   int splits;
 };
 
-// The patches of an out_h x out_w output in the tile of `bn` columns (HaloWide's or HaloTall's).
+// The patches of an out_h x out_w output in the tile of `bn` columns (the wide or the tall one).
 struct HaloPatches {
   int x, per_image;
 };
 HaloPatches halo_patches(int bn, int out_h, int out_w) {
-  const int pw = bn == HaloWide::kBN ? HaloWide::kPW : HaloTall::kPW;
-  const int ph = bn == HaloWide::kBN ? HaloWide::kPH : HaloTall::kPH;
+  const bool wide = bn == HaloWide<false>::kBN;
+  const int pw = wide ? HaloWide<false>::kPW : HaloTall<false>::kPW;
+  const int ph = wide ? HaloWide<false>::kPH : HaloTall<false>::kPH;
   const int x = ceil_div(out_w, pw);
   return {x, x * ceil_div(out_h, ph)};
 }
+static_assert(HaloWide<true>::kPW == HaloWide<false>::kPW && HaloTall<true>::kPH == HaloTall<false>::kPH &&
+                  HaloWide<true>::kBN == HaloWide<false>::kBN && HaloTall<true>::kBN == HaloTall<false>::kBN,
+              "v7 and v8 share their patches");
 
-HaloPlan plan_halo(int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
-  const int bn = out_channels > HaloTall::kBN ? HaloWide::kBN : HaloTall::kBN;
+HaloPlan plan_halo(bool bf16, int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
+  const int bn = out_channels > HaloTall<false>::kBN ? HaloWide<false>::kBN : HaloTall<false>::kBN;
   const int64_t M = N * out_h * out_w;
   const int64_t tiles =
       N * halo_patches(bn, out_h, out_w).per_image * ceil_div(out_channels, bn);
   HaloPlan plan{bn, 1};
   if (tiles > 0 && tiles < kTargetBlocks) {
-    const int64_t slices = ceil_div(in_channels, kHaloSliceChannels);
+    const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
+    const int64_t slices = ceil_div(in_channels, slice);
     int64_t s = ceil_div(kTargetBlocks, tiles);
-    s = std::min(s, slices * kHaloSliceK / kMinSplitK);
+    s = std::min(s, slices * 9 * slice / kMinSplitK);
     s = std::min(s, kMaxSplits);
     s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * out_channels, 1)));
     const int64_t wave_blocks = kSMs * kHaloBlocksPerSM;
@@ -1167,8 +1183,8 @@ HaloPlan plan_halo(int64_t N, int out_h, int out_w, int out_channels, int in_cha
 
 template <class Gemm, class Tile>
 void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t images,
-                 const float* wt, int splits, cudaStream_t stream) {
-  constexpr auto kernel = conv3x3_v7_tf32_halo<Gemm, Tile>;
+                 const void* wt, int splits, cudaStream_t stream) {
+  constexpr auto kernel = halo_kernel<Gemm, Tile>();
   allow_dynamic_smem<kernel>(Tile::kSmemBytes, name);
   const dim3 grid = checked_grid(name, images * in.patches, in.o_tiles, splits);
   launch_kernel_smem(name, kernel, grid, dim3(kHaloThreads), Tile::kSmemBytes, stream, g, in, wt);
@@ -1176,38 +1192,47 @@ void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t i
 
 // The op whose output view is `g` (M = N x out_h x out_w pixels, cols output channels), reading
 // `in` (its sources set) with the weights w [O, C, 3, 3] (flip: the backward data's, whose
-// outputs are the C channels), in v7's plan: the weights arranged for it (conv3x3_halo_weights),
-// then one launch, or with K split, the partials into a workspace and the view's epilogue over
-// their sum in split order (conv3x3_split_k_epilogue, as for v4-v6).
+// outputs are the C channels), in v7 (bf16 false) or v8: the weights arranged for it
+// (conv3x3_halo_weights), then one launch, or with K split, the partials into a workspace and the
+// view's epilogue over their sum in split order (conv3x3_split_k_epilogue, as for v4-v6).
 template <class Gemm>
 void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N, const float* w,
-                   int C, int O, bool flip, cudaStream_t stream) {
-  const std::string name = op + "_v7_tf32_halo";
+                   int C, int O, bool flip, bool bf16, cudaStream_t stream) {
+  const char* version = bf16 ? "v8_bf16_halo" : "v7_tf32_halo";
+  const std::string name = op + "_" + version;
   if (!v6_available(stream))
-    throw std::runtime_error(name + ": v7_tf32_halo needs a Hopper GPU (compute capability 9.0) "
-                             "and a build for sm_90a (UNET_CUDA_ARCH=90a); use v4_tf32_mma elsewhere");
+    throw std::runtime_error(name + ": " + version + " needs a Hopper GPU (compute capability 9.0) "
+                             "and a build for sm_90a (UNET_CUDA_ARCH=90a); use " +
+                             (bf16 ? "v5_bf16_mma" : "v4_tf32_mma") + " elsewhere");
   // A concatenation without up channels reads skip alone: as the first source, so that the
   // kernel's stand-in address for the copies that read nothing is a tensor that has elements.
   if (in.first.channels == 0) {
     in.first = in.second;
     in.second = no_halo_source(in.first.p);
   }
-  const HaloPlan plan = plan_halo(N, in.out_h, in.out_w, g.cols, in.channels());
+  const HaloPlan plan = plan_halo(bf16, N, in.out_h, in.out_w, g.cols, in.channels());
   const HaloPatches patches = halo_patches(plan.bn, in.out_h, in.out_w);
+  const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
   in.patches_x = patches.x;
   in.patches = patches.per_image;
-  in.slices = ceil_div(in.channels(), kHaloSliceChannels);
+  in.slices = ceil_div(in.channels(), slice);
   in.o_tiles = ceil_div(g.cols, plan.bn);
-  const int64_t count = int64_t{in.slices} * in.o_tiles * plan.bn * kHaloSliceK;
-  Workspace wt(count, stream, "conv3x3 v7 weights");
-  launch_kernel("conv3x3_halo_weights", conv3x3_halo_weights, dim3(grid_1d(count / 9)),
-                dim3(kBlock1d), stream, w, wt.data(), C, O, flip, plan.bn, in.o_tiles, in.slices);
+  // the arranged weights: float32 for v7, bf16 for v8 (half the bytes: an even count of them)
+  const int64_t pairs = int64_t{in.slices} * slice * in.o_tiles * plan.bn;  // (in, out) channels
+  Workspace wt(bf16 ? pairs * 9 / 2 : pairs * 9, stream, "conv3x3 halo weights");
+  const auto weights = bf16 ? conv3x3_halo_weights<true> : conv3x3_halo_weights<false>;
+  launch_kernel("conv3x3_halo_weights", weights, dim3(grid_1d(pairs)), dim3(kBlock1d), stream, w,
+                static_cast<void*>(wt.data()), C, O, flip, plan.bn, in.o_tiles, in.slices);
   const auto launch = [&](const auto& view, int splits) {
     using View = std::decay_t<decltype(view)>;
-    if (plan.bn == HaloWide::kBN)
-      launch_halo<View, HaloWide>(name.c_str(), view, in, N, wt.data(), splits, stream);
-    else
-      launch_halo<View, HaloTall>(name.c_str(), view, in, N, wt.data(), splits, stream);
+    const void* arranged = wt.data();
+    if (plan.bn == HaloWide<false>::kBN) {
+      if (bf16) launch_halo<View, HaloWide<true>>(name.c_str(), view, in, N, arranged, splits, stream);
+      else launch_halo<View, HaloWide<false>>(name.c_str(), view, in, N, arranged, splits, stream);
+    } else {
+      if (bf16) launch_halo<View, HaloTall<true>>(name.c_str(), view, in, N, arranged, splits, stream);
+      else launch_halo<View, HaloTall<false>>(name.c_str(), view, in, N, arranged, splits, stream);
+    }
   };
   if (plan.splits == 1) {
     launch(g, 1);
@@ -1296,7 +1321,7 @@ bool v6_available(cudaStream_t stream) {
 }
 
 bool conv3x3_version_available(Conv3x3Version version) {
-  return gemm_version(version) != Conv3x3Version::kV6Tf32Wgmma || v6_available();
+  return (version != Conv3x3Version::kV6Tf32Wgmma && !is_halo_version(version)) || v6_available();
 }
 
 bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, and v7
@@ -1405,23 +1430,22 @@ int conv3x3_backward_weight_tile_columns(Conv3x3Version version, int N, int C, i
 }
 
 bool conv3x3_tap_major(Conv3x3Version version, int channels) {
-  return version != Conv3x3Version::kV7Tf32Halo && tap_major(version, channels, 0);
+  return !is_halo_version(version) && tap_major(version, channels, 0);
 }
 
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;  // v1, v2: no split
-  if (version == Conv3x3Version::kV7Tf32Halo &&
-      halo_applies({nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
-    return plan_halo(N, H - 2, W - 2, O, C).splits;
+  if (is_halo_version(version) && halo_applies({nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
+    return plan_halo(version == Conv3x3Version::kV8Bf16Halo, N, H - 2, W - 2, O, C).splits;
   return plan_output(gemm_version(version), static_cast<int64_t>(N) * (H - 2) * (W - 2), O,
                      int64_t{9} * C).splits;
 }
 
 int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;
-  if (version == Conv3x3Version::kV7Tf32Halo &&
+  if (is_halo_version(version) &&
       halo_applies({nullptr, O, H - 2, W - 2, -2, -2}, no_halo_source(nullptr)))
-    return plan_halo(N, H, W, C, O).splits;
+    return plan_halo(version == Conv3x3Version::kV8Bf16Halo, N, H, W, C, O).splits;
   return plan_output(gemm_version(version), static_cast<int64_t>(N) * H * W, C, int64_t{9} * O)
       .splits;
 }
@@ -1446,11 +1470,12 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
       return;
     }
     default:
-      if (version == Conv3x3Version::kV7Tf32Halo) {
+      if (is_halo_version(version)) {
         const HaloSource source{x, C, H, W, 0, 0};
         if (halo_applies(source, no_halo_source(x))) {
           run_halo_conv("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu),
-                        {source, no_halo_source(x), P, Q}, N, w, C, O, false, stream);
+                        {source, no_halo_source(x), P, Q}, N, w, C, O, false,
+                        version == Conv3x3Version::kV8Bf16Halo, stream);
           return;
         }
         version = gemm_version(version);
@@ -1486,12 +1511,13 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
       return;
     }
     default: {
-      if (version == Conv3x3Version::kV7Tf32Halo) {
+      if (is_halo_version(version)) {
         const HaloSource source{dy, O, H - 2, W - 2, -2, -2};
         if (halo_applies(source, no_halo_source(dy))) {
           run_halo_conv("conv3x3_backward_data",
                         backward_data_gemm(dy, nullptr, dx, relu_mask, N, C, H, W, O),
-                        {source, no_halo_source(dy), H, W}, N, w, C, O, true, stream);
+                        {source, no_halo_source(dy), H, W}, N, w, C, O, true,
+                        version == Conv3x3Version::kV8Bf16Halo, stream);
           return;
         }
         version = gemm_version(version);
@@ -1569,13 +1595,13 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
                                    cudaStream_t stream) {
   check_concat_version("conv3x3_concat_forward", version);
   if (static_cast<int64_t>(N) * O * (H - 2) * (W - 2) == 0) return;
-  if (version == Conv3x3Version::kV7Tf32Halo) {
+  if (is_halo_version(version)) {
     const HaloSource first{up, Cu, H, W, 0, 0}, second{skip, Cs, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
     if (halo_applies(first, second)) {
       const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip,
                                        Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
       run_halo_conv("conv3x3_concat_forward", g, {first, second, H - 2, W - 2}, N, w, Cu + Cs, O,
-                    false, stream);
+                    false, version == Conv3x3Version::kV8Bf16Halo, stream);
       return;
     }
     version = gemm_version(version);
@@ -1604,14 +1630,14 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, const 
                   dim3(grid_1d(skip_total)), dim3(kBlock1d), stream, dskip,
                   static_cast<int64_t>(N) * Cs, H, W, Hs, Ws);
   if (static_cast<int64_t>(N) * (Cu + Cs) * H * W == 0) return;
-  if (version == Conv3x3Version::kV7Tf32Halo) {
+  if (is_halo_version(version)) {
     const HaloSource source{dy, O, H - 2, W - 2, -2, -2};
     if (halo_applies(source, no_halo_source(dy))) {
       const Conv3x3ConcatBackwardDataGemm g{
           backward_data_gemm(dy, nullptr, dup, up_mask, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
           (Hs - H) / 2, (Ws - W) / 2, skip_mask};
       run_halo_conv("conv3x3_concat_backward_data", g, {source, no_halo_source(dy), H, W}, N, w,
-                    Cu + Cs, O, true, stream);
+                    Cu + Cs, O, true, version == Conv3x3Version::kV8Bf16Halo, stream);
       return;
     }
     version = gemm_version(version);

@@ -54,6 +54,7 @@ using cpu_emulation::to_tf32;
 using cpu_emulation::wgmma_commit;
 using cpu_emulation::wgmma_fence;
 using cpu_emulation::wgmma_fence_operands;
+using cpu_emulation::wgmma_bf16;
 using cpu_emulation::wgmma_tf32;
 using cpu_emulation::wgmma_wait;
 #else
@@ -259,6 +260,64 @@ __device__ __forceinline__ void wgmma_tf32<128>(float (&d)[64], uint64_t desc_a,
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
   __trap();  // never launched: launch_v6 checks that this build holds sm_90a code
+#endif
+}
+
+// The same with bf16 operands (v8, conv3x3_halo.cuh): A (64 x 16) B (16 x N), .m64nNk16 .bf16,
+// K-major (no transpose), FP32 sums; D's registers as above. Each 16-byte row of a core matrix
+// holds 8 bf16 of k.
+template <int N>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                           bool accumulate);
+template <>
+__device__ __forceinline__ void wgmma_bf16<64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: the v8 launcher checks that this build holds sm_90a code
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef UNET_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();  // never launched: the v8 launcher checks that this build holds sm_90a code
 #endif
 }
 #endif
@@ -1802,10 +1861,13 @@ WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols,
   return {tile, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
 }
 
-// The GEMM version an op of `version` runs its GEMMs with: v7 runs v6's wherever its own kernel
-// (conv3x3_halo.cuh) does not apply; every other version its own.
+// The GEMM version an op of `version` runs its GEMMs with: v7 runs v6's and v8 v5's (the same
+// precision) wherever their own kernel (conv3x3_halo.cuh) does not apply; every other version its
+// own.
 Conv3x3Version gemm_version(Conv3x3Version version) {
-  return version == Conv3x3Version::kV7Tf32Halo ? Conv3x3Version::kV6Tf32Wgmma : version;
+  if (version == Conv3x3Version::kV7Tf32Halo) return Conv3x3Version::kV6Tf32Wgmma;
+  if (version == Conv3x3Version::kV8Bf16Halo) return Conv3x3Version::kV5Bf16Mma;
+  return version;
 }
 
 // The versions whose ops are GEMMs of the views above: v3-v6 (what the plan table knows).
@@ -1868,10 +1930,11 @@ bool check_gemm_plan_key(const GemmPlanKey& key) {
     throw std::invalid_argument("GEMM plan: no op " + key.op + " has GEMM plans; those that do: " +
                                 ops);
   }
-  if (key.version == Conv3x3Version::kV7Tf32Halo)
+  if (key.version == Conv3x3Version::kV7Tf32Halo || key.version == Conv3x3Version::kV8Bf16Halo)
     throw std::invalid_argument(
-        "GEMM plan: v7_tf32_halo's forward and backward data run its own kernel, which has no "
-        "plans, and its other ops v6's GEMMs: name v6_tf32_wgmma for those");
+        std::string("GEMM plan: ") + version_name(key.version) + "'s forward and backward data "
+        "run its own kernel, which has no plans, and its other ops the GEMMs of " +
+        version_name(gemm_version(key.version)) + ": name that version for those");
   if (!is_gemm_version(key.version))
     throw std::invalid_argument(std::string("GEMM plan: ") + version_name(key.version) +
                                 " runs no GEMM; only v3_igemm to v6_tf32_wgmma have plans");

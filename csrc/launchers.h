@@ -24,12 +24,13 @@ namespace unet {
 // y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
 //
 // The kernel versions (docs/CONV3X3.md), one registry: the bindings turn a name into the enum
-// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4, v6 and v7 in TF32 (v6 and
-// v7 only on sm_90a: Hopper), v5 in bf16 (all with FP32 sums; every buffer stays float32). v7 has
-// kernels of its own for the forward and the backward data (plain and concatenated) and runs v6's
-// GEMMs for everything else (the weight gradients, the up-convolutions, the first layer).
+// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4, v6 and v7 in TF32, v5 and
+// v8 in bf16 (v6-v8 only on sm_90a: Hopper; all with FP32 sums; every buffer stays float32). v7
+// and v8 have kernels of their own for the forward and the backward data (plain and concatenated)
+// and run the GEMMs of v6 (v7) or v5 (v8) for everything else (the weight gradients, the
+// up-convolutions, the first layer).
 enum class Conv3x3Version {
-  kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma, kV7Tf32Halo
+  kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma, kV7Tf32Halo, kV8Bf16Halo
 };
 struct Conv3x3VersionName {
   const char* name;
@@ -43,9 +44,10 @@ inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
     {"v5_bf16_mma", Conv3x3Version::kV5Bf16Mma},
     {"v6_tf32_wgmma", Conv3x3Version::kV6Tf32Wgmma},
     {"v7_tf32_halo", Conv3x3Version::kV7Tf32Halo},
+    {"v8_bf16_halo", Conv3x3Version::kV8Bf16Halo},
 };
-// Whether `version` can run on the current device: v6 and v7 need a Hopper GPU and a build with
-// sm_90a code (asked once per device); every other version runs on any GPU of the build.
+// Whether `version` can run on the current device: v6, v7 and v8 need a Hopper GPU and a build
+// with sm_90a code (asked once per device); every other version runs on any GPU of the build.
 bool conv3x3_version_available(Conv3x3Version version);
 // The version the bindings use when none is named (unet_cuda.ops.cuda keeps its own setting).
 inline constexpr const char* kConv3x3DefaultVersion = "v1_direct";
@@ -67,7 +69,7 @@ void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, 
 // decoder's first convolution of each level: up[N,Cu,H,W], skip[N,Cs,Hs,Ws] (Hs-H, Ws-W even and
 // >= 0; crop offset ((Hs-H)/2, (Ws-W)/2)), w[O,Cu+Cs,3,3]; the gradient of the input comes back as
 // dup[N,Cu,H,W] and dskip[N,Cs,Hs,Ws] (0 outside the crop window). Only the GEMM versions (v3-v6)
-// and v7 read two inputs: conv3x3_fuses_concat says which; the others throw.
+// and v7, v8 read two inputs: conv3x3_fuses_concat says which; the others throw.
 bool conv3x3_fuses_concat(Conv3x3Version version);
 void launch_conv3x3_concat_forward(const float* up, const float* skip, const float* w,
                                    const float* b, float* y, int N, int Cu, int Cs, int H, int W,
@@ -169,8 +171,8 @@ void launch_conv1x1_backward_weight(const float* x, const float* dy, float* dw, 
 
 // upconv.cu: 2x2 stride-2 transposed convolution. x[N,C,H,W], w[O,C,2,2], b[O],
 // y and dy [N,O,2H,2W]. H and W are the input's size. `version`: the conv3x3 version of the
-// precision mode; the GEMM versions (v3-v6) run upconv as a GEMM too (v7: v6's), v1 and v2 the
-// direct kernels.
+// precision mode; the GEMM versions (v3-v6) run upconv as a GEMM too (v7: v6's, v8: v5's), v1 and
+// v2 the direct kernels.
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
                               int C, int H, int W, int O, Conv3x3Version version,
                               cudaStream_t stream);

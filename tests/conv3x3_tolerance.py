@@ -9,7 +9,7 @@ of the kernels (test_conv3x3_emulated.py).
   ``2u`` of its size, and K of them with independent signs add up to about
   ``2u * sqrt(K) * max|A| * max|B|``. Two checks: ``||got - ref|| / ||ref|| <= 5e-3`` and
   ``max |got - ref| <= 8u * sqrt(K) * max|A| * max|B|`` (several standard deviations of that sum).
-* bf16 (v5_bf16_mma): the same reasoning with bf16's 7-bit mantissa (``u = 2**-8``, rounded to
+* bf16 (v5_bf16_mma, v8_bf16_halo): the same reasoning with bf16's 7-bit mantissa (``u = 2**-8``, rounded to
   nearest even): ``||got - ref|| / ||ref|| <= 2e-2`` and the same max bound with that ``u``.
 * TF32 by truncation (v6_tf32_wgmma and v7_tf32_halo: Hopper's wgmma reads the upper 19 bits of each float32, no
   rounding): an operand is off by up to ``2**-10`` of its size, so ``u = 2**-10`` and a relative L2
@@ -32,7 +32,7 @@ import numpy as np
 
 TF32_VERSIONS = frozenset({"v4_tf32_mma", "v6_tf32_wgmma", "v7_tf32_halo"})
 TRUNCATING_VERSIONS = frozenset({"v6_tf32_wgmma", "v7_tf32_halo"})  # TF32 by truncation, not rounding
-BF16_VERSIONS = frozenset({"v5_bf16_mma"})
+BF16_VERSIONS = frozenset({"v5_bf16_mma", "v8_bf16_halo"})
 FP32_REL = 2e-5
 MIN_L2_ELEMENTS = 64
 # Per reduced precision: (relative L2 bound, unit roundoff of the operands).

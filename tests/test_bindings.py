@@ -230,7 +230,7 @@ def test_stream_is_keyword_only():
 
 CONV3X3_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                    "v7_tf32_halo")
+                    "v7_tf32_halo", "v8_bf16_halo")
 
 
 def module_constant(path, name):
@@ -743,7 +743,7 @@ CONCAT_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3
 
 def test_concat_versions_are_the_gemm_versions():
     assert _C.CONV3X3_CONCAT_VERSIONS == ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                                          "v7_tf32_halo")
+                                          "v7_tf32_halo", "v8_bf16_halo")
 
 
 @pytest.mark.parametrize("op", CONCAT_OPS)
@@ -779,12 +779,12 @@ def test_concat_shapes_must_agree():
 
 
 def test_version_availability():
-    """Every version but v6 and v7 runs on any GPU of the build (no CUDA call is needed to say so);
-    v6 and v7 ask the device, which here may have no driver at all (then the error names v6, whose
-    probe answers for both)."""
-    for version in CONV3X3_VERSIONS[:-2]:
+    """Every version but v6-v8 runs on any GPU of the build (no CUDA call is needed to say so);
+    v6-v8 ask the device, which here may have no driver at all (then the error names v6, whose
+    probe answers for all three)."""
+    for version in CONV3X3_VERSIONS[:-3]:
         assert _C.conv3x3_version_available(version) is True
-    for version in ("v6_tf32_wgmma", "v7_tf32_halo"):
+    for version in ("v6_tf32_wgmma", "v7_tf32_halo", "v8_bf16_halo"):
         try:
             assert _C.conv3x3_version_available(version) in (True, False)
         except RuntimeError as exc:
@@ -799,5 +799,6 @@ def test_conv3x3_tap_major_choice():
     assert _C.conv3x3_tap_major("v5_bf16_mma", 48) is False
     assert _C.conv3x3_tap_major("v3_igemm", 64) is False
     assert _C.conv3x3_tap_major("v7_tf32_halo", 64) is False  # its own kernel: no tap-major GEMM
+    assert _C.conv3x3_tap_major("v8_bf16_halo", 64) is False
     with pytest.raises(ValueError, match="conv3x3_tap_major: argument version must be one of"):
         _C.conv3x3_tap_major("v9", 64)

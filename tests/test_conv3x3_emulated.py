@@ -42,7 +42,7 @@ OUTPUT_GUARD_VALUE = 1234.5
 
 def test_registry_is_read():
     assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                        "v7_tf32_halo")
+                        "v7_tf32_halo", "v8_bf16_halo")
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +440,7 @@ def test_empty_sums(lib, version):
 
 
 def test_precision_names():
-    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32"]
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_precision_names():
 # ------------------------------------------------------------------------------------------------
 
 GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
-CONCAT_VERSIONS = GEMM_VERSIONS + ("v7_tf32_halo",)  # v7's kernel reads the two inputs too
+CONCAT_VERSIONS = GEMM_VERSIONS + ("v7_tf32_halo", "v8_bf16_halo")  # their kernel reads both too
 # (N, Cu, Cs, H, W, Hs, Ws, O)
 CONCAT_SHAPES = [
     (1, 3, 2, 5, 7, 9, 11, 4),       # odd sizes, crop offsets (2, 2)
@@ -835,15 +835,18 @@ def test_sgd_multi_matches_one_launch_each(lib, device_rate):
 
 
 # ------------------------------------------------------------------------------------------------
-# v7_tf32_halo (csrc/conv3x3_halo.cuh): the forward and backward data read each input window once
-# for the nine taps, through shifted wgmma descriptors. Its own paths: slices of 8 channels (a
-# partial last one), 16 x 8 output patches (partial at the right and bottom edges, several per
-# image and several images), 128 output channels a block or 64 (O <= 64), a partial column tile,
-# K split over the slices, the backward data's 2-pixel zero border, a concatenation whose parts
-# share a slice, and the ReLU masks. The first layer (C < 8) runs v6's GEMM.
+# v7_tf32_halo and v8_bf16_halo (csrc/conv3x3_halo.cuh): the forward and backward data read each
+# input window once for the nine taps, through shifted wgmma descriptors (v8: after rounding it
+# into a bf16 copy). Their own paths: slices of 8 channels (v8: 16; a partial last one), 16 x 8
+# output patches by 128 channels and 16 x 16 by 64 (O <= 64; partial at the right and bottom edges,
+# several per image and several images), a partial column tile, K split over the slices, the
+# backward data's 2-pixel zero border, a concatenation whose parts share a slice, and the ReLU
+# masks. The first layer (C < 8) runs their GEMM version's kernels (v6, v5).
 # ------------------------------------------------------------------------------------------------
 
 V7 = "v7_tf32_halo"
+HALO_VERSIONS = (V7, "v8_bf16_halo")
+HALO_GEMM_VERSION = {V7: "v6_tf32_wgmma", "v8_bf16_halo": "v5_bf16_mma"}
 # (N, C, H, W, O); the forward sums C channels into O, the backward data O into C.
 HALO_SHAPES = [
     (1, 8, 12, 20, 16),    # one whole slice; a 10 x 18 output: two patches across, two down
@@ -855,43 +858,50 @@ HALO_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("version", HALO_VERSIONS)
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
-def test_v7_forward_and_backward_data(lib, shape):
+def test_halo_forward_and_backward_data(lib, version, shape):
     n, c, h, w, o = shape
-    assert lib.emulated_conv3x3_tap_major(V7.encode(), c) == 0  # its own kernel, no GEMM view
-    check_forward(lib, V7, shape, relu=True, seed=sum(shape))
-    check_forward(lib, V7, shape, relu=False, seed=sum(shape) + 1)
-    check_backward_data(lib, V7, shape, seed=sum(shape) + 2)
+    assert lib.emulated_conv3x3_tap_major(version.encode(), c) == 0  # its own kernel, no GEMM view
+    check_forward(lib, version, shape, relu=True, seed=sum(shape))
+    check_forward(lib, version, shape, relu=False, seed=sum(shape) + 1)
+    check_backward_data(lib, version, shape, seed=sum(shape) + 2)
 
 
-# v7 splits K (its slices) as v4-v6 do: where the output tiles are too few for two waves, with at
-# least 512 of K a split. (1, 256, 9, 9, 40): one tile, 32 slices of 72 k -> 4 splits (the backward
-# data sums 40 channels: 5 slices, no split); b2 at batch 1 (28 x 28 outputs of 1024 channels from
-# 1024): 8 patches x 8 column tiles = 64 blocks -> 4 splits (256 blocks, two waves of 132).
-def test_v7_split_plans(lib):
-    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 256, 9, 9, 40) == 4
-    assert lib.emulated_conv3x3_backward_data_splits(V7.encode(), 1, 256, 9, 9, 40) == 1
-    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 1024, 30, 30, 1024) == 4
-    assert lib.emulated_conv3x3_backward_data_splits(V7.encode(), 1, 1024, 30, 30, 1024) == 4
-    # d1b (568 x 568 outputs of 64 channels): 2556 patches, no split; the first layer (C = 1)
-    # is v6's GEMM, by v6's plan
-    assert lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 64, 570, 570, 64) == 1
-    assert (lib.emulated_conv3x3_forward_splits(V7.encode(), 1, 1, 572, 572, 64)
-            == lib.emulated_conv3x3_forward_splits(b"v6_tf32_wgmma", 1, 1, 572, 572, 64))
-    check_forward(lib, V7, (1, 256, 9, 9, 40), relu=True, seed=11)
-    check_backward_data(lib, V7, (1, 40, 9, 9, 256), seed=12)  # 32 slices summed backward: split
+# v7 and v8 split K (their slices) as v4-v6 do: where the output tiles are too few for two waves,
+# with at least 512 of K a split. (1, 256, 9, 9, 40): one tile, 2304 of K -> 4 splits (the
+# backward data sums 40 channels: 360 of K, no split); b2 at batch 1 (28 x 28 outputs of 1024
+# channels from 1024): 8 patches x 8 column tiles = 64 blocks -> 4 splits (256 blocks, two waves
+# of 132).
+@pytest.mark.parametrize("version", HALO_VERSIONS)
+def test_halo_split_plans(lib, version):
+    v = version.encode()
+    assert lib.emulated_conv3x3_forward_splits(v, 1, 256, 9, 9, 40) == 4
+    assert lib.emulated_conv3x3_backward_data_splits(v, 1, 256, 9, 9, 40) == 1
+    assert lib.emulated_conv3x3_forward_splits(v, 1, 1024, 30, 30, 1024) == 4
+    assert lib.emulated_conv3x3_backward_data_splits(v, 1, 1024, 30, 30, 1024) == 4
+    # d1b (568 x 568 outputs of 64 channels): 1296 patches, no split; the first layer (C = 1)
+    # is the GEMM version's, by its plan
+    assert lib.emulated_conv3x3_forward_splits(v, 1, 64, 570, 570, 64) == 1
+    gemm = HALO_GEMM_VERSION[version].encode()
+    assert (lib.emulated_conv3x3_forward_splits(v, 1, 1, 572, 572, 64)
+            == lib.emulated_conv3x3_forward_splits(gemm, 1, 1, 572, 572, 64))
+    check_forward(lib, version, (1, 256, 9, 9, 40), relu=True, seed=11)
+    check_backward_data(lib, version, (1, 40, 9, 9, 256), seed=12)  # 2304 of K backward: split
 
 
 @pytest.mark.parametrize("shape", [
-    (1, 5, 6, 12, 10, 16, 14, 20),     # 11 channels: the first slice holds up's 5 and 3 of skip's
+    (1, 5, 6, 12, 10, 16, 14, 20),     # 11 channels: the first slice holds up's 5 and skip's
     (2, 16, 16, 14, 14, 18, 20, 70),   # crop offsets (2, 3); both parts whole slices
     (1, 4, 60, 8, 9, 12, 11, 130),     # a split K (64 channels into 130: 8 slices; 130 back: 17)
 ], ids=str)
-def test_v7_concat(lib, shape):
-    check_concat(lib, V7, shape)
+@pytest.mark.parametrize("version", HALO_VERSIONS)
+def test_halo_concat(lib, version, shape):
+    check_concat(lib, version, shape)
 
 
-def test_v7_concat_without_up_channels_reads_skip_alone(lib):
+@pytest.mark.parametrize("version", HALO_VERSIONS)
+def test_halo_concat_without_up_channels_reads_skip_alone(lib, version):
     """Cu = 0 with up passed as a null pointer (an empty array's): skip becomes the only source, and
     no copy takes null for its stand-in address (the emulated cp.async refuses one)."""
     from unet_cuda.ops import reference as ref
@@ -899,11 +909,11 @@ def test_v7_concat_without_up_channels_reads_skip_alone(lib):
     n, cu, cs, h, w, hs, ws, o = 1, 0, 9, 6, 7, 10, 9, 12
     up, skip, wt, b, dy = _concat_inputs(np.random.default_rng(21), n, cu, cs, h, w, hs, ws, o)
     y = Guarded(shape=(n, o, h - 2, w - 2), output=True)
-    call(lib, "emulated_conv3x3_concat_forward", V7, None, Guarded(skip).ptr, Guarded(wt).ptr,
+    call(lib, "emulated_conv3x3_concat_forward", version, None, Guarded(skip).ptr, Guarded(wt).ptr,
          Guarded(b).ptr, y.ptr, n, cu, cs, h, w, hs, ws, o, 1)
     y.check_guards("conv3x3_concat_forward")
     check_conv3x3(y.array, ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
-                  V7, "conv3x3_concat_forward without up", k=9 * cs, a_max=amax(skip), b_max=amax(wt))
+                  version, "conv3x3_concat_forward without up", k=9 * cs, a_max=amax(skip), b_max=amax(wt))
 
 
 # ------------------------------------------------------------------------------------------------

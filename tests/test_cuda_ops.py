@@ -204,7 +204,7 @@ try:
     CONV3X3_VERSIONS = tuple(_names.CONV3X3_VERSIONS)
 except ImportError:
     CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                        "v7_tf32_halo")
+                        "v7_tf32_halo", "v8_bf16_halo")
 
 
 @pytest.fixture(params=CONV3X3_VERSIONS)
@@ -281,8 +281,8 @@ def test_conv3x3_tap_major_shapes(conv3x3_version, shape):
     check_conv3x3(conv3x3_version, *shape, relu=True, seed=sum(shape))
 
 
-# v7_tf32_halo's own kernel (csrc/conv3x3_halo.cuh) takes the forward and backward data that sum 8
-# channels or more: partial slices and patches, both column tiles (64 and 128, a partial one), a
+# v7_tf32_halo's and v8_bf16_halo's own kernels (csrc/conv3x3_halo.cuh) take the forward and
+# backward data that sum 8 channels or more: partial slices and patches, both column tiles (64 and 128, a partial one), a
 # split K both ways, several images, and two real layer planes (d3b's 138 x 138 with fewer
 # channels, b2's 28 x 28 outputs split 4 ways at full width). The shapes of the tests above mostly
 # sum fewer channels and reach v6's GEMMs.
@@ -291,9 +291,9 @@ HALO_SHAPES = [(1, 8, 12, 20, 16), (2, 13, 19, 23, 70), (1, 16, 30, 30, 130), (3
                (1, 1024, 30, 30, 1024)]
 
 
+@pytest.mark.parametrize("version", ["v7_tf32_halo", "v8_bf16_halo"])
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
-def test_conv3x3_v7_halo_shapes(shape):
-    version = "v7_tf32_halo"
+def test_conv3x3_halo_shapes(version, shape):
     if not cu.conv3x3_version_available(version):
         pytest.skip(f"{version} cannot run on this GPU or build (it needs sm_90a)")
     with cu.use_conv3x3_version(version):
@@ -748,7 +748,7 @@ def test_conv3x3_version_setting():
         assert cu.get_conv3x3_version() == "v3_igemm"
     assert cu.get_conv3x3_version() == previous
     with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma', 'v5_bf16_mma', "
-                                         "'v6_tf32_wgmma', 'v7_tf32_halo'"):
+                                         "'v6_tf32_wgmma', 'v7_tf32_halo', 'v8_bf16_halo'"):
         cu.set_conv3x3_version("v9")
     assert cu.get_conv3x3_version() == previous
 

@@ -539,8 +539,16 @@ def test_summary_and_table_of_the_halo_step():
     halo = next(r for r in records if r["id"] == "train_step/ours_halo/tf32")
     assert halo["ratio"] == 9.0 / 3.6 and halo["peer_precision"] == "tf32"
     lines = plot_results.kernel_steps_table({"summary": summary})
-    assert "| v7_tf32_halo | 3.60 | 3.00 | 2.50 | 3.00 |" in lines
-    assert "| v6_tf32_wgmma | 4.50 | - | 2.00 | - |" in lines
+    assert "| v7_tf32_halo | tf32 | 6.00 | 3.60 | 3.00 | 2.50 | 3.00 |" in lines
+    assert "| v6_tf32_wgmma | tf32 | 6.00 | 4.50 | - | 2.00 | - |" in lines
+    assert not any("v8_bf16_halo" in line for line in lines)
+    bf16_step = {**step, "precision": "bf16", "version": "v8_bf16_halo", "ms": 2.0,
+                 "id": "train_step/ours_halo_bf16/bf16", "impl": "ours_halo_bf16"}
+    summary = cr.summarize(_synthetic_records() + [bf16_step], card=GPU)
+    bf16_torch = cr._by_precision(_synthetic_records(), "train_step", "torch")["bf16"]
+    assert summary["halo_bf16_train_step_ms"] == {"eager": 2.0, "graph": None}
+    assert summary["halo_bf16_train_step_ratio"] == {"eager": bf16_torch / 2.0}
+    assert summary["per_precision"]["bf16"]["version"] == "v5_bf16_mma"
     assert plot_results.kernel_steps_table({"summary": cr.summarize(_synthetic_records(), card=GPU)}) == []
 
 
@@ -850,7 +858,7 @@ def test_conv3x3_versions_per_precision():
     table = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign)
                  and getattr(node.target, "id", None) == "CONV3X3_VERSION_PRECISION")
     assert [benchlib.conv3x3_precision(v, table) for v in op_cases.CONV3X3_VERSIONS] == \
-        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32"]
+        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16"]
     assert benchlib.conv3x3_precision("v9_other", table) == "fp32"
     assert tuple(benchlib.TORCH_SETTINGS) == benchlib.PRECISIONS == cr.PRECISIONS
     modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
@@ -868,7 +876,7 @@ def test_conv3x3_versions_per_precision():
     assert [c.version for c in up1] == list(modes.values())
     assert all(c.version is None for c in expanded if not c.op.startswith(("conv3x3_", "upconv2x2_")))
     versions = op_cases.conv3x3_version_cases(benchlib.network())
-    assert len(versions) == 4 * 3 * 7 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
+    assert len(versions) == 4 * 3 * 8 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 
 
 def test_ceilings():

@@ -97,33 +97,36 @@ def test_training_step_in_each_precision(precision):
     assert all(v <= tolerance for v in worst.values()), (precision, worst, tolerance)
 
 
-def test_training_step_with_the_halo_kernel(tmp_path: Path):
-    """v7_tf32_halo (its own forward and backward data, v6's GEMMs for the rest) in a whole step
-    against the NumPy step, in tf32's tolerance; and python -m unet_cuda.profile --kernel runs it."""
+@pytest.mark.parametrize("version,precision", [("v7_tf32_halo", "tf32"), ("v8_bf16_halo", "bf16")])
+def test_training_step_with_a_halo_kernel(tmp_path: Path, version, precision):
+    """v7_tf32_halo and v8_bf16_halo (their own forward and backward data, v6's or v5's GEMMs for
+    the rest) in a whole step against the NumPy step, in their precision's tolerance; and
+    python -m unet_cuda.profile --kernel runs them."""
     from unet_cuda.ops import cuda  # noqa: PLC0415
     from unet_cuda.profile import main as profile_main  # noqa: PLC0415
 
-    if not cuda.conv3x3_version_available("v7_tf32_halo"):
-        pytest.skip("v7_tf32_halo needs a Hopper GPU and an sm_90a build")
+    if not cuda.conv3x3_version_available(version):
+        pytest.skip(f"{version} needs a Hopper GPU and an sm_90a build")
     rng = np.random.default_rng(12)
     cpu = u.UNet(base_channels=8, depth=4, seed=6, device="cpu")
     gpu = u.UNet(base_channels=8, depth=4, seed=6, device="cuda")
     opt_cpu, opt_gpu = u.SGD(cpu.parameters(), lr=0.01), u.SGD(gpu.parameters(), lr=0.01)
     x, labels, weights = _problem(rng, 1, 188, cpu.output_size(188))
     loss_c, grads_c = _step(cpu, opt_cpu, x, labels, weights)
-    with cuda.use_conv3x3_version("v7_tf32_halo"):
+    with cuda.use_conv3x3_version(version):
         loss_g, grads_g = _step(gpu, opt_gpu, ops.to_device(x, "cuda"), ops.to_device(labels, "cuda"),
                                 ops.to_device(weights, "cuda"))
     worst = {"loss": abs(loss_g - loss_c) / abs(loss_c),
              "grad": max(_rel(grads_g[n], grads_c[n]) for n in grads_c)}
-    print(f"v7_tf32_halo: worst relative errors {worst}")
-    assert all(v <= PRECISION_TOLERANCE["tf32"] for v in worst.values()), worst
+    print(f"{version}: worst relative errors {worst}")
+    assert all(v <= PRECISION_TOLERANCE[precision] for v in worst.values()), worst
 
     out = tmp_path / "profile.json"
     assert profile_main(["--device", "cuda", "--base-channels", "8", "--depth", "3", "--tile", "92",
-                         "--steps", "1", "--kernel", "v7_tf32_halo", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["precision"] == "tf32 (v7_tf32_halo)"
-    assert profile_main(["--device", "cuda", "--kernel", "v7_tf32_halo", "--precision", "bf16"]) == 2
+                         "--steps", "1", "--kernel", version, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["precision"] == f"{precision} ({version})"
+    other = "fp32"
+    assert profile_main(["--device", "cuda", "--kernel", version, "--precision", other]) == 2
 
 
 def test_paper_network_forward_and_backward_on_a_572_tile():

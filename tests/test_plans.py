@@ -91,6 +91,8 @@ def test_set_and_clear(table):
     (((D4B_FORWARD[0], "v2_smem") + D4B_FORWARD[2:], (128, 128, 1)), "v2_smem runs no GEMM"),
     (((D4B_FORWARD[0], "v7_tf32_halo") + D4B_FORWARD[2:], (128, 128, 1)),
      "v7_tf32_halo's forward and backward data run its own kernel, which has no plans"),
+    (((D4B_FORWARD[0], "v8_bf16_halo") + D4B_FORWARD[2:], (128, 128, 1)),
+     "its other ops the GEMMs of v5_bf16_mma: name that version"),
     (((D4B_FORWARD[0], "v9") + D4B_FORWARD[2:], (128, 128, 1)), "argument version must be one of"),
     ((D4B_FORWARD[:5] + (2,), (128, 128, 1)), "images = 1"),
     ((D4B_FORWARD[:2] + (0,) + D4B_FORWARD[3:], (128, 128, 1)), "needs M, cols, K >= 1"),

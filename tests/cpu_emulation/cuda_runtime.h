@@ -18,7 +18,7 @@
 //     multiplies the TF32 values (low 13 bits dropped) exactly, summing in double; likewise
 //     mma.sync.m16n8k16 (bf16 pairs, rounded to nearest even by pack_bf16x2);
 //   * dynamic shared memory (extern __shared__) is a per-launch buffer, NaN at each block's start;
-//   * wgmma.mma_async (TF32, operands in unswizzled K-major shared memory) is a warpgroup-wide
+//   * wgmma.mma_async (TF32 or bf16, operands in unswizzled K-major shared memory) is a warpgroup-wide
 //     rendezvous that records the product; wgmma.wait_group runs the retired products, reading
 //     shared memory then, so a tile overwritten before its wait shows;
 //   * cudaMallocAsync fills the new memory with NaN bytes, so unwritten workspace shows.
@@ -152,6 +152,7 @@ struct WgmmaOp {
   uint64_t desc_a, desc_b;
   int n;                  // the instruction's N (rows of B)
   bool accumulate;        // scale-d: D = A B + D, or D = A B
+  bool bf16 = false;      // .bf16 operands, k16 (else .tf32, k8)
   float* d[128];          // each thread's accumulator registers (N/2 of them)
 };
 
@@ -340,6 +341,22 @@ inline double wgmma_tf32_operand(uint64_t desc, int row, int k) {
   return tf32_value(u);  // the tensor core reads the upper 19 bits (truncation)
 }
 
+inline double bf16_value(uint32_t h);
+
+// The bf16 element (row, k) of the same layout with 16-bit elements: 8 of k per 16-byte row.
+inline double wgmma_bf16_operand(uint64_t desc, int row, int k) {
+  if ((desc >> 62) != 0) throw std::logic_error("emulated wgmma: only the unswizzled layout is supported");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t byte = start + (row % 8) * 16 + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 2;
+  const size_t size = state()->dynamic_shared.size() * 16;
+  if (byte + 2 > size) throw std::logic_error("emulated wgmma reads past the dynamic shared memory");
+  uint16_t h;
+  std::memcpy(&h, reinterpret_cast<const char*>(state()->dynamic_shared.data()) + byte, 2);
+  return bf16_value(h);
+}
+
 inline void run_wgmma(const WgmmaOp& op) {
   // D[m][n], m < 64, n < N: thread 32 (m / 16) + 4 (m % 8) + (n % 8) / 2, register
   // 4 (n / 8) + 2 ((m % 16) / 8) + n % 2 (PTX ISA, "wgmma .m64nNk8" accumulator fragments).
@@ -348,14 +365,19 @@ inline void run_wgmma(const WgmmaOp& op) {
       const int thread = 32 * (m / 16) + 4 * (m % 8) + (n % 8) / 2;
       float& d = op.d[thread][4 * (n / 8) + 2 * ((m % 16) / 8) + n % 2];
       double sum = op.accumulate ? d : 0.0;
-      for (int k = 0; k < 8; ++k)
-        sum += wgmma_tf32_operand(op.desc_a, m, k) * wgmma_tf32_operand(op.desc_b, n, k);
+      if (op.bf16) {
+        for (int k = 0; k < 16; ++k)
+          sum += wgmma_bf16_operand(op.desc_a, m, k) * wgmma_bf16_operand(op.desc_b, n, k);
+      } else {
+        for (int k = 0; k < 8; ++k)
+          sum += wgmma_tf32_operand(op.desc_a, m, k) * wgmma_tf32_operand(op.desc_b, n, k);
+      }
       d = static_cast<float>(sum);
     }
 }
 
 template <int N>
-inline void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+inline void issue_wgmma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate, bool bf16) {
   const int t = static_cast<int>(self().thread_idx.x % 128);
   WarpgroupState& mine = my_warpgroup();
   mine.staged.d[t] = d;
@@ -371,8 +393,18 @@ inline void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool
     wg.staged.desc_b = desc_b;
     wg.staged.n = N;
     wg.staged.accumulate = accumulate;
+    wg.staged.bf16 = bf16;
     wg.open.push_back(wg.staged);
   });
+}
+
+template <int N>
+inline void wgmma_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  issue_wgmma<N>(d, desc_a, desc_b, accumulate, false);
+}
+template <int N>
+inline void wgmma_bf16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  issue_wgmma<N>(d, desc_a, desc_b, accumulate, true);
 }
 
 inline void wgmma_commit() {
