@@ -31,10 +31,10 @@ this GPU from ``precision_version``) are each paired with one PyTorch setting (P
   tile of 700 px, 516 px out, mirrored borders; ``unet_cuda.tiling.inference_tile``), the same for
   PyTorch, in each mode and setting, including the host-side tiling and copies; wall time. The
   inference target is the bf16 figure.
-* ``test_train_step_halo[...]``: the tf32 step with v7_tf32_halo and the bf16 step with
-  v8_bf16_halo (the input window copied once for the nine taps) in place of the mode's version,
-  eager and graphed, where they can run (Hopper); impl ``ours_halo`` / ``ours_halo_graph`` (tf32),
-  ``ours_halo_bf16`` / ``ours_halo_bf16_graph`` (bf16).
+* ``test_train_step_kernel[...]``: the tf32 step with v6_tf32_wgmma or v7_tf32_halo and the bf16
+  step with v8_bf16_halo (v7 and v8: the input window copied once for the nine taps) in place of
+  the mode's version, eager and graphed, where they can run (Hopper); impl ``ours_wgmma``,
+  ``ours_halo`` (tf32), ``ours_halo_bf16`` (bf16), and ``..._graph``.
 * ``test_train_step_autotuned[fp32|tf32|bf16]`` (last): our step with every GEMM's plan (tile and
   K split) measured on this GPU at its first call (``unet_cuda.ops.cuda.autotuning``) instead of
   ruled; impl ``ours_autotuned``, its record keeping the table of plans.
@@ -368,34 +368,6 @@ def test_train_step_fusions(benchmark, env, data, initial_state, variant):
     assert np.isfinite(loss_after), f"the {variant} step gave a non-finite loss {loss_after}"
 
 
-WGMMA = "v6_tf32_wgmma"
-
-
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-def test_train_step_wgmma(benchmark, env, data, initial_state, mode):
-    """The tf32 step with the Hopper kernel (v6_tf32_wgmma) in place of v4, eager and as a CUDA
-    graph, where it can run: impl "ours_wgmma" / "ours_wgmma_graph". On Hopper the tf32 mode runs
-    v6 itself (it measured faster than v4 there); this keeps the figure under its own name."""
-    if not cu.conv3x3_version_available(WGMMA):
-        pytest.skip(f"{WGMMA} cannot run on this GPU or build (it needs sm_90a)")
-    if mode == "graph" and _GRAPH_SKIP:
-        pytest.skip(_GRAPH_SKIP)
-    benchlib.skip_if_out_of_time(pytest, 20)
-    net, opt, batch = _our_training_setup(data, initial_state)
-    with cu.use_conv3x3_version(WGMMA):
-        step = _graphed_step(net, opt, *batch)[1] if mode == "graph" else _eager_step(net, opt, *batch)
-        timing = benchlib.time_gpu(step, env["ours"], warmup=3, budget_ms=1500, min_repeats=5,
-                                   max_repeats=30, flush=False)
-        loss_after = float(step())
-        benchlib.wall_benchmark(benchmark, step, env["ours"], timing.median_ms, budget_ms=1000, max_rounds=5)
-    impl = "ours_wgmma" if mode == "eager" else "ours_wgmma_graph"
-    rec = _step_record(f"train_step/{impl}/tf32", impl, "tf32",
-                       f"unet_cuda train step, tf32 with {WGMMA} ({mode})", timing, env, loss_after)
-    rec["version"] = WGMMA
-    benchlib.record(benchmark, rec)
-    assert np.isfinite(loss_after), f"the {WGMMA} step ({mode}) gave a non-finite loss {loss_after}"
-
-
 @pytest.mark.parametrize("setting", TORCH_SETTINGS)
 def test_train_step_torch(benchmark, env, data, initial_state, setting):
     benchlib.skip_if_out_of_time(pytest, 20)
@@ -522,19 +494,21 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
     benchlib.record(benchmark, rec)
 
 
-# The halo kernels: (version, impl, precision)
-HALO_KERNELS = [("v7_tf32_halo", "ours_halo", "tf32"), ("v8_bf16_halo", "ours_halo_bf16", "bf16")]
+# The Hopper kernels, each in place of its mode's version: (version, impl, precision). On Hopper
+# the tf32 mode runs v6 itself (it measured faster than v4 there); its step keeps its own name.
+KERNEL_STEPS = [("v6_tf32_wgmma", "ours_wgmma", "tf32"), ("v7_tf32_halo", "ours_halo", "tf32"),
+                ("v8_bf16_halo", "ours_halo_bf16", "bf16")]
 
 
 # The experiments last, after the headline figures above, which the stage's time budget must reach
-# first: the halo kernels' steps, then the measured plans.
+# first: the kernels' steps, then the measured plans.
 @pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("kernel", HALO_KERNELS, ids=lambda k: k[0])
-def test_train_step_halo(benchmark, env, data, initial_state, kernel, mode):
-    """impl "ours_halo[_bf16]" / "..._graph": the tf32 step with v7_tf32_halo, the bf16 step with
-    v8_bf16_halo, whose forward and backward data copy each input window once for the nine taps
-    (v6's or v5's GEMMs for the rest), eager and as a CUDA graph, where they can run (a Hopper GPU,
-    an sm_90a build)."""
+@pytest.mark.parametrize("kernel", KERNEL_STEPS, ids=lambda k: k[0])
+def test_train_step_kernel(benchmark, env, data, initial_state, kernel, mode):
+    """impl "ours_wgmma", "ours_halo", "ours_halo_bf16" (eager) and "..._graph": the tf32 step with
+    v6_tf32_wgmma or v7_tf32_halo, the bf16 step with v8_bf16_halo (v7 and v8 copy each input
+    window of the forward and backward data once for the nine taps), where they can run (a Hopper
+    GPU, an sm_90a build)."""
     version, impl, precision = kernel
     if not cu.conv3x3_version_available(version):
         pytest.skip(f"{version} cannot run on this GPU or build (it needs sm_90a)")

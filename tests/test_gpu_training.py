@@ -4,6 +4,7 @@ bit for bit. Skipped with the reason where the CUDA backend cannot run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,27 +75,38 @@ def test_training_step_equals_numpy_step(depth, base, size, batch):
 PRECISION_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-2, "bf16": 0.15}
 
 
-@pytest.mark.parametrize("precision", sorted(PRECISION_TOLERANCE))
-def test_training_step_in_each_precision(precision):
-    """One step of a depth-4 U-Net in each precision mode against the NumPy step: loss, every
-    gradient and every updated weight within that mode's tolerance."""
-    rng = np.random.default_rng(11)
-    cpu = u.UNet(base_channels=8, depth=4, seed=5, device="cpu")
-    gpu = u.UNet(base_channels=8, depth=4, seed=5, device="cuda")
+def _step_against_numpy(name, precision, seed, data_seed, using):
+    """One step of a depth-4 U-Net on the GPU (inside ``using()``, which sets the kernels) against
+    the NumPy step: loss, every gradient and every updated weight within ``precision``'s
+    tolerance."""
+    rng = np.random.default_rng(data_seed)
+    cpu = u.UNet(base_channels=8, depth=4, seed=seed, device="cpu")
+    gpu = u.UNet(base_channels=8, depth=4, seed=seed, device="cuda")
     opt_cpu, opt_gpu = u.SGD(cpu.parameters(), lr=0.01), u.SGD(gpu.parameters(), lr=0.01)
     x, labels, weights = _problem(rng, 1, 188, cpu.output_size(188))
     loss_c, grads_c = _step(cpu, opt_cpu, x, labels, weights)
-    with ops.restoring_precision():
-        ops.set_precision(precision, "cuda")
+    with using():
         loss_g, grads_g = _step(gpu, opt_gpu, ops.to_device(x, "cuda"), ops.to_device(labels, "cuda"),
                                 ops.to_device(weights, "cuda"))
     worst = {"loss": abs(loss_g - loss_c) / abs(loss_c),
              "grad": max(_rel(grads_g[n], grads_c[n]) for n in grads_c),
              "weight": max(_rel(ops.to_numpy(pg.data), pc.data)
                            for (_, pc), (_, pg) in zip(cpu.named_parameters(), gpu.named_parameters()))}
-    print(f"{precision}: worst relative errors {worst}")
+    print(f"{name}: worst relative errors {worst}")
     tolerance = PRECISION_TOLERANCE[precision]
-    assert all(v <= tolerance for v in worst.values()), (precision, worst, tolerance)
+    assert all(v <= tolerance for v in worst.values()), (name, worst, tolerance)
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISION_TOLERANCE))
+def test_training_step_in_each_precision(precision):
+    """One step in each precision mode against the NumPy step, within that mode's tolerance."""
+    @contextlib.contextmanager
+    def using():
+        with ops.restoring_precision():
+            ops.set_precision(precision, "cuda")
+            yield
+
+    _step_against_numpy(precision, precision, 5, 11, using)
 
 
 @pytest.mark.parametrize("version,precision", [("v7_tf32_halo", "tf32"), ("v8_bf16_halo", "bf16")])
@@ -107,19 +119,7 @@ def test_training_step_with_a_halo_kernel(tmp_path: Path, version, precision):
 
     if not cuda.conv3x3_version_available(version):
         pytest.skip(f"{version} needs a Hopper GPU and an sm_90a build")
-    rng = np.random.default_rng(12)
-    cpu = u.UNet(base_channels=8, depth=4, seed=6, device="cpu")
-    gpu = u.UNet(base_channels=8, depth=4, seed=6, device="cuda")
-    opt_cpu, opt_gpu = u.SGD(cpu.parameters(), lr=0.01), u.SGD(gpu.parameters(), lr=0.01)
-    x, labels, weights = _problem(rng, 1, 188, cpu.output_size(188))
-    loss_c, grads_c = _step(cpu, opt_cpu, x, labels, weights)
-    with cuda.use_conv3x3_version(version):
-        loss_g, grads_g = _step(gpu, opt_gpu, ops.to_device(x, "cuda"), ops.to_device(labels, "cuda"),
-                                ops.to_device(weights, "cuda"))
-    worst = {"loss": abs(loss_g - loss_c) / abs(loss_c),
-             "grad": max(_rel(grads_g[n], grads_c[n]) for n in grads_c)}
-    print(f"{version}: worst relative errors {worst}")
-    assert all(v <= PRECISION_TOLERANCE[precision] for v in worst.values()), worst
+    _step_against_numpy(version, precision, 6, 12, lambda: cuda.use_conv3x3_version(version))
 
     out = tmp_path / "profile.json"
     assert profile_main(["--device", "cuda", "--base-channels", "8", "--depth", "3", "--tile", "92",

@@ -325,36 +325,24 @@ template <int R>
 inline void wgmma_fence_operands(float (&)[R]) {}  // a compiler barrier on the GPU
 inline void fence_proxy_async() {}    // makes shared-memory writes visible to the async proxy
 
-// The 32-bit element (row, k) of a K-major, unswizzled operand (PTX ISA: canonical layout
-// ((8,m),(T,2k)):((1T,SBO),(1,LBO)) with T = 4 32-bit elements): rows of a core matrix 16 bytes
-// apart, 8-row groups SBO bytes apart, 16-byte chunks of k LBO bytes apart.
-inline double wgmma_tf32_operand(uint64_t desc, int row, int k) {
-  if ((desc >> 62) != 0) throw std::logic_error("emulated wgmma: only the unswizzled layout is supported");
-  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-  const uint32_t byte = start + (row % 8) * 16 + (row / 8) * sbo + (k / 4) * lbo + (k % 4) * 4;
-  const size_t size = state()->dynamic_shared.size() * 16;
-  if (byte + 4 > size) throw std::logic_error("emulated wgmma reads past the dynamic shared memory");
-  uint32_t u;
-  std::memcpy(&u, reinterpret_cast<const char*>(state()->dynamic_shared.data()) + byte, 4);
-  return tf32_value(u);  // the tensor core reads the upper 19 bits (truncation)
-}
-
 inline double bf16_value(uint32_t h);
 
-// The bf16 element (row, k) of the same layout with 16-bit elements: 8 of k per 16-byte row.
-inline double wgmma_bf16_operand(uint64_t desc, int row, int k) {
+// Element (row, k) of a K-major, unswizzled operand (PTX ISA: canonical layout
+// ((8,m),(T,2k)):((1T,SBO),(1,LBO)) with T elements of `bytes` each in 16 bytes: 4 TF32, 8 bf16):
+// rows of a core matrix 16 bytes apart, 8-row groups SBO bytes apart, 16-byte chunks of k LBO
+// bytes apart. TF32 is read as the tensor core reads it, the upper 19 bits (truncation).
+inline double wgmma_operand(uint64_t desc, int row, int k, int bytes) {
   if ((desc >> 62) != 0) throw std::logic_error("emulated wgmma: only the unswizzled layout is supported");
   const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
   const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
   const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-  const uint32_t byte = start + (row % 8) * 16 + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 2;
+  const int t = 16 / bytes;
+  const uint32_t byte = start + (row % 8) * 16 + (row / 8) * sbo + (k / t) * lbo + (k % t) * bytes;
   const size_t size = state()->dynamic_shared.size() * 16;
-  if (byte + 2 > size) throw std::logic_error("emulated wgmma reads past the dynamic shared memory");
-  uint16_t h;
-  std::memcpy(&h, reinterpret_cast<const char*>(state()->dynamic_shared.data()) + byte, 2);
-  return bf16_value(h);
+  if (byte + bytes > size) throw std::logic_error("emulated wgmma reads past the dynamic shared memory");
+  uint32_t u = 0;
+  std::memcpy(&u, reinterpret_cast<const char*>(state()->dynamic_shared.data()) + byte, bytes);
+  return bytes == 2 ? bf16_value(u) : tf32_value(u);
 }
 
 inline void run_wgmma(const WgmmaOp& op) {
@@ -365,13 +353,9 @@ inline void run_wgmma(const WgmmaOp& op) {
       const int thread = 32 * (m / 16) + 4 * (m % 8) + (n % 8) / 2;
       float& d = op.d[thread][4 * (n / 8) + 2 * ((m % 16) / 8) + n % 2];
       double sum = op.accumulate ? d : 0.0;
-      if (op.bf16) {
-        for (int k = 0; k < 16; ++k)
-          sum += wgmma_bf16_operand(op.desc_a, m, k) * wgmma_bf16_operand(op.desc_b, n, k);
-      } else {
-        for (int k = 0; k < 8; ++k)
-          sum += wgmma_tf32_operand(op.desc_a, m, k) * wgmma_tf32_operand(op.desc_b, n, k);
-      }
+      const int bytes = op.bf16 ? 2 : 4;  // k16 of bf16, or k8 of TF32
+      for (int k = 0; k < 32 / bytes; ++k)
+        sum += wgmma_operand(op.desc_a, m, k, bytes) * wgmma_operand(op.desc_b, n, k, bytes);
       d = static_cast<float>(sum);
     }
 }
