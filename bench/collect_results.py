@@ -334,8 +334,10 @@ def _ratios(peers: dict, ours: dict) -> dict:
 # The tf32 training steps with the backward's fusions switched off, or all on
 FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
 # the steps with a named Hopper kernel in place of their mode's version, eager and graphed: the
-# summary's key for each (impl "ours_<key>" and "ours_<key>_graph") and the mode it runs in
-KERNEL_STEPS = {"wgmma": "tf32", "halo": "tf32", "halo_bf16": "bf16"}  # v6, v7, v8
+# summary's key for each (impl "ours_<key>" and "ours_<key>_graph"), the kernel and the mode it
+# runs in (bench/test_bench_train_step.py times them, bench/plot_results.py lists them)
+KERNEL_STEPS = {"wgmma": ("v6_tf32_wgmma", "tf32"), "halo": ("v7_tf32_halo", "tf32"),
+                "halo_bf16": ("v8_bf16_halo", "bf16")}
 KERNEL_STEP_IMPLS = tuple(f"ours_{key}{graph}" for key in KERNEL_STEPS for graph in ("", "_graph"))
 
 
@@ -444,7 +446,7 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     # The steps with the Hopper kernels in place of their mode's version, eager and graphed:
     # v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo") in tf32, v8_bf16_halo ("halo_bf16") in bf16;
     # their ratios to PyTorch's step in the same mode.
-    for kernel, mode_precision in KERNEL_STEPS.items():
+    for kernel, (_, mode_precision) in KERNEL_STEPS.items():
         steps = {mode: _by_precision(records, "train_step", impl).get(mode_precision)
                  for mode, impl in (("eager", f"ours_{kernel}"), ("graph", f"ours_{kernel}_graph"))}
         summary[f"{kernel}_train_step_ms"] = steps if any(v is not None for v in steps.values()) else None

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from collect_results import TARGETS
+from collect_results import KERNEL_STEPS, TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -392,19 +392,13 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The steps with a named kernel in place of their mode's version (summary keys of
-# bench/collect_results.py): the kernel, its summary key, its mode.
-KERNEL_STEPS = (("v6_tf32_wgmma", "wgmma", "tf32"), ("v7_tf32_halo", "halo", "tf32"),
-                ("v8_bf16_halo", "halo_bf16", "bf16"))
-
-
 def kernel_steps_table(results: dict) -> list[str]:
     """The training step per Hopper kernel, eager and as a CUDA graph, beside its mode's own step:
     where a kernel that is not yet the mode's default stands."""
     summary = results.get("summary") or {}
     own = summary.get("train_step_ms") or {}
     rows = []
-    for version, key, precision in KERNEL_STEPS:
+    for key, (version, precision) in KERNEL_STEPS.items():  # collect_results' summary keys
         ms = summary.get(f"{key}_train_step_ms") or {}
         ratio = summary.get(f"{key}_train_step_ratio") or {}
         if any(_num(v) is not None for v in ms.values()):

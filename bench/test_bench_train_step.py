@@ -52,6 +52,7 @@ import numpy as np
 import pytest
 
 import benchlib
+import collect_results
 
 pytestmark = pytest.mark.gpu
 
@@ -494,10 +495,11 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
     benchlib.record(benchmark, rec)
 
 
-# The Hopper kernels, each in place of its mode's version: (version, impl, precision). On Hopper
-# the tf32 mode runs v6 itself (it measured faster than v4 there); its step keeps its own name.
-KERNEL_STEPS = [("v6_tf32_wgmma", "ours_wgmma", "tf32"), ("v7_tf32_halo", "ours_halo", "tf32"),
-                ("v8_bf16_halo", "ours_halo_bf16", "bf16")]
+# The Hopper kernels, each in place of its mode's version: (version, impl, precision), from
+# collect_results.KERNEL_STEPS (whose summary reads them back). On Hopper the tf32 mode runs v6
+# itself (it measured faster than v4 there); its step keeps its own name.
+KERNEL_STEPS = [(version, f"ours_{key}", precision)
+                for key, (version, precision) in collect_results.KERNEL_STEPS.items()]
 
 
 # The experiments last, after the headline figures above, which the stage's time budget must reach

@@ -1140,8 +1140,7 @@ bool halo_applies(const HaloSource& first, const HaloSource& second) {
 
 // The plan of v7 or v8, from the shapes alone (the same on every GPU): 128 output channels a
 // block (16 x 8 pixels), or 64 where the output has no more (16 x 16 pixels); the slices split
-// over blockIdx.z only where the output tiles are too few to fill the GPU, by v4-v6's rule
-// (plan_output): two waves, at least kMinSplitK of K a split, balanced over whole waves.
+// over blockIdx.z by v4-v6's rule (output_splits).
 struct HaloPlan {
   int bn;
   int splits;
@@ -1164,21 +1163,11 @@ static_assert(HaloWide<true>::kPW == HaloWide<false>::kPW && HaloTall<true>::kPH
 
 HaloPlan plan_halo(bool bf16, int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
   const int bn = out_channels > HaloTall<false>::kBN ? HaloWide<false>::kBN : HaloTall<false>::kBN;
-  const int64_t M = N * out_h * out_w;
   const int64_t tiles =
       N * halo_patches(bn, out_h, out_w).per_image * ceil_div(out_channels, bn);
-  HaloPlan plan{bn, 1};
-  if (tiles > 0 && tiles < kTargetBlocks) {
-    const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
-    const int64_t slices = ceil_div(in_channels, slice);
-    int64_t s = ceil_div(kTargetBlocks, tiles);
-    s = std::min(s, slices * 9 * slice / kMinSplitK);
-    s = std::min(s, kMaxSplits);
-    s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * out_channels, 1)));
-    const int64_t wave_blocks = kSMs * kHaloBlocksPerSM;
-    plan.splits = static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), wave_blocks));
-  }
-  return plan;
+  const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
+  const int64_t K = int64_t{9} * slice * ceil_div(in_channels, slice);  // whole slices
+  return {bn, output_splits(tiles, K, N * out_h * out_w * out_channels, kSMs * kHaloBlocksPerSM)};
 }
 
 template <class Gemm, class Tile>
@@ -1193,8 +1182,7 @@ void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t i
 // The op whose output view is `g` (M = N x out_h x out_w pixels, cols output channels), reading
 // `in` (its sources set) with the weights w [O, C, 3, 3] (flip: the backward data's, whose
 // outputs are the C channels), in v7 (bf16 false) or v8: the weights arranged for it
-// (conv3x3_halo_weights), then one launch, or with K split, the partials into a workspace and the
-// view's epilogue over their sum in split order (conv3x3_split_k_epilogue, as for v4-v6).
+// (conv3x3_halo_weights), then the kernel, its K split as v4-v6 split theirs (with_output_split).
 template <class Gemm>
 void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N, const float* w,
                    int C, int O, bool flip, bool bf16, cudaStream_t stream) {
@@ -1223,27 +1211,18 @@ void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N
   const auto weights = bf16 ? conv3x3_halo_weights<true> : conv3x3_halo_weights<false>;
   launch_kernel("conv3x3_halo_weights", weights, dim3(grid_1d(pairs)), dim3(kBlock1d), stream, w,
                 static_cast<void*>(wt.data()), C, O, flip, plan.bn, in.o_tiles, in.slices);
-  const auto launch = [&](const auto& view, int splits) {
+  with_output_split(op, g, plan.splits, stream, [&](const auto& view) {
     using View = std::decay_t<decltype(view)>;
     const void* arranged = wt.data();
+    const int s = plan.splits;
     if (plan.bn == HaloWide<false>::kBN) {
-      if (bf16) launch_halo<View, HaloWide<true>>(name.c_str(), view, in, N, arranged, splits, stream);
-      else launch_halo<View, HaloWide<false>>(name.c_str(), view, in, N, arranged, splits, stream);
+      if (bf16) launch_halo<View, HaloWide<true>>(name.c_str(), view, in, N, arranged, s, stream);
+      else launch_halo<View, HaloWide<false>>(name.c_str(), view, in, N, arranged, s, stream);
     } else {
-      if (bf16) launch_halo<View, HaloTall<true>>(name.c_str(), view, in, N, arranged, splits, stream);
-      else launch_halo<View, HaloTall<false>>(name.c_str(), view, in, N, arranged, splits, stream);
+      if (bf16) launch_halo<View, HaloTall<true>>(name.c_str(), view, in, N, arranged, s, stream);
+      else launch_halo<View, HaloTall<false>>(name.c_str(), view, in, N, arranged, s, stream);
     }
-  };
-  if (plan.splits == 1) {
-    launch(g, 1);
-    return;
-  }
-  const int64_t outputs = g.M * g.cols;
-  Workspace workspace(plan.splits * outputs, stream, "conv3x3 split-K workspace");
-  launch(SplitPartialGemm<Gemm>{g, workspace.data()}, plan.splits);
-  const std::string epilogue = op + "_split_k_epilogue";
-  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(outputs)),
-                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), plan.splits);
+  });
 }
 
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
@@ -1324,7 +1303,7 @@ bool conv3x3_version_available(Conv3x3Version version) {
   return (version != Conv3x3Version::kV6Tf32Wgmma && !is_halo_version(version)) || v6_available();
 }
 
-bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, and v7
+bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, v7 and v8
   return is_gemm_version(gemm_version(version));
 }
 
@@ -1540,7 +1519,7 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream) {
-  version = gemm_version(version);  // v7: v6's GEMM
+  version = gemm_version(version);  // v7, v8: their GEMM version's (v6, v5)
   const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
   if (count > 0) {
     if (version == Conv3x3Version::kV1Direct) {
@@ -1662,7 +1641,7 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
                                            int W, int Hs, int Ws, int O, Conv3x3Version version,
                                            cudaStream_t stream) {
   check_concat_version("conv3x3_concat_backward_weight", version);
-  version = gemm_version(version);  // v7: v6's GEMM
+  version = gemm_version(version);  // v7, v8: their GEMM version's (v6, v5)
   if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
     const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O), skip,
                                             Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};

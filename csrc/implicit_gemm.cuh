@@ -1793,18 +1793,22 @@ struct OutputPlan {
   int splits;
 };
 
+// The K slices of an output GEMM (or v7's and v8's convolutions) of `tiles` block tiles over
+// `outputs` elements and a sum of K: one, unless the tiles are too few to fill the GPU; then
+// enough for two waves, at least kMinSplitK of K each, balanced over whole waves of `wave_blocks`.
+int output_splits(int64_t tiles, int64_t K, int64_t outputs, int64_t wave_blocks) {
+  if (tiles <= 0 || tiles >= kTargetBlocks) return 1;
+  int64_t s = ceil_div(kTargetBlocks, tiles);
+  s = std::min(s, K / kMinSplitK);
+  s = std::min(s, kMaxSplits);
+  s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(outputs, 1)));
+  return static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), wave_blocks));
+}
+
 OutputPlan plan_output(Conv3x3Version version, int64_t M, int64_t cols, int64_t K) {
-  OutputPlan plan{gemm_tile(version, M, cols, ceil_div<int64_t>(K, kV6BK)), 1};
-  const int64_t tiles = ceil_div<int64_t>(M, plan.tile.bm) * ceil_div<int64_t>(cols, plan.tile.bn);
-  if (tiles > 0 && tiles < kTargetBlocks) {
-    int64_t s = ceil_div(kTargetBlocks, tiles);
-    s = std::min(s, K / kMinSplitK);
-    s = std::min(s, kMaxSplits);
-    s = std::min(s, kMaxSplitWorkspaceBytes / (4 * std::max<int64_t>(M * cols, 1)));
-    plan.splits =
-        static_cast<int>(wave_balanced_splits(tiles, std::max<int64_t>(s, 1), plan.tile.wave_blocks));
-  }
-  return plan;
+  const GemmTile tile = gemm_tile(version, M, cols, ceil_div<int64_t>(K, kV6BK));
+  const int64_t tiles = ceil_div<int64_t>(M, tile.bm) * ceil_div<int64_t>(cols, tile.bn);
+  return {tile, output_splits(tiles, K, M * cols, tile.wave_blocks)};
 }
 
 // A weight gradient summed in `splits` slices of K: launch(out) with out = dw itself for one slice,
@@ -2146,6 +2150,25 @@ void run_planned_gemm(const GemmPlanKey& key, const GemmTile& rule_tile, int rul
   execute(chosen_gemm_plan(key, rule, stream, execute));
 }
 
+// An output view `g` computed with its K in `splits` slices: launch(view) with g itself for one
+// slice; else with SplitPartialGemm, the slices' partials into a workspace, and then
+// conv3x3_split_k_epilogue adding them in slice order through g's epilogue (deterministic). For the
+// GEMM versions (run_output_gemm) and v7 and v8 (conv3x3.cu, run_halo_conv).
+template <class Gemm, class Launch>
+void with_output_split(const std::string& op, const Gemm& g, int splits, cudaStream_t stream,
+                       Launch&& launch) {
+  if (splits == 1) {
+    launch(g);
+    return;
+  }
+  const int64_t count = g.M * g.cols;
+  Workspace workspace(splits * count, stream, "conv3x3 split-K workspace");
+  launch(SplitPartialGemm<Gemm>{g, workspace.data()});
+  const std::string epilogue = op + "_split_k_epilogue";
+  launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
+                dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), splits);
+}
+
 // Forward or backward data through a GEMM version (v3-v6), for the plain view or its concatenated
 // twin. `op` and the version name make the kernel's name in errors, e.g.
 // "conv3x3_forward_v4_tf32_mma". The plan: run_planned_gemm's, whose rule (plan_output) splits K
@@ -2157,17 +2180,9 @@ void run_output_gemm(const std::string& op, const Gemm& g, Conv3x3Version versio
   const OutputPlan rule = plan_output(version, g.M, g.cols, g.K);
   run_planned_gemm({op, version, g.M, g.cols, g.K, 1}, rule.tile, rule.splits, stream,
                    [&](const GemmTile& tile, int splits) {
-    if (splits == 1) {
-      launch_gemm(name, g, version, tile, 1, false, vec_b, stream);
-      return;
-    }
-    const int64_t count = g.M * g.cols;
-    Workspace workspace(splits * count, stream, "conv3x3 split-K workspace");
-    const SplitPartialGemm<Gemm> partial{g, workspace.data()};
-    launch_gemm(name, partial, version, tile, splits, false, vec_b, stream);
-    const std::string epilogue = op + "_split_k_epilogue";
-    launch_kernel(epilogue.c_str(), conv3x3_split_k_epilogue<Gemm>, dim3(grid_1d(count)),
-                  dim3(kBlock1d), stream, g, static_cast<const float*>(workspace.data()), splits);
+    with_output_split(op, g, splits, stream, [&](const auto& view) {
+      launch_gemm(name, view, version, tile, splits, false, vec_b, stream);
+    });
   });
 }
 
