@@ -333,11 +333,11 @@ def _ratios(peers: dict, ours: dict) -> dict:
 
 # The tf32 training steps with the backward's fusions switched off, or all on
 FUSION_IMPLS = ("ours_unfused", "ours_relu_fused")
-# the steps with a named Hopper kernel in place of their mode's version, eager and graphed: the
-# summary's key for each (impl "ours_<key>" and "ours_<key>_graph"), the kernel and the mode it
-# runs in (bench/test_bench_train_step.py times them, bench/plot_results.py lists them)
+# the steps with a named kernel in place of their mode's version, eager and graphed: the summary's
+# key for each (impl "ours_<key>" and "ours_<key>_graph"), the kernel and the mode it runs in
+# (bench/test_bench_train_step.py times them, bench/plot_results.py lists them)
 KERNEL_STEPS = {"wgmma": ("v6_tf32_wgmma", "tf32"), "halo": ("v7_tf32_halo", "tf32"),
-                "halo_bf16": ("v8_bf16_halo", "bf16")}
+                "halo_bf16": ("v8_bf16_halo", "bf16"), "halo_fp32": ("v9_fp32_halo", "fp32")}
 KERNEL_STEP_IMPLS = tuple(f"ours_{key}{graph}" for key in KERNEL_STEPS for graph in ("", "_graph"))
 
 
@@ -443,9 +443,9 @@ def summarize(records: list[dict], card: str | None = None) -> dict:
     summary["train_step_ratio"] = _ratios(torch_steps, ours_steps) or None
     summary["graphed_train_step_ms"] = graphed_steps or None
     summary["graphed_train_step_ratio"] = _ratios(torch_steps, graphed_steps) or None
-    # The steps with the Hopper kernels in place of their mode's version, eager and graphed:
-    # v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo") in tf32, v8_bf16_halo ("halo_bf16") in bf16;
-    # their ratios to PyTorch's step in the same mode.
+    # The steps with the named kernels in place of their mode's version, eager and graphed:
+    # v6_tf32_wgmma ("wgmma") and v7_tf32_halo ("halo") in tf32, v8_bf16_halo ("halo_bf16") in bf16,
+    # v9_fp32_halo ("halo_fp32") in fp32; their ratios to PyTorch's step in the same mode.
     for kernel, (_, mode_precision) in KERNEL_STEPS.items():
         steps = {mode: _by_precision(records, "train_step", impl).get(mode_precision)
                  for mode, impl in (("eager", f"ours_{kernel}"), ("graph", f"ours_{kernel}_graph"))}

@@ -12,7 +12,7 @@
 #   profile-*   one training step of the paper's network op by op, in tf32, bf16 and fp32
 #               (python -m unet_cuda.profile -> OUTDIR/profile-<precision>.json), tf32 again
 #               with the GEMM plans measured (--autotune -> OUTDIR/profile-tf32-autotuned.json),
-#               and with v7_tf32_halo and v8_bf16_halo (--kernel -> OUTDIR/profile-<version>.json)
+#               and with v7_tf32_halo, v8_bf16_halo and v9_fp32_halo (--kernel -> OUTDIR/profile-<version>.json)
 #   sanitizer-* compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #               bench/sanitizer_driver.py (every op once on small awkward shapes)
 #   bench       the benchmarks: pytest bench/ with pytest-benchmark JSON in OUTDIR/benchmarks.json
@@ -36,7 +36,7 @@
 #   PROFILE_PRECISIONS the precisions of the profile stage (default "tf32 bf16 fp32")
 #   PROFILE_AUTOTUNE_PRECISIONS  those profiled again with --autotune (default "tf32"; "" for none)
 #   PROFILE_KERNELS    3x3 kernel versions profiled by name (profile --kernel; default
-#                      "v7_tf32_halo v8_bf16_halo"; "" for none): OUTDIR/profile-<version>.json
+#                      "v7_tf32_halo v8_bf16_halo v9_fp32_halo"; "" for none): OUTDIR/profile-<version>.json
 #   SANITIZER_LIMIT    seconds for the four sanitizers together (default 240; each at most 90)
 #   SANITIZER_TOOLS    the sanitizers to run, of "memcheck racecheck initcheck synccheck" (default:
 #                      all four; racecheck takes the longest, over a minute on an H100)
@@ -213,7 +213,7 @@ if wanted profile; then
       --autotune --top 0 --json "$OUTDIR/profile-$precision-autotuned.json"
   done
   # the step with a kernel version that is not (yet) a precision mode's, op by op beside its mode's
-  for kernel in ${PROFILE_KERNELS-v7_tf32_halo v8_bf16_halo}; do
+  for kernel in ${PROFILE_KERNELS-v7_tf32_halo v8_bf16_halo v9_fp32_halo}; do
     run_stage "profile-$kernel" 60 "$PY" -m unet_cuda.profile --kernel "$kernel" --top 0 \
       --json "$OUTDIR/profile-$kernel.json"
   done
@@ -222,7 +222,7 @@ else
   for precision in ${PROFILE_AUTOTUNE_PRECISIONS-tf32}; do
     skip_stage "profile-$precision-autotuned" "not in GPU_CHECK_STAGES"
   done
-  for kernel in ${PROFILE_KERNELS-v7_tf32_halo v8_bf16_halo}; do skip_stage "profile-$kernel" "not in GPU_CHECK_STAGES"; done
+  for kernel in ${PROFILE_KERNELS-v7_tf32_halo v8_bf16_halo v9_fp32_halo}; do skip_stage "profile-$kernel" "not in GPU_CHECK_STAGES"; done
 fi
 
 # ---------------------------------------------------------------------------------------------

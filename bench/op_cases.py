@@ -171,7 +171,7 @@ def _conv_cases(layer, net: Network, relu_fused: bool) -> list[OpCase]:
 # asked for (the precision modes' versions, in bench/test_bench_kernels.py).
 CONV3X3_VERSION_LAYERS = ("d1b", "d3b", "d4b", "b2")
 CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                    "v7_tf32_halo", "v8_bf16_halo")
+                    "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 
 
 def conv3x3_version_cases(net: Network, versions=CONV3X3_VERSIONS,

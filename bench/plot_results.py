@@ -35,7 +35,7 @@ DEFAULT_MD = ROOT / "bench" / "plots" / "results.md"
 README = ROOT / "README.md"
 PRECISIONS = ("fp32", "tf32", "bf16")
 VERSION_ORDER = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                 "v7_tf32_halo", "v8_bf16_halo")
+                 "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 CONV_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 # the decoder's first convolution of a level, on [up, crop of skip] in place
 CONCAT_CONV_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3_concat_backward_weight")
@@ -393,7 +393,7 @@ def render_markdown(results: dict, source: Path | None = None) -> str:
 
 
 def kernel_steps_table(results: dict) -> list[str]:
-    """The training step per Hopper kernel, eager and as a CUDA graph, beside its mode's own step:
+    """The training step per named kernel, eager and as a CUDA graph, beside its mode's own step:
     where a kernel that is not yet the mode's default stands."""
     summary = results.get("summary") or {}
     own = summary.get("train_step_ms") or {}

@@ -31,10 +31,11 @@ this GPU from ``precision_version``) are each paired with one PyTorch setting (P
   tile of 700 px, 516 px out, mirrored borders; ``unet_cuda.tiling.inference_tile``), the same for
   PyTorch, in each mode and setting, including the host-side tiling and copies; wall time. The
   inference target is the bf16 figure.
-* ``test_train_step_kernel[...]``: the tf32 step with v6_tf32_wgmma or v7_tf32_halo and the bf16
-  step with v8_bf16_halo (v7 and v8: the input window copied once for the nine taps) in place of
-  the mode's version, eager and graphed, where they can run (Hopper); impl ``ours_wgmma``,
-  ``ours_halo`` (tf32), ``ours_halo_bf16`` (bf16), and ``..._graph``.
+* ``test_train_step_kernel[...]``: the tf32 step with v6_tf32_wgmma or v7_tf32_halo, the bf16
+  step with v8_bf16_halo and the fp32 step with v9_fp32_halo (v7-v9: the input window copied once
+  for the nine taps) in place of the mode's version, eager and graphed, where they can run (v6-v8:
+  Hopper); impl ``ours_wgmma``, ``ours_halo`` (tf32), ``ours_halo_bf16`` (bf16),
+  ``ours_halo_fp32`` (fp32), and ``..._graph``.
 * ``test_train_step_autotuned[fp32|tf32|bf16]`` (last): our step with every GEMM's plan (tile and
   K split) measured on this GPU at its first call (``unet_cuda.ops.cuda.autotuning``) instead of
   ruled; impl ``ours_autotuned``, its record keeping the table of plans.
@@ -495,7 +496,7 @@ def test_infer_512_torch(benchmark, env, data, initial_state, setting):
     benchlib.record(benchmark, rec)
 
 
-# The Hopper kernels, each in place of its mode's version: (version, impl, precision), from
+# The named kernels, each in place of its mode's version: (version, impl, precision), from
 # collect_results.KERNEL_STEPS (whose summary reads them back). On Hopper the tf32 mode runs v6
 # itself (it measured faster than v4 there); its step keeps its own name.
 KERNEL_STEPS = [(version, f"ours_{key}", precision)
@@ -507,10 +508,10 @@ KERNEL_STEPS = [(version, f"ours_{key}", precision)
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("kernel", KERNEL_STEPS, ids=lambda k: k[0])
 def test_train_step_kernel(benchmark, env, data, initial_state, kernel, mode):
-    """impl "ours_wgmma", "ours_halo", "ours_halo_bf16" (eager) and "..._graph": the tf32 step with
-    v6_tf32_wgmma or v7_tf32_halo, the bf16 step with v8_bf16_halo (v7 and v8 copy each input
-    window of the forward and backward data once for the nine taps), where they can run (a Hopper
-    GPU, an sm_90a build)."""
+    """impl "ours_wgmma", "ours_halo", "ours_halo_bf16", "ours_halo_fp32" (eager) and "..._graph":
+    the tf32 step with v6_tf32_wgmma or v7_tf32_halo, the bf16 step with v8_bf16_halo, the fp32 step
+    with v9_fp32_halo (v7-v9 copy each input window of the forward and backward data once for the
+    nine taps), where they can run (v6-v8: a Hopper GPU, an sm_90a build)."""
     version, impl, precision = kernel
     if not cu.conv3x3_version_available(version):
         pytest.skip(f"{version} cannot run on this GPU or build (it needs sm_90a)")

@@ -1,4 +1,4 @@
-// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in six versions.
+// conv3x3.cu: valid 3x3 convolution (cross-correlation), stride 1, no padding, in nine versions.
 //
 // Layout (strides in elements, all buffers C-contiguous float32):
 //   x   [N, C, H, W]      input activations        strides (C*H*W, H*W, W, 1)
@@ -36,11 +36,13 @@
 //                 (forward and backward data; conv3x3_halo.cuh); v6 for the rest
 //   v8_bf16_halo  v7 in bf16: the window rounded into a bf16 one per 16 channels, (not yet measured)
 //                 bf16 weights, wgmma k16 (Hopper); v5 for the rest
+//   v9_fp32_halo  v7's window on the CUDA cores: FP32 FFMA, 8x8 outputs per     (not yet measured)
+//                 thread (9 loads, 192 FFMAs), any GPU; v3 for the rest
 // (TFLOP/s, forward and both gradients together at layers d1b, d3b, d4b and b2, from
 // bench/results/results-82e8d82-h100-80gb-hbm3.json and results-53cf464-h100-80gb-hbm3.json; the
 // copies and the K order of v4-v6 changed in between; the table per layer: docs/CONV3X3.md).
 // v4-v6 walk K tap by tap where the channels allow (the tap-major views below).
-// v1-v3 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
+// v1-v3 and v9 compute in FP32 (FFMA). v4 rounds its operands to TF32 (10-bit mantissa, cvt.rna) and
 // accumulates in FP32: expect relative errors around 1e-3, not 1e-6. v5 rounds them to bf16
 // (7-bit mantissa, round to nearest even), FP32 sums: relative errors around 1e-2. The precision
 // modes of unet_cuda (fp32, tf32, bf16) are these versions; every buffer stays float32.
@@ -80,6 +82,10 @@
 //     descriptors into it; conv3x3_halo_weights lays the weights out as its stages hold them.
 //   conv3x3_v8_bf16_halo<Gemm, Tile>: the same in bf16, 16 channels a slice, the window rounded
 //     into a bf16 copy of it in shared memory before its products.
+//   conv3x3_v9_fp32_halo<Gemm, Tile>: v7's patches and window (as planes of 20-float rows) on the
+//     CUDA cores: each thread sums 8 pixels of an output row by 8 output channels in registers,
+//     reading 10 window pixels per channel and kernel row for its three kx; two stages, two blocks
+//     per SM; the outputs staged in shared memory for stores of consecutive pixels.
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
@@ -983,8 +989,9 @@ BackwardWeightPlan plan_backward_weight(Conv3x3Version version, int N, int C, in
   BackwardWeightPlan plan;
   switch (version) {
     case Conv3x3Version::kV1Direct:
-    case Conv3x3Version::kV7Tf32Halo:  // never asked: their callers take gemm_version (v6, v5)
+    case Conv3x3Version::kV7Tf32Halo:  // never asked: their callers take gemm_version (v6, v5, v3)
     case Conv3x3Version::kV8Bf16Halo:
+    case Conv3x3Version::kV9Fp32Halo:
       break;
     case Conv3x3Version::kV2Smem: {
       const int64_t tiles = ceil_div<int64_t>(O, kV2WOuts) * ceil_div<int64_t>(C, kV2WIns);
@@ -1119,10 +1126,6 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 // per slice of channels for all nine taps, in TF32 (v7) or bf16 (v8)
 // =================================================================================================
 
-bool is_halo_version(Conv3x3Version version) {
-  return version == Conv3x3Version::kV7Tf32Halo || version == Conv3x3Version::kV8Bf16Halo;
-}
-
 // A source that holds no channels (the second of a plain convolution): never read.
 HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
 
@@ -1161,13 +1164,25 @@ static_assert(HaloWide<true>::kPW == HaloWide<false>::kPW && HaloTall<true>::kPH
                   HaloWide<true>::kBN == HaloWide<false>::kBN && HaloTall<true>::kBN == HaloTall<false>::kBN,
               "v7 and v8 share their patches");
 
-HaloPlan plan_halo(bool bf16, int64_t N, int out_h, int out_w, int out_channels, int in_channels) {
+// The channels of a slice of v7 and v9 (8) or v8 (16), and the blocks an SM holds.
+int halo_slice_channels(Conv3x3Version version) {
+  return version == Conv3x3Version::kV8Bf16Halo ? HaloMath<true>::kSliceChannels
+                                                : HaloMath<false>::kSliceChannels;
+}
+static_assert(FfmaHaloMath::kSliceChannels == HaloMath<false>::kSliceChannels, "v9 slices as v7");
+int halo_blocks_per_sm(Conv3x3Version version) {
+  return version == Conv3x3Version::kV9Fp32Halo ? kFfmaHaloBlocksPerSM : kHaloBlocksPerSM;
+}
+
+HaloPlan plan_halo(Conv3x3Version version, int64_t N, int out_h, int out_w, int out_channels,
+                   int in_channels) {
   const int bn = out_channels > HaloTall<false>::kBN ? HaloWide<false>::kBN : HaloTall<false>::kBN;
   const int64_t tiles =
       N * halo_patches(bn, out_h, out_w).per_image * ceil_div(out_channels, bn);
-  const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
+  const int slice = halo_slice_channels(version);
   const int64_t K = int64_t{9} * slice * ceil_div(in_channels, slice);  // whole slices
-  return {bn, output_splits(tiles, K, N * out_h * out_w * out_channels, kSMs * kHaloBlocksPerSM)};
+  return {bn, output_splits(tiles, K, N * out_h * out_w * out_channels,
+                            kSMs * halo_blocks_per_sm(version))};
 }
 
 template <class Gemm, class Tile>
@@ -1181,16 +1196,17 @@ void launch_halo(const char* name, const Gemm& g, const HaloInput& in, int64_t i
 
 // The op whose output view is `g` (M = N x out_h x out_w pixels, cols output channels), reading
 // `in` (its sources set) with the weights w [O, C, 3, 3] (flip: the backward data's, whose
-// outputs are the C channels), in v7 (bf16 false) or v8: the weights arranged for it
+// outputs are the C channels), in v7, v8 or v9: the weights arranged for it
 // (conv3x3_halo_weights), then the kernel, its K split as v4-v6 split theirs (with_output_split).
 template <class Gemm>
 void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N, const float* w,
-                   int C, int O, bool flip, bool bf16, cudaStream_t stream) {
-  const char* version = bf16 ? "v8_bf16_halo" : "v7_tf32_halo";
-  const std::string name = op + "_" + version;
-  if (!v6_available(stream))
-    throw std::runtime_error(name + ": " + version + " needs a Hopper GPU (compute capability 9.0) "
-                             "and a build for sm_90a (UNET_CUDA_ARCH=90a); use " +
+                   int C, int O, bool flip, Conv3x3Version version, cudaStream_t stream) {
+  const bool bf16 = version == Conv3x3Version::kV8Bf16Halo;
+  const bool ffma = version == Conv3x3Version::kV9Fp32Halo;
+  const std::string name = op + "_" + version_name(version);
+  if (!ffma && !v6_available(stream))
+    throw std::runtime_error(name + ": " + version_name(version) + " needs a Hopper GPU (compute "
+                             "capability 9.0) and a build for sm_90a (UNET_CUDA_ARCH=90a); use " +
                              (bf16 ? "v5_bf16_mma" : "v4_tf32_mma") + " elsewhere");
   // A concatenation without up channels reads skip alone: as the first source, so that the
   // kernel's stand-in address for the copies that read nothing is a tensor that has elements.
@@ -1198,29 +1214,36 @@ void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N
     in.first = in.second;
     in.second = no_halo_source(in.first.p);
   }
-  const HaloPlan plan = plan_halo(bf16, N, in.out_h, in.out_w, g.cols, in.channels());
+  const HaloPlan plan = plan_halo(version, N, in.out_h, in.out_w, g.cols, in.channels());
   const HaloPatches patches = halo_patches(plan.bn, in.out_h, in.out_w);
-  const int slice = bf16 ? HaloMath<true>::kSliceChannels : HaloMath<false>::kSliceChannels;
+  const int slice = halo_slice_channels(version);
   in.patches_x = patches.x;
   in.patches = patches.per_image;
   in.slices = ceil_div(in.channels(), slice);
   in.o_tiles = ceil_div(g.cols, plan.bn);
-  // the arranged weights: float32 for v7, bf16 for v8 (half the bytes: an even count of them)
+  // the arranged weights: float32 for v7 and v9, bf16 for v8 (half the bytes: an even count)
   const int64_t pairs = int64_t{in.slices} * slice * in.o_tiles * plan.bn;  // (in, out) channels
   Workspace wt(bf16 ? pairs * 9 / 2 : pairs * 9, stream, "conv3x3 halo weights");
-  const auto weights = bf16 ? conv3x3_halo_weights<true> : conv3x3_halo_weights<false>;
+  const auto weights = bf16 ? conv3x3_halo_weights<HaloMath<true>>
+                            : ffma ? conv3x3_halo_weights<FfmaHaloMath>
+                                   : conv3x3_halo_weights<HaloMath<false>>;
   launch_kernel("conv3x3_halo_weights", weights, dim3(grid_1d(pairs)), dim3(kBlock1d), stream, w,
                 static_cast<void*>(wt.data()), C, O, flip, plan.bn, in.o_tiles, in.slices);
+  const bool wide = plan.bn == HaloWide<false>::kBN;
   with_output_split(op, g, plan.splits, stream, [&](const auto& view) {
     using View = std::decay_t<decltype(view)>;
     const void* arranged = wt.data();
     const int s = plan.splits;
-    if (plan.bn == HaloWide<false>::kBN) {
-      if (bf16) launch_halo<View, HaloWide<true>>(name.c_str(), view, in, N, arranged, s, stream);
-      else launch_halo<View, HaloWide<false>>(name.c_str(), view, in, N, arranged, s, stream);
+    const char* kname = name.c_str();
+    if (ffma) {
+      if (wide) launch_halo<View, FfmaHaloWide>(kname, view, in, N, arranged, s, stream);
+      else launch_halo<View, FfmaHaloTall>(kname, view, in, N, arranged, s, stream);
+    } else if (bf16) {
+      if (wide) launch_halo<View, HaloWide<true>>(kname, view, in, N, arranged, s, stream);
+      else launch_halo<View, HaloTall<true>>(kname, view, in, N, arranged, s, stream);
     } else {
-      if (bf16) launch_halo<View, HaloTall<true>>(name.c_str(), view, in, N, arranged, s, stream);
-      else launch_halo<View, HaloTall<false>>(name.c_str(), view, in, N, arranged, s, stream);
+      if (wide) launch_halo<View, HaloWide<false>>(kname, view, in, N, arranged, s, stream);
+      else launch_halo<View, HaloTall<false>>(kname, view, in, N, arranged, s, stream);
     }
   });
 }
@@ -1300,10 +1323,13 @@ bool v6_available(cudaStream_t stream) {
 }
 
 bool conv3x3_version_available(Conv3x3Version version) {
-  return (version != Conv3x3Version::kV6Tf32Wgmma && !is_halo_version(version)) || v6_available();
+  const bool hopper_only = version == Conv3x3Version::kV6Tf32Wgmma ||
+                           version == Conv3x3Version::kV7Tf32Halo ||
+                           version == Conv3x3Version::kV8Bf16Halo;
+  return !hopper_only || v6_available();
 }
 
-bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, v7 and v8
+bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, v7, v8 and v9
   return is_gemm_version(gemm_version(version));
 }
 
@@ -1415,7 +1441,7 @@ bool conv3x3_tap_major(Conv3x3Version version, int channels) {
 int conv3x3_forward_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
   if (!conv3x3_fuses_concat(version)) return 1;  // v1, v2: no split
   if (is_halo_version(version) && halo_applies({nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
-    return plan_halo(version == Conv3x3Version::kV8Bf16Halo, N, H - 2, W - 2, O, C).splits;
+    return plan_halo(version, N, H - 2, W - 2, O, C).splits;
   return plan_output(gemm_version(version), static_cast<int64_t>(N) * (H - 2) * (W - 2), O,
                      int64_t{9} * C).splits;
 }
@@ -1424,7 +1450,7 @@ int conv3x3_backward_data_splits(Conv3x3Version version, int N, int C, int H, in
   if (!conv3x3_fuses_concat(version)) return 1;
   if (is_halo_version(version) &&
       halo_applies({nullptr, O, H - 2, W - 2, -2, -2}, no_halo_source(nullptr)))
-    return plan_halo(version == Conv3x3Version::kV8Bf16Halo, N, H, W, C, O).splits;
+    return plan_halo(version, N, H, W, C, O).splits;
   return plan_output(gemm_version(version), static_cast<int64_t>(N) * H * W, C, int64_t{9} * O)
       .splits;
 }
@@ -1454,7 +1480,7 @@ void launch_conv3x3_forward(const float* x, const float* w, const float* b, floa
         if (halo_applies(source, no_halo_source(x))) {
           run_halo_conv("conv3x3_forward", forward_gemm(x, w, b, y, N, C, H, W, O, relu),
                         {source, no_halo_source(x), P, Q}, N, w, C, O, false,
-                        version == Conv3x3Version::kV8Bf16Halo, stream);
+                        version, stream);
           return;
         }
         version = gemm_version(version);
@@ -1496,7 +1522,7 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
           run_halo_conv("conv3x3_backward_data",
                         backward_data_gemm(dy, nullptr, dx, relu_mask, N, C, H, W, O),
                         {source, no_halo_source(dy), H, W}, N, w, C, O, true,
-                        version == Conv3x3Version::kV8Bf16Halo, stream);
+                        version, stream);
           return;
         }
         version = gemm_version(version);
@@ -1580,7 +1606,7 @@ void launch_conv3x3_concat_forward(const float* up, const float* skip, const flo
       const Conv3x3ConcatForwardGemm g{forward_gemm(up, w, b, y, N, Cu + Cs, H, W, O, relu), skip,
                                        Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
       run_halo_conv("conv3x3_concat_forward", g, {first, second, H - 2, W - 2}, N, w, Cu + Cs, O,
-                    false, version == Conv3x3Version::kV8Bf16Halo, stream);
+                    false, version, stream);
       return;
     }
     version = gemm_version(version);
@@ -1616,7 +1642,7 @@ void launch_conv3x3_concat_backward_data(const float* dy, const float* w, const 
           backward_data_gemm(dy, nullptr, dup, up_mask, N, Cu + Cs, H, W, O), dskip, Cu, Hs, Ws,
           (Hs - H) / 2, (Ws - W) / 2, skip_mask};
       run_halo_conv("conv3x3_concat_backward_data", g, {source, no_halo_source(dy), H, W}, N, w,
-                    Cu + Cs, O, true, version == Conv3x3Version::kV8Bf16Halo, stream);
+                    Cu + Cs, O, true, version, stream);
       return;
     }
     version = gemm_version(version);

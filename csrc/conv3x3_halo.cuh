@@ -75,6 +75,7 @@ constexpr int kHaloThreads = 256;  // two warpgroups
 // elements apart and its 8-row groups SBO = 16 T elements apart: 128 and 256 bytes in both.
 template <bool BF16>
 struct HaloMath {
+  static constexpr bool kBF16 = BF16;
   static constexpr int kSliceChannels = BF16 ? 16 : 8;
   static constexpr int kSliceK = 9 * kSliceChannels;  // K of a stage
   static constexpr int kT = BF16 ? 8 : 4;             // elements per 16 bytes
@@ -100,6 +101,7 @@ template <int UW, int UH, int BN_, bool BF16>
 struct HaloTile {
   using Math = HaloMath<BF16>;
   static constexpr bool kBF16 = BF16;
+  static constexpr bool kFfma = false;
   static constexpr int kBN = BN_;
   static constexpr int kUnitsW = UW, kUnits = UW * UH, kUnitsPerGroup = kUnits / 2;
   static_assert(kUnits % 2 == 0, "the units split over the two warpgroups");
@@ -142,10 +144,11 @@ using HaloTall = HaloTile<2, 2, 64, BF16>;
 // One thread per (output channel, input channel) of the padded ranges, its nine taps: the nine
 // floats are contiguous in w, and consecutive threads take the pair next to it in memory (the
 // input channel forward, the output channel flipped), so the reads coalesce.
-template <bool BF16>
+// `Math` gives the layout (b_at) and the element type (kBF16): HaloMath<false> (v7), HaloMath<true>
+// (v8) or FfmaHaloMath (v9).
+template <class Math>
 __global__ void conv3x3_halo_weights(const float* __restrict__ w, void* __restrict__ wt, int C,
                                      int O, bool flip, int bn, int o_tiles, int slices) {
-  using Math = HaloMath<BF16>;
   const int out_channels = flip ? C : O, in_channels = flip ? O : C;
   const int out_padded = o_tiles * bn, in_padded = slices * Math::kSliceChannels;
   const int64_t total = static_cast<int64_t>(out_padded) * in_padded;
@@ -164,7 +167,7 @@ __global__ void conv3x3_halo_weights(const float* __restrict__ w, void* __restri
     for (int tap = 0; tap < 9; ++tap) {
       const int64_t at = block + Math::b_at(bn, row, Math::kSliceChannels * tap + cl);
       const float v = inside ? src[flip ? 8 - tap : tap] : 0.0f;
-      if constexpr (BF16)
+      if constexpr (Math::kBF16)
         static_cast<uint16_t*>(wt)[at] = static_cast<uint16_t>(pack_bf16x2(v, 0.0f) & 0xFFFFu);
       else
         static_cast<float*>(wt)[at] = v;
@@ -185,17 +188,16 @@ __device__ __forceinline__ int halo_pixel_offset(const HaloSource& t, int i, int
   return y >= 0 && y < t.h && x >= 0 && x < t.w ? y * t.w + x : -1;
 }
 
-// The copies of a thread into the float32 window of a slice: window[g][p][c % 4], float e = (g *
-// pixels + p) * 4 + c % 4 taken by thread e % 256 (a warp's copies write 128 consecutive bytes).
-// The sources are decided once per block (HaloCopy), the slice's channels per issue.
-template <class Tile>
-struct HaloWindowCopies {
-  HaloCopy copies[Tile::kACopies];
+// The two sources of one image, and where a window element reads: channel c of the op's input
+// (first's channels, then second's) at pixel offsets first_offset / second_offset within each
+// source's plane (halo_pixel_offset; -1 outside it). `valid` false: nothing is read (outside the
+// sources, or past their channels) and the address returned is a stand-in that is never read.
+struct HaloImages {
   const float* first_image;
   const float* second_image;
   int first_plane, second_plane, first_channels, channels;
 
-  __device__ HaloWindowCopies(const HaloInput& in, int64_t n, int i0, int j0, int tid) {
+  __device__ HaloImages(const HaloInput& in, int64_t n) {
     const HaloSource& first = in.first;
     const HaloSource& second = in.second;
     first_image = first.p + n * first.channels * first.h * first.w;
@@ -204,6 +206,32 @@ struct HaloWindowCopies {
     second_plane = second.h * second.w;
     first_channels = first.channels;
     channels = in.channels();
+  }
+
+  __device__ const float* source(int c, int first_offset, int second_offset, bool& valid) const {
+    valid = false;
+    if (c < first_channels) {
+      valid = first_offset >= 0;
+      return first_image + c * first_plane + (valid ? first_offset : 0);
+    }
+    if (c < channels) {
+      valid = second_offset >= 0;
+      return second_image + (c - first_channels) * second_plane + (valid ? second_offset : 0);
+    }
+    return first_image;
+  }
+};
+
+// The copies of a thread into the float32 window of a slice: window[g][p][c % 4], float e = (g *
+// pixels + p) * 4 + c % 4 taken by thread e % 256 (a warp's copies write 128 consecutive bytes).
+// The sources are decided once per block (HaloCopy), the slice's channels per issue.
+template <class Tile>
+struct HaloWindowCopies {
+  HaloCopy copies[Tile::kACopies];
+  HaloImages images;
+
+  __device__ HaloWindowCopies(const HaloInput& in, int64_t n, int i0, int j0, int tid)
+      : images(in, n) {
 #pragma unroll
     for (int r = 0; r < Tile::kACopies; ++r) {
       const int e = tid + kHaloThreads * r;
@@ -211,9 +239,9 @@ struct HaloWindowCopies {
       const int p = (e - group * 4 * Tile::kWindowPixels) / 4;
       const int wy = p / Tile::kWP, wx = p - wy * Tile::kWP;
       copies[r].channel = 4 * group + e % 4;  // past the window: never issued
-      copies[r].first_offset = halo_pixel_offset(first, i0 + wy, j0 + wx);
+      copies[r].first_offset = halo_pixel_offset(in.first, i0 + wy, j0 + wx);
       copies[r].second_offset =
-          second.channels > 0 ? halo_pixel_offset(second, i0 + wy, j0 + wx) : -1;
+          in.second.channels > 0 ? halo_pixel_offset(in.second, i0 + wy, j0 + wx) : -1;
     }
   }
 
@@ -224,17 +252,9 @@ struct HaloWindowCopies {
     for (int r = 0; r < Tile::kACopies; ++r) {
       const int e = tid + kHaloThreads * r;
       if (Tile::kWindowFloats % kHaloThreads != 0 && e >= Tile::kWindowFloats) break;
-      const int c = c0 + copies[r].channel;
-      const float* src = first_image;  // a valid address where nothing is read
-      bool valid = false;
-      if (c < first_channels) {
-        valid = copies[r].first_offset >= 0;
-        src = first_image + c * first_plane + (valid ? copies[r].first_offset : 0);
-      } else if (c < channels) {
-        valid = copies[r].second_offset >= 0;
-        src = second_image + (c - first_channels) * second_plane +
-              (valid ? copies[r].second_offset : 0);
-      }
+      bool valid;
+      const float* src = images.source(c0 + copies[r].channel, copies[r].first_offset,
+                                       copies[r].second_offset, valid);
       cp_async_4_or_zero(window + e, src, valid);
     }
   }
@@ -383,6 +403,211 @@ __device__ __forceinline__ void halo_conv_block(const Gemm& g, const HaloInput& 
   }
 }
 
+// =================================================================================================
+// v9_fp32_halo: the same window on the CUDA cores (FP32 FFMA), for the fp32 mode
+// =================================================================================================
+//
+// v2_smem staged a tile of the input with its 1-pixel border once for all nine taps, but each
+// thread computed one output at a time (a load per FFMA); v3_igemm keeps 8 x 8 outputs per thread
+// in registers (a load per 4 FFMAs) but copies the im2col matrix, each input element up to nine
+// times, 8 of K per barrier. v9 is both: a block's output patch (16 x 8 pixels by 128 output
+// channels, or 16 x 16 by 64) reads its window of each slice of 8 input channels from shared
+// memory, laid out as planes, window[c][r][s] (a row of 18 pixels padded to 20 floats, so that
+// rows start 16-byte aligned), and each thread keeps 8 consecutive pixels of one output row by 8
+// output channels in registers. For one channel and one kernel row ky, a thread reads the 10
+// window pixels its 8 outputs and the three kx see (three loads: 16 + 16 + 8 bytes), then per kx
+// the 8 weights of its channels (two 16-byte loads) and does 64 FFMAs: 192 FFMAs for 9 loads, and
+// 72 of K (8 channels x 9 taps) between two barriers instead of v3's 8.
+//
+// The weights of a slice are prearranged (conv3x3_halo_weights with FfmaHaloMath) as the stage
+// holds them, B[k][column], k = 8 tap + channel: a thread's 8 columns are two runs of 4, half the
+// tile apart (column 4 og + j, and BN / 2 + 4 og + j), so that 8 consecutive threads read 8
+// consecutive 16-byte pieces (128 bytes on 32 banks). Two stages: the copies of slice t + 1 are in
+// flight during the 4,608 FFMAs per thread of slice t. The output goes through shared memory
+// (the stages are free by then) so that consecutive threads store consecutive pixels through the
+// view's epilogue.
+
+// v9's slice of the weights: 8 channels, B[k][row] with the rows (output channels) contiguous.
+struct FfmaHaloMath {
+  static constexpr bool kBF16 = false;
+  static constexpr int kSliceChannels = 8;
+  static constexpr int kSliceK = 9 * kSliceChannels;
+  __host__ __device__ static constexpr int b_at(int bn, int row, int k) { return k * bn + row; }
+};
+
+// A block tile of v9: a 16 x PH output patch by BN output channels, 256 threads of 8 pixels (one
+// output row's) by 8 channels: (2 PH pixel groups) x (BN / 8 channel groups). A warp is 4 pixel
+// groups by 8 channel groups.
+template <int PH, int BN_>
+struct FfmaHaloTile {
+  using Math = FfmaHaloMath;
+  static constexpr bool kBF16 = false;
+  static constexpr bool kFfma = true;
+  static constexpr int kBN = BN_;
+  static constexpr int kPW = 16, kPH = PH;
+  static constexpr int kWP = kPW + 2, kHP = kPH + 2;  // the window
+  static constexpr int kRowStride = 20;               // floats from one window row to the next
+  static constexpr int kPlane = kHP * kRowStride;     // one channel's window
+  static constexpr int kWindowPixels = kWP * kHP;
+  static constexpr int kWindowFloats = Math::kSliceChannels * kPlane;
+  static constexpr int kBFloats = Math::kSliceK * BN_;
+  static constexpr int kStageFloats = kWindowFloats + kBFloats;
+  static constexpr int kStages = 2;
+  static constexpr int kPixelGroups = 2 * PH, kChannelGroups = BN_ / 8;
+  static constexpr int kWarpsN = kChannelGroups / 8;  // warps side by side along the channels
+  static_assert(kPixelGroups * kChannelGroups == kHaloThreads && kChannelGroups % 8 == 0,
+                "256 threads of 8 x 8 outputs, a warp 4 pixel groups by 8 channel groups");
+  static_assert(kRowStride >= kWP && kRowStride % 4 == 0 && kWindowFloats % 4 == 0,
+                "window rows and B start 16-byte aligned");
+  // The epilogue's staging of the block's outputs: [BN][pixels + 4] floats.
+  static constexpr int kPatchPixels = kPW * kPH, kOutStride = kPatchPixels + 4;
+  static constexpr size_t kSmemBytes =
+      4 * static_cast<size_t>(kStages * kStageFloats > BN_ * kOutStride ? kStages * kStageFloats
+                                                                         : BN_ * kOutStride);
+  static constexpr int kPixelSets = ceil_div(kWindowPixels, kHaloThreads);  // window pixels a thread copies
+  static constexpr int kBCopies = ceil_div(kBFloats / 4, kHaloThreads);       // 16 bytes each
+  static_assert(kSmemBytes <= 113 * 1024, "two blocks fit an SM");
+};
+// Two blocks per SM (256 threads each, 128 registers per thread or fewer; ptxas, docs/CONV3X3.md):
+// the other block's FFMAs cover a block's barrier and its first copies.
+constexpr int kFfmaHaloBlocksPerSM = 2;
+// 16 x 8 pixels by 128 channels: 85 KB (two stages of 42 KB).
+using FfmaHaloWide = FfmaHaloTile<8, 128>;
+// 16 x 16 pixels by 64 channels, for the outputs of 64 channels or fewer: 65 KB (the epilogue's).
+using FfmaHaloTall = FfmaHaloTile<16, 64>;
+static_assert(FfmaHaloWide::kPW == HaloWide<false>::kPW && FfmaHaloWide::kPH == HaloWide<false>::kPH &&
+                  FfmaHaloTall::kPH == HaloTall<false>::kPH && FfmaHaloWide::kBN == HaloWide<false>::kBN &&
+                  FfmaHaloTall::kBN == HaloTall<false>::kBN,
+              "v9 has v7's patches (halo_patches)");
+
+// A thread's copies of the slice of channels c0 .. into the planes of `window`: thread tid takes
+// window pixels tid, tid + 256, .. (consecutive threads read consecutive pixels of a row) in all 8
+// channels, so that it works out each pixel's place in the sources once per slice and its 8
+// channels are a constant stride apart (v7's copy of element e, whose channel and pixel both vary
+// with e, would hold a source decode per copy in registers that v9 keeps for its outputs).
+template <class Tile>
+__device__ __forceinline__ void ffma_halo_window_issue(const HaloInput& in, int n, int i0, int j0,
+                                                       int c0, float* window, int tid) {
+  const HaloImages images(in, n);
+#pragma unroll
+  for (int q = 0; q < Tile::kPixelSets; ++q) {
+    const int p = tid + kHaloThreads * q;
+    if (Tile::kWindowPixels % kHaloThreads != 0 && p >= Tile::kWindowPixels) break;
+    const int wy = p / Tile::kWP, wx = p - wy * Tile::kWP;
+    const int first_offset = halo_pixel_offset(in.first, i0 + wy, j0 + wx);
+    const int second_offset =
+        in.second.channels > 0 ? halo_pixel_offset(in.second, i0 + wy, j0 + wx) : -1;
+    float* const dst = window + wy * Tile::kRowStride + wx;
+#pragma unroll
+    for (int c = 0; c < FfmaHaloMath::kSliceChannels; ++c) {
+      bool valid;
+      const float* src = images.source(c0 + c, first_offset, second_offset, valid);
+      cp_async_4_or_zero(dst + c * Tile::kPlane, src, valid);
+    }
+  }
+}
+
+// One block of v9: blocks as v7's (halo_conv_block); `wt` in FfmaHaloMath's arrangement.
+template <class Gemm, class Tile>
+__device__ __forceinline__ void ffma_halo_conv_block(const Gemm& g, const HaloInput& in,
+                                                     const float* __restrict__ wt, float* smem) {
+  constexpr int BN = Tile::kBN, RS = Tile::kRowStride, SC = FfmaHaloMath::kSliceChannels;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int og = lane % 8 + 8 * (warp % Tile::kWarpsN);  // channels 4 og .., BN / 2 + 4 og ..
+  const int pg = lane / 8 + 4 * (warp / Tile::kWarpsN);  // patch row pg / 2, pixels 8 (pg % 2) ..
+  const int py = pg / 2, px0 = 8 * (pg % 2);
+  // 32-bit block coordinates and slice counters (registers are what limits v9: two blocks per SM
+  // give each thread 128); the weights' address is worked out at each issue
+  const int n = static_cast<int>(blockIdx.x / in.patches);
+  const int patch = static_cast<int>(blockIdx.x - static_cast<int64_t>(n) * in.patches);
+  const int patch_y = patch / in.patches_x;
+  const int i0 = patch_y * Tile::kPH, j0 = (patch - patch_y * in.patches_x) * Tile::kPW;
+  int64_t begin64, end64;
+  k_tile_range(in.slices, begin64, end64);
+  const int t_begin = static_cast<int>(begin64), t_end = static_cast<int>(end64);
+
+  // The copies of slice t into stage s, one commit group (empty past this block's slices).
+  auto issue = [&](int t, int s) {
+    if (t < t_end) {
+      float* const stage = smem + s * Tile::kStageFloats;
+      ffma_halo_window_issue<Tile>(in, n, i0, j0, t * SC, stage, tid);
+      float* const b = stage + Tile::kWindowFloats;
+      const float* const src = wt + (static_cast<int64_t>(t) * in.o_tiles + blockIdx.y) * Tile::kBFloats;
+#pragma unroll
+      for (int r = 0; r < Tile::kBCopies; ++r) {
+        const int piece = tid + kHaloThreads * r;
+        if ((Tile::kBFloats / 4) % kHaloThreads != 0 && piece >= Tile::kBFloats / 4) break;
+        cp_async_16(b + 4 * piece, src + 4 * piece);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[8][8];  // [pixel px0 + i][channel j]
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+  issue(t_begin, 0);
+  int s = 0;
+  for (int t = t_begin; t < t_end; ++t, s ^= 1) {
+    cp_async_wait<0>();  // this thread's copies of slice t have landed ...
+    __syncthreads();     // ... everyone's; and everyone is done with slice t - 1's stage
+    issue(t + 1, s ^ 1);
+    const float* const window = smem + s * Tile::kStageFloats + py * RS + px0;
+    const float* const b = smem + s * Tile::kStageFloats + Tile::kWindowFloats + 4 * og;
+#pragma unroll 1
+    for (int c = 0; c < SC; ++c) {
+#pragma unroll
+      for (int ky = 0; ky < 3; ++ky) {
+        const float* const row = window + c * Tile::kPlane + ky * RS;
+        const float4 a0 = *reinterpret_cast<const float4*>(row);
+        const float4 a1 = *reinterpret_cast<const float4*>(row + 4);
+        const float2 a2 = *reinterpret_cast<const float2*>(row + 8);
+        const float a[10] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y};
+#pragma unroll
+        for (int kx = 0; kx < 3; ++kx) {
+          const float* const bk = b + (SC * (3 * ky + kx) + c) * BN;
+          const float4 b0 = *reinterpret_cast<const float4*>(bk);
+          const float4 b1 = *reinterpret_cast<const float4*>(bk + BN / 2);
+          const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i + kx], w[j], acc[i][j]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left
+  __syncthreads();     // every thread is done with the stages: the outputs take their place
+
+  // out[column][pixel]: a thread writes its 8 pixels of each of its columns (two 16-byte stores),
+  // then reads one pixel of BN / (256 / pixels) columns, consecutive threads consecutive pixels.
+  float* const out = smem;
+  constexpr int OS = Tile::kOutStride, NPX = Tile::kPatchPixels;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    float* const dst = out + ((j / 4) * (BN / 2) + 4 * og + j % 4) * OS + py * Tile::kPW + px0;
+    *reinterpret_cast<float4*>(dst) = make_float4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4][j], acc[5][j], acc[6][j], acc[7][j]);
+  }
+  __syncthreads();
+  constexpr int kColumnStep = kHaloThreads / NPX;
+  static_assert(kHaloThreads % NPX == 0, "every thread stores one pixel");
+  const int px = tid % NPX;
+  const int ii = i0 + px / Tile::kPW, jj = j0 + px % Tile::kPW;
+  if (ii >= in.out_h || jj >= in.out_w) return;
+  const typename Gemm::CRow row = g.c_row((static_cast<int64_t>(n) * in.out_h + ii) * in.out_w + jj);
+#pragma unroll 4
+  for (int r = 0; r < BN / kColumnStep; ++r) {
+    const int column = tid / NPX + kColumnStep * r;
+    const int col = static_cast<int>(blockIdx.y) * BN + column;
+    if (col < g.cols) g.store(row, col, out[column * OS + px]);
+  }
+}
+
 #ifdef UNET_CPU_EMULATION
 #define UNET_HALO_SMEM float* smem = cpu_emulation::dynamic_shared<float>();
 #else
@@ -407,12 +632,22 @@ __global__ void __launch_bounds__(kHaloThreads) conv3x3_v8_bf16_halo(const Gemm 
   halo_conv_block<Gemm, Tile>(g, in, wt, smem);
 }
 
+// v9: FP32 FFMA on the CUDA cores (any GPU of the build), two blocks per SM.
+template <class Gemm, class Tile>
+__global__ void __launch_bounds__(kHaloThreads, kFfmaHaloBlocksPerSM)
+    conv3x3_v9_fp32_halo(const Gemm g, const HaloInput in, const void* __restrict__ wt) {
+  static_assert(Tile::kFfma, "v9 takes the FFMA tiles");
+  UNET_HALO_SMEM
+  ffma_halo_conv_block<Gemm, Tile>(g, in, static_cast<const float*>(wt), smem);
+}
+
 #undef UNET_HALO_SMEM
 
-// The kernel of a tile: v8's for the bf16 tiles, v7's for the others.
+// The kernel of a tile: v9's for the FFMA tiles, v8's for the bf16 ones, v7's for the others.
 template <class Gemm, class Tile>
 constexpr auto halo_kernel() {
-  if constexpr (Tile::kBF16) return conv3x3_v8_bf16_halo<Gemm, Tile>;
+  if constexpr (Tile::kFfma) return conv3x3_v9_fp32_halo<Gemm, Tile>;
+  else if constexpr (Tile::kBF16) return conv3x3_v8_bf16_halo<Gemm, Tile>;
   else return conv3x3_v7_tf32_halo<Gemm, Tile>;
 }
 

@@ -1865,12 +1865,19 @@ WeightGemmPlan plan_weight_gemm(Conv3x3Version version, int64_t M, int64_t cols,
   return {tile, plan_splits(tiles, units, tile.bk, M * cols, tile.wave_blocks)};
 }
 
-// The GEMM version an op of `version` runs its GEMMs with: v7 runs v6's and v8 v5's (the same
-// precision) wherever their own kernel (conv3x3_halo.cuh) does not apply; every other version its
-// own.
+// The versions with a kernel of their own for the forward and backward data (conv3x3_halo.cuh).
+bool is_halo_version(Conv3x3Version version) {
+  return version == Conv3x3Version::kV7Tf32Halo || version == Conv3x3Version::kV8Bf16Halo ||
+         version == Conv3x3Version::kV9Fp32Halo;
+}
+
+// The GEMM version an op of `version` runs its GEMMs with: v7 runs v6's, v8 v5's and v9 v3's (the
+// same precision) wherever their own kernel (conv3x3_halo.cuh) does not apply; every other
+// version its own.
 Conv3x3Version gemm_version(Conv3x3Version version) {
   if (version == Conv3x3Version::kV7Tf32Halo) return Conv3x3Version::kV6Tf32Wgmma;
   if (version == Conv3x3Version::kV8Bf16Halo) return Conv3x3Version::kV5Bf16Mma;
+  if (version == Conv3x3Version::kV9Fp32Halo) return Conv3x3Version::kV3Igemm;
   return version;
 }
 
@@ -1934,7 +1941,7 @@ bool check_gemm_plan_key(const GemmPlanKey& key) {
     throw std::invalid_argument("GEMM plan: no op " + key.op + " has GEMM plans; those that do: " +
                                 ops);
   }
-  if (key.version == Conv3x3Version::kV7Tf32Halo || key.version == Conv3x3Version::kV8Bf16Halo)
+  if (is_halo_version(key.version))
     throw std::invalid_argument(
         std::string("GEMM plan: ") + version_name(key.version) + "'s forward and backward data "
         "run its own kernel, which has no plans, and its other ops the GEMMs of " +

@@ -24,13 +24,14 @@ namespace unet {
 // y and dy [N,O,H-2,W-2]. H and W are always the input's (dx's) size.
 //
 // The kernel versions (docs/CONV3X3.md), one registry: the bindings turn a name into the enum
-// once, and each launcher dispatches on it. v1-v3 compute in FP32, v4, v6 and v7 in TF32, v5 and
-// v8 in bf16 (v6-v8 only on sm_90a: Hopper; all with FP32 sums; every buffer stays float32). v7
-// and v8 have kernels of their own for the forward and the backward data (plain and concatenated)
-// and run the GEMMs of v6 (v7) or v5 (v8) for everything else (the weight gradients, the
-// up-convolutions, the first layer).
+// once, and each launcher dispatches on it. v1-v3 and v9 compute in FP32, v4, v6 and v7 in TF32,
+// v5 and v8 in bf16 (v6-v8 only on sm_90a: Hopper; all with FP32 sums; every buffer stays
+// float32). v7, v8 and v9 have kernels of their own for the forward and the backward data (plain
+// and concatenated) and run the GEMMs of v6 (v7), v5 (v8) or v3 (v9) for everything else (the
+// weight gradients, the up-convolutions, the first layer).
 enum class Conv3x3Version {
-  kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma, kV7Tf32Halo, kV8Bf16Halo
+  kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma, kV7Tf32Halo, kV8Bf16Halo,
+  kV9Fp32Halo
 };
 struct Conv3x3VersionName {
   const char* name;
@@ -45,6 +46,7 @@ inline constexpr Conv3x3VersionName kConv3x3Versions[] = {
     {"v6_tf32_wgmma", Conv3x3Version::kV6Tf32Wgmma},
     {"v7_tf32_halo", Conv3x3Version::kV7Tf32Halo},
     {"v8_bf16_halo", Conv3x3Version::kV8Bf16Halo},
+    {"v9_fp32_halo", Conv3x3Version::kV9Fp32Halo},
 };
 // Whether `version` can run on the current device: v6, v7 and v8 need a Hopper GPU and a build
 // with sm_90a code (asked once per device); every other version runs on any GPU of the build.

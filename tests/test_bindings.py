@@ -230,7 +230,7 @@ def test_stream_is_keyword_only():
 
 CONV3X3_OPS = ("conv3x3_forward", "conv3x3_backward_data", "conv3x3_backward_weight")
 CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                    "v7_tf32_halo", "v8_bf16_halo")
+                    "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 
 
 def module_constant(path, name):
@@ -743,7 +743,7 @@ CONCAT_OPS = ("conv3x3_concat_forward", "conv3x3_concat_backward_data", "conv3x3
 
 def test_concat_versions_are_the_gemm_versions():
     assert _C.CONV3X3_CONCAT_VERSIONS == ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                                          "v7_tf32_halo", "v8_bf16_halo")
+                                          "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 
 
 @pytest.mark.parametrize("op", CONCAT_OPS)
@@ -755,7 +755,7 @@ def test_concat_refuses_versions_that_cannot_read_two_inputs(op, version):
 
 @pytest.mark.parametrize("op", CONCAT_OPS)
 def test_concat_unknown_version_lists_the_valid_ones(op):
-    raises_naming(ValueError, op, "version", "'v9'", *(repr(v) for v in CONV3X3_VERSIONS), version="v9")
+    raises_naming(ValueError, op, "version", "'v99_missing'", *(repr(v) for v in CONV3X3_VERSIONS), version="v99_missing")
 
 
 def test_concat_skip_must_crop_evenly():
@@ -782,7 +782,7 @@ def test_version_availability():
     """Every version but v6-v8 runs on any GPU of the build (no CUDA call is needed to say so);
     v6-v8 ask the device, which here may have no driver at all (then the error names v6, whose
     probe answers for all three)."""
-    for version in CONV3X3_VERSIONS[:-3]:
+    for version in CONV3X3_VERSIONS[:5] + ("v9_fp32_halo",):
         assert _C.conv3x3_version_available(version) is True
     for version in ("v6_tf32_wgmma", "v7_tf32_halo", "v8_bf16_halo"):
         try:
@@ -790,7 +790,7 @@ def test_version_availability():
         except RuntimeError as exc:
             assert "v6_tf32_wgmma" in str(exc)
     with pytest.raises(ValueError, match="conv3x3_version_available: argument version must be one of"):
-        _C.conv3x3_version_available("v9")
+        _C.conv3x3_version_available("v99_missing")
 
 
 def test_conv3x3_tap_major_choice():
@@ -800,5 +800,6 @@ def test_conv3x3_tap_major_choice():
     assert _C.conv3x3_tap_major("v3_igemm", 64) is False
     assert _C.conv3x3_tap_major("v7_tf32_halo", 64) is False  # its own kernel: no tap-major GEMM
     assert _C.conv3x3_tap_major("v8_bf16_halo", 64) is False
+    assert _C.conv3x3_tap_major("v9_fp32_halo", 64) is False
     with pytest.raises(ValueError, match="conv3x3_tap_major: argument version must be one of"):
-        _C.conv3x3_tap_major("v9", 64)
+        _C.conv3x3_tap_major("v99_missing", 64)

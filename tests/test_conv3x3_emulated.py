@@ -40,11 +40,12 @@ GUARD = 4096                   # floats of guard before and after every array (k
 OUTPUT_GUARD_VALUE = 1234.5
 
 
-# v7 and v8 run the kernels of their GEMM version (v6, v5) for the weight gradients, the
+# v7, v8 and v9 run the kernels of their GEMM version (v6, v5, v3) for the weight gradients, the
 # up-convolutions and the convolutions of fewer than 8 channels: where a case reaches only those,
 # it is checked with that version, and the halo versions take it once (the first shape of a list),
 # which checks the dispatch.
-HALO_FALLBACKS = {"v7_tf32_halo": "v6_tf32_wgmma", "v8_bf16_halo": "v5_bf16_mma"}
+HALO_FALLBACKS = {"v7_tf32_halo": "v6_tf32_wgmma", "v8_bf16_halo": "v5_bf16_mma",
+                  "v9_fp32_halo": "v3_igemm"}
 
 
 def skip_gemm_fallback(version, reaches_halo_kernel, first_case=False):
@@ -54,7 +55,7 @@ def skip_gemm_fallback(version, reaches_halo_kernel, first_case=False):
 
 def test_registry_is_read():
     assert VERSIONS == ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                        "v7_tf32_halo", "v8_bf16_halo")
+                        "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 
 
 @pytest.fixture(scope="module")
@@ -464,7 +465,7 @@ def test_precision_names():
 # ------------------------------------------------------------------------------------------------
 
 GEMM_VERSIONS = ("v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma")
-CONCAT_VERSIONS = GEMM_VERSIONS + ("v7_tf32_halo", "v8_bf16_halo")  # their kernel reads both too
+CONCAT_VERSIONS = GEMM_VERSIONS + ("v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")  # their kernel reads both too
 # (N, Cu, Cs, H, W, Hs, Ws, O)
 CONCAT_SHAPES = [
     (1, 3, 2, 5, 7, 9, 11, 4),       # odd sizes, crop offsets (2, 2)
@@ -861,8 +862,8 @@ def test_sgd_multi_matches_one_launch_each(lib, device_rate):
 # ------------------------------------------------------------------------------------------------
 
 V7 = "v7_tf32_halo"
-HALO_VERSIONS = (V7, "v8_bf16_halo")
-HALO_GEMM_VERSION = {V7: "v6_tf32_wgmma", "v8_bf16_halo": "v5_bf16_mma"}
+HALO_VERSIONS = (V7, "v8_bf16_halo", "v9_fp32_halo")
+HALO_GEMM_VERSION = HALO_FALLBACKS
 # (N, C, H, W, O); the forward sums C channels into O, the backward data O into C.
 HALO_SHAPES = [
     (1, 8, 12, 20, 16),    # one whole slice; a 10 x 18 output: two patches across, two down

@@ -204,7 +204,7 @@ try:
     CONV3X3_VERSIONS = tuple(_names.CONV3X3_VERSIONS)
 except ImportError:
     CONV3X3_VERSIONS = ("v1_direct", "v2_smem", "v3_igemm", "v4_tf32_mma", "v5_bf16_mma", "v6_tf32_wgmma",
-                        "v7_tf32_halo", "v8_bf16_halo")
+                        "v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo")
 
 
 @pytest.fixture(params=CONV3X3_VERSIONS)
@@ -281,17 +281,17 @@ def test_conv3x3_tap_major_shapes(conv3x3_version, shape):
     check_conv3x3(conv3x3_version, *shape, relu=True, seed=sum(shape))
 
 
-# v7_tf32_halo's and v8_bf16_halo's own kernels (csrc/conv3x3_halo.cuh) take the forward and
-# backward data that sum 8 channels or more: partial slices and patches, both column tiles (64 and 128, a partial one), a
-# split K both ways, several images, and two real layer planes (d3b's 138 x 138 with fewer
-# channels, b2's 28 x 28 outputs split 4 ways at full width). The shapes of the tests above mostly
-# sum fewer channels and reach v6's GEMMs.
+# v7_tf32_halo's, v8_bf16_halo's and v9_fp32_halo's own kernels (csrc/conv3x3_halo.cuh) take the
+# forward and backward data that sum 8 channels or more: partial slices and patches, both column
+# tiles (64 and 128, a partial one), a split K both ways, several images, and two real layer planes
+# (d3b's 138 x 138 with fewer channels, b2's 28 x 28 outputs split 4 ways at full width). The
+# shapes of the tests above mostly sum fewer channels and reach their GEMM version's kernels.
 HALO_SHAPES = [(1, 8, 12, 20, 16), (2, 13, 19, 23, 70), (1, 16, 30, 30, 130), (3, 9, 10, 11, 8),
                (1, 40, 11, 12, 64), (1, 256, 9, 9, 40), (1, 40, 9, 9, 256), (1, 64, 138, 138, 96),
                (1, 1024, 30, 30, 1024)]
 
 
-@pytest.mark.parametrize("version", ["v7_tf32_halo", "v8_bf16_halo"])
+@pytest.mark.parametrize("version", ["v7_tf32_halo", "v8_bf16_halo", "v9_fp32_halo"])
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=str)
 def test_conv3x3_halo_shapes(version, shape):
     if not cu.conv3x3_version_available(version):
@@ -748,8 +748,8 @@ def test_conv3x3_version_setting():
         assert cu.get_conv3x3_version() == "v3_igemm"
     assert cu.get_conv3x3_version() == previous
     with pytest.raises(ValueError, match="'v1_direct', 'v2_smem', 'v3_igemm', 'v4_tf32_mma', 'v5_bf16_mma', "
-                                         "'v6_tf32_wgmma', 'v7_tf32_halo', 'v8_bf16_halo'"):
-        cu.set_conv3x3_version("v9")
+                                         "'v6_tf32_wgmma', 'v7_tf32_halo', 'v8_bf16_halo', 'v9_fp32_halo'"):
+        cu.set_conv3x3_version("v99_missing")
     assert cu.get_conv3x3_version() == previous
 
 

@@ -109,23 +109,24 @@ def test_training_step_in_each_precision(precision):
     _step_against_numpy(precision, precision, 5, 11, using)
 
 
-@pytest.mark.parametrize("version,precision", [("v7_tf32_halo", "tf32"), ("v8_bf16_halo", "bf16")])
+@pytest.mark.parametrize("version,precision", [("v7_tf32_halo", "tf32"), ("v8_bf16_halo", "bf16"),
+                                               ("v9_fp32_halo", "fp32")])
 def test_training_step_with_a_halo_kernel(tmp_path: Path, version, precision):
-    """v7_tf32_halo and v8_bf16_halo (their own forward and backward data, v6's or v5's GEMMs for
-    the rest) in a whole step against the NumPy step, in their precision's tolerance; and
-    python -m unet_cuda.profile --kernel runs them."""
+    """v7_tf32_halo, v8_bf16_halo and v9_fp32_halo (their own forward and backward data, v6's, v5's
+    or v3's GEMMs for the rest) in a whole step against the NumPy step, in their precision's
+    tolerance; and python -m unet_cuda.profile --kernel runs them."""
     from unet_cuda.ops import cuda  # noqa: PLC0415
     from unet_cuda.profile import main as profile_main  # noqa: PLC0415
 
     if not cuda.conv3x3_version_available(version):
-        pytest.skip(f"{version} needs a Hopper GPU and an sm_90a build")
+        pytest.skip(f"{version} cannot run on this GPU or build (v7 and v8 need sm_90a)")
     _step_against_numpy(version, precision, 6, 12, lambda: cuda.use_conv3x3_version(version))
 
     out = tmp_path / "profile.json"
     assert profile_main(["--device", "cuda", "--base-channels", "8", "--depth", "3", "--tile", "92",
                          "--steps", "1", "--kernel", version, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["precision"] == f"{precision} ({version})"
-    other = "fp32"
+    other = "bf16" if precision == "fp32" else "fp32"
     assert profile_main(["--device", "cuda", "--kernel", version, "--precision", other]) == 2
 
 

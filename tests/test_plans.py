@@ -93,7 +93,9 @@ def test_set_and_clear(table):
      "v7_tf32_halo's forward and backward data run its own kernel, which has no plans"),
     (((D4B_FORWARD[0], "v8_bf16_halo") + D4B_FORWARD[2:], (128, 128, 1)),
      "its other ops the GEMMs of v5_bf16_mma: name that version"),
-    (((D4B_FORWARD[0], "v9") + D4B_FORWARD[2:], (128, 128, 1)), "argument version must be one of"),
+    (((D4B_FORWARD[0], "v9_fp32_halo") + D4B_FORWARD[2:], (128, 128, 1)),
+     "its other ops the GEMMs of v3_igemm: name that version"),
+    (((D4B_FORWARD[0], "v99_missing") + D4B_FORWARD[2:], (128, 128, 1)), "argument version must be one of"),
     ((D4B_FORWARD[:5] + (2,), (128, 128, 1)), "images = 1"),
     ((D4B_FORWARD[:2] + (0,) + D4B_FORWARD[3:], (128, 128, 1)), "needs M, cols, K >= 1"),
 ])
@@ -251,7 +253,7 @@ def test_checked_entries_accept_good_ones_and_ignore_other_fields():
     (_entry(plan=[128, 128]), r"entry 1: plan must be \[bm, bn, splits\]"),
     (_entry(plan=[128, 128.9, 1]), "three whole numbers"),
     (_entry(plan=[96, 128, 1]), r"entry 1 \(conv3x3_forward, v6_tf32_wgmma, M 3844.*plan \[96, 128, 1\] is not one of"),
-    (_entry(version="v9"), "entry 1: gemm_plan_candidates: argument version must be one of"),
+    (_entry(version="v99_missing"), "entry 1: gemm_plan_candidates: argument version must be one of"),
     (_entry(M=2 ** 31), "entry 1: .*below 2\\^31"),      # refused, not a crash in the planners
     (_entry(M=2 ** 70), "entry 1: "),                     # past int64: the binding's own refusal
     ("not an entry", "entry 1 must be a JSON object"),

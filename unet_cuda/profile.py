@@ -320,7 +320,7 @@ def _set_kernel(name: str, precision: str | None, gpu: bool) -> str | None:
     if precision is not None and precision != own:
         return f"computes in {own}, not in --precision {precision}"
     if not cuda.conv3x3_version_available(name):
-        return "cannot run on this GPU or build (v6 and v7 need a Hopper GPU and an sm_90a build)"
+        return "cannot run on this GPU or build (v6, v7 and v8 need a Hopper GPU and an sm_90a build)"
     cuda.set_conv3x3_version(name)
     return None
 

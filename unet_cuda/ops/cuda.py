@@ -96,15 +96,15 @@ STARTUP_CONV3X3_VERSION = _conv3x3_version  # the setting at import (the default
 def conv3x3_version_available(name: str) -> bool:
     """Whether kernel version ``name`` runs on the current device: ``v6_tf32_wgmma``,
     ``v7_tf32_halo`` and ``v8_bf16_halo`` need a Hopper GPU (compute capability 9.0) and a build
-    with sm_90a code; the others run on any GPU."""
+    with sm_90a code; the others (``v9_fp32_halo`` too) run on any GPU of the build."""
     return bool(_C.conv3x3_version_available(_valid_conv3x3_version(name, "conv3x3_version_available")))
 
 
 def conv3x3_tap_major(name: str, channels: int) -> bool:
     """Whether kernel version ``name`` walks K tap by tap (in chunks of 32 channels, the weights rearranged)
     for a convolution summing over ``channels`` channels (C forward, O backward data): v4-v6 where
-    ``channels`` is a multiple of 32 (v7's and v8's own kernels copy each input window once for all
-    taps instead: False)."""
+    ``channels`` is a multiple of 32 (v7's, v8's and v9's own kernels copy each input window once for
+    all taps instead: False)."""
     return bool(_C.conv3x3_tap_major(_valid_conv3x3_version(name, "conv3x3_tap_major"), int(channels)))
 
 
@@ -150,7 +150,8 @@ HOPPER_VERSIONS: dict[str, str] = {"tf32": "v6_tf32_wgmma"}
 # What every version computes in.
 CONV3X3_VERSION_PRECISION: dict[str, str] = {
     "v1_direct": "fp32", "v2_smem": "fp32", "v3_igemm": "fp32", "v4_tf32_mma": "tf32",
-    "v5_bf16_mma": "bf16", "v6_tf32_wgmma": "tf32", "v7_tf32_halo": "tf32", "v8_bf16_halo": "bf16"}
+    "v5_bf16_mma": "bf16", "v6_tf32_wgmma": "tf32", "v7_tf32_halo": "tf32", "v8_bf16_halo": "bf16",
+    "v9_fp32_halo": "fp32"}
 
 
 def _valid_precision(name, where: str) -> str:
