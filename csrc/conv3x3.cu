@@ -37,7 +37,8 @@
 //   v8_bf16_halo  v7 in bf16: the window rounded into a bf16 one per 16 channels, (not yet measured)
 //                 bf16 weights, wgmma k16 (Hopper); v5 for the rest
 //   v9_fp32_halo  v7's window on the CUDA cores: FP32 FFMA, 8x8 outputs per     (not yet measured)
-//                 thread (9 loads, 192 FFMAs), any GPU; v3 for the rest
+//                 thread (9 loads, 192 FFMAs), any GPU; its own weight gradient
+//                 (8 x 9 sums per thread, 5 loads per 72 FFMAs); v3 for the rest
 // (TFLOP/s, forward and both gradients together at layers d1b, d3b, d4b and b2, from
 // bench/results/results-82e8d82-h100-80gb-hbm3.json and results-53cf464-h100-80gb-hbm3.json; the
 // copies and the K order of v4-v6 changed in between; the table per layer: docs/CONV3X3.md).
@@ -86,6 +87,10 @@
 //     CUDA cores: each thread sums 8 pixels of an output row by 8 output channels in registers,
 //     reading 10 window pixels per channel and kernel row for its three kx; two stages, two blocks
 //     per SM; the outputs staged in shared memory for stores of consecutive pixels.
+//   conv3x3_v9_fp32_halo_weight<Tile>: v9's weight gradient: per patch of 4 x 16 output pixels,
+//     dy for 128 (64) output channels and the x window for 16 (32) input channels staged once;
+//     each thread sums 8 output channels by one input channel's 9 taps, walking the patch's rows
+//     with the 3 x 3 x values in registers; the patches split over blockIdx.z.
 //   conv3x3_v6_probe: answers whether this build holds the sm_90a code v6 needs.
 //   conv3x3_split_k_reduce: dw = sum over the splits of the weight-gradient partials, in split
 //     order.
@@ -1122,14 +1127,15 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 }
 
 // =================================================================================================
-// v7 and v8 (conv3x3_halo.cuh): the forward and backward data with the input window copied once
-// per slice of channels for all nine taps, in TF32 (v7) or bf16 (v8)
+// v7, v8 and v9 (conv3x3_halo.cuh): the forward and backward data with the input window copied
+// once per slice of channels for all nine taps, in TF32 (v7), bf16 (v8) or FP32 (v9); v9's weight
+// gradient
 // =================================================================================================
 
 // A source that holds no channels (the second of a plain convolution): never read.
 HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
 
-// v7 and v8 take an op whose correlation sums at least 8 channels (the first layer's C = 1 would
+// v7, v8 and v9 take an op whose correlation sums at least 8 channels (the first layer's C = 1 would
 // multiply 7 zeros for each channel: their GEMM version there) and whose sources each hold fewer
 // than 2^31 elements per image (the window copies address them with ints); the GEMMs of
 // gemm_version otherwise.
@@ -1141,7 +1147,7 @@ bool halo_applies(const HaloSource& first, const HaloSource& second) {
   return first.channels + second.channels >= kHaloMinChannels && fits(first) && fits(second);
 }
 
-// The plan of v7 or v8, from the shapes alone (the same on every GPU): 128 output channels a
+// The plan of v7, v8 or v9, from the shapes alone (the same on every GPU): 128 output channels a
 // block (16 x 8 pixels), or 64 where the output has no more (16 x 16 pixels); the slices split
 // over blockIdx.z by v4-v6's rule (output_splits).
 struct HaloPlan {
@@ -1162,7 +1168,7 @@ HaloPatches halo_patches(int bn, int out_h, int out_w) {
 }
 static_assert(HaloWide<true>::kPW == HaloWide<false>::kPW && HaloTall<true>::kPH == HaloTall<false>::kPH &&
                   HaloWide<true>::kBN == HaloWide<false>::kBN && HaloTall<true>::kBN == HaloTall<false>::kBN,
-              "v7 and v8 share their patches");
+              "v7 and v8 share their patches (v9 too: FfmaHaloWide, FfmaHaloTall)");
 
 // The channels of a slice of v7 and v9 (8) or v8 (16), and the blocks an SM holds.
 int halo_slice_channels(Conv3x3Version version) {
@@ -1246,6 +1252,67 @@ void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N
       else launch_halo<View, HaloTall<false>>(kname, view, in, N, arranged, s, stream);
     }
   });
+}
+
+// v9's weight gradient (conv3x3_halo.cuh, ffma_weight_block): where its x holds 8 channels or more
+// (halo_applies); v3's GEMM otherwise. The tile: 128 output channels by 16 input channels, or 64
+// by 32 where the output has 64 or fewer; the patches of 4 x 16 output pixels of all images split
+// over blockIdx.z by the GEMMs' rule (plan_splits: about two blocks per SM, at least 1024 pixels
+// a split), their partials added in split order (with_split_partials).
+struct FfmaWeightPlan {
+  bool wide;
+  int patches_x, patches;  // per row of patches, per image
+  int64_t units;           // patches of all images
+  int splits;
+};
+
+FfmaWeightPlan plan_ffma_weight(int64_t N, int P, int Q, int O, int C) {
+  const bool wide = O > FfmaWeightTall::kBO;
+  const int bo = wide ? FfmaWeightWide::kBO : FfmaWeightTall::kBO;
+  const int bc = wide ? FfmaWeightWide::kBC : FfmaWeightTall::kBC;
+  static_assert(FfmaWeightWide::kPR == FfmaWeightTall::kPR && FfmaWeightWide::kPL == FfmaWeightTall::kPL,
+                "one patch for both tiles");
+  const int px = ceil_div(Q, FfmaWeightWide::kPL);
+  const int per_image = px * ceil_div(P, FfmaWeightWide::kPR);
+  const int64_t units = N * per_image;
+  const int64_t tiles = int64_t{ceil_div(O, bo)} * ceil_div(C, bc);
+  const int splits = plan_splits(tiles, units, FfmaWeightWide::kPixels, int64_t{O} * C * 9,
+                                 kSMs * kFfmaHaloBlocksPerSM);
+  return {wide, px, per_image, units, splits};
+}
+
+template <class Tile>
+void launch_ffma_weight(const char* name, const HaloInput& in, const FfmaWeightArgs& a, int splits,
+                        cudaStream_t stream) {
+  constexpr auto kernel = conv3x3_v9_fp32_halo_weight<Tile>;
+  allow_dynamic_smem<kernel>(Tile::kSmemBytes, name);
+  const dim3 grid = checked_grid(name, ceil_div(a.O, Tile::kBO), ceil_div(in.channels(), Tile::kBC),
+                                 splits);
+  launch_kernel_smem(name, kernel, grid, dim3(kHaloThreads), Tile::kSmemBytes, stream, in, a);
+}
+
+// dw [O, C, 3, 3] (C = in.channels()) of dy [N, O, in.out_h, in.out_w] and the input `in` reads.
+void run_ffma_weight_gradient(const std::string& op, HaloInput in, const float* dy, float* dw,
+                              int64_t N, int O, cudaStream_t stream) {
+  if (in.first.channels == 0) {  // as run_halo_conv: skip alone is the first source
+    in.first = in.second;
+    in.second = no_halo_source(in.first.p);
+  }
+  const int C = in.channels();
+  const FfmaWeightPlan plan = plan_ffma_weight(N, in.out_h, in.out_w, O, C);
+  in.patches_x = plan.patches_x;
+  in.patches = plan.patches;
+  const std::string name = op + "_v9_fp32_halo";
+  with_split_partials(dw, int64_t{O} * C * 9, plan.splits, stream, [&](float* out) {
+    const FfmaWeightArgs a{dy, out, O, plan.units};
+    if (plan.wide) launch_ffma_weight<FfmaWeightWide>(name.c_str(), in, a, plan.splits, stream);
+    else launch_ffma_weight<FfmaWeightTall>(name.c_str(), in, a, plan.splits, stream);
+  });
+}
+
+// Whether v9's own weight gradient takes a convolution whose input is `first` (and `second`).
+bool ffma_weight_applies(Conv3x3Version version, const HaloSource& first, const HaloSource& second) {
+  return version == Conv3x3Version::kV9Fp32Halo && halo_applies(first, second);
 }
 
 // The concatenated input's crop offset; the bindings check that Hs-H and Ws-W are even, >= 0.
@@ -1427,10 +1494,14 @@ void clear_tuned_gemm_plans() {
 }
 
 int conv3x3_backward_weight_splits(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  if (ffma_weight_applies(version, {nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
+    return plan_ffma_weight(N, H - 2, W - 2, O, C).splits;
   return plan_backward_weight(gemm_version(version), N, C, H, W, O).splits;
 }
 
 int conv3x3_backward_weight_tile_columns(Conv3x3Version version, int N, int C, int H, int W, int O) {
+  if (ffma_weight_applies(version, {nullptr, C, H, W, 0, 0}, no_halo_source(nullptr)))
+    return 0;  // v9's own kernel: no GEMM
   return plan_backward_weight(gemm_version(version), N, C, H, W, O).tile.bn;
 }
 
@@ -1545,7 +1616,15 @@ void launch_conv3x3_backward_data(const float* dy, const float* w, const float* 
 void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream) {
-  version = gemm_version(version);  // v7, v8: their GEMM version's (v6, v5)
+  const HaloSource source{x, C, H, W, 0, 0};
+  if (ffma_weight_applies(version, source, no_halo_source(x))) {
+    if (O > 0)
+      run_ffma_weight_gradient("conv3x3_backward_weight", {source, no_halo_source(x), H - 2, W - 2},
+                               dy, dw, N, O, stream);
+    launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
+    return;
+  }
+  version = gemm_version(version);  // v7, v8, v9: their GEMM version's (v6, v5, v3)
   const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
   if (count > 0) {
     if (version == Conv3x3Version::kV1Direct) {
@@ -1667,7 +1746,15 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
                                            int W, int Hs, int Ws, int O, Conv3x3Version version,
                                            cudaStream_t stream) {
   check_concat_version("conv3x3_concat_backward_weight", version);
-  version = gemm_version(version);  // v7, v8: their GEMM version's (v6, v5)
+  const HaloSource first{up, Cu, H, W, 0, 0}, second{skip, Cs, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+  if (ffma_weight_applies(version, first, second)) {
+    if (O > 0)
+      run_ffma_weight_gradient("conv3x3_concat_backward_weight", {first, second, H - 2, W - 2}, dy,
+                               dw, N, O, stream);
+    launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
+    return;
+  }
+  version = gemm_version(version);  // v7, v8, v9: their GEMM version's (v6, v5, v3)
   if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
     const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O), skip,
                                             Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};

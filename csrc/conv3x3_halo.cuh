@@ -1,6 +1,8 @@
 // conv3x3_halo.cuh: v7_tf32_halo, the forward and the backward data of the 3x3 convolution on
-// Hopper's warpgroup MMA (sm_90a), with the input copied once for all nine taps. Included by
-// conv3x3.cu, after implicit_gemm.cuh (whose wgmma, cp.async and split-K pieces it uses).
+// Hopper's warpgroup MMA (sm_90a), with the input copied once for all nine taps; v8_bf16_halo, the
+// same in bf16; and v9_fp32_halo, the same window on the CUDA cores (FP32 FFMA, any GPU), with a
+// weight gradient of its own. Included by conv3x3.cu, after implicit_gemm.cuh (whose wgmma,
+// cp.async and split-K pieces it uses).
 //
 // What v7 changes over v6, and why. v4-v6 build the im2col matrix A in shared memory one K tile
 // at a time: for each tap (ky, kx) and channel, the block's 128 pixels, each a 4-byte cp.async.
@@ -61,7 +63,7 @@ struct HaloInput {
   HaloSource first, second;
   int out_h, out_w;
   int patches_x, patches;  // patches per output row of patches, and per image
-  int slices;              // ceil(channels / the slice's channels: 8 in v7, 16 in v8)
+  int slices;              // ceil(channels / the slice's channels: 8 in v7 and v9, 16 in v8)
   int o_tiles;             // ceil(output channels / BN)
   __host__ __device__ int channels() const { return first.channels + second.channels; }
 };
@@ -76,6 +78,7 @@ constexpr int kHaloThreads = 256;  // two warpgroups
 template <bool BF16>
 struct HaloMath {
   static constexpr bool kBF16 = BF16;
+  static constexpr bool kRowsFast = false;  // conv3x3_halo_weights: the fast index is w's
   static constexpr int kSliceChannels = BF16 ? 16 : 8;
   static constexpr int kSliceK = 9 * kSliceChannels;  // K of a stage
   static constexpr int kT = BF16 ? 8 : 4;             // elements per 16 bytes
@@ -137,26 +140,29 @@ using HaloTall = HaloTile<2, 2, 64, BF16>;
 
 // The slice weights of output-channel tile `tile`, as a stage holds them: B of tap t is rows
 // (output channels) x the slice's channels, k = kSliceChannels t + channel, in the canonical layout
-// (HaloMath::b_at; v7's is v6's V6Smem<BN, 72>): wt[(slice * o_tiles + tile) * BN * kSliceK +
-// b_at(BN, row, k)], float32 for v7, bf16 (rounded to nearest even, as v5 rounds) for v8. Zero past
-// either channel count. Forward: w[o, c, tap] for output o and input c. flip (the backward data):
-// the outputs are dx's channels c and the inputs dy's o, and tap t takes w[o, c, 8 - t].
-// One thread per (output channel, input channel) of the padded ranges, its nine taps: the nine
-// floats are contiguous in w, and consecutive threads take the pair next to it in memory (the
-// input channel forward, the output channel flipped), so the reads coalesce.
-// `Math` gives the layout (b_at) and the element type (kBF16): HaloMath<false> (v7), HaloMath<true>
-// (v8) or FfmaHaloMath (v9).
+// (HaloMath::b_at; v7's is v6's V6Smem<BN, 72>; v9's FfmaHaloMath::b_at, rows contiguous):
+// wt[(slice * o_tiles + tile) * BN * kSliceK + b_at(BN, row, k)], float32 for v7 and v9, bf16
+// (rounded to nearest even, as v5 rounds) for v8. Zero past either channel count. Forward:
+// w[o, c, tap] for output o and input c. flip (the backward data): the outputs are dx's channels
+// c and the inputs dy's o, and tap t takes w[o, c, 8 - t]. One thread per (output channel, input
+// channel) of the padded ranges, its nine taps (contiguous in w). `Math` gives the layout (b_at),
+// the element type (kBF16) and which index consecutive threads take (kRowsFast).
 template <class Math>
 __global__ void conv3x3_halo_weights(const float* __restrict__ w, void* __restrict__ wt, int C,
                                      int O, bool flip, int bn, int o_tiles, int slices) {
   const int out_channels = flip ? C : O, in_channels = flip ? O : C;
   const int out_padded = o_tiles * bn, in_padded = slices * Math::kSliceChannels;
   const int64_t total = static_cast<int64_t>(out_padded) * in_padded;
+  // the fast index: the one along which w's (o, c) pairs are contiguous (the output channel of the
+  // backward data, the input channel forward), so that the reads coalesce; or, for v9's layout,
+  // whose rows (output channels) are contiguous, always the output channel, so that the writes
+  // do (each thread's nine reads are 36 contiguous bytes)
+  const bool rows_fast = flip || Math::kRowsFast;
   for (int64_t e = global_thread(); e < total; e += grid_stride()) {
-    // the fast index: the one along which w's (o, c) pairs are contiguous
-    const int64_t major = flip ? e / out_padded : e / in_padded;
-    const int minor = static_cast<int>(e - major * (flip ? out_padded : in_padded));
-    const int oc = flip ? minor : static_cast<int>(major), ic = flip ? static_cast<int>(major) : minor;
+    const int64_t major = rows_fast ? e / out_padded : e / in_padded;
+    const int minor = static_cast<int>(e - major * (rows_fast ? out_padded : in_padded));
+    const int oc = rows_fast ? minor : static_cast<int>(major);
+    const int ic = rows_fast ? static_cast<int>(major) : minor;
     const int slice = ic / Math::kSliceChannels, cl = ic - slice * Math::kSliceChannels;
     const int tile = oc / bn, row = oc - tile * bn;
     const int64_t block = (static_cast<int64_t>(slice) * o_tiles + tile) * bn * Math::kSliceK;
@@ -430,6 +436,7 @@ __device__ __forceinline__ void halo_conv_block(const Gemm& g, const HaloInput& 
 // v9's slice of the weights: 8 channels, B[k][row] with the rows (output channels) contiguous.
 struct FfmaHaloMath {
   static constexpr bool kBF16 = false;
+  static constexpr bool kRowsFast = true;  // conv3x3_halo_weights: consecutive threads, consecutive rows
   static constexpr int kSliceChannels = 8;
   static constexpr int kSliceK = 9 * kSliceChannels;
   __host__ __device__ static constexpr int b_at(int bn, int row, int k) { return k * bn + row; }
@@ -465,6 +472,7 @@ struct FfmaHaloTile {
       4 * static_cast<size_t>(kStages * kStageFloats > BN_ * kOutStride ? kStages * kStageFloats
                                                                          : BN_ * kOutStride);
   static constexpr int kPixelSets = ceil_div(kWindowPixels, kHaloThreads);  // window pixels a thread copies
+  static constexpr int kWindowChannels = Math::kSliceChannels, kCopyGroups = 1;
   static constexpr int kBCopies = ceil_div(kBFloats / 4, kHaloThreads);       // 16 bytes each
   static_assert(kSmemBytes <= 113 * 1024, "two blocks fit an SM");
 };
@@ -473,35 +481,47 @@ struct FfmaHaloTile {
 constexpr int kFfmaHaloBlocksPerSM = 2;
 // 16 x 8 pixels by 128 channels: 85 KB (two stages of 42 KB).
 using FfmaHaloWide = FfmaHaloTile<8, 128>;
-// 16 x 16 pixels by 64 channels, for the outputs of 64 channels or fewer: 65 KB (the epilogue's).
+// 16 x 16 pixels by 64 channels, for the outputs of 64 channels or fewer: 65 KB (the epilogue's
+// staging; its two stages take 59 KB).
 using FfmaHaloTall = FfmaHaloTile<16, 64>;
 static_assert(FfmaHaloWide::kPW == HaloWide<false>::kPW && FfmaHaloWide::kPH == HaloWide<false>::kPH &&
                   FfmaHaloTall::kPH == HaloTall<false>::kPH && FfmaHaloWide::kBN == HaloWide<false>::kBN &&
                   FfmaHaloTall::kBN == HaloTall<false>::kBN,
               "v9 has v7's patches (halo_patches)");
 
-// A thread's copies of the slice of channels c0 .. into the planes of `window`: thread tid takes
-// window pixels tid, tid + 256, .. (consecutive threads read consecutive pixels of a row) in all 8
-// channels, so that it works out each pixel's place in the sources once per slice and its 8
-// channels are a constant stride apart (v7's copy of element e, whose channel and pixel both vary
-// with e, would hold a source decode per copy in registers that v9 keeps for its outputs).
+// A thread's copies of the channels c0 .. c0 + Tile::kWindowChannels - 1 into the planes of
+// `window` (Tile's kWP x kHP pixels, rows kRowStride and planes kPlane floats apart): thread tid
+// takes window pixel tid % pixels (and + 256, .. where a window has more pixels than a block
+// threads), of the channels of its group tid / pixels (Tile::kCopyGroups groups share the
+// channels where two windows' pixels fit the block). Consecutive threads read consecutive pixels
+// of a row; a thread works out each pixel's place in the sources once per issue, and its channels
+// lie a constant stride apart (v7's copy of element e, whose channel and pixel both vary with e,
+// would hold a source decode per copy in registers that v9 keeps for its sums).
 template <class Tile>
 __device__ __forceinline__ void ffma_halo_window_issue(const HaloInput& in, int n, int i0, int j0,
                                                        int c0, float* window, int tid) {
+  constexpr int G = Tile::kCopyGroups, P = Tile::kWindowPixels;
+  constexpr int CG = Tile::kWindowChannels / G;  // channels a thread copies per pixel
+  static_assert(CG * G == Tile::kWindowChannels && (G == 1 || (G * P <= kHaloThreads &&
+                                                                Tile::kPixelSets == 1)),
+                "the copy groups split the channels, each group one pixel per thread");
+  const int group = G == 1 ? 0 : tid / P;
+  if (G > 1 && group >= G) return;
+  const int first_pixel = tid - group * P;
   const HaloImages images(in, n);
 #pragma unroll
   for (int q = 0; q < Tile::kPixelSets; ++q) {
-    const int p = tid + kHaloThreads * q;
-    if (Tile::kWindowPixels % kHaloThreads != 0 && p >= Tile::kWindowPixels) break;
+    const int p = first_pixel + kHaloThreads * q;
+    if (P % kHaloThreads != 0 && p >= P) break;
     const int wy = p / Tile::kWP, wx = p - wy * Tile::kWP;
     const int first_offset = halo_pixel_offset(in.first, i0 + wy, j0 + wx);
     const int second_offset =
         in.second.channels > 0 ? halo_pixel_offset(in.second, i0 + wy, j0 + wx) : -1;
-    float* const dst = window + wy * Tile::kRowStride + wx;
+    float* const dst = window + (group * CG) * Tile::kPlane + wy * Tile::kRowStride + wx;
 #pragma unroll
-    for (int c = 0; c < FfmaHaloMath::kSliceChannels; ++c) {
+    for (int c = 0; c < CG; ++c) {
       bool valid;
-      const float* src = images.source(c0 + c, first_offset, second_offset, valid);
+      const float* src = images.source(c0 + group * CG + c, first_offset, second_offset, valid);
       cp_async_4_or_zero(dst + c * Tile::kPlane, src, valid);
     }
   }
@@ -600,11 +620,181 @@ __device__ __forceinline__ void ffma_halo_conv_block(const Gemm& g, const HaloIn
   const int ii = i0 + px / Tile::kPW, jj = j0 + px % Tile::kPW;
   if (ii >= in.out_h || jj >= in.out_w) return;
   const typename Gemm::CRow row = g.c_row((static_cast<int64_t>(n) * in.out_h + ii) * in.out_w + jj);
+  // this thread's columns: tid / NPX + kColumnStep r of the tile
+  const int first_column = tid / NPX, tile_col0 = static_cast<int>(blockIdx.y) * BN;
+  if constexpr (ViewReadsBeforeStore<Gemm>::value) {
+    // A view that reads a value per element for its store (the ReLU masks): 16 reads in flight,
+    // then their 16 stores, rather than a read waiting before each store (v6's epilogue too).
+    constexpr int kBatch = 16;
+    static_assert((BN / kColumnStep) % kBatch == 0, "whole batches of columns");
+#pragma unroll 1
+    for (int r0 = 0; r0 < BN / kColumnStep; r0 += kBatch) {
+      float input[kBatch];
+#pragma unroll
+      for (int r = 0; r < kBatch; ++r) {
+        const int col = tile_col0 + first_column + kColumnStep * (r0 + r);
+        input[r] = col < g.cols ? g.store_input(row, col) : 0.0f;
+      }
+#pragma unroll
+      for (int r = 0; r < kBatch; ++r) {
+        const int column = first_column + kColumnStep * (r0 + r);
+        if (tile_col0 + column < g.cols)
+          g.store_with(row, tile_col0 + column, out[column * OS + px], input[r]);
+      }
+    }
+  } else {
 #pragma unroll 4
-  for (int r = 0; r < BN / kColumnStep; ++r) {
-    const int column = tid / NPX + kColumnStep * r;
-    const int col = static_cast<int>(blockIdx.y) * BN + column;
-    if (col < g.cols) g.store(row, col, out[column * OS + px]);
+    for (int r = 0; r < BN / kColumnStep; ++r) {
+      const int column = first_column + kColumnStep * r;
+      if (tile_col0 + column < g.cols) g.store(row, tile_col0 + column, out[column * OS + px]);
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------------
+// v9's weight gradient: the window from the pixel side
+// -------------------------------------------------------------------------------------------------
+//
+// dw[o, c, ky, kx] = sum over pixels (n, i, j) of dy[n, o, i, j] x[n, c, i + ky, j + kx]. v3 runs
+// it as a GEMM over K = the pixels whose B is the im2col of x: per K tile of 8 pixels, each x
+// element copied once for each of the 9 columns (c, ky, kx) it appears in. v9 stages, per patch
+// of 4 output rows by 16 pixels (64 of K), the patch's dy for BO output channels, as dy[pixel][o],
+// and the x window the patch reads (6 x 18 pixels) for BC input channels, once. A thread owns 8
+// output channels (two runs of 4, BO / 2 apart, as the forward's) of one input channel, all nine
+// taps: 72 sums. It walks each patch row pixel by pixel, keeping the 3 x 3 x values the pixel's
+// taps read in registers: a step to the next pixel loads the 3 values of the new column, and the
+// pixel's 8 dy values (two 16-byte loads), for 72 FFMAs. The patches of all images are K; they
+// split over blockIdx.z into partials that conv3x3_split_k_reduce adds in a fixed order.
+
+// A block tile of v9's weight gradient: BO output channels by BC input channels (x 9 taps), 256
+// threads of (BO / 8 output-channel groups) x BC; a warp is 8 output-channel groups by 4 input
+// channels.
+template <int BO_, int BC_>
+struct FfmaWeightTile {
+  static constexpr int kBO = BO_, kBC = BC_;
+  static constexpr int kPR = 4, kPL = 16, kPixels = kPR * kPL;  // the patch: 64 of K
+  static constexpr int kWP = kPL + 2, kHP = kPR + 2;             // its x window
+  static constexpr int kRowStride = kWP, kPlane = kHP * kWP;     // scalar reads: no padding
+  static constexpr int kWindowPixels = kWP * kHP;
+  static constexpr int kWindowChannels = BC_;
+  static constexpr int kCopyGroups = 2, kPixelSets = 1;          // 2 x 108 of the 256 threads copy
+  static constexpr int kDyStride = BO_ + 4;  // dy[pixel][o]: a warp's copies (8 pixels by 4
+                                             // channels) write 32 distinct banks
+  static constexpr int kDyFloats = kPixels * kDyStride;
+  static constexpr int kWindowFloats = BC_ * kPlane;
+  static constexpr int kStageFloats = kDyFloats + (kWindowFloats + 3) / 4 * 4;  // 16-byte aligned
+  static constexpr int kStages = 2;
+  static constexpr size_t kSmemBytes = 4 * static_cast<size_t>(kStages * kStageFloats);
+  static constexpr int kOGroups = BO_ / 8, kWarpsO = kOGroups / 8;
+  static constexpr int kDyCopies = kPixels * BO_ / kHaloThreads;  // per thread: one pixel, BO / 4 channels
+  static_assert(kOGroups * BC_ == kHaloThreads && kOGroups % 8 == 0 && kPixels == 64,
+                "256 threads of 8 x 9 sums; the dy copies take 8 pixels of each warp");
+  static_assert(kCopyGroups * kWindowPixels <= kHaloThreads, "a window pixel per copying thread");
+  static_assert(kSmemBytes <= 113 * 1024, "two blocks fit an SM");
+};
+// 128 output channels by 16 input channels: 80 KB; 64 by 32 where the output has 64 or fewer
+// (the 64-channel layers): 61 KB.
+using FfmaWeightWide = FfmaWeightTile<128, 16>;
+using FfmaWeightTall = FfmaWeightTile<64, 32>;
+
+// What a weight-gradient block reads besides the x window's sources (HaloInput: out_h x out_w is
+// dy's plane, patches_x and patches its patches of 4 x 16, per image).
+struct FfmaWeightArgs {
+  const float* dy;  // [N, O, out_h, out_w]
+  float* out;       // dw [O, C, 3, 3], or split s's partial at out + s * O * C * 9
+  int O;
+  int64_t units;    // patches of all images: the K that blockIdx.z splits
+};
+
+template <class Tile>
+__device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const FfmaWeightArgs& a,
+                                                  float* smem) {
+  constexpr int BO = Tile::kBO, PL = Tile::kPL, RS = Tile::kRowStride;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int og = lane % 8 + 8 * (warp % Tile::kWarpsO);  // output channels 4 og .., BO / 2 + 4 og ..
+  const int cl = lane / 8 + 4 * (warp / Tile::kWarpsO);  // the input channel
+  const int o0 = blockIdx.x * BO, c0 = blockIdx.y * Tile::kBC;
+  const int C = in.channels();
+  const int plane = in.out_h * in.out_w;
+  int64_t begin64, end64;
+  k_tile_range(a.units, begin64, end64);
+  // This thread's dy copies: pixel lane % 8 + 8 warp of the patch, channels lane / 8 + 4 r.
+  const int copy_pixel = lane % 8 + 8 * warp, copy_o = lane / 8;
+  const int copy_r = copy_pixel / PL, copy_c = copy_pixel - copy_r * PL;
+
+  // The copies of patch u (image, then patch row, patch column) into stage s, one commit group.
+  auto issue = [&](int64_t u, int s) {
+    if (u < end64) {
+      float* const stage = smem + s * Tile::kStageFloats;
+      const int n = static_cast<int>(u / in.patches);
+      const int patch = static_cast<int>(u - static_cast<int64_t>(n) * in.patches);
+      const int py = patch / in.patches_x;
+      const int i0 = py * Tile::kPR, j0 = (patch - py * in.patches_x) * PL;
+      ffma_halo_window_issue<Tile>(in, n, i0, j0, c0, stage + Tile::kDyFloats, tid);
+      const int i = i0 + copy_r, j = j0 + copy_c;
+      const bool pixel = i < in.out_h && j < in.out_w;
+      const float* const src = a.dy + (static_cast<int64_t>(n) * a.O + o0 + copy_o) * plane +
+                               (pixel ? i * in.out_w + j : 0);
+      float* const dst = stage + copy_pixel * Tile::kDyStride + copy_o;
+#pragma unroll 8
+      for (int r = 0; r < BO / 4; ++r) {
+        const bool valid = pixel && o0 + copy_o + 4 * r < a.O;
+        cp_async_4_or_zero(dst + 4 * r, valid ? src + static_cast<int64_t>(4 * r) * plane : a.dy,
+                           valid);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[8][9];  // [output channel j][tap]
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int t = 0; t < 9; ++t) acc[j][t] = 0.0f;
+
+  issue(begin64, 0);
+  int s = 0;
+  for (int64_t u = begin64; u < end64; ++u, s ^= 1) {
+    cp_async_wait<0>();  // this thread's copies of patch u have landed ...
+    __syncthreads();     // ... everyone's; and everyone is done with patch u - 1's stage
+    issue(u + 1, s ^ 1);
+    const float* const dys = smem + s * Tile::kStageFloats + 4 * og;
+    const float* const xs = smem + s * Tile::kStageFloats + Tile::kDyFloats + cl * Tile::kPlane;
+#pragma unroll 1
+    for (int r = 0; r < Tile::kPR; ++r) {
+      const float* const xr = xs + r * RS;
+      float col[3][3];  // col[ky][kx] = x[r + ky][j + kx] at pixel j of the row
+#pragma unroll
+      for (int ky = 0; ky < 3; ++ky) col[ky][0] = xr[ky * RS], col[ky][1] = xr[ky * RS + 1];
+#pragma unroll
+      for (int j = 0; j < PL; ++j) {
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) col[ky][2] = xr[ky * RS + j + 2];
+        const float* const d = dys + (r * PL + j) * Tile::kDyStride;
+        const float4 d0 = *reinterpret_cast<const float4*>(d);
+        const float4 d1 = *reinterpret_cast<const float4*>(d + BO / 2);
+        const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+        for (int o = 0; o < 8; ++o)
+#pragma unroll
+          for (int t = 0; t < 9; ++t) acc[o][t] = fmaf(dv[o], col[t / 3][t % 3], acc[o][t]);
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) col[ky][0] = col[ky][1], col[ky][1] = col[ky][2];
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left
+
+  const int c = c0 + cl;
+  if (c >= C) return;
+  float* const out = a.out + static_cast<int64_t>(blockIdx.z) * a.O * C * 9;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int o = o0 + (j / 4) * (BO / 2) + 4 * og + j % 4;
+    if (o >= a.O) continue;
+    float* const row = out + (static_cast<int64_t>(o) * C + c) * 9;
+#pragma unroll
+    for (int t = 0; t < 9; ++t) row[t] = acc[j][t];
   }
 }
 
@@ -639,6 +829,14 @@ __global__ void __launch_bounds__(kHaloThreads, kFfmaHaloBlocksPerSM)
   static_assert(Tile::kFfma, "v9 takes the FFMA tiles");
   UNET_HALO_SMEM
   ffma_halo_conv_block<Gemm, Tile>(g, in, static_cast<const float*>(wt), smem);
+}
+
+// v9's weight gradient (FP32 FFMA), two blocks per SM.
+template <class Tile>
+__global__ void __launch_bounds__(kHaloThreads, kFfmaHaloBlocksPerSM)
+    conv3x3_v9_fp32_halo_weight(const HaloInput in, const FfmaWeightArgs a) {
+  UNET_HALO_SMEM
+  ffma_weight_block<Tile>(in, a, smem);
 }
 
 #undef UNET_HALO_SMEM

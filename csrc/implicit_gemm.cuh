@@ -2160,7 +2160,7 @@ void run_planned_gemm(const GemmPlanKey& key, const GemmTile& rule_tile, int rul
 // An output view `g` computed with its K in `splits` slices: launch(view) with g itself for one
 // slice; else with SplitPartialGemm, the slices' partials into a workspace, and then
 // conv3x3_split_k_epilogue adding them in slice order through g's epilogue (deterministic). For the
-// GEMM versions (run_output_gemm) and v7 and v8 (conv3x3.cu, run_halo_conv).
+// GEMM versions (run_output_gemm) and v7-v9 (conv3x3.cu, run_halo_conv).
 template <class Gemm, class Launch>
 void with_output_split(const std::string& op, const Gemm& g, int splits, cudaStream_t stream,
                        Launch&& launch) {

@@ -27,8 +27,8 @@ namespace unet {
 // once, and each launcher dispatches on it. v1-v3 and v9 compute in FP32, v4, v6 and v7 in TF32,
 // v5 and v8 in bf16 (v6-v8 only on sm_90a: Hopper; all with FP32 sums; every buffer stays
 // float32). v7, v8 and v9 have kernels of their own for the forward and the backward data (plain
-// and concatenated) and run the GEMMs of v6 (v7), v5 (v8) or v3 (v9) for everything else (the
-// weight gradients, the up-convolutions, the first layer).
+// and concatenated), v9 for the weight gradients too, and run the GEMMs of v6 (v7), v5 (v8) or v3
+// (v9) for everything else (v7's and v8's weight gradients, the up-convolutions, the first layer).
 enum class Conv3x3Version {
   kV1Direct, kV2Smem, kV3Igemm, kV4Tf32Mma, kV5Bf16Mma, kV6Tf32Wgmma, kV7Tf32Halo, kV8Bf16Halo,
   kV9Fp32Halo

@@ -319,7 +319,7 @@ bool upconv_uses_gemm(Conv3x3Version version) { return is_gemm_version(version);
 void launch_upconv2x2_forward(const float* x, const float* w, const float* b, float* y, int N,
                               int C, int H, int W, int O, Conv3x3Version version,
                               cudaStream_t stream) {
-  version = gemm_version(version);  // v7, v8: the GEMMs of v6, v5
+  version = gemm_version(version);  // v7, v8, v9: the GEMMs of v6, v5, v3
   const int64_t total = static_cast<int64_t>(N) * O * 4 * H * W;
   if (total == 0) return;
   if (upconv_uses_gemm(version)) {
@@ -334,7 +334,7 @@ void launch_upconv2x2_forward(const float* x, const float* w, const float* b, fl
 void launch_upconv2x2_backward_data(const float* dy, const float* w, const float* relu_mask,
                                     float* dx, int N, int C, int H, int W, int O,
                                     Conv3x3Version version, cudaStream_t stream) {
-  version = gemm_version(version);  // v7, v8: the GEMMs of v6, v5
+  version = gemm_version(version);  // v7, v8, v9: the GEMMs of v6, v5, v3
   const int64_t total = static_cast<int64_t>(N) * C * H * W;
   if (total == 0) return;
   if (upconv_uses_gemm(version)) {
@@ -351,7 +351,7 @@ void launch_upconv2x2_backward_data(const float* dy, const float* w, const float
 void launch_upconv2x2_backward_weight(const float* x, const float* dy, float* dw, float* db, int N,
                                       int C, int H, int W, int O, Conv3x3Version version,
                                       cudaStream_t stream) {
-  version = gemm_version(version);  // v7, v8: the GEMMs of v6, v5
+  version = gemm_version(version);  // v7, v8, v9: the GEMMs of v6, v5, v3
   const int64_t count = static_cast<int64_t>(O) * C * 4;  // elements of dw
   if (upconv_uses_gemm(version) && count > 0) {
     const std::string name = std::string("upconv2x2_backward_weight_") + version_name(version);

@@ -40,8 +40,9 @@ GUARD = 4096                   # floats of guard before and after every array (k
 OUTPUT_GUARD_VALUE = 1234.5
 
 
-# v7, v8 and v9 run the kernels of their GEMM version (v6, v5, v3) for the weight gradients, the
-# up-convolutions and the convolutions of fewer than 8 channels: where a case reaches only those,
+# v7, v8 and v9 run the kernels of their GEMM version (v6, v5, v3) for the weight gradients (not
+# v9, which has its own), the up-convolutions and the convolutions of fewer than 8 channels: where
+# a case reaches only those,
 # it is checked with that version, and the halo versions take it once (the first shape of a list),
 # which checks the dispatch.
 HALO_FALLBACKS = {"v7_tf32_halo": "v6_tf32_wgmma", "v8_bf16_halo": "v5_bf16_mma",
@@ -413,13 +414,17 @@ def test_output_split_plans(lib):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_small_integers_exact(lib, version):
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7, 3), (1, 9, 12, 20, 10)], ids=str)
+def test_small_integers_exact(lib, version, shape):
     """Small integers are exact in TF32 too, and so are their sums in float32: every version must
-    match the reference bit for bit."""
+    match the reference bit for bit. The second shape (9 and 10 channels) reaches the halo
+    versions' own kernels."""
     from unet_cuda.ops import reference as ref
 
+    if shape[1] >= 8 and version not in HALO_FALLBACKS:
+        pytest.skip("the first shape checks this version's kernels")
     rng = np.random.default_rng(3)
-    n, c, h, w, o = 2, 5, 9, 7, 3
+    n, c, h, w, o = shape
     ints = lambda *s: rng.integers(-2, 3, size=s).astype(np.float32)  # noqa: E731
     x, wt, b, dy = ints(n, c, h, w), ints(o, c, 3, 3), ints(o), ints(n, o, h - 2, w - 2)
     np.testing.assert_array_equal(run_forward(lib, version, x, wt, b, True),
@@ -456,7 +461,8 @@ def test_empty_sums(lib, version):
 
 
 def test_precision_names():
-    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16"]
+    assert [precision(v) for v in VERSIONS] == ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16",
+                                                "fp32"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -607,16 +613,19 @@ def check_upconv(lib, version, shape, seed=0):
 # channels (the weight gradient splits K), more than 64 and 128 columns (4O), and a deep, small
 # layer (the forward and backward data split K: few output tiles, K >= 1024).
 UPCONV_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 5), (1, 5, 9, 4, 7), (2, 33, 3, 1, 2), (1, 4, 6, 6, 3),
-                 (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40), (1, 1100, 2, 3, 3),
-                 # v6's 256 x 64 tile: the forward and weight gradient (4O = 64 columns, K = C = 256),
-                 # the backward data (C = 64 columns over 144 pixels, K = 4O = 256); the second's
-                 # weight gradient (4O = 256 columns) takes the 128 x 256 tile
-                 (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]
+                 (2, 3, 24, 22, 2), (1, 6, 5, 9, 17), (1, 9, 7, 5, 40)]
+# Shapes for the GEMM engine's paths only: the split K above, and v6's 256 x 64 tile: the forward
+# and weight gradient (4O = 64 columns, K = C = 256), the backward data (C = 64 columns over 144
+# pixels, K = 4O = 256); the second's weight gradient (4O = 256 columns) takes the 128 x 256 tile.
+# v1 and v2 (a thread or a block per output, no tiles or splits) take 9-11 s each on them here.
+UPCONV_GEMM_SHAPES = [(1, 1100, 2, 3, 3), (1, 256, 16, 16, 16), (1, 64, 12, 12, 64)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("shape", UPCONV_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", UPCONV_SHAPES + UPCONV_GEMM_SHAPES, ids=str)
 def test_upconv2x2_every_direction(lib, version, shape):
+    if shape in UPCONV_GEMM_SHAPES and version in ("v1_direct", "v2_smem"):
+        pytest.skip(f"{version} has no GEMM paths; the shapes above check its kernels")
     skip_gemm_fallback(version, False, shape == UPCONV_SHAPES[1])
     check_upconv(lib, version, shape, seed=sum(shape))
 
@@ -885,11 +894,11 @@ def test_halo_forward_and_backward_data(lib, version, shape):
     check_backward_data(lib, version, shape, seed=sum(shape) + 2)
 
 
-# v7 and v8 split K (their slices) as v4-v6 do: where the output tiles are too few for two waves,
-# with at least 512 of K a split. (1, 256, 9, 9, 40): one tile, 2304 of K -> 4 splits (the
-# backward data sums 40 channels: 360 of K, no split); b2 at batch 1 (28 x 28 outputs of 1024
-# channels from 1024): 8 patches x 8 column tiles = 64 blocks -> 4 splits (256 blocks, two waves
-# of 132).
+# v7, v8 and v9 split K (their slices) as v4-v6 do: where the output tiles are too few for two
+# waves of one block per SM (v9, two blocks per SM: one wave), with at least 512 of K a split.
+# (1, 256, 9, 9, 40): one tile, 2304 of K -> 4 splits (the backward data sums 40 channels: 360 of
+# K, no split); b2 at batch 1 (28 x 28 outputs of 1024 channels from 1024): 8 patches x 8 column
+# tiles = 64 blocks -> 4 splits (256 blocks, two waves of 132; for v9 one wave of 264).
 @pytest.mark.parametrize("version", HALO_VERSIONS)
 def test_halo_split_plans(lib, version):
     v = version.encode()
@@ -905,6 +914,9 @@ def test_halo_split_plans(lib, version):
             == lib.emulated_conv3x3_forward_splits(gemm, 1, 1, 572, 572, 64))
     check_forward(lib, version, (1, 256, 9, 9, 40), relu=True, seed=11)
     check_backward_data(lib, version, (1, 40, 9, 9, 256), seed=12)  # 2304 of K backward: split
+    # 80 x 160 outputs of 128 channels: 100 tiles of 16 x 8 by 128. v7 and v8 hold one block per
+    # SM and split K in 3 (300 blocks); v9 holds two, 264 at once, and splits in 2 (200).
+    assert lib.emulated_conv3x3_forward_splits(v, 1, 256, 82, 162, 128) == (2 if version == "v9_fp32_halo" else 3)
 
 
 @pytest.mark.parametrize("shape", [
@@ -931,6 +943,40 @@ def test_halo_concat_without_up_channels_reads_skip_alone(lib, version):
     y.check_guards("conv3x3_concat_forward")
     check_conv3x3(y.array, ref.conv3x3_concat_forward(f64(up), f64(skip), f64(wt), f64(b), relu=True),
                   version, "conv3x3_concat_forward without up", k=9 * cs, a_max=amax(skip), b_max=amax(wt))
+
+
+# v9_fp32_halo's own weight gradient (ffma_weight_block): K is the patches of 4 x 16 output pixels
+# of all images, each staging dy and the x window it reads once; 128 output channels by 16 input
+# channels a block, or 64 by 32 where O <= 64; the patches split over blockIdx.z. (Its concatenated
+# input: test_halo_concat above; C < 8: v3's kernels, test_every_direction.)
+V9 = "v9_fp32_halo"
+V9_WEIGHT_SHAPES = [
+    (1, 8, 12, 20, 16),    # 10 x 18 outputs: 3 patch rows (the last of 2 rows), 2 patch columns (16 + 2)
+    (2, 13, 19, 23, 70),   # a partial input-channel tile (13 of 16); O = 70: the wide tile, partial
+    (1, 40, 11, 12, 64),   # the 64 x 32 tile: two input-channel tiles, the second of 8
+    (3, 9, 10, 11, 130),   # three images of one partial patch; two output tiles (128 + 2)
+    (1, 8, 66, 66, 16),    # 64 patches: K split in 4
+]
+
+
+@pytest.mark.parametrize("shape", V9_WEIGHT_SHAPES, ids=str)
+def test_v9_weight_gradient(lib, shape):
+    assert lib.emulated_conv3x3_backward_weight_tile_columns(V9.encode(), *shape) == 0  # no GEMM
+    check_backward_weight(lib, V9, shape, seed=sum(shape))
+
+
+def test_v9_weight_gradient_plans_and_bits(lib):
+    def splits(version, shape):
+        return lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape)
+
+    assert splits(V9, (1, 8, 66, 66, 16)) == 4         # one tile, 64 patches of 64 pixels: 4096 / 1024
+    assert splits(V9, (1, 64, 570, 570, 64)) == 128    # d1b: two tiles of 64 x 32, the cap of 128
+    assert splits(V9, (1, 1024, 30, 30, 1024)) == 1    # b2: 8 x 64 tiles
+    assert splits(V9, (1, 1, 572, 572, 64)) == splits("v3_igemm", (1, 1, 572, 572, 64))  # C = 1: v3's
+    # the split's partials add in a fixed order: the same bits twice
+    x, _, _, dy = make_inputs(np.random.default_rng(3), 1, 8, 66, 66, 16)
+    first, second = run_backward_weight(lib, V9, x, dy), run_backward_weight(lib, V9, x, dy)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
 # ------------------------------------------------------------------------------------------------

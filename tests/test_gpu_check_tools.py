@@ -858,8 +858,8 @@ def test_conv3x3_versions_per_precision():
     table = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign)
                  and getattr(node.target, "id", None) == "CONV3X3_VERSION_PRECISION")
     assert [benchlib.conv3x3_precision(v, table) for v in op_cases.CONV3X3_VERSIONS] == \
-        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16"]
-    assert benchlib.conv3x3_precision("v9_other", table) == "fp32"
+        ["fp32", "fp32", "fp32", "tf32", "bf16", "tf32", "tf32", "bf16", "fp32"]
+    assert benchlib.conv3x3_precision("v10_other", table) == "fp32"
     assert tuple(benchlib.TORCH_SETTINGS) == benchlib.PRECISIONS == cr.PRECISIONS
     modes = {"fp32": "v3_igemm", "tf32": "v4_tf32_mma", "bf16": "v5_bf16_mma"}
 
@@ -876,7 +876,7 @@ def test_conv3x3_versions_per_precision():
     assert [c.version for c in up1] == list(modes.values())
     assert all(c.version is None for c in expanded if not c.op.startswith(("conv3x3_", "upconv2x2_")))
     versions = op_cases.conv3x3_version_cases(benchlib.network())
-    assert len(versions) == 4 * 3 * 8 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
+    assert len(versions) == 4 * 3 * 9 and {c.layer for c in versions} == set(op_cases.CONV3X3_VERSION_LAYERS)
 
 
 def test_ceilings():

@@ -112,9 +112,9 @@ def test_training_step_in_each_precision(precision):
 @pytest.mark.parametrize("version,precision", [("v7_tf32_halo", "tf32"), ("v8_bf16_halo", "bf16"),
                                                ("v9_fp32_halo", "fp32")])
 def test_training_step_with_a_halo_kernel(tmp_path: Path, version, precision):
-    """v7_tf32_halo, v8_bf16_halo and v9_fp32_halo (their own forward and backward data, v6's, v5's
-    or v3's GEMMs for the rest) in a whole step against the NumPy step, in their precision's
-    tolerance; and python -m unet_cuda.profile --kernel runs them."""
+    """v7_tf32_halo, v8_bf16_halo and v9_fp32_halo (their own forward and backward data, v9 its own
+    weight gradients too; v6's, v5's or v3's GEMMs for the rest) in a whole step against the NumPy
+    step, in their precision's tolerance; and python -m unet_cuda.profile --kernel runs them."""
     from unet_cuda.ops import cuda  # noqa: PLC0415
     from unet_cuda.profile import main as profile_main  # noqa: PLC0415
 

@@ -1,6 +1,11 @@
 """A CPU training run of the reduced network on the real ISBI 2012 slices, through the command line
 with its defaults, brings the validation pixel error clearly below that of predicting all
-foreground (about 0.23 on the held-out slices). Takes a few minutes; skipped without the data."""
+foreground (about 0.23 on the held-out slices). Takes a few minutes; skipped without the data.
+
+2500 steps: the rate is constant after its warm-up, so this run is the start of a longer one. One
+of 4000 steps measured here gave validation pixel errors 0.324, 0.292, 0.207, 0.194, 0.169 at
+steps 500 ... 2500 (then 0.142, 0.138, 0.122), against 0.227 for all foreground: the last of the
+five passes the test's margin of 0.03 by about as much again."""
 
 import json
 import os
@@ -19,7 +24,7 @@ def test_reduced_network_on_isbi_beats_all_foreground(isbi_dir, tmp_path):
     out = tmp_path / "isbi"
     result = subprocess.run(
         [sys.executable, "-m", "unet_cuda.train", "--data", str(isbi_dir), "--device", "cpu",
-         "--steps", "4000", "--val-every", "500", "--out", str(out), "--quiet", "--no-plots"],
+         "--steps", "2500", "--val-every", "500", "--out", str(out), "--quiet", "--no-plots"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
