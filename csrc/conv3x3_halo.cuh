@@ -118,7 +118,6 @@ struct HaloTile {
   static_assert(kWindowFloats % 4 == 0 && kBBytes % 16 == 0, "every part starts 16-byte aligned");
   static constexpr size_t kSmemBytes = size_t{kHaloStages} * kStageBytes + 2 * kWindow16Bytes;
   static constexpr int kACopies = ceil_div(kWindowFloats, kHaloThreads);  // per thread, 4 bytes
-  static constexpr int kBCopies = ceil_div(kBBytes / 16, kHaloThreads);   // per thread, 16 bytes
   static constexpr int kConverts = ceil_div(kWindowFloats / 4, kHaloThreads);  // v8: 4 channels each
   static_assert(kSmemBytes <= 227 * 1024, "a block fits an SM");
 };
@@ -178,6 +177,18 @@ __global__ void conv3x3_halo_weights(const float* __restrict__ w, void* __restri
       else
         static_cast<float*>(wt)[at] = v;
     }
+  }
+}
+
+// Thread tid's share of a straight copy of `kPieces` 16-byte pieces (a stage's prearranged
+// weights): piece tid, tid + 256, ..; commits nothing.
+template <int kPieces>
+__device__ __forceinline__ void copy_pieces_16(float* dst, const float* src, int tid) {
+#pragma unroll
+  for (int r = 0; r < ceil_div(kPieces, kHaloThreads); ++r) {
+    const int piece = tid + kHaloThreads * r;
+    if (kPieces % kHaloThreads != 0 && piece >= kPieces) break;
+    cp_async_16(dst + 4 * piece, src + 4 * piece);
   }
 }
 
@@ -317,14 +328,9 @@ __device__ __forceinline__ void halo_conv_block(const Gemm& g, const HaloInput& 
     if (t < t_end) {
       char* const stage = stages + s * Tile::kStageBytes;
       window.issue(reinterpret_cast<float*>(stage), static_cast<int>(t) * Math::kSliceChannels, tid);
-      float* const b = reinterpret_cast<float*>(stage + 4 * Tile::kWindowFloats);
-      const float* const wsrc = reinterpret_cast<const float*>(wt_tile + t * wt_slice_bytes);
-#pragma unroll
-      for (int r = 0; r < Tile::kBCopies; ++r) {
-        const int piece = tid + kHaloThreads * r;
-        if ((Tile::kBBytes / 16) % kHaloThreads != 0 && piece >= Tile::kBBytes / 16) break;
-        cp_async_16(b + 4 * piece, wsrc + 4 * piece);
-      }
+      copy_pieces_16<Tile::kBBytes / 16>(reinterpret_cast<float*>(stage + 4 * Tile::kWindowFloats),
+                                         reinterpret_cast<const float*>(wt_tile + t * wt_slice_bytes),
+                                         tid);
     }
     cp_async_commit();
   };
@@ -473,7 +479,6 @@ struct FfmaHaloTile {
                                                                          : BN_ * kOutStride);
   static constexpr int kPixelSets = ceil_div(kWindowPixels, kHaloThreads);  // window pixels a thread copies
   static constexpr int kWindowChannels = Math::kSliceChannels, kCopyGroups = 1;
-  static constexpr int kBCopies = ceil_div(kBFloats / 4, kHaloThreads);       // 16 bytes each
   static_assert(kSmemBytes <= 113 * 1024, "two blocks fit an SM");
 };
 // Two blocks per SM (256 threads each, 128 registers per thread or fewer; ptxas, docs/CONV3X3.md):
@@ -527,6 +532,24 @@ __device__ __forceinline__ void ffma_halo_window_issue(const HaloInput& in, int 
   }
 }
 
+// A thread's values of its 8 output channels, two runs of 4 `kHalf` floats apart (half a tile):
+// two 16-byte shared loads.
+template <int kHalf>
+__device__ __forceinline__ void load_channel_runs(const float* p, float (&v)[8]) {
+  const float4 lo = *reinterpret_cast<const float4*>(p);
+  const float4 hi = *reinterpret_cast<const float4*>(p + kHalf);
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+  v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
+template <int R, int C>
+__device__ __forceinline__ void zero_accumulators(float (&a)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) a[i][j] = 0.0f;
+}
+
 // One block of v9: blocks as v7's (halo_conv_block); `wt` in FfmaHaloMath's arrangement.
 template <class Gemm, class Tile>
 __device__ __forceinline__ void ffma_halo_conv_block(const Gemm& g, const HaloInput& in,
@@ -551,24 +574,15 @@ __device__ __forceinline__ void ffma_halo_conv_block(const Gemm& g, const HaloIn
     if (t < t_end) {
       float* const stage = smem + s * Tile::kStageFloats;
       ffma_halo_window_issue<Tile>(in, n, i0, j0, t * SC, stage, tid);
-      float* const b = stage + Tile::kWindowFloats;
-      const float* const src = wt + (static_cast<int64_t>(t) * in.o_tiles + blockIdx.y) * Tile::kBFloats;
-#pragma unroll
-      for (int r = 0; r < Tile::kBCopies; ++r) {
-        const int piece = tid + kHaloThreads * r;
-        if ((Tile::kBFloats / 4) % kHaloThreads != 0 && piece >= Tile::kBFloats / 4) break;
-        cp_async_16(b + 4 * piece, src + 4 * piece);
-      }
+      copy_pieces_16<Tile::kBFloats / 4>(
+          stage + Tile::kWindowFloats,
+          wt + (static_cast<int64_t>(t) * in.o_tiles + blockIdx.y) * Tile::kBFloats, tid);
     }
     cp_async_commit();
   };
 
   float acc[8][8];  // [pixel px0 + i][channel j]
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-
+  zero_accumulators(acc);
   issue(t_begin, 0);
   int s = 0;
   for (int t = t_begin; t < t_end; ++t, s ^= 1) {
@@ -588,10 +602,8 @@ __device__ __forceinline__ void ffma_halo_conv_block(const Gemm& g, const HaloIn
         const float a[10] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y};
 #pragma unroll
         for (int kx = 0; kx < 3; ++kx) {
-          const float* const bk = b + (SC * (3 * ky + kx) + c) * BN;
-          const float4 b0 = *reinterpret_cast<const float4*>(bk);
-          const float4 b1 = *reinterpret_cast<const float4*>(bk + BN / 2);
-          const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+          float w[8];
+          load_channel_runs<BN / 2>(b + (SC * (3 * ky + kx) + c) * BN, w);
 #pragma unroll
           for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -747,11 +759,9 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
   };
 
   float acc[8][9];  // [output channel j][tap]
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int t = 0; t < 9; ++t) acc[j][t] = 0.0f;
-
+  zero_accumulators(acc);
+  // The forward's two stages. (A shared helper taking the loop body as a lambda cost the forward
+  // up to 48 bytes of spills in ptxas for sm_90a, so each kernel keeps its loop.)
   issue(begin64, 0);
   int s = 0;
   for (int64_t u = begin64; u < end64; ++u, s ^= 1) {
@@ -770,10 +780,8 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
       for (int j = 0; j < PL; ++j) {
 #pragma unroll
         for (int ky = 0; ky < 3; ++ky) col[ky][2] = xr[ky * RS + j + 2];
-        const float* const d = dys + (r * PL + j) * Tile::kDyStride;
-        const float4 d0 = *reinterpret_cast<const float4*>(d);
-        const float4 d1 = *reinterpret_cast<const float4*>(d + BO / 2);
-        const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+        float dv[8];
+        load_channel_runs<BO / 2>(dys + (r * PL + j) * Tile::kDyStride, dv);
 #pragma unroll
         for (int o = 0; o < 8; ++o)
 #pragma unroll
