@@ -770,14 +770,25 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
     issue(u + 1, s ^ 1);
     const float* const dys = smem + s * Tile::kStageFloats + 4 * og;
     const float* const xs = smem + s * Tile::kStageFloats + Tile::kDyFloats + cl * Tile::kPlane;
+    // The patch's pixels inside dy (the same for the whole block): the walk stops at its edge, so
+    // that no x is multiplied by a padding pixel's zero (which would turn an Inf of x into a NaN
+    // that the sum over real pixels never has) and no FFMA is spent there.
+    const int n = static_cast<int>(u / in.patches);
+    const int patch = static_cast<int>(u - static_cast<int64_t>(n) * in.patches);
+    const int py = patch / in.patches_x;
+    const int rows_left = in.out_h - py * Tile::kPR;
+    const int cols_left = in.out_w - (patch - py * in.patches_x) * PL;
+    const int rows = rows_left < Tile::kPR ? rows_left : Tile::kPR;
+    const int cols = cols_left < PL ? cols_left : PL;
 #pragma unroll 1
-    for (int r = 0; r < Tile::kPR; ++r) {
+    for (int r = 0; r < rows; ++r) {
       const float* const xr = xs + r * RS;
       float col[3][3];  // col[ky][kx] = x[r + ky][j + kx] at pixel j of the row
 #pragma unroll
       for (int ky = 0; ky < 3; ++ky) col[ky][0] = xr[ky * RS], col[ky][1] = xr[ky * RS + 1];
 #pragma unroll
       for (int j = 0; j < PL; ++j) {
+        if (j >= cols) break;
 #pragma unroll
         for (int ky = 0; ky < 3; ++ky) col[ky][2] = xr[ky * RS + j + 2];
         float dv[8];

@@ -458,6 +458,8 @@ def test_empty_sums(lib, version):
     dw, db = run_backward_weight(lib, version, zeros(0, 3, 5, 5), zeros(0, 2, 3, 3))
     np.testing.assert_array_equal(dw, 0.0)
     np.testing.assert_array_equal(db, 0.0)
+    dw, _ = run_backward_weight(lib, version, zeros(0, 8, 5, 5), zeros(0, 2, 3, 3))  # v9's own kernel
+    np.testing.assert_array_equal(dw, 0.0)
 
 
 def test_precision_names():
@@ -956,6 +958,7 @@ V9_WEIGHT_SHAPES = [
     (1, 40, 11, 12, 64),   # the 64 x 32 tile: two input-channel tiles, the second of 8
     (3, 9, 10, 11, 130),   # three images of one partial patch; two output tiles (128 + 2)
     (1, 8, 66, 66, 16),    # 64 patches: K split in 4
+    (3, 20, 30, 34, 130),  # 2 x 2 tiles, 42 patches split in 2 (21 each: the boundary inside image 1)
 ]
 
 
@@ -973,10 +976,45 @@ def test_v9_weight_gradient_plans_and_bits(lib):
     assert splits(V9, (1, 64, 570, 570, 64)) == 128    # d1b: two tiles of 64 x 32, the cap of 128
     assert splits(V9, (1, 1024, 30, 30, 1024)) == 1    # b2: 8 x 64 tiles
     assert splits(V9, (1, 1, 572, 572, 64)) == splits("v3_igemm", (1, 1, 572, 572, 64))  # C = 1: v3's
+    assert splits(V9, (3, 20, 30, 34, 130)) == 2
     # the split's partials add in a fixed order: the same bits twice
     x, _, _, dy = make_inputs(np.random.default_rng(3), 1, 8, 66, 66, 16)
     first, second = run_backward_weight(lib, V9, x, dy), run_backward_weight(lib, V9, x, dy)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_v9_weight_gradient_multiplies_only_real_pixels(lib):
+    """A patch's pixels past dy's edge (its 4 x 16 pixels cover 3 x 3 outputs here) are not
+    multiplied: an Inf of x that only they would read leaves the other taps finite, as in the
+    reference (0 * Inf would be NaN)."""
+    from unet_cuda.ops import reference as ref
+
+    x, _, _, _ = make_inputs(np.random.default_rng(4), 1, 8, 5, 5, 2)
+    x[0, 0, 0, 4] = np.inf                      # read by output (0, 2) only, through tap (0, 2)
+    dy = np.ones((1, 2, 3, 3), np.float32)
+    dw, _ = run_backward_weight(lib, V9, x, dy)
+    want, _ = ref.conv3x3_backward_weight(x, dy)
+    inf = np.zeros(want.shape, bool)
+    inf[:, 0, 0, 2] = True
+    assert np.isinf(want[inf]).all() and np.isfinite(want[~inf]).all()
+    np.testing.assert_array_equal(np.isinf(dw), inf)
+    np.testing.assert_allclose(dw[~inf], want[~inf], rtol=1e-5, atol=1e-5)
+
+
+def test_v9_concat_weight_gradient_without_up_channels(lib):
+    """Cu = 0 with a null up pointer: skip alone is the weight gradient's source (its window's
+    stand-in address is then skip's)."""
+    from unet_cuda.ops import reference as ref
+
+    n, cu, cs, h, w, hs, ws, o = 1, 0, 9, 6, 7, 10, 9, 12
+    up, skip, _, _, dy = _concat_inputs(np.random.default_rng(22), n, cu, cs, h, w, hs, ws, o)
+    dw, db = Guarded(shape=(o, cs, 3, 3), output=True), Guarded(shape=(o,), output=True)
+    call(lib, "emulated_conv3x3_concat_backward_weight", V9, None, Guarded(skip).ptr, Guarded(dy).ptr,
+         dw.ptr, db.ptr, n, cu, cs, h, w, hs, ws, o)
+    dw.check_guards("conv3x3_concat_backward_weight dw")
+    want, _ = ref.conv3x3_concat_backward_weight(f64(up), f64(skip), f64(dy))
+    check_conv3x3(dw.array, want, V9, "conv3x3_concat_backward_weight without up", k=(h - 2) * (w - 2),
+                  a_max=amax(dy), b_max=amax(skip))
 
 
 # ------------------------------------------------------------------------------------------------
