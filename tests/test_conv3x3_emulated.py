@@ -968,7 +968,7 @@ def test_v9_weight_gradient(lib, shape):
     check_backward_weight(lib, V9, shape, seed=sum(shape))
 
 
-def test_v9_weight_gradient_plans_and_bits(lib):
+def test_v9_weight_gradient_plans(lib):
     def splits(version, shape):
         return lib.emulated_conv3x3_backward_weight_splits(version.encode(), *shape)
 
@@ -977,10 +977,8 @@ def test_v9_weight_gradient_plans_and_bits(lib):
     assert splits(V9, (1, 1024, 30, 30, 1024)) == 1    # b2: 8 x 64 tiles
     assert splits(V9, (1, 1, 572, 572, 64)) == splits("v3_igemm", (1, 1, 572, 572, 64))  # C = 1: v3's
     assert splits(V9, (3, 20, 30, 34, 130)) == 2
-    # the split's partials add in a fixed order: the same bits twice
-    x, _, _, dy = make_inputs(np.random.default_rng(3), 1, 8, 66, 66, 16)
-    first, second = run_backward_weight(lib, V9, x, dy), run_backward_weight(lib, V9, x, dy)
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    # (Same bits from run to run: the emulation runs its threads in one order, so only a GPU can
+    # show it; tests/test_cuda_ops.py checks every version's weight gradient there.)
 
 
 def test_v9_weight_gradient_multiplies_only_real_pixels(lib):
