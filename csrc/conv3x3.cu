@@ -1135,6 +1135,23 @@ void run_backward_weight_gemm(const std::string& op, Gemm g, float* dw, int N,
 // A source that holds no channels (the second of a plain convolution): never read.
 HaloSource no_halo_source(const float* p) { return {p, 0, 1, 1, 0, 0}; }
 
+// `in` with a first source that holds channels: a concatenation without up channels reads skip
+// alone, as its first source, so that the kernels' stand-in address for the copies that read
+// nothing is a tensor that has elements (up's may be null).
+HaloInput with_a_first_source(HaloInput in) {
+  if (in.first.channels == 0) {
+    in.first = in.second;
+    in.second = no_halo_source(in.first.p);
+  }
+  return in;
+}
+
+// v6, v7 and v8 need a Hopper GPU and an sm_90a build (v6_available); the others run anywhere.
+bool needs_sm90a(Conv3x3Version version) {
+  return version == Conv3x3Version::kV6Tf32Wgmma || version == Conv3x3Version::kV7Tf32Halo ||
+         version == Conv3x3Version::kV8Bf16Halo;
+}
+
 // v7, v8 and v9 take an op whose correlation sums at least 8 channels (the first layer's C = 1 would
 // multiply 7 zeros for each channel: their GEMM version there) and whose sources each hold fewer
 // than 2^31 elements per image (the window copies address them with ints); the GEMMs of
@@ -1210,16 +1227,11 @@ void run_halo_conv(const std::string& op, const Gemm& g, HaloInput in, int64_t N
   const bool bf16 = version == Conv3x3Version::kV8Bf16Halo;
   const bool ffma = version == Conv3x3Version::kV9Fp32Halo;
   const std::string name = op + "_" + version_name(version);
-  if (!ffma && !v6_available(stream))
+  if (needs_sm90a(version) && !v6_available(stream))
     throw std::runtime_error(name + ": " + version_name(version) + " needs a Hopper GPU (compute "
                              "capability 9.0) and a build for sm_90a (UNET_CUDA_ARCH=90a); use " +
                              (bf16 ? "v5_bf16_mma" : "v4_tf32_mma") + " elsewhere");
-  // A concatenation without up channels reads skip alone: as the first source, so that the
-  // kernel's stand-in address for the copies that read nothing is a tensor that has elements.
-  if (in.first.channels == 0) {
-    in.first = in.second;
-    in.second = no_halo_source(in.first.p);
-  }
+  in = with_a_first_source(in);
   const HaloPlan plan = plan_halo(version, N, in.out_h, in.out_w, g.cols, in.channels());
   const HaloPatches patches = halo_patches(plan.bn, in.out_h, in.out_w);
   const int slice = halo_slice_channels(version);
@@ -1294,10 +1306,7 @@ void launch_ffma_weight(const char* name, const HaloInput& in, const FfmaWeightA
 // dw [O, C, 3, 3] (C = in.channels()) of dy [N, O, in.out_h, in.out_w] and the input `in` reads.
 void run_ffma_weight_gradient(const std::string& op, HaloInput in, const float* dy, float* dw,
                               int64_t N, int O, cudaStream_t stream) {
-  if (in.first.channels == 0) {  // as run_halo_conv: skip alone is the first source
-    in.first = in.second;
-    in.second = no_halo_source(in.first.p);
-  }
+  in = with_a_first_source(in);
   const int C = in.channels();
   const FfmaWeightPlan plan = plan_ffma_weight(N, in.out_h, in.out_w, O, C);
   in.patches_x = plan.patches_x;
@@ -1390,10 +1399,7 @@ bool v6_available(cudaStream_t stream) {
 }
 
 bool conv3x3_version_available(Conv3x3Version version) {
-  const bool hopper_only = version == Conv3x3Version::kV6Tf32Wgmma ||
-                           version == Conv3x3Version::kV7Tf32Halo ||
-                           version == Conv3x3Version::kV8Bf16Halo;
-  return !hopper_only || v6_available();
+  return !needs_sm90a(version) || v6_available();
 }
 
 bool conv3x3_fuses_concat(Conv3x3Version version) {  // the GEMM versions, v7, v8 and v9
@@ -1617,17 +1623,14 @@ void launch_conv3x3_backward_weight(const float* x, const float* dy, float* dw, 
                                     int C, int H, int W, int O, Conv3x3Version version,
                                     cudaStream_t stream) {
   const HaloSource source{x, C, H, W, 0, 0};
-  if (ffma_weight_applies(version, source, no_halo_source(x))) {
-    if (O > 0)
-      run_ffma_weight_gradient("conv3x3_backward_weight", {source, no_halo_source(x), H - 2, W - 2},
-                               dy, dw, N, O, stream);
-    launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
-    return;
-  }
+  const bool own_kernel = ffma_weight_applies(version, source, no_halo_source(x));  // v9's
   version = gemm_version(version);  // v7, v8, v9: their GEMM version's (v6, v5, v3)
   const int64_t count = static_cast<int64_t>(O) * C * 9;  // elements of dw
   if (count > 0) {
-    if (version == Conv3x3Version::kV1Direct) {
+    if (own_kernel) {
+      run_ffma_weight_gradient("conv3x3_backward_weight", {source, no_halo_source(x), H - 2, W - 2},
+                               dy, dw, N, O, stream);
+    } else if (version == Conv3x3Version::kV1Direct) {
       const int64_t blocks = static_cast<int64_t>(O) * C;
       if (blocks > INT32_MAX)
         throw std::runtime_error("conv3x3_backward_weight: O*C = " + std::to_string(blocks) +
@@ -1747,18 +1750,17 @@ void launch_conv3x3_concat_backward_weight(const float* up, const float* skip, c
                                            cudaStream_t stream) {
   check_concat_version("conv3x3_concat_backward_weight", version);
   const HaloSource first{up, Cu, H, W, 0, 0}, second{skip, Cs, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
-  if (ffma_weight_applies(version, first, second)) {
-    if (O > 0)
+  if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
+    if (ffma_weight_applies(version, first, second)) {  // v9's own kernel
       run_ffma_weight_gradient("conv3x3_concat_backward_weight", {first, second, H - 2, W - 2}, dy,
                                dw, N, O, stream);
-    launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
-    return;
-  }
-  version = gemm_version(version);  // v7, v8, v9: their GEMM version's (v6, v5, v3)
-  if (static_cast<int64_t>(O) * (Cu + Cs) > 0) {
-    const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O), skip,
-                                            Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
-    run_backward_weight_gemm("conv3x3_concat_backward_weight", g, dw, N, version, stream);
+    } else {
+      const Conv3x3ConcatBackwardWeightGemm g{backward_weight_gemm(up, dy, N, Cu + Cs, H, W, O),
+                                              skip, Cu, Hs, Ws, (Hs - H) / 2, (Ws - W) / 2};
+      // v7, v8, v9: their GEMM version's (v6, v5, v3)
+      run_backward_weight_gemm("conv3x3_concat_backward_weight", g, dw, N, gemm_version(version),
+                               stream);
+    }
   }
   launch_bias_backward(dy, db, N, O, static_cast<int64_t>(H - 2) * (W - 2), stream);
 }

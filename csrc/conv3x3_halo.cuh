@@ -698,7 +698,6 @@ struct FfmaWeightTile {
   static constexpr int kStages = 2;
   static constexpr size_t kSmemBytes = 4 * static_cast<size_t>(kStages * kStageFloats);
   static constexpr int kOGroups = BO_ / 8, kWarpsO = kOGroups / 8;
-  static constexpr int kDyCopies = kPixels * BO_ / kHaloThreads;  // per thread: one pixel, BO / 4 channels
   static_assert(kOGroups * BC_ == kHaloThreads && kOGroups % 8 == 0 && kPixels == 64,
                 "256 threads of 8 x 9 sums; the dy copies take 8 pixels of each warp");
   static_assert(kCopyGroups * kWindowPixels <= kHaloThreads, "a window pixel per copying thread");
@@ -717,6 +716,21 @@ struct FfmaWeightArgs {
   int O;
   int64_t units;    // patches of all images: the K that blockIdx.z splits
 };
+
+// Patch u of the weight gradient's K (image, then patch row, patch column): its image and its
+// first output pixel, and how many of its rows and columns lie inside dy.
+struct FfmaWeightPatch {
+  int n, i0, j0, rows, cols;
+};
+template <class Tile>
+__device__ __forceinline__ FfmaWeightPatch ffma_weight_patch(const HaloInput& in, int64_t u) {
+  const int n = static_cast<int>(u / in.patches);
+  const int patch = static_cast<int>(u - static_cast<int64_t>(n) * in.patches);
+  const int py = patch / in.patches_x;
+  const int i0 = py * Tile::kPR, j0 = (patch - py * in.patches_x) * Tile::kPL;
+  const int rows = in.out_h - i0, cols = in.out_w - j0;
+  return {n, i0, j0, rows < Tile::kPR ? rows : Tile::kPR, cols < Tile::kPL ? cols : Tile::kPL};
+}
 
 template <class Tile>
 __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const FfmaWeightArgs& a,
@@ -738,14 +752,11 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
   auto issue = [&](int64_t u, int s) {
     if (u < end64) {
       float* const stage = smem + s * Tile::kStageFloats;
-      const int n = static_cast<int>(u / in.patches);
-      const int patch = static_cast<int>(u - static_cast<int64_t>(n) * in.patches);
-      const int py = patch / in.patches_x;
-      const int i0 = py * Tile::kPR, j0 = (patch - py * in.patches_x) * PL;
-      ffma_halo_window_issue<Tile>(in, n, i0, j0, c0, stage + Tile::kDyFloats, tid);
-      const int i = i0 + copy_r, j = j0 + copy_c;
-      const bool pixel = i < in.out_h && j < in.out_w;
-      const float* const src = a.dy + (static_cast<int64_t>(n) * a.O + o0 + copy_o) * plane +
+      const FfmaWeightPatch p = ffma_weight_patch<Tile>(in, u);
+      ffma_halo_window_issue<Tile>(in, p.n, p.i0, p.j0, c0, stage + Tile::kDyFloats, tid);
+      const int i = p.i0 + copy_r, j = p.j0 + copy_c;
+      const bool pixel = copy_r < p.rows && copy_c < p.cols;
+      const float* const src = a.dy + (static_cast<int64_t>(p.n) * a.O + o0 + copy_o) * plane +
                                (pixel ? i * in.out_w + j : 0);
       float* const dst = stage + copy_pixel * Tile::kDyStride + copy_o;
 #pragma unroll 8
@@ -760,8 +771,8 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
 
   float acc[8][9];  // [output channel j][tap]
   zero_accumulators(acc);
-  // The forward's two stages. (A shared helper taking the loop body as a lambda cost the forward
-  // up to 48 bytes of spills in ptxas for sm_90a, so each kernel keeps its loop.)
+  // Two stages, as the forward's. (A shared helper taking the loop body as a lambda cost the
+  // forward up to 48 bytes of spills in ptxas for sm_90a, so each kernel keeps its loop.)
   issue(begin64, 0);
   int s = 0;
   for (int64_t u = begin64; u < end64; ++u, s ^= 1) {
@@ -773,13 +784,8 @@ __device__ __forceinline__ void ffma_weight_block(const HaloInput& in, const Ffm
     // The patch's pixels inside dy (the same for the whole block): the walk stops at its edge, so
     // that no x is multiplied by a padding pixel's zero (which would turn an Inf of x into a NaN
     // that the sum over real pixels never has) and no FFMA is spent there.
-    const int n = static_cast<int>(u / in.patches);
-    const int patch = static_cast<int>(u - static_cast<int64_t>(n) * in.patches);
-    const int py = patch / in.patches_x;
-    const int rows_left = in.out_h - py * Tile::kPR;
-    const int cols_left = in.out_w - (patch - py * in.patches_x) * PL;
-    const int rows = rows_left < Tile::kPR ? rows_left : Tile::kPR;
-    const int cols = cols_left < PL ? cols_left : PL;
+    const FfmaWeightPatch patch = ffma_weight_patch<Tile>(in, u);
+    const int rows = patch.rows, cols = patch.cols;
 #pragma unroll 1
     for (int r = 0; r < rows; ++r) {
       const float* const xr = xs + r * RS;
